@@ -1,0 +1,105 @@
+"""The `unimatch` command: a thin dispatcher over the packages' own command modules.
+
+Each package owns a ``cli`` module with ``register(cli: CommandRegistry) -> None`` that declares its
+subcommands and binds each to a handler taking the parsed ``argparse.Namespace``. Handlers import
+their heavy dependencies (torch, onnxruntime, hnswlib) lazily, so ``unimatch --help`` is instant
+and ``unimatch serve`` never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from unimatch import __version__
+
+# Modules that contribute commands, in help order. A module that is absent from this install is
+# skipped (e.g. an experiments module in a slim serving image).
+COMMAND_MODULES = (
+    "model.data.cli",
+    "model.cli",
+    "index_builder.cli",
+    "service.cli",
+    "service.bench.cli",
+    "loadtests.cli",
+    "experiments.cli",
+)
+
+Handler = Callable[[argparse.Namespace], int | None]
+
+
+class CommandRegistry:
+    """Hands out argparse sub-parsers: top-level commands and two-word groups (``data synth``)."""
+
+    def __init__(self, root: argparse._SubParsersAction) -> None:
+        self._root = root
+        self._groups: dict[str, argparse._SubParsersAction] = {}
+
+    def command(self, name: str, *, help: str, handler: Handler, description: str | None = None) -> argparse.ArgumentParser:
+        parser = self._root.add_parser(
+            name, help=help, description=description or help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        parser.set_defaults(handler=handler)
+        return parser
+
+    def group_command(
+        self, group: str, name: str, *, help: str, handler: Handler, group_help: str = "", description: str | None = None
+    ) -> argparse.ArgumentParser:
+        if group not in self._groups:
+            gp = self._root.add_parser(group, help=group_help or f"{group} commands", description=group_help)
+            self._groups[group] = gp.add_subparsers(dest=f"{group}_command", metavar="COMMAND", required=True)
+        parser = self._groups[group].add_parser(
+            name, help=help, description=description or help, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        parser.set_defaults(handler=handler)
+        return parser
+
+
+class CliError(Exception):
+    """Bad input detected by a handler: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="unimatch",
+        description="UniMatch: user in, top-k ads out. Data, training, export, index, search benchmark and service.",
+    )
+    parser.add_argument("--version", action="version", version=f"unimatch {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    registry = CommandRegistry(sub)
+    for module_name in COMMAND_MODULES:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name and module_name.startswith(exc.name):
+                continue  # this part is not installed / not written
+            raise
+        module.register(registry)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        rc = args.handler(args)
+    except CliError as exc:
+        print(f"unimatch: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("unimatch: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
+        if os.environ.get("UNIMATCH_DEBUG", "").lower() in {"1", "true", "yes"}:
+            raise
+        # Domain errors (DatasetError, SchemaError, BundleError ... are ValueErrors): one line, no traceback.
+        print(f"unimatch: error: {exc}", file=sys.stderr)
+        return 2
+    return int(rc or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
