@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 
-def main(out: Path = Path(__file__).resolve().parent) -> None:
+def main(out: Path | None = None) -> None:
+    out = out if out is not None else Path(__file__).resolve().parent
     rng = np.random.default_rng(7)
     n_users, n_ads, n_events = 30, 40, 400
     types = rng.choice(["image", "video", "live"], size=n_ads, p=[0.6, 0.25, 0.15])
