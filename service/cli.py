@@ -1,0 +1,138 @@
+"""`unimatch serve` (uvicorn) and `unimatch features load` (user features into Redis)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from unimatch.cli import CliError, CommandRegistry
+
+
+def register(cli: CommandRegistry) -> None:
+    p = cli.command(
+        "serve",
+        help="serve POST /match over HTTP (uvicorn)",
+        description="Serve a bundle: POST /match, /match/batch, /healthz, /readyz, /metrics, /v1/info, /admin/reload. "
+        "Every UNIMATCH_* setting (docs/service.md) applies; the flags below override them.",
+        handler=_serve,
+    )
+    p.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: UNIMATCH_BUNDLE)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind")
+    p.add_argument("--port", type=int, default=8000, help="TCP port")
+    p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (metrics switch to multiprocess mode)")
+    p.add_argument("--data", type=Path, default=None, help="dataset for the embedded feature store (when no Redis)")
+    p.add_argument("--redis-url", default=None, help="Redis holding user features (default: UNIMATCH_REDIS_URL)")
+    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--graceful-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on SIGTERM"
+    )
+
+    f = cli.group_command(
+        "features",
+        "load",
+        help="write every user's features of a dataset into Redis",
+        group_help="user feature store (Redis)",
+        description="Write each user's profile codes, numeric fields and behaviour sequence (the latest "
+        "max_seq_len non-test interactions) into Redis under a schema-fingerprinted key layout "
+        "(docs/service.md). Idempotent: re-running overwrites the same keys.",
+        handler=_features_load,
+    )
+    f.add_argument("--data", type=Path, required=True, help="dataset directory")
+    f.add_argument("--redis-url", default=None, help="Redis URL (default: UNIMATCH_REDIS_URL or redis://127.0.0.1:6379/0)")
+    f.add_argument("--prefix", default=None, help="key prefix (default: UNIMATCH_REDIS_KEY_PREFIX or 'unimatch')")
+    f.add_argument("--chunk", type=int, default=5000, help="users per MSET round trip")
+
+
+def _env_or(value: str | None, name: str, default: str | None) -> str | None:
+    if value:
+        return value
+    return os.environ.get(name) or default
+
+
+def _features_load(args: argparse.Namespace) -> int:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from service.features import load_features
+
+    url = _env_or(args.redis_url, "UNIMATCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+    prefix = _env_or(args.prefix, "UNIMATCH_REDIS_KEY_PREFIX", "unimatch")
+    assert url is not None and prefix is not None  # defaults given above
+    if args.chunk < 1:
+        raise CliError(f"--chunk must be positive, got {args.chunk}")
+    import redis
+
+    t0 = time.perf_counter()
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    try:
+        with Progress(*columns, transient=True) as bar:
+            task = bar.add_task("features -> redis", total=None)
+            report = load_features(
+                args.data,
+                url,
+                prefix=prefix,
+                chunk=args.chunk,
+                progress=lambda done, total: bar.update(task, completed=done, total=total),
+            )
+    except redis.exceptions.ConnectionError as exc:
+        raise CliError(f"cannot reach Redis at {url}: {exc}") from None
+    print(
+        f"loaded {report.users:,} users ({report.bytes / 1e6:.1f} MB of values) into {report.keyspace}:u:* "
+        f"in {report.seconds:.2f} s: {report.users_per_second:,.0f} users/s "
+        f"(total with dataset read {time.perf_counter() - t0:.2f} s)"
+    )
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    bundle = args.bundle or (Path(os.environ["UNIMATCH_BUNDLE"]) if os.environ.get("UNIMATCH_BUNDLE") else None)
+    if bundle is None:
+        raise CliError("no bundle: pass --bundle BUNDLE or set UNIMATCH_BUNDLE")
+    if not (bundle / "manifest.json").is_file():
+        raise CliError(f"{bundle}: not a bundle (no manifest.json); run `unimatch export` and `unimatch index build`")
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    # Settings travel to the worker processes through the environment (uvicorn re-imports the app).
+    os.environ["UNIMATCH_BUNDLE"] = str(bundle.resolve())
+    os.environ["UNIMATCH_WORKERS"] = str(args.workers)
+    if args.data is not None:
+        os.environ["UNIMATCH_DATA"] = str(args.data.resolve())
+    if args.redis_url is not None:
+        os.environ["UNIMATCH_REDIS_URL"] = args.redis_url
+    if args.log_level is not None:
+        os.environ["UNIMATCH_LOG_LEVEL"] = args.log_level
+    if args.workers > 1:
+        # prometheus_client multiprocess mode must be on before any worker imports service.metrics.
+        if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="unimatch-prom-")
+        if not os.environ.get("UNIMATCH_CONTROL_DIR"):
+            os.environ["UNIMATCH_CONTROL_DIR"] = tempfile.mkdtemp(prefix="unimatch-control-")
+    from service.config import Settings
+
+    try:
+        settings = Settings()
+    except ValueError as exc:
+        raise CliError(f"invalid UNIMATCH_* setting: {' '.join(str(exc).splitlines()[:3])}") from None
+    _configure_logging(settings.log_level)
+    uvicorn.run(
+        "service.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        log_level=settings.log_level,
+        timeout_graceful_shutdown=args.graceful_timeout,
+        # Our /metrics and access counters cover requests; uvicorn's access log would double the I/O.
+        access_log=False,
+    )
+    return 0
+
+
+def _configure_logging(level: str) -> None:
+    import logging
+
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,136 @@
+"""Service settings, read from ``UNIMATCH_*`` environment variables (pydantic-settings).
+
+This is the only place the service reads the environment (STYLE.md "Config and CLI"). Every knob that
+trades latency, memory or CPU is here with the reason for its default; ``docs/service.md`` has the
+table operators read.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+# Hard ceilings baked into the OpenAPI schema; the configurable limits below must stay under them.
+HARD_MAX_K = 10_000
+HARD_MAX_BATCH = 1_000
+
+
+def _cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+IntTuple = Annotated[tuple[int, ...] | None, NoDecode]
+
+
+class Settings(BaseSettings):
+    """Everything `unimatch serve` can be told; env names are the field names upper-cased with ``UNIMATCH_``."""
+
+    model_config = SettingsConfigDict(env_prefix="UNIMATCH_", extra="ignore", frozen=True)
+
+    # ---- what to serve ---------------------------------------------------------------------------
+    bundle: Path | None = Field(default=None, description="serving bundle directory (docs/bundle-format.md)")
+    verify_checksums: bool = Field(
+        default=True, description="sha256 every bundle file on load and reload (seconds on a 1M bundle; worth it)"
+    )
+    # ---- features --------------------------------------------------------------------------------
+    redis_url: str | None = Field(default=None, description="Redis with user features; unset = embedded store")
+    data: Path | None = Field(default=None, description="dataset directory for the embedded feature store")
+    redis_key_prefix: str = Field(default="unimatch", min_length=1, max_length=64)
+    # One connection per in-flight request is enough; beyond the pool a request waits at most
+    # redis_timeout_s for a connection and then falls back (degraded) instead of queueing.
+    redis_pool_size: int = Field(default=32, ge=1, le=1024)
+    # A local Redis GET answers in ~0.1 ms; 50 ms means "down or overloaded", and the request still
+    # meets its deadline on the cold-start path.
+    redis_timeout_s: float = Field(default=0.05, gt=0, le=5)
+    # After a failure, skip Redis for this long (requests go straight to the degraded path) so a dead
+    # Redis costs no connect attempt per request; the first request after it probes again.
+    redis_retry_interval_s: float = Field(default=1.0, ge=0, le=60)
+    # ---- request limits --------------------------------------------------------------------------
+    max_k: int = Field(default=1000, ge=1, le=HARD_MAX_K, description="largest k a request may ask for")
+    max_batch: int = Field(default=64, ge=1, le=HARD_MAX_BATCH, description="largest /match/batch")
+    max_exclude: int = Field(default=10_000, ge=0, description="largest `exclude` list")
+    # 1 MiB holds a batch of 64 requests with 10k excluded ids each; anything bigger is a mistake.
+    max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # ---- latency and load ------------------------------------------------------------------------
+    # Per-request budget for encoding + search; beyond it the best results so far are returned, flagged.
+    deadline_ms: float = Field(default=100.0, gt=0, le=60_000)
+    # Requests in flight per worker beyond which we answer 503 + Retry-After immediately.
+    max_concurrency: int = Field(default=64, ge=1)
+    retry_after_s: int = Field(default=1, ge=0, le=3600)
+    # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------
+    workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
+    scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")
+    intra_op_threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads per session run")
+    providers: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="onnxruntime execution provider")
+    # ---- search parameters (None = the engine's defaults); env values are comma lists: "64,32,16,8"
+    search_ef: IntTuple = None
+    search_steps: IntTuple = None
+    search_top_n: IntTuple = None
+    search_exhaustive_threshold: int | None = Field(default=None, ge=0)
+    # ---- admin -----------------------------------------------------------------------------------
+    admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
+    # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).
+    control_dir: Path | None = None
+    control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @field_validator("search_ef", "search_steps", "search_top_n", mode="before")
+    @classmethod
+    def _comma_list(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            if not value:
+                return None
+            return tuple(int(part) for part in value.replace(" ", "").split(","))
+        return value
+
+    @field_validator("admin_token", mode="before")
+    @classmethod
+    def _empty_token_is_none(cls, value: object) -> object:
+        # UNIMATCH_ADMIN_TOKEN="" must disable admin, not enable it with an empty password.
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @field_validator("redis_url", mode="before")
+    @classmethod
+    def _empty_url_is_none(cls, value: object) -> object:
+        if isinstance(value, str) and not value.strip():
+            return None
+        return value
+
+    @model_validator(mode="after")
+    def _check_search(self) -> Settings:
+        given = [v for v in (self.search_ef, self.search_steps, self.search_top_n) if v is not None]
+        if any(x <= 0 for v in given for x in v):
+            raise ValueError("search_ef, search_steps and search_top_n must be positive integers")
+        return self
+
+    @property
+    def effective_scoring_threads(self) -> int:
+        """Threads scoring concurrently in this worker: by default the cores shared out over the workers."""
+        if self.scoring_threads is not None:
+            return self.scoring_threads
+        return max(1, _cores() // (self.workers * self.intra_op_threads))
+
+    @property
+    def cores(self) -> int:
+        return _cores()
+
+    @property
+    def oversubscribed(self) -> bool:
+        return self.workers * self.effective_scoring_threads * self.intra_op_threads > self.cores
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once (tests build ``Settings(...)`` directly and pass it to create_app)."""
+    return Settings()

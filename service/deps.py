@@ -1,0 +1,47 @@
+"""FastAPI dependencies: the one place routes reach the heavy objects on ``app.state`` (STYLE.md)."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from service.errors import NotReady, Unauthorized
+from service.lifespan import ServiceState, Serving
+
+
+def get_state(request: Request) -> ServiceState:
+    state = getattr(request.app.state, "unimatch", None)
+    if state is None:
+        raise NotReady("the service is starting")
+    return state
+
+
+StateDep = Annotated[ServiceState, Depends(get_state)]
+
+
+def get_serving(state: StateDep) -> Serving:
+    """The bundle to use for this whole request: taken once, so a reload mid-request cannot mix bundles."""
+    serving = state.serving
+    if serving is None:
+        raise NotReady("no bundle loaded yet")
+    return serving
+
+
+ServingDep = Annotated[Serving, Depends(get_serving)]
+
+
+def require_admin(request: Request, state: StateDep) -> None:
+    """Bearer-token check of /admin/*; without a configured token the routes do not exist (404)."""
+    token = state.settings.admin_token
+    if token is None:
+        raise HTTPException(status_code=404, detail="Not Found")
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    # compare_digest: the time taken does not reveal how much of the token matched.
+    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+        raise Unauthorized("admin routes need 'Authorization: Bearer <UNIMATCH_ADMIN_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})
+
+
+AdminDep = Annotated[None, Depends(require_admin)]

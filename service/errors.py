@@ -1,0 +1,174 @@
+"""Domain exceptions of the service and their mapping to HTTP errors at the edge (Netflix/dispatch style).
+
+The core (routes' helpers, engine, bundle loader) raises these; ``install_error_handlers`` turns them
+into ``{"error": {"kind", "message"}}`` with a 4xx/503 status, counts them in
+``unimatch_errors_total{kind}`` and guarantees that nothing unexpected leaks as an HTML 500.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service import metrics
+
+log = logging.getLogger("unimatch.service")
+
+
+class ServiceError(Exception):
+    """Base of the errors the edge maps to HTTP; ``status`` and ``kind`` are class attributes."""
+
+    status: int = 400
+    kind: str = "bad_request"
+
+    def __init__(self, message: str, *, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.headers = headers or {}
+
+
+class InvalidRequest(ServiceError):
+    """Well-formed JSON that asks for something impossible (unknown domain, k above the maximum ...)."""
+
+    status = 422
+    kind = "invalid_request"
+
+
+class Overloaded(ServiceError):
+    """More requests in flight than ``UNIMATCH_MAX_CONCURRENCY``: answered at once, never queued."""
+
+    status = 503
+    kind = "overloaded"
+
+
+class NotReady(ServiceError):
+    status = 503
+    kind = "not_ready"
+
+
+class Unauthorized(ServiceError):
+    status = 401
+    kind = "unauthorized"
+
+
+class ReloadFailed(ServiceError):
+    """A new bundle failed to load, verify or warm: refused, the old one keeps serving."""
+
+    status = 422
+    kind = "reload_failed"
+
+
+class ReloadBusy(ServiceError):
+    status = 409
+    kind = "reload_in_progress"
+
+
+def error_response(status: int, kind: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"kind": kind, "message": message}}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Map domain exceptions to HTTP; validation keeps FastAPI's 422 body but is counted."""
+
+    @app.exception_handler(ServiceError)
+    async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        metrics.ERRORS.labels(kind=exc.kind).inc()
+        return error_response(exc.status, exc.kind, exc.message, exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.ERRORS.labels(kind="validation").inc()
+        errors = exc.errors()
+        # pydantic error dicts may hold the offending input (bytes, huge strings): keep only safe fields.
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
+        return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http")
+        metrics.ERRORS.labels(kind=kind).inc()
+        return error_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
+
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, not bad input: log the traceback, count it, answer JSON without internals.
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        metrics.ERRORS.labels(kind="internal").inc()
+        return error_response(500, "internal", "internal error (logged)")
+
+
+class EdgeMiddleware:
+    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) and counts answers per route.
+
+    The body is checked against Content-Length up front and counted while streaming (chunked uploads
+    have no length), so an oversized body is never buffered whole. Routes are labelled by their
+    template, unknown paths as "other", so no caller-chosen string becomes a label value.
+    """
+
+    ROUTES = frozenset(
+        {"/match", "/match/batch", "/healthz", "/readyz", "/metrics", "/v1/info", "/admin/reload", "/openapi.json", "/docs"}
+    )
+
+    def __init__(self, app: Any, max_body_bytes: int) -> None:
+        self.app = app
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        route = scope["path"] if scope["path"] in self.ROUTES else "other"
+        status_holder = {"status": 500, "started": False}
+
+        async def counting_send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                status_holder["status"] = message["status"]
+                status_holder["started"] = True
+            await send(message)
+
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        too_big = False
+        if declared is not None:
+            try:
+                too_big = int(declared) > self.max_body_bytes
+            except ValueError:
+                too_big = False
+        if too_big:
+            await self._reject(counting_send)
+        else:
+            received = 0
+
+            async def limited_receive() -> dict[str, Any]:
+                nonlocal received
+                message = await receive()
+                if message["type"] == "http.request":
+                    received += len(message.get("body", b""))
+                    if received > self.max_body_bytes:
+                        raise _BodyTooLarge
+                return message
+
+            try:
+                await self.app(scope, limited_receive, counting_send)
+            except _BodyTooLarge:
+                if status_holder["started"]:
+                    raise
+                await self._reject(counting_send)
+        metrics.HTTP_REQUESTS.labels(route=route, status=str(status_holder["status"])).inc()
+
+    async def _reject(self, send: Any) -> None:
+        metrics.ERRORS.labels(kind="body_too_large").inc()
+        response = error_response(413, "body_too_large", f"request body over {self.max_body_bytes} bytes (UNIMATCH_MAX_BODY_BYTES)")
+        await response({"type": "http"}, _empty_receive, send)
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+async def _empty_receive() -> dict[str, Any]:
+    return {"type": "http.disconnect"}

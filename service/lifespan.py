@@ -1,0 +1,353 @@
+"""Start-up, hot reload and shutdown of the service's heavy objects (FastAPI "Lifespan Events").
+
+Everything expensive is created here and kept on ``app.state.unimatch`` (a :class:`ServiceState`):
+the memory-mapped bundle and its :class:`~service.engine.MatchEngine` (wrapped in an immutable
+:class:`Serving`), the feature store with its bounded Redis pool, and the scoring thread pool.
+
+Hot reload (``POST /admin/reload``): the new bundle is loaded, checksummed, schema-checked and warmed
+in a background thread while the old one keeps serving; then ``state.serving`` is re-bound in one
+assignment. A request holds the ``Serving`` it started with, so in-flight requests finish on the old
+bundle and the old engine is freed when the last of them returns. Anything failing leaves the old
+bundle in place and the failure in ``/readyz`` and ``unimatch_reloads_total{outcome="failed"}``.
+
+With several uvicorn workers, the admin request reaches one process only; it also writes the target
+to ``UNIMATCH_CONTROL_DIR/reload.json`` and every worker polls that file, so all of them reload.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+
+from service import metrics
+from service.config import Settings
+from service.errors import Overloaded, ReloadBusy, ReloadFailed
+from service.features import (
+    EmbeddedFeatureStore,
+    FeatureStore,
+    NullFeatureStore,
+    RedisFeatureStore,
+    entity_space_fingerprint,
+)
+
+if TYPE_CHECKING:
+    from model.data.schema import FeatureSchema
+    from service.bundle import Bundle
+    from service.engine import MatchEngine, SearchParams
+
+log = logging.getLogger("unimatch.service")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One loaded, verified and warmed bundle. Immutable: a reload builds a new one and swaps it in."""
+
+    bundle: Bundle
+    engine: MatchEngine
+    entity_space: str
+    loaded_at: float
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def schema(self) -> FeatureSchema:
+        return self.bundle.schema
+
+    @property
+    def method(self) -> str:
+        return str(self.bundle.manifest.get("method", "unknown"))
+
+
+@dataclass
+class ConcurrencyLimiter:
+    """Admits at most ``limit`` requests at once; the next one is refused at once (503), never queued.
+
+    Only touched from the event loop thread, so a plain counter is race-free.
+    """
+
+    limit: int
+    retry_after_s: int
+    in_flight: int = 0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if self.in_flight >= self.limit:
+            raise Overloaded(
+                f"{self.in_flight} requests in flight (limit {self.limit}); retry later",
+                headers={"Retry-After": str(self.retry_after_s)},
+            )
+        self.in_flight += 1
+        metrics.IN_FLIGHT.inc()
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+            metrics.IN_FLIGHT.dec()
+
+
+@dataclass
+class ReloadState:
+    state: str = "idle"
+    target: str | None = None
+    error: str | None = None
+    started_at: float | None = None
+    finished_at: float | None = None
+
+
+@dataclass
+class ServiceState:
+    """What the routes reach through ``service.deps``."""
+
+    settings: Settings
+    store: FeatureStore
+    executor: ThreadPoolExecutor
+    limiter: ConcurrencyLimiter
+    serving: Serving | None = None
+    reload: ReloadState = field(default_factory=ReloadState)
+    _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    _control_nonce: str | None = None
+
+    # ---- reload ----------------------------------------------------------------------------------
+    async def reload_bundle(self, target: Path, *, wait: bool, broadcast: bool = True) -> ReloadState:
+        """Start (or, with ``wait``, run to completion) a reload to ``target``; one at a time."""
+        if self._reload_lock.locked():
+            raise ReloadBusy(f"a reload to {self.reload.target} is in progress")
+        await self._reload_lock.acquire()
+        self.reload = ReloadState(state="loading", target=str(target), started_at=time.time())
+        if broadcast:
+            self._broadcast(target)
+        task = asyncio.create_task(self._reload(target))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if wait:
+            await asyncio.shield(task)
+            if self.reload.state == "failed":
+                raise ReloadFailed(f"bundle {target} refused, still serving {self.serving_version}: {self.reload.error}")
+        return self.reload
+
+    @property
+    def serving_version(self) -> str | None:
+        return self.serving.version if self.serving is not None else None
+
+    async def _reload(self, target: Path) -> None:
+        try:
+            new = await asyncio.to_thread(build_serving, target, self.settings)
+            await self._check_features(new)
+        except Exception as exc:  # any failure refuses the bundle; the old one keeps serving
+            log.error("reload to %s refused: %s", target, exc)
+            metrics.RELOADS.labels(outcome="failed").inc()
+            self.reload = dataclasses.replace(self.reload, state="failed", error=str(exc), finished_at=time.time())
+        else:
+            old = self.serving
+            self.serving = new  # the atomic swap: new requests see the new bundle from here on
+            previous = (old.version, old.method) if old is not None else None
+            metrics.set_bundle(new.version, new.method, previous)
+            metrics.RELOADS.labels(outcome="succeeded").inc()
+            log.info("now serving bundle %s (was %s)", new.version, previous[0] if previous else None)
+            self.reload = dataclasses.replace(self.reload, state="succeeded", finished_at=time.time())
+        finally:
+            self._reload_lock.release()
+
+    async def _check_features(self, new: Serving) -> None:
+        """Refuse a bundle whose schema or entity rows do not match the features the store holds."""
+        await check_store_matches(self.store, new, startup=False)
+
+    # ---- multi-worker control file ---------------------------------------------------------------
+    def _control_file(self) -> Path | None:
+        d = self.settings.control_dir
+        return d / "reload.json" if d is not None else None
+
+    def _broadcast(self, target: Path) -> None:
+        path = self._control_file()
+        if path is None:
+            return
+        nonce = uuid.uuid4().hex
+        self._control_nonce = nonce
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"bundle": str(target), "nonce": nonce}))
+        os.replace(tmp, path)
+
+    async def watch_control(self) -> None:
+        """Poll the control file; a nonce this worker has not seen triggers the same reload here."""
+        path = self._control_file()
+        if path is None:
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._control_nonce = json.loads(path.read_text()).get("nonce")  # only changes after start count
+        while True:
+            await asyncio.sleep(self.settings.control_poll_s)
+            try:
+                order = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            nonce = order.get("nonce")
+            if nonce and nonce != self._control_nonce and not self._reload_lock.locked():
+                self._control_nonce = nonce
+                log.info("reload ordered through %s", path)
+                with contextlib.suppress(ReloadBusy):
+                    await self.reload_bundle(Path(order["bundle"]), wait=False, broadcast=False)
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        # In-flight requests have finished (uvicorn drains them before the lifespan ends).
+        self.executor.shutdown(wait=True, cancel_futures=True)
+        await self.store.close()
+
+
+# ---- builders ------------------------------------------------------------------------------------
+def search_params(settings: Settings) -> SearchParams | None:
+    """Engine search parameters from settings; None keeps the engine's defaults."""
+    from service.engine import SearchParams
+
+    given = {
+        "ef": settings.search_ef,
+        "steps": settings.search_steps,
+        "top_n": settings.search_top_n,
+        "exhaustive_threshold": settings.search_exhaustive_threshold,
+    }
+    given = {k: v for k, v in given.items() if v is not None}
+    if not given:
+        return None
+    return dataclasses.replace(SearchParams(), **given)
+
+
+def providers(settings: Settings) -> list[str] | None:
+    return {
+        "cpu": ["CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "auto": None,
+    }[settings.providers]
+
+
+def build_serving(path: Path, settings: Settings) -> Serving:
+    """Load (memory-mapped), verify, and warm a bundle. Blocking: call it from a thread."""
+    from service.bundle import load_bundle
+    from service.engine import MatchEngine
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(Path(path), verify_checksums=settings.verify_checksums)
+    engine = MatchEngine(
+        bundle,
+        params=search_params(settings),
+        intra_op_threads=settings.intra_op_threads,
+        providers=providers(settings),
+    )
+    engine.warmup()
+    serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
+    log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
+    return serving
+
+
+async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
+    """The store's features must be encoded for this bundle's schema and entity rows.
+
+    Embedded store: a mismatch is always fatal (it can only ever serve its dataset). Redis: a schema
+    nobody loaded features for, or features loaded against another entity order, is refused on
+    reload; at start-up it is logged (features may be loaded after the service starts).
+    """
+    health = await store.health(serving.schema)
+    problem: str | None = None
+    if store.kind == "embedded":
+        assert isinstance(store, EmbeddedFeatureStore)
+        if store.fingerprint != serving.schema.fingerprint():
+            problem = f"dataset schema {store.fingerprint} differs from the bundle's {serving.schema.fingerprint()}"
+        elif store.entity_space != serving.entity_space:
+            problem = "the dataset's entities are not in the bundle's row order"
+        if problem:
+            raise ReloadFailed(f"embedded feature store ({store.root}): {problem}")
+        return
+    if store.kind != "redis" or health.get("status") != "ok":
+        return
+    if not health.get("loaded"):
+        problem = f"no features loaded in Redis for schema {serving.schema.fingerprint()} (run `unimatch features load`)"
+    elif health.get("entity_space") != serving.entity_space:
+        problem = "Redis features were loaded against another entity row order"
+    if problem:
+        if startup:
+            log.warning("feature store: %s", problem)
+        else:
+            raise ReloadFailed(problem)
+
+
+def build_store(settings: Settings) -> FeatureStore:
+    if settings.redis_url:
+        store: FeatureStore = RedisFeatureStore(
+            url=settings.redis_url,
+            prefix=settings.redis_key_prefix,
+            pool_size=settings.redis_pool_size,
+            timeout_s=settings.redis_timeout_s,
+            retry_interval_s=settings.redis_retry_interval_s,
+            on_result=metrics.observe_redis,
+        )
+        log.info("feature store: redis %s", store.describe()["redis"])
+        return store
+    if settings.data is not None:
+        log.info("feature store: embedded, from dataset %s (no UNIMATCH_REDIS_URL)", settings.data)
+        return EmbeddedFeatureStore(settings.data)
+    log.warning("feature store: none configured (no UNIMATCH_REDIS_URL, no UNIMATCH_DATA): every user is cold start")
+    return NullFeatureStore()
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    if not logging.getLogger().handlers:  # uvicorn workers configure only uvicorn's own loggers
+        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.bundle is None:
+        raise RuntimeError("no bundle to serve: set UNIMATCH_BUNDLE or pass --bundle")
+    if settings.oversubscribed:
+        log.warning(
+            "workers x scoring_threads x intra_op_threads = %d x %d x %d exceeds %d cores",
+            settings.workers, settings.effective_scoring_threads, settings.intra_op_threads, settings.cores,
+        )
+    t0 = time.perf_counter()
+    store = await asyncio.to_thread(build_store, settings)
+    state = ServiceState(
+        settings=settings,
+        store=store,
+        executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
+        limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s),
+    )
+    try:
+        serving = await asyncio.to_thread(build_serving, settings.bundle, settings)
+        await check_store_matches(store, serving, startup=True)
+    except BaseException:
+        await state.aclose()
+        raise
+    state.serving = serving
+    metrics.set_bundle(serving.version, serving.method)
+    app.state.unimatch = state
+    state.spawn(state.watch_control())
+    log.info("ready in %.2f s: bundle %s, features %s", time.perf_counter() - t0, serving.version, store.kind)
+    try:
+        yield
+    finally:
+        log.info("shutting down: closing the scoring pool and the feature store")
+        await state.aclose()
+        metrics.mark_process_dead(os.getpid())

@@ -1,0 +1,93 @@
+"""Prometheus metrics of the service: the only module-level globals of the serving path (STYLE.md).
+
+Names are in base units (seconds, not ms); labels are small closed sets (stage, domain name, entity
+type, error kind, outcome), never ids. Under several uvicorn workers set ``PROMETHEUS_MULTIPROC_DIR``
+(``unimatch serve --workers N`` does) *before* this module is imported: every process then writes its
+samples to files there and ``GET /metrics`` aggregates them (prometheus_client multiprocess mode).
+
+Exposure share per entity type (the paper's fairness concern, Table VI) is
+``rate(unimatch_results_total{entity_type="shop"}) / sum(rate(unimatch_results_total))``.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+# Latency buckets from 0.25 ms (a warm Redis GET) to 2.5 s (a pathological deadline).
+_LATENCY = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5)
+_PAIRS = (10, 30, 100, 300, 1_000, 3_000, 10_000, 30_000, 100_000, 300_000, 1_000_000)
+
+REQUEST_DURATION = Histogram(
+    "unimatch_request_duration_seconds",
+    "End-to-end time of one match (features + encoding + search), per domain",
+    ["domain"],
+    buckets=_LATENCY,
+)
+STAGE_DURATION = Histogram(
+    "unimatch_stage_duration_seconds",
+    "Time per stage of a match: features, user_encoding, search, scorer (inside search), total",
+    ["stage"],
+    buckets=_LATENCY,
+)
+HTTP_REQUESTS = Counter("unimatch_http_requests_total", "HTTP requests answered", ["route", "status"])
+PAIR_EVALUATIONS = Histogram(
+    "unimatch_pair_evaluations", "Pair-scorer evaluations (user x entity) per match", buckets=_PAIRS
+)
+RESULTS = Counter("unimatch_results_total", "Entities returned, by entity type (exposure share)", ["entity_type"])
+FLAGGED = Counter("unimatch_matches_flagged_total", "Matches answered with a flag", ["flag"])  # cold_start|partial|degraded
+ERRORS = Counter("unimatch_errors_total", "Errors answered, by kind", ["kind"])
+REDIS_DURATION = Histogram(
+    "unimatch_redis_duration_seconds", "Redis feature reads, by outcome", ["outcome"], buckets=_LATENCY
+)
+REDIS_FAILURES = Counter("unimatch_redis_failures_total", "Redis feature reads that failed, by kind", ["kind"])
+IN_FLIGHT = Gauge("unimatch_in_flight_requests", "Match requests being served", multiprocess_mode="livesum")
+BUNDLE_INFO = Gauge(
+    "unimatch_bundle_info", "The bundle being served (value 1)", ["version", "method"], multiprocess_mode="livemax"
+)
+RELOADS = Counter("unimatch_reloads_total", "Bundle reloads, by outcome", ["outcome"])
+
+
+def observe_redis(outcome: str, seconds: float) -> None:
+    """Hook given to the Redis feature store (it knows nothing of Prometheus)."""
+    REDIS_DURATION.labels(outcome=outcome).observe(seconds)
+    if outcome != "ok":
+        REDIS_FAILURES.labels(kind=outcome).inc()
+
+
+def set_bundle(version: str, method: str, previous: tuple[str, str] | None = None) -> None:
+    if previous is not None and previous != (version, method):
+        BUNDLE_INFO.labels(version=previous[0], method=previous[1]).set(0)
+    BUNDLE_INFO.labels(version=version, method=method).set(1)
+
+
+def multiprocess_dir() -> str | None:
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get("prometheus_multiproc_dir")
+
+
+def render() -> tuple[bytes, str]:
+    """Text exposition: this process's registry, or every worker's files in multiprocess mode."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        return generate_latest(registry), CONTENT_TYPE_LATEST
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a stopped worker's live gauges (in-flight, bundle info) from the aggregate."""
+    if multiprocess_dir():
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid)

@@ -1,0 +1,1 @@
+"""HTTP routers, one per resource: match (POST /match, /match/batch), health (probes, metrics, info), admin."""
