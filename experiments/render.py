@@ -1,0 +1,346 @@
+"""Turn an experiment directory's result files into the paper's tables and figures.
+
+- Table III analog (``kind: comparison``): Recall-all@N per domain and averaged, mean ± std over
+  seeds, relative change of the mean against the reference method (DNN in the paper).
+- Table IV analog (``kind: ablation``): the same against Backbone.
+- Fig. 4 analog: average Recall-all against N for every method, one panel per dataset.
+- Fig. 5 analog: the UWL weight of each auxiliary loss over training (Eq. 25), read from the
+  per-step log of the ``uwl_method``'s training run.
+
+Only finished runs made with the current config (same fingerprint) are shown; a cell with fewer
+seeds than the config asks for says so in its ``seeds`` column. Nothing here invents a number: a
+missing run is a missing cell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from experiments.config import ExperimentConfig, method_label
+from experiments.runner import load_saved_configs, result_path
+from model.data.io import atomic_write_json, atomic_write_text
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method's Recall-all@N in one domain over its seeds."""
+
+    values: tuple[float, ...]
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def std(self) -> float | None:
+        # Sample std (ddof=1): the seed-to-seed spread; undefined for a single seed.
+        return statistics.stdev(self.values) if self.n > 1 else None
+
+
+def collect(cfg: ExperimentConfig, out: Path) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """dataset -> method -> the finished final-run results (current fingerprint, configured seeds)."""
+    fp = cfg.fingerprint()
+    found: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for ds in cfg.datasets:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                path = result_path(out, fp, ds.name, method, seed)
+                try:
+                    res = json.loads(path.read_text())
+                except (FileNotFoundError, json.JSONDecodeError):
+                    continue
+                if res.get("fingerprint") == fp:
+                    found.setdefault(ds.name, {}).setdefault(method, []).append(res)
+    return found
+
+
+def domains_of(results: dict[str, list[dict[str, Any]]]) -> list[str]:
+    """Domain names in the order the evaluator reported them, ``average`` last."""
+    names: list[str] = []
+    for runs in results.values():
+        for res in runs:
+            for d in res["recall_all"]:
+                if d != "average" and d not in names:
+                    names.append(d)
+    return names + ["average"]
+
+
+def cells(runs: list[dict[str, Any]], domain: str, n: int) -> Cell | None:
+    vals = [float(r["recall_all"][domain][str(n)]) for r in runs if str(n) in r["recall_all"].get(domain, {})]
+    return Cell(tuple(vals)) if vals else None
+
+
+def relative_change(value: float, ref: float) -> float | None:
+    return None if ref == 0 else (value - ref) / ref
+
+
+def effect_over_se(a: Cell, ref: Cell) -> float | None:
+    """Difference of means in units of its standard error (Welch); None without two seeds each."""
+    if a.std is None or ref.std is None:
+        return None
+    se = math.sqrt(a.std**2 / a.n + ref.std**2 / ref.n)
+    if se == 0:
+        return None
+    return (a.mean - ref.mean) / se
+
+
+def _fmt(cell: Cell | None) -> str:
+    if cell is None:
+        return "–"
+    if cell.std is None:
+        return f"{cell.mean:.4f}"
+    return f"{cell.mean:.4f} ± {cell.std:.4f}"
+
+
+def _fmt_rel(cell: Cell | None, ref: Cell | None, is_ref: bool) -> str:
+    if is_ref:
+        return "–"
+    if cell is None or ref is None:
+        return "n/a"
+    rel = relative_change(cell.mean, ref.mean)
+    return "n/a" if rel is None else f"{rel * 100:+.2f}%"
+
+
+def summarise(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
+    """All aggregates as one JSON-able dict (``results.json``)."""
+    found = collect(cfg, out)
+    summary: dict[str, Any] = {"experiment": cfg.name, "kind": cfg.kind, "reference": cfg.reference, "datasets": {}}
+    for ds in cfg.datasets:
+        results = found.get(ds.name, {})
+        doms = domains_of(results)
+        per_method: dict[str, Any] = {}
+        for method in cfg.methods:
+            runs = results.get(method, [])
+            if not runs:
+                continue
+            entry: dict[str, Any] = {
+                "seeds": sorted(r["seed"] for r in runs),
+                "lr": runs[0]["lr"],
+                "train_seconds_mean": statistics.fmean(float(r.get("train_seconds", 0.0)) for r in runs),
+                "recall_all": {},
+            }
+            for d in doms:
+                entry["recall_all"][d] = {}
+                for n in cfg.eval.n:
+                    c = cells(runs, d, n)
+                    if c is not None:
+                        entry["recall_all"][d][str(n)] = {"mean": c.mean, "std": c.std, "values": list(c.values)}
+            per_method[method] = entry
+        summary["datasets"][ds.name] = {"domains": doms, "methods": per_method}
+    return summary
+
+
+def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) -> str:
+    """Markdown of the Table III / IV analog for every dataset of the experiment."""
+    n = n if n is not None else cfg.eval.table_n
+    found = collect(cfg, out)
+    ref_label = method_label(cfg.reference)
+    title = "Table III analog" if cfg.kind == "comparison" else "Table IV analog"
+    lines: list[str] = []
+    for ds in cfg.datasets:
+        results = found.get(ds.name, {})
+        lines.append(f"### {title}: {ds.name}, Recall-all@{n} (test split)")
+        lines.append("")
+        if not results:
+            lines.append("No finished run.")
+            lines.append("")
+            continue
+        doms = domains_of(results)
+        head = ["Method", "seeds", "lr"]
+        for d in doms:
+            head += [f"{d}", f"vs {ref_label}"]
+        head.append("Δ avg / SE")
+        lines.append("| " + " | ".join(head) + " |")
+        lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (2 * len(doms) + 1)) + "|")
+        ref_runs = results.get(cfg.reference, [])
+        for method in cfg.methods:
+            runs = results.get(method, [])
+            if not runs:
+                continue
+            row = [method_label(method), f"{len(runs)}/{len(cfg.seeds)}", f"{runs[0]['lr']:g}"]
+            for d in doms:
+                c = cells(runs, d, n)
+                ref = cells(ref_runs, d, n) if ref_runs else None
+                row += [_fmt(c), _fmt_rel(c, ref, method == cfg.reference)]
+            c_avg = cells(runs, "average", n)
+            ref_avg = cells(ref_runs, "average", n) if ref_runs else None
+            z = None if method == cfg.reference or c_avg is None or ref_avg is None else effect_over_se(c_avg, ref_avg)
+            row.append("–" if method == cfg.reference else ("n/a" if z is None else f"{z:+.1f}"))
+            lines.append("| " + " | ".join(row) + " |")
+        lines.append("")
+        lines.append(
+            f"Mean ± sample std over seeds; relative change of the mean against {ref_label}; "
+            "'Δ avg / SE' is the difference of average means over its standard error (Welch), "
+            "|Δ/SE| < 2 is within seed noise."
+        )
+        lines.append("")
+        # Average recall at every evaluated N (the numbers behind the Fig. 4 analog).
+        lines.append(f"Average Recall-all@N, {ds.name}:")
+        lines.append("")
+        lines.append("| Method | " + " | ".join(f"@{k}" for k in cfg.eval.n) + " |")
+        lines.append("|---|" + "|".join(["---:"] * len(cfg.eval.n)) + "|")
+        for method in cfg.methods:
+            runs = results.get(method, [])
+            if runs:
+                lines.append(
+                    f"| {method_label(method)} | "
+                    + " | ".join(_fmt(cells(runs, "average", k)) for k in cfg.eval.n)
+                    + " |"
+                )
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None:
+    """Fig. 4 analog: average Recall-all@N (mean ± std over seeds) against N, one panel per dataset."""
+    found = collect(cfg, out)
+    datasets = [d.name for d in cfg.datasets if found.get(d.name)]
+    if not datasets:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only; no display on these machines
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    for ax, name in zip(axes[0], datasets, strict=True):
+        for method in cfg.methods:
+            runs = found[name].get(method)
+            if not runs:
+                continue
+            xs, ys, es = [], [], []
+            for k in cfg.eval.n:
+                c = cells(runs, "average", k)
+                if c is not None:
+                    xs.append(k)
+                    ys.append(c.mean)
+                    es.append(c.std or 0.0)
+            style = "-" if method in (cfg.reference, "backbone-rrl") else "--"
+            ax.errorbar(xs, ys, yerr=es, fmt=style + "o", ms=3, capsize=2, label=method_label(method))
+        ax.set_xscale("log")
+        ax.set_xlabel("N (entities retrieved)")
+        ax.set_ylabel("average Recall-all@N")
+        ax.set_title(name)
+        ax.grid(True, alpha=0.3)
+    axes[0][-1].legend(fontsize=7, loc="best")
+    fig.suptitle(f"{cfg.name}: average Recall-all@N over domains (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    _save_fig(fig, png)
+    plt.close(fig)
+    return png
+
+
+# ---------------------------------------------------------------- Fig. 5: UWL weights over training
+
+
+def read_uwl_weights(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step UWL weights of each auxiliary loss from a training run's per-step log.
+
+    The trainer writes one JSON object per logged step to ``steps.jsonl`` in the run directory,
+    with ``step`` and a ``uwl_weights`` mapping ``{loss name: weight}`` (the factor 1/(2σ²) of
+    Eq. 25 that multiplies the loss). Returns ``{loss name: [(step, weight), ...]}``.
+    """
+    log = _find_step_log(Path(run_dir))
+    series: dict[str, list[tuple[int, float]]] = {}
+    with log.open() as fh:
+        for lineno, line in enumerate(fh, 1):
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{log}:{lineno}: not JSON ({exc})") from exc
+            weights = rec.get("uwl_weights")
+            if not weights:
+                continue
+            step = int(rec["step"])
+            for name, w in weights.items():
+                series.setdefault(name, []).append((step, float(w)))
+    if not series:
+        raise ValueError(f"{log} holds no 'uwl_weights': was the run trained with UWL?")
+    return series
+
+
+STEP_LOG_NAMES = ("steps.jsonl",)
+
+
+def _find_step_log(run_dir: Path) -> Path:
+    for name in STEP_LOG_NAMES:
+        if (run_dir / name).is_file():
+            return run_dir / name
+    raise FileNotFoundError(f"{run_dir} has no per-step training log ({', '.join(STEP_LOG_NAMES)})")
+
+
+def plot_uwl_weights(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None:
+    """Fig. 5 analog from the first finished final run of ``cfg.uwl_method`` (first dataset, seed)."""
+    if cfg.uwl_method is None:
+        return None
+    found = collect(cfg, out)
+    for ds in cfg.datasets:
+        runs = sorted(found.get(ds.name, {}).get(cfg.uwl_method, []), key=lambda r: r["seed"])
+        for res in runs:
+            run_dir = Path(res["run_dir"])
+            if not run_dir.is_absolute():
+                run_dir = out / run_dir
+            if not run_dir.is_dir():
+                continue
+            series = read_uwl_weights(run_dir)
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+
+            fig, ax = plt.subplots(figsize=(6.5, 4.2))
+            for name, pts in series.items():
+                ax.plot([s for s, _ in pts], [w for _, w in pts], label=name, lw=1.2)
+            ax.set_xlabel("training step")
+            ax.set_ylabel("UWL weight 1/(2σ²)")
+            ax.set_title(f"{method_label(cfg.uwl_method)} on {ds.name}, seed {res['seed']}", fontsize=10)
+            ax.grid(True, alpha=0.3)
+            ax.legend(fontsize=8)
+            fig.tight_layout()
+            _save_fig(fig, png)
+            plt.close(fig)
+            return png
+    return None
+
+
+def _save_fig(fig: Any, png: Path) -> None:
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(f".{png.name}.tmp.png")
+    fig.savefig(tmp, dpi=130)
+    tmp.replace(png)
+
+
+def render(out: Path, *, cfg: ExperimentConfig | None = None) -> dict[str, Path]:
+    """Write ``results-<name>.json``, ``tables-<name>.md`` and the figures of one table, or of every
+    table recorded in the experiment directory when ``cfg`` is None."""
+    out = Path(out)
+    configs = [cfg] if cfg is not None else load_saved_configs(out)
+    written: dict[str, Path] = {}
+    for c in configs:
+        atomic_write_json(out / f"results-{c.name}.json", summarise(c, out))
+        written[f"{c.name}/results"] = out / f"results-{c.name}.json"
+        md = [f"## {c.name}", ""]
+        if c.description:
+            md += [c.description, ""]
+        md.append(table_markdown(c, out))
+        atomic_write_text(out / f"tables-{c.name}.md", "\n".join(md))
+        written[f"{c.name}/tables"] = out / f"tables-{c.name}.md"
+        fig4 = plot_recall_vs_n(c, out, out / f"fig4-{c.name}.png")
+        if fig4 is not None:
+            written[f"{c.name}/fig4"] = fig4
+        fig5 = plot_uwl_weights(c, out, out / f"fig5-{c.name}.png")
+        if fig5 is not None:
+            written[f"{c.name}/fig5"] = fig5
+    return written
