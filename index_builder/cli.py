@@ -1,0 +1,130 @@
+"""`unimatch index build`: the 4-layer HNSW graph of a bundle (paper section IV-B), thin layer over build_index."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from unimatch.cli import CommandRegistry
+
+GROUP_HELP = "build the HNSW graph the service searches"
+
+
+def register(cli: CommandRegistry) -> None:
+    from index_builder.config import IndexConfig  # stdlib-only module: cheap
+
+    d = IndexConfig()
+    p = cli.group_command(
+        "index",
+        "build",
+        help="build the HNSW graph over the bundle's entity vectors and write it into the bundle",
+        description="Build an HNSW graph with exactly --layers layers (L2 over entities/vectors.npy) with "
+        "hnswlib, repair reachability, extract per-layer CSR arrays into BUNDLE/graph/, print and save the "
+        "health report (BUNDLE/graph_health.json) and add the 'graph' section to manifest.json.",
+        handler=_build,
+        group_help=GROUP_HELP,
+    )
+    p.add_argument("--bundle", type=Path, required=True, help="bundle directory written by `unimatch export`")
+    p.add_argument("--layers", type=int, default=d.layers, help="number of HNSW layers (levels 0..layers-1)")
+    p.add_argument("--M", dest="M", type=int, default=d.M, help="max out-degree on upper layers (2M on layer 0)")
+    p.add_argument("--ef-construction", type=int, default=d.ef_construction, help="candidate list size at insertion")
+    p.add_argument(
+        "--threads", type=int, default=d.threads, help="insertion threads, 0 = all cores (>1 is not reproducible)"
+    )
+    p.add_argument("--seed", type=int, default=d.seed, help="seeds the insertion order and the health queries")
+    p.add_argument("--health-queries", type=int, default=d.health_queries, help="queries for the recall check")
+    p.add_argument("--health-ef", type=int, default=d.health_ef, help="search list size ef for the recall check")
+    p.add_argument("--json", type=Path, default=None, help="also write the health report to this file")
+
+
+def _build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from index_builder.build import build_index
+    from index_builder.config import IndexConfig
+    from model.data.io import atomic_write_json
+
+    cfg = IndexConfig(
+        layers=args.layers,
+        M=args.M,
+        ef_construction=args.ef_construction,
+        threads=args.threads,
+        seed=args.seed,
+        health_queries=args.health_queries,
+        health_ef=args.health_ef,
+    )
+    console = Console()
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("inserting vectors", total=None)
+
+        def progress(stage: str, done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        report = build_index(bundle=args.bundle, cfg=cfg, progress=progress)
+    print_report(report, console)
+    if args.json is not None:
+        atomic_write_json(args.json, report)
+    console.print(f"wrote {args.bundle}/graph/ and {args.bundle}/graph_health.json; manifest updated")
+    return 0 if report["all_reachable"] and report["nested"] and report["entry_points_on_top_layer"] else 1
+
+
+def print_report(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"HNSW graph health: {report['num_nodes']:,} nodes x {report['dim']} dims, {report['layers']} layers"
+    )
+    for col in (
+        "layer",
+        "nodes",
+        "edges",
+        "deg min/mean/p99/max",
+        "unreachable before repair",
+        "repair edges",
+        "reachable",
+    ):
+        table.add_column(col, justify="right")
+    rep = report["repair"]
+    for row in reversed(report["per_layer"]):
+        layer = row["layer"]
+        deg = row["degree"]
+        table.add_row(
+            str(layer),
+            f"{row['nodes']:,}",
+            f"{row['edges']:,}",
+            f"{deg['min']}/{deg['mean']:.1f}/{deg['p99']}/{deg['max']}",
+            "-" if rep["unreachable_before"] is None else f"{rep['unreachable_before'][layer]:,}",
+            "-" if rep["edges_added"] is None else f"{rep['edges_added'][layer]:,}",
+            f"{row['reachable']:,}/{row['nodes']:,}",
+        )
+    console.print(table)
+    ok = "yes" if report["nested"] else "NO"
+    ep = "yes" if report["entry_points_on_top_layer"] else "NO"
+    console.print(
+        f"nested layers: {ok}; entry point(s) {report['entry_points']} on top layer: {ep}; "
+        f"levels before capping: {report['levels_before_capping']} "
+        f"({report['nodes_capped_into_top_layer']} nodes capped into layer {report['layers'] - 1})"
+    )
+    if "l2_recall" in report:
+        console.print(
+            f"L2 recall@{report['k']} (ef={report['ef']}, {report['queries']} queries): extracted graph "
+            f"{report['l2_recall']:.4f}, hnswlib knn_query {report.get('library_l2_recall', float('nan')):.4f}, "
+            f"overlap {report.get('overlap_with_library', float('nan')):.4f}"
+        )
+    console.print("timings (s): " + ", ".join(f"{k} {v}" for k, v in report["timings_s"].items()))
