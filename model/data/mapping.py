@@ -368,7 +368,7 @@ def _labels(
     if (idx < 0).any():
         row = int(np.flatnonzero(idx < 0)[0])
         raise DatasetError(
-            f"{table.where(row)}: column {column!r}: unknown {what} {values[row]!r}; the mapping declares {names}"
+            f"{table.where(row)}: column {column!r}: unknown {what} {str(values[row])!r}; the mapping declares {names}"
         )
     return names, idx
 
@@ -464,7 +464,7 @@ def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
         dup[first] = False
         row = int(np.flatnonzero(dup)[0])
         raise DatasetError(
-            f'{table.where(row)}: column {spec.id!r}: duplicate id {ids[row]!r} (set "unique": false to keep the first row)'
+            f'{table.where(row)}: column {spec.id!r}: duplicate id {str(ids[row])!r} (set "unique": false to keep the first row)'
         )
     return np.sort(first)
 
@@ -510,7 +510,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     if (i_user_row < 0).any():
         row = int(np.flatnonzero(i_user_row < 0)[0])
         raise DatasetError(
-            f"{inter.where(row)}: column {spec.user!r}: user {i_user[row]!r} is not in {users_tab.path if users_tab else ''} "
+            f"{inter.where(row)}: column {spec.user!r}: user {str(i_user[row])!r} is not in {users_tab.path if users_tab else ''} "
             f"(column {m.users.id if m.users else ''!r}); every interaction's user must be listed there"
         )
 
@@ -546,7 +546,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     if (i_entity_row < 0).any():
         row = int(np.flatnonzero(i_entity_row < 0)[0])
         raise DatasetError(
-            f"{inter.where(row)}: column {spec.entity!r}: entity {i_entity[row]!r} is not in {ent_tab.path if ent_tab else ''} "
+            f"{inter.where(row)}: column {spec.entity!r}: entity {str(i_entity[row])!r} is not in {ent_tab.path if ent_tab else ''} "
             f"(column {m.entities.id if m.entities else ''!r}); every interaction's entity must be listed there"
         )
     n_ent = entity_ids.shape[0]
@@ -560,14 +560,14 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         if conflict.any():
             row = int(np.flatnonzero(conflict)[0])
             raise DatasetError(
-                f"{inter.where(row)}: column {spec.entity_type!r}: entity {i_entity[row]!r} has type "
+                f"{inter.where(row)}: column {spec.entity_type!r}: entity {str(i_entity[row])!r} has type "
                 f"{type_names[i_type[row]]!r} here but {type_names[e_type_raw[i_entity_row[row]]]!r} on another row"
             )
         unseen = e_type_raw < 0  # listed in the entities table but never in an interaction
         if unseen.any():
             if m.default_entity_type not in type_names:
                 raise DatasetError(
-                    f"{inter.path}: entity {entity_ids[np.flatnonzero(unseen)[0]]!r} has no interaction to take its type "
+                    f"{inter.path}: entity {str(entity_ids[np.flatnonzero(unseen)[0]])!r} has no interaction to take its type "
                     f"from and default_entity_type {m.default_entity_type!r} is not one of {type_names}"
                 )
             e_type_raw[unseen] = type_names.index(m.default_entity_type)
@@ -600,7 +600,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         if (split < 0).any():
             row = int(np.flatnonzero(split < 0)[0])
             raise DatasetError(
-                f"{inter.where(row)}: column {spec.split!r}: expected train, validation or test, got {raw_split[row]!r}"
+                f"{inter.where(row)}: column {spec.split!r}: expected train, validation or test, got {str(raw_split[row])!r}"
             )
         split_policy = f"shipped split kept (column {spec.split!r})"
     else:

@@ -191,13 +191,13 @@ def import_movielens(
     u_pos = np.clip(np.searchsorted(user_ids[u_order], raw_u), 0, len(user_ids) - 1)
     if not np.all(user_ids[u_order][u_pos] == raw_u):
         bad = int(np.flatnonzero(user_ids[u_order][u_pos] != raw_u)[0])
-        raise DatasetError(f"{inter_p}: line {bad + 2}: user_id {raw_u[bad]!r} is not in {user_p.name}")
+        raise DatasetError(f"{inter_p}: line {bad + 2}: user_id {str(raw_u[bad])!r} is not in {user_p.name}")
     user = u_order[u_pos]
     i_order = np.argsort(item_ids)
     i_pos = np.clip(np.searchsorted(item_ids[i_order], raw_i), 0, len(item_ids) - 1)
     if not np.all(item_ids[i_order][i_pos] == raw_i):
         bad = int(np.flatnonzero(item_ids[i_order][i_pos] != raw_i)[0])
-        raise DatasetError(f"{inter_p}: line {bad + 2}: item_id {raw_i[bad]!r} is not in {item_p.name}")
+        raise DatasetError(f"{inter_p}: line {bad + 2}: item_id {str(raw_i[bad])!r} is not in {item_p.name}")
     entity = i_order[i_pos]
     domain = user_domain[user].astype(np.int16)
     split = leave_last_out(user, domain, timestamp, num_domains=len(DOMAINS))
