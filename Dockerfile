@@ -68,7 +68,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive PATH=/opt/venv/bin:$PATH \
-    UNIMATCH_BUNDLE=/bundle UNIMATCH_HOST=0.0.0.0 UNIMATCH_PORT=8000
+    UNIMATCH_BUNDLE=/bundles/current
 # python3 (same minor as the builder) and curl for the HEALTHCHECK; distro package versions follow
 # the pinned CUDA base tag. hadolint ignore: apt pins would break on every Ubuntu security update.
 # hadolint ignore=DL3008
@@ -82,14 +82,15 @@ USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
   CMD ["curl", "-fsS", "http://127.0.0.1:8000/healthz"]
+# `unimatch serve` reads the bundle path and every other setting from UNIMATCH_* (service/config.py).
 ENTRYPOINT ["unimatch", "serve"]
-CMD ["--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]
 
 # ---------------------------------------------------------------------------------------------
 # serve (last stage = default target): slim CPU serving image, no torch, no compiler, no curl.
 FROM ${PYTHON_IMAGE} AS serve
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 PATH=/opt/venv/bin:$PATH \
-    UNIMATCH_BUNDLE=/bundle UNIMATCH_HOST=0.0.0.0 UNIMATCH_PORT=8000
+    UNIMATCH_BUNDLE=/bundles/current
 RUN groupadd --system --gid 10001 unimatch \
  && useradd --system --uid 10001 --gid unimatch --no-create-home unimatch
 COPY --from=build-serve /opt/venv /opt/venv
@@ -98,5 +99,6 @@ EXPOSE 8000
 # The slim image has no curl: the probe is one stdlib call against the liveness route.
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
   CMD ["python", "-c", "import sys, urllib.request as r; sys.exit(r.urlopen('http://127.0.0.1:8000/healthz', timeout=2).status != 200)"]
+# `unimatch serve` reads the bundle path and every other setting from UNIMATCH_* (service/config.py).
 ENTRYPOINT ["unimatch", "serve"]
-CMD ["--bundle", "/bundle", "--host", "0.0.0.0", "--port", "8000"]
+CMD ["--host", "0.0.0.0", "--port", "8000"]

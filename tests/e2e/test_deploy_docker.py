@@ -172,6 +172,11 @@ def test_grafana_dashboard_and_prometheus_config() -> None:
     assert all(m.startswith("unimatch_") for m in metrics)
     for base in ("unimatch_request_duration_seconds", "unimatch_errors_total", "unimatch_redis_duration_seconds"):
         assert any(m.startswith(base) for m in metrics), base
+    # every family the dashboard queries is one service/metrics.py declares
+    declared = set(re.findall(r'(?:Histogram|Counter|Gauge)\(\s*"(unimatch_[a-z_]+)"', (ROOT / "service/metrics.py").read_text()))
+    assert declared, "no metric declarations found in service/metrics.py"
+    families = {re.sub(r"_(bucket|sum|count)$", "", m) if m not in declared else m for m in metrics}
+    assert families <= declared, f"dashboard queries metrics the service does not export: {families - declared}"
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     prom = yaml.safe_load((ROOT / "deploy/prometheus/prometheus.yml").read_text())

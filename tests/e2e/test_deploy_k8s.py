@@ -1,0 +1,188 @@
+"""Kubernetes manifests of k8s/, validated offline (issue 7).
+
+Every kustomization (overlays cpu and gpu, the Jobs, the training job) is rendered by the small
+renderer of ``kustomize_lite`` (cross-checked against ``kubectl kustomize`` where kubectl exists) and
+every object is validated with kubernetes-validate in strict mode (unknown fields are errors) against
+the oldest and newest Kubernetes versions we support. The PyTorchJob CRD is not in kubernetes-validate:
+it is validated against k8s/training/pytorchjob.schema.json (written from the Kubeflow v1 API) and its
+pod templates strictly as core/v1 PodTemplate objects.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from tests.e2e import kustomize_lite
+from tests.e2e.deploy_helpers import ROOT, check_cli_argv, unimatch_argv
+
+K8S = ROOT / "k8s"
+KUSTOMIZATIONS = ["overlays/cpu", "overlays/gpu", "jobs", "training"]
+K8S_VERSIONS = ["1.30.0", kubernetes_validate.latest_version()]
+PYTORCHJOB_SCHEMA = json.loads((K8S / "training/pytorchjob.schema.json").read_text())
+
+
+def rendered(name: str) -> list[dict[str, Any]]:
+    return kustomize_lite.render(K8S / name)
+
+
+def by_key(name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    return {kustomize_lite.key(o): o for o in rendered(name)}
+
+
+def validate_strict(obj: dict[str, Any], version: str) -> None:
+    if obj["kind"] == "PyTorchJob":
+        jsonschema.validate(obj, PYTORCHJOB_SCHEMA)
+        for role, replica in obj["spec"]["pytorchReplicaSpecs"].items():
+            pod_template = {
+                "apiVersion": "v1",
+                "kind": "PodTemplate",
+                "metadata": {"name": f"{obj['metadata']['name']}-{role.lower()}"},
+                "template": replica["template"],
+            }
+            kubernetes_validate.validate(pod_template, version, strict=True)
+        return
+    kubernetes_validate.validate(obj, version, strict=True)
+
+
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_rendered_manifests_validate_strictly(name: str, version: str) -> None:
+    objs = rendered(name)
+    assert objs
+    for obj in objs:
+        try:
+            validate_strict(obj, version)
+        except (kubernetes_validate.ValidationError, jsonschema.ValidationError) as exc:
+            pytest.fail(f"{name}: {obj['kind']}/{obj['metadata']['name']} invalid for {version}: {exc}")
+
+
+def test_raw_manifest_files_validate_strictly() -> None:
+    """Each manifest file on its own (base included), before any overlay touches it."""
+    files = [p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml" and "patch" not in p.name]
+    assert len(files) >= 12
+    for path in files:
+        for obj in yaml.safe_load_all(path.read_text()):
+            if obj:
+                validate_strict(obj, K8S_VERSIONS[-1])
+
+
+def test_strict_validation_rejects_unknown_fields() -> None:
+    dep = by_key("overlays/cpu")[("Deployment", "unimatch")]
+    dep["spec"]["template"]["spec"]["containers"][0]["readinessProbes"] = {}
+    with pytest.raises(kubernetes_validate.ValidationError):
+        validate_strict(dep, K8S_VERSIONS[-1])
+    job = by_key("training")[("PyTorchJob", "unimatch-train")]
+    job["spec"]["pytorchReplicaSpecs"]["Worker"]["restartPolicy"] = "Sometimes"
+    with pytest.raises(jsonschema.ValidationError):
+        validate_strict(job, K8S_VERSIONS[-1])
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed: kustomize_lite is not cross-checked")
+@pytest.mark.parametrize("name", KUSTOMIZATIONS)
+def test_renderer_agrees_with_kubectl_kustomize(name: str) -> None:
+    out = subprocess.run(["kubectl", "kustomize", str(K8S / name)], capture_output=True, text=True, timeout=60, check=True)
+    theirs = {kustomize_lite.key(o): o for o in yaml.safe_load_all(out.stdout) if o}
+    assert by_key(name) == theirs
+
+
+def _serving(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    dep = by_key(name)[("Deployment", "unimatch")]
+    return dep, dep["spec"]["template"]["spec"]
+
+
+@pytest.mark.parametrize("name", ["overlays/cpu", "overlays/gpu"])
+def test_serving_deployment_hardening(name: str) -> None:
+    dep, pod = _serving(name)
+    (c,) = pod["containers"]
+    assert c["startupProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert c["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert c["resources"]["requests"] == c["resources"]["limits"], "requests must equal limits (Guaranteed QoS)"
+    assert c["lifecycle"]["preStop"]["exec"]["command"][0] == "sleep"
+    assert pod["securityContext"]["runAsNonRoot"] is True and pod["securityContext"]["runAsUser"] != 0
+    assert c["securityContext"]["readOnlyRootFilesystem"] is True
+    assert c["securityContext"]["allowPrivilegeEscalation"] is False
+    mounts = {m["mountPath"]: m for m in c["volumeMounts"]}
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert "emptyDir" in volumes[mounts["/tmp"]["name"]]
+    bundle = volumes[mounts["/bundles"]["name"]]
+    assert mounts["/bundles"]["readOnly"] is True and bundle["persistentVolumeClaim"]["readOnly"] is True
+    assert {"configMapRef": {"name": "unimatch-config"}} in c["envFrom"]
+    token = next(e for e in c["env"] if e["name"] == "UNIMATCH_ADMIN_TOKEN")
+    assert token["valueFrom"]["secretKeyRef"]["name"] == "unimatch-secrets"
+    assert c["image"].startswith("registry.example.com/unimatch/")
+    gpu = "nvidia.com/gpu" in c["resources"]["limits"]
+    assert gpu == (name == "overlays/gpu")
+    if gpu:
+        assert c["image"].split("/")[-1].startswith("gpu:")
+        assert pod["nodeSelector"] and any(t["key"] == "nvidia.com/gpu" for t in pod["tolerations"])
+    else:
+        assert "nodeSelector" not in pod and "tolerations" not in pod
+
+
+@pytest.mark.parametrize("name", ["overlays/cpu", "overlays/gpu"])
+def test_selectors_and_autoscaling_wiring(name: str) -> None:
+    objs = by_key(name)
+    dep, pod = _serving(name)
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+    assert dep["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    svc = objs[("Service", "unimatch")]
+    assert svc["spec"]["selector"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in pod["containers"][0]["ports"]}
+    assert all(p["targetPort"] in port_names for p in svc["spec"]["ports"])
+    pdb = objs[("PodDisruptionBudget", "unimatch")]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    hpa = objs[("HorizontalPodAutoscaler", "unimatch")]
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "unimatch"
+    kinds = {m["type"]: m for m in hpa["spec"]["metrics"]}
+    assert kinds["Resource"]["resource"]["name"] == "cpu"
+    assert kinds["Pods"]["pods"]["metric"]["name"].startswith("unimatch_request_duration_seconds")
+    cm = objs[("ConfigMap", "unimatch-config")]
+    assert all(k.startswith("UNIMATCH_") for k in cm["data"])
+    assert cm["data"]["UNIMATCH_REDIS_URL"].startswith("redis://unimatch-redis:")
+    assert ("StatefulSet", "unimatch-redis") in objs and ("Service", "unimatch-redis") in objs
+    assert all(o["metadata"].get("namespace") == "unimatch" for k, o in objs.items() if k[0] != "Namespace")
+
+
+def test_secret_is_a_documented_placeholder() -> None:
+    text = (K8S / "base/secret.yaml").read_text()
+    assert "PLACEHOLDER" in text and "placeholder" in yaml.safe_load(text)["stringData"]["UNIMATCH_ADMIN_TOKEN"]
+
+
+def test_pytorchjob_runs_unimatch_train_under_torchrun() -> None:
+    job = by_key("training")[("PyTorchJob", "unimatch-train")]
+    specs = job["spec"]["pytorchReplicaSpecs"]
+    assert specs["Master"]["replicas"] == 1 and specs["Worker"]["replicas"] >= 1
+    for replica in specs.values():
+        (c,) = replica["template"]["spec"]["containers"]
+        assert c["name"] == "pytorch" and c["command"] == ["torchrun"]
+        args = c["args"]
+        i = args.index("--no-python")
+        assert args[i + 1] == "unimatch" and args[i + 2] == "train"
+
+
+def test_container_commands_parse_with_the_cli() -> None:
+    """The `unimatch ...` command lines of the Deployment, the Jobs and the PyTorchJob exist in the CLI."""
+    env = {"UNIMATCH_BUNDLE": "/bundles/current", "UNIMATCH_REDIS_URL": "redis://unimatch-redis:6379/0"}
+    argvs = []
+    _, pod = _serving("overlays/cpu")
+    argvs.append(["serve", *[a.replace("$(UNIMATCH_BUNDLE)", env["UNIMATCH_BUNDLE"]) for a in pod["containers"][0]["args"]]])
+    for obj in rendered("jobs"):
+        for ps in kustomize_lite.pod_specs(obj):
+            for c in ps.get("initContainers", []) + ps["containers"]:
+                if c.get("command", [None])[0] == "/bin/sh":
+                    argvs += [a for line in c["args"][0].splitlines() if (a := unimatch_argv(line.strip(), env))]
+                else:
+                    argvs.append([a.replace("$(UNIMATCH_REDIS_URL)", env["UNIMATCH_REDIS_URL"]) for a in c["args"]])
+    train_args = rendered("training")[0]["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0]["args"]
+    argvs.append(train_args[train_args.index("--no-python") + 2 :])
+    assert sorted(a[0] for a in argvs) == ["export", "features", "index", "serve", "train"]
+    check_cli_argv(argvs)
