@@ -1,0 +1,180 @@
+"""Open a serving bundle (docs/bundle-format.md, format version 1): manifest, schema, mmapped arrays.
+
+The bundle is what `unimatch export` and `unimatch index build` write and every service replica
+memory-maps read-only (paper section IV-B/C: the deep model and its 4-layer HNSW graph served as
+"user in, top-k ads out"). Loading validates everything a request would otherwise trip over later —
+missing files, checksum mismatches, a schema that is not the one the model was exported with, arrays
+whose shapes disagree with the manifest — and reports it as a one-line ``BundleError``.
+
+numpy + json only: no onnxruntime, no torch. The ONNX sessions are opened by ``service.scorer``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from model.data.schema import FeatureSchema, SchemaError
+from service.search import HnswGraph
+
+BUNDLE_FORMAT_VERSION = 1
+REQUIRED_FILES = ("manifest.json", "schema.json", "user_encoder.onnx", "pair_scorer.onnx")
+
+
+class BundleError(ValueError):
+    """The bundle is missing a file, fails a checksum, or does not match its schema or manifest."""
+
+
+def _sha256(path: Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """A loaded bundle. Arrays are read-only memory maps: replicas share the page cache."""
+
+    path: Path
+    manifest: dict[str, Any]
+    schema: FeatureSchema
+    version: str
+    entity_ids: np.ndarray  # (E,) str
+    entity_type: np.ndarray  # (E,) int16
+    domain_mask: np.ndarray  # (E,) uint64
+    entity_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (E, ...) float32
+    vectors: np.ndarray | None = None  # (E, D) float32, the L2 space of the graph
+    graph: HnswGraph | None = None
+    # Lazily built id -> row map; a lock so that concurrent first calls build it once.
+    _row_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    @property
+    def num_entities(self) -> int:
+        return int(self.entity_ids.shape[0])
+
+    @property
+    def has_graph(self) -> bool:
+        return self.graph is not None
+
+    @property
+    def kind(self) -> str:
+        return str(self.manifest.get("kind", "deep"))
+
+    def row_of(self, entity_id: str) -> int | None:
+        """External entity id -> row, or None when the id is not in the catalogue."""
+        index = self._row_index.get("ids")
+        if index is None:
+            with self._lock:
+                index = self._row_index.get("ids")
+                if index is None:
+                    index = {str(e): i for i, e in enumerate(self.entity_ids.tolist())}
+                    self._row_index["ids"] = index
+        return index.get(entity_id)
+
+
+def _load_npy(path: Path, rel: str) -> np.ndarray:
+    if not path.is_file():
+        raise BundleError(f"{path.parent.parent if rel.count('/') else path.parent}: {rel} missing")
+    try:
+        return np.load(path, mmap_mode="r", allow_pickle=False)
+    except ValueError as exc:
+        raise BundleError(f"{path}: cannot load ({exc})") from None
+
+
+def _load_graph(root: Path, manifest: dict[str, Any], num_entities: int) -> HnswGraph:
+    """Read the per-layer CSR arrays of `unimatch index build` (format doc, section graph/)."""
+    layers = int(manifest["graph"].get("layers", 4))
+    levels = _load_npy(root / "graph/levels.npy", "graph/levels.npy")
+    entry = _load_npy(root / "graph/entry_points.npy", "graph/entry_points.npy")
+    offsets, neighbors = [], []
+    for lev in range(layers):
+        off = _load_npy(root / f"graph/layer{lev}_offsets.npy", f"graph/layer{lev}_offsets.npy")
+        nb = _load_npy(root / f"graph/layer{lev}_neighbors.npy", f"graph/layer{lev}_neighbors.npy")
+        if off.shape != (num_entities + 1,) or int(off[-1]) != nb.shape[0]:
+            raise BundleError(f"{root}: graph/layer{lev} CSR arrays do not match {num_entities} entities")
+        offsets.append(off)
+        neighbors.append(nb)
+    if levels.shape != (num_entities,):
+        raise BundleError(f"{root}: graph/levels.npy has shape {levels.shape}, expected ({num_entities},)")
+    if entry.size == 0 or entry.min() < 0 or entry.max() >= num_entities:
+        raise BundleError(f"{root}: graph/entry_points.npy is empty or out of range")
+    return HnswGraph(levels=levels, offsets=tuple(offsets), neighbors=tuple(neighbors), entry_points=entry)
+
+
+def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
+    """Open and validate the bundle at ``path``; raises ``BundleError`` with a one-line reason."""
+    root = Path(path)
+    if not root.is_dir():
+        raise BundleError(f"{root}: not a bundle directory (run `unimatch export`)")
+    for rel in REQUIRED_FILES:
+        if not (root / rel).is_file():
+            raise BundleError(f"{root}: {rel} missing")
+    try:
+        manifest = json.loads((root / "manifest.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise BundleError(f"{root}/manifest.json: invalid JSON ({exc})") from None
+    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
+        raise BundleError(f"{root}: bundle format_version {manifest.get('format_version')} is not {BUNDLE_FORMAT_VERSION}")
+    try:
+        schema = FeatureSchema.load(root / "schema.json")
+    except SchemaError as exc:
+        raise BundleError(str(exc)) from None
+    if manifest.get("schema_fingerprint") != schema.fingerprint():
+        raise BundleError(f"{root}: schema.json does not match the schema the bundle was exported with")
+    if list(manifest.get("domains", schema.domains)) != list(schema.domains):
+        raise BundleError(f"{root}: manifest domains {manifest.get('domains')} differ from schema.json")
+    listed: dict[str, Any] = dict(manifest.get("files", {}))
+    if "graph" in manifest:
+        listed.update(manifest["graph"].get("files", {}))
+    if verify_checksums:
+        for rel, meta in listed.items():
+            p = root / rel
+            if not p.is_file():
+                raise BundleError(f"{root}: {rel} missing (listed in manifest.json)")
+            if meta.get("sha256") and _sha256(p) != meta["sha256"]:
+                raise BundleError(f"{root}: {rel} checksum mismatch (file changed or corrupted)")
+    ids = _load_npy(root / "entities/external_id.npy", "entities/external_id.npy")
+    etype = _load_npy(root / "entities/entity_type.npy", "entities/entity_type.npy")
+    dmask = _load_npy(root / "entities/domain_mask.npy", "entities/domain_mask.npy")
+    n = int(ids.shape[0])
+    if manifest.get("num_entities", n) != n:
+        raise BundleError(f"{root}: manifest says {manifest.get('num_entities')} entities, external_id.npy has {n}")
+    if etype.shape != (n,) or etype.dtype != np.int16:
+        raise BundleError(f"{root}: entities/entity_type.npy must be ({n},) int16, got {etype.shape} {etype.dtype}")
+    if dmask.shape != (n,) or dmask.dtype != np.uint64:
+        raise BundleError(f"{root}: entities/domain_mask.npy must be ({n},) uint64, got {dmask.shape} {dmask.dtype}")
+    tensors: dict[str, np.ndarray] = {}
+    for name, meta in manifest.get("entity_tensors", {}).items():
+        rel = meta.get("file", f"entities/{name}.npy")
+        arr = _load_npy(root / rel, rel)
+        if arr.shape[0] != n or list(arr.shape) != list(meta.get("shape", arr.shape)):
+            raise BundleError(f"{root}: {rel} has shape {arr.shape}, manifest says {meta.get('shape')}")
+        tensors[name] = arr
+    vectors = None
+    vs = manifest.get("vector_space")
+    if vs:
+        vectors = _load_npy(root / vs["file"], vs["file"])
+        if vectors.shape[0] != n:
+            raise BundleError(f"{root}: {vs['file']} has {vectors.shape[0]} rows, expected {n}")
+    graph = _load_graph(root, manifest, n) if "graph" in manifest else None
+    return Bundle(
+        path=root,
+        manifest=manifest,
+        schema=schema,
+        version=str(manifest.get("bundle_version", "unknown")),
+        entity_ids=ids,
+        entity_type=etype,
+        domain_mask=dmask,
+        entity_tensors=tensors,
+        vectors=vectors,
+        graph=graph,
+    )

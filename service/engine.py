@@ -1,0 +1,331 @@
+"""The retrieval engine: one user, one domain, k -> the top-k entities of the deep model (paper IV-B).
+
+``MatchEngine`` ties the pieces together for the service and the benchmark: the bundle
+(``service.bundle``), the onnxruntime scorer (``service.scorer``: user encoder once per request, pair
+scorer once per expansion step) and NANN's beam search over the 4-layer HNSW graph
+(``service.search``). Small eligible catalogues are scored exhaustively instead (cheaper than a search
+that would visit most of them anyway, and exact), chosen per request by ``exhaustive_threshold``.
+
+``match`` is thread-safe: the sessions are shared (``InferenceSession.run`` is thread-safe and releases
+the GIL) and each worker thread keeps its own generation-stamped visited set. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from model.data.schema import FeatureSchema
+from service.bundle import Bundle
+from service.scorer import HostGatherScorer, UserContext, make_scorer
+from service.search import VisitedSet, best_first, search
+
+log = logging.getLogger("unimatch.engine")
+
+MODES = ("graph", "exhaustive")
+
+
+class SearchError(ValueError):
+    """A match request the engine cannot answer: bad k, unknown domain, bad filters or features."""
+
+
+@dataclass(frozen=True)
+class UserFeatures:
+    """One user's online features, encoded as the dataset stores them (docs/bundle-format.md)."""
+
+    cat: np.ndarray  # (Cu,) int64 categorical codes (0 = unknown)
+    num: np.ndarray  # (Cn,) float32
+    seq: np.ndarray  # (L,) int64 entity rows, most recent last, left-padded with -1
+
+    @classmethod
+    def cold_start(cls, schema: FeatureSchema) -> UserFeatures:
+        """A user with no profile and no history: the schema's declared defaults, an empty sequence."""
+        return cls(
+            cat=np.array([c.default for c in schema.user_categorical], dtype=np.int64),
+            num=np.array([c.default for c in schema.user_numeric], dtype=np.float32),
+            seq=np.full(schema.max_seq_len, -1, dtype=np.int64),
+        )
+
+
+@dataclass(frozen=True)
+class SearchParams:
+    """Per-layer beam-search parameters, top layer first (a 4-layer graph takes 4 values each).
+
+    Defaults extend NANN's 3-layer setting (ef {100, 200, 400}, T {1, 1, 3}) with a small top layer
+    that is scored whole as the entry set; see docs/search-benchmark.md for the measured sweep.
+    """
+
+    ef: tuple[int, ...] = (64, 100, 200, 400)
+    steps: tuple[int, ...] = (1, 1, 1, 3)
+    # Results kept from each layer for the final merge; the bottom layer always keeps at least k.
+    top_n: tuple[int, ...] = (0, 0, 200, 200)
+    # An eligible catalogue (domain and type filter) this small is scored whole: a search would visit
+    # a large share of it anyway, and exhaustive scoring is exact.
+    exhaustive_threshold: int = 4096
+
+    def __post_init__(self) -> None:
+        if not (len(self.ef) == len(self.steps) == len(self.top_n)) or not self.ef:
+            raise SearchError(f"ef, steps and top_n need one value per layer, got {self.ef}, {self.steps}, {self.top_n}")
+        if min(self.ef) < 1 or min(self.steps) < 0 or min(self.top_n) < 0 or self.exhaustive_threshold < 0:
+            raise SearchError("ef must be >= 1, steps, top_n and exhaustive_threshold >= 0")
+
+    def for_k(self, k: int) -> SearchParams:
+        """A beam narrower than k cannot hold k results: the bottom layer's ef and top-n are at least k."""
+        return SearchParams(
+            ef=(*self.ef[:-1], max(self.ef[-1], k)),
+            steps=self.steps,
+            top_n=(*self.top_n[:-1], max(self.top_n[-1], k)),
+            exhaustive_threshold=self.exhaustive_threshold,
+        )
+
+
+@dataclass
+class MatchResult:
+    rows: np.ndarray  # (k',) int64 entity rows, best first (k' <= k when filters leave fewer)
+    scores: np.ndarray  # (k',) float32
+    mode: str  # "graph" | "exhaustive"
+    partial: bool  # the deadline stopped the search: best found so far
+    stats: dict[str, float] = field(default_factory=dict)
+
+
+class _TimedScore:
+    """Wraps the scorer for one request: counts pair evaluations and time inside onnxruntime calls."""
+
+    def __init__(self, scorer: HostGatherScorer, ctx: UserContext) -> None:
+        self.scorer, self.ctx = scorer, ctx
+        self.pairs = 0
+        self.calls = 0
+        self.seconds = 0.0
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        out = self.scorer.score(self.ctx, rows)
+        self.seconds += time.perf_counter() - t0
+        self.pairs += int(rows.size)
+        self.calls += 1
+        return out
+
+
+class MatchEngine:
+    """Top-k matching over one bundle; build once per process, call ``match`` from many threads."""
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        params: SearchParams | None = None,
+        intra_op_threads: int = 1,
+        providers: Sequence[str] | None = None,
+        fp16_tables: bool = False,
+    ) -> None:
+        self.bundle = bundle
+        self.params = params or SearchParams()
+        self.intra_op_threads = intra_op_threads
+        self.scorer = make_scorer(
+            bundle, providers=providers, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables
+        )
+        self.provider = self.scorer.provider
+        graph = bundle.graph
+        if graph is not None and graph.num_layers != len(self.params.ef):
+            raise SearchError(f"search params are for {len(self.params.ef)} layers, the graph has {graph.num_layers}")
+        if graph is None:
+            log.warning("bundle %s has no graph (run `unimatch index build`): every request is exhaustive", bundle.path)
+        self._local = threading.local()
+        self._num_domains = bundle.schema.num_domains
+        self._num_types = bundle.schema.num_entity_types
+        etype = np.asarray(bundle.entity_type, dtype=np.int64)
+        mask = np.asarray(bundle.domain_mask)
+        self._etype = etype
+        self._mask = mask
+        # Per domain: eligible rows (for exhaustive mode) and counts per entity type (mode choice, k check).
+        self._domain_rows: list[np.ndarray] = []
+        counts = np.zeros((self._num_domains, self._num_types), dtype=np.int64)
+        for d in range(self._num_domains):
+            rows = np.flatnonzero(mask & np.uint64(1 << d)).astype(np.int64)
+            self._domain_rows.append(rows)
+            counts[d] = np.bincount(etype[rows], minlength=self._num_types)[: self._num_types]
+        self._type_counts = counts
+
+    # ---- per-thread state --------------------------------------------------------------------------
+    def _visited(self) -> VisitedSet:
+        v = getattr(self._local, "visited", None)
+        if v is None:
+            v = VisitedSet(self.bundle.num_entities)
+            self._local.visited = v
+        return v
+
+    # ---- validation --------------------------------------------------------------------------------
+    def _check(
+        self, user: UserFeatures, domain: int, k: int, exclude_rows: np.ndarray | None, entity_types: Sequence[int] | None
+    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        schema = self.bundle.schema
+        if isinstance(domain, bool) or not isinstance(domain, int | np.integer) or not 0 <= domain < self._num_domains:
+            raise SearchError(f"unknown domain index {domain!r}; expected 0..{self._num_domains - 1} ({schema.domains})")
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k <= 0:
+            raise SearchError(f"k must be a positive integer, got {k!r}")
+        eligible = int(self._type_counts[domain].sum())
+        if k > eligible:
+            raise SearchError(f"k={k} exceeds the {eligible} entities eligible in domain {schema.domains[domain]!r}")
+        types = None
+        if entity_types is not None:
+            types = np.unique(np.asarray(list(entity_types), dtype=np.int64))
+            if types.size == 0 or types.min() < 0 or types.max() >= self._num_types:
+                raise SearchError(f"entity_types must be non-empty indices in 0..{self._num_types - 1}, got {list(entity_types)}")
+        excl = None
+        if exclude_rows is not None:
+            excl = np.asarray(exclude_rows)
+            if excl.ndim != 1 or (excl.size and (excl.dtype.kind not in "iu" or excl.min() < 0 or excl.max() >= self.bundle.num_entities)):
+                raise SearchError(f"exclude_rows must be a 1-d array of entity rows in 0..{self.bundle.num_entities - 1}")
+            excl = np.unique(excl.astype(np.int64)) if excl.size else None
+        cu, cn, L = len(schema.user_categorical), len(schema.user_numeric), schema.max_seq_len
+        if np.shape(user.cat) != (cu,) or np.shape(user.num) != (cn,) or np.shape(user.seq) != (L,):
+            raise SearchError(
+                f"user features must have shapes cat ({cu},), num ({cn},), seq ({L},); got "
+                f"{np.shape(user.cat)}, {np.shape(user.num)}, {np.shape(user.seq)}"
+            )
+        seq = np.asarray(user.seq)
+        if seq.size and (seq.min() < -1 or seq.max() >= self.bundle.num_entities):
+            raise SearchError(f"user sequence rows must be -1 (padding) or in 0..{self.bundle.num_entities - 1}")
+        return types, excl
+
+    def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
+        bit = np.uint64(1 << domain)
+        mask, etype = self._mask, self._etype
+
+        def keep(rows: np.ndarray) -> np.ndarray:
+            ok = (mask[rows] & bit) != 0
+            if types is not None:
+                ok &= np.isin(etype[rows], types)
+            if excl is not None:
+                ok &= ~np.isin(rows, excl, assume_unique=False)
+            return ok
+
+        return keep
+
+    # ---- the request -------------------------------------------------------------------------------
+    def match(
+        self,
+        user: UserFeatures,
+        domain: int,
+        k: int,
+        *,
+        exclude_rows: np.ndarray | None = None,
+        entity_types: Sequence[int] | None = None,
+        deadline: float | None = None,
+        mode: str | None = None,
+        params: SearchParams | None = None,
+    ) -> MatchResult:
+        """Top-``k`` entity rows of ``domain`` for ``user``, best first (score desc, then row asc).
+
+        ``exclude_rows`` and ``entity_types`` filter what is returned (the search still walks through
+        filtered nodes). ``deadline`` is an absolute ``time.monotonic()``: past it the search stops at the
+        next step and returns the best so far with ``partial=True``. ``mode`` forces "graph" or
+        "exhaustive" (benchmarks); by default it is chosen by ``params.exhaustive_threshold``.
+        """
+        t_start = time.perf_counter()
+        types, excl = self._check(user, domain, k, exclude_rows, entity_types)
+        p = (params or self.params).for_k(int(k))
+        if mode is not None and mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
+        eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
+        if mode is None:
+            mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
+        if mode == "graph" and self.bundle.graph is None:
+            raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
+        ctx = self.scorer.encode(user.cat, user.num, user.seq, int(domain))
+        t_enc = time.perf_counter()
+        scorer = _TimedScore(self.scorer, ctx)
+        stats: dict[str, float] = {}
+        if mode == "graph":
+            assert self.bundle.graph is not None  # checked above; narrows the type
+            out = search(
+                self.bundle.graph,
+                scorer,
+                k=int(k),
+                ef=p.ef,
+                steps=p.steps,
+                top_n=p.top_n,
+                visited=self._visited(),
+                keep=self._keep_fn(int(domain), types, excl),
+                deadline=deadline,
+            )
+            rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
+            for ls in out.layers:
+                stats[f"layer{ls.layer}_ms"] = ls.ms
+                stats[f"layer{ls.layer}_steps"] = float(ls.steps)
+        else:
+            rows, scores, partial, steps = self._exhaustive(scorer, int(domain), int(k), types, excl, deadline)
+        t_end = time.perf_counter()
+        stats.update(
+            pair_evaluations=float(scorer.pairs),
+            scorer_calls=float(scorer.calls),
+            steps=float(steps),
+            eligible=float(eligible),
+            user_encode_ms=(t_enc - t_start) * 1e3,
+            search_ms=(t_end - t_enc) * 1e3,
+            scorer_ms=scorer.seconds * 1e3,
+            total_ms=(t_end - t_start) * 1e3,
+        )
+        return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
+
+    def _exhaustive(
+        self,
+        scorer: _TimedScore,
+        domain: int,
+        k: int,
+        types: np.ndarray | None,
+        excl: np.ndarray | None,
+        deadline: float | None,
+    ) -> tuple[np.ndarray, np.ndarray, bool, int]:
+        """Score every eligible row in ``max_batch`` chunks; the reference the graph search is measured by."""
+        rows = self._domain_rows[domain]
+        if types is not None:
+            rows = rows[np.isin(self._etype[rows], types)]
+        if excl is not None:
+            rows = rows[~np.isin(rows, excl)]
+        chunk = self.scorer.max_batch
+        got_rows, got_scores, partial, calls = [], [], False, 0
+        for i in range(0, rows.size, chunk):
+            if deadline is not None and calls and time.monotonic() >= deadline:
+                partial = True
+                break
+            part = rows[i : i + chunk]
+            got_rows.append(part)
+            got_scores.append(scorer(part))
+            calls += 1
+        if not got_rows:
+            return np.empty(0, np.int64), np.empty(0, np.float32), partial, 0
+        top_rows, top_scores = best_first(np.concatenate(got_rows), np.concatenate(got_scores), k)
+        return top_rows, top_scores.astype(np.float32), partial, calls
+
+    # ---- operations --------------------------------------------------------------------------------
+    def warmup(self) -> None:
+        """One cold-start request per domain and mode: first-call allocations happen before traffic."""
+        user = UserFeatures.cold_start(self.bundle.schema)
+        for d in range(self._num_domains):
+            eligible = int(self._type_counts[d].sum())
+            if eligible == 0:
+                continue
+            k = min(10, eligible)
+            self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+
+    def info(self) -> dict:
+        g = self.bundle.graph
+        return {
+            "provider": self.provider,
+            "intra_op_threads": self.intra_op_threads,
+            "scorer": type(self.scorer).__name__,
+            "search_params": asdict(self.params),
+            "graph": None
+            if g is None
+            else {"layers": g.num_layers, "nodes_per_layer": g.nodes_per_layer(), "entry_points": int(np.size(g.entry_points))},
+            "num_entities": self.bundle.num_entities,
+            "eligible_per_domain": {n: int(self._type_counts[d].sum()) for d, n in enumerate(self.bundle.schema.domains)},
+            "bundle_version": self.bundle.version,
+            "kind": self.bundle.kind,
+        }

@@ -1,0 +1,260 @@
+"""The model side of the retrieval engine: onnxruntime sessions for the user encoder and pair scorer.
+
+Paper section IV-B: the deep model itself scores every candidate the graph search reaches. The user
+encoder runs once per request; the pair scorer runs once per expansion step on the whole frontier
+(NANN: "score all of N with the model in ONE batch"). Two scorers share one interface:
+
+* ``HostGatherScorer`` (CPU, and any provider without device-resident tables): entity-side tensors are
+  gathered with numpy fancy indexing from the bundle's memory maps, then fed to ``pair_scorer.onnx``.
+* ``DeviceGatherScorer`` (CUDA; also runs on CPU for tests): the pair scorer is rewritten once at load so
+  that it takes ``rows`` (batch,) int64 and the whole entity tables as inputs and gathers inside the
+  graph. The tables are uploaded once as OrtValues (optionally float16, cast back to float32 right after
+  the gather: half the memory and gather bandwidth, the MLP stays float32) and bound with IOBinding, so
+  a step moves only the row indices to the device and the scores back.
+
+Session options are chosen for a serving process that runs many requests concurrently on a thread
+pool (see ``session_options``). This module imports onnxruntime and numpy (and onnx, lazily, only for
+the graph rewrite); never torch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.bundle import Bundle, BundleError
+
+log = logging.getLogger("unimatch.scorer")
+
+CPU = "CPUExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+
+
+def session_options(intra_op_threads: int) -> Any:
+    """onnxruntime session options for serving; every choice is deliberate.
+
+    * ``intra_op_num_threads``: the service parallelises across requests (one request per worker
+      thread, ``InferenceSession.run`` releases the GIL and is thread-safe), so the default is 1 thread
+      per call: no fork/join cost on small frontiers and no oversubscription. Raise it only for a
+      single-stream latency benchmark with spare cores.
+    * spinning off (``session.intra_op.allow_spinning = 0``): idle pool threads would otherwise busy-wait
+      after each call and steal the cores other requests need; with 1 thread there is no pool at all.
+    * ``inter_op_num_threads = 1`` and sequential execution: these graphs are chains; a parallel
+      executor only adds scheduling overhead.
+    * full graph optimisation (constant folding, GEMM/activation fusion) at load, once.
+    """
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = int(intra_op_threads)
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3  # warnings about unused initialisers are noise in serving logs
+    return so
+
+
+def choose_provider(requested: Sequence[str] | None) -> str:
+    """CUDA when requested (or not specified) and available, else CPU — with a log line, never silently."""
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    wanted = list(requested) if requested is not None else [CUDA, CPU]
+    unknown = [p for p in wanted if p not in (CUDA, CPU)]
+    if unknown or not wanted:
+        raise ValueError(f"unsupported onnxruntime providers {unknown or wanted}; use {CUDA!r} and/or {CPU!r}")
+    if CUDA in wanted:
+        if CUDA in available:
+            return CUDA
+        log.warning("onnxruntime CUDA provider not available (providers: %s); scoring on CPU", ", ".join(available))
+    return CPU
+
+
+@dataclass
+class UserContext:
+    """The user encoder's outputs for one request, ready to feed the pair scorer."""
+
+    domain: int
+    feeds: dict[str, np.ndarray]  # user outputs (leading dim 1) + "domain" (1,) int64
+    device_values: dict[str, Any] = field(default_factory=dict)  # OrtValues on the scorer's device
+
+
+class HostGatherScorer:
+    """Pair scorer with entity tensors gathered on the host from memory maps (the CPU path)."""
+
+    def __init__(
+        self, bundle: Bundle, *, provider: str = CPU, intra_op_threads: int = 1, max_batch: int = 16384
+    ) -> None:
+        import onnxruntime as ort
+
+        self.bundle = bundle
+        self.provider = provider
+        self.intra_op_threads = intra_op_threads
+        # Bounds activation memory per call; a frontier larger than this is split (exhaustive mode).
+        self.max_batch = int(max_batch)
+        providers = [provider] if provider == CPU else [provider, CPU]
+        so = session_options(intra_op_threads)
+        self.user_session = ort.InferenceSession(str(bundle.path / "user_encoder.onnx"), so, providers=providers)
+        self.pair_session = self._pair_session(ort, so, providers)
+        self.user_outputs = list(bundle.manifest.get("user_outputs", []))
+        got = [o.name for o in self.user_session.get_outputs()]
+        missing = [n for n in self.user_outputs if n not in got]
+        if missing:
+            raise BundleError(f"{bundle.path}: user_encoder.onnx lacks outputs {missing} named in manifest.user_outputs")
+        # Plain ndarray views of the memory maps: fancy indexing on np.memmap adds subclass overhead.
+        self.tables = {name: np.asarray(arr) for name, arr in bundle.entity_tensors.items()}
+        self._user_input_names = {i.name for i in self.user_session.get_inputs()}
+
+    def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
+        return ort.InferenceSession(str(self.bundle.path / "pair_scorer.onnx"), so, providers=providers)
+
+    def encode(self, cat: np.ndarray, num: np.ndarray, seq: np.ndarray, domain: int) -> UserContext:
+        """Run the user encoder once: (Cu,), (Cn,), (L,) -> the pair scorer's user inputs."""
+        dom = np.array([domain], dtype=np.int64)
+        feeds = {
+            "user_cat": np.asarray(cat, dtype=np.int64).reshape(1, -1),
+            "user_num": np.asarray(num, dtype=np.float32).reshape(1, -1),
+            "seq": np.asarray(seq, dtype=np.int64).reshape(1, -1),
+            "domain": dom,
+        }
+        feeds = {k: v for k, v in feeds.items() if k in self._user_input_names}
+        outs = self.user_session.run(self.user_outputs, feeds)
+        ctx = {name: np.ascontiguousarray(o) for name, o in zip(self.user_outputs, outs, strict=True)}
+        ctx["domain"] = dom
+        return UserContext(domain=domain, feeds=ctx)
+
+    def score(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
+        """(n,) int64 rows -> (n,) float32 scores; one onnxruntime call per ``max_batch`` rows."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size <= self.max_batch:
+            return self._score_batch(ctx, rows)
+        return np.concatenate(
+            [self._score_batch(ctx, rows[i : i + self.max_batch]) for i in range(0, rows.size, self.max_batch)]
+        )
+
+    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
+        feeds = dict(ctx.feeds)
+        for name, table in self.tables.items():
+            feeds[name] = table[rows]
+        (out,) = self.pair_session.run(["score"], feeds)
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+
+def gather_inside_graph(model_path: str, tensor_names: Sequence[str], *, fp16_tables: bool = False) -> bytes:
+    """Rewrite ``pair_scorer.onnx`` to take ``rows`` (batch,) and whole entity tables ``<name>__table``.
+
+    Each entity-tensor input ``<name>`` becomes ``Gather(<name>__table, rows)`` (+ ``Cast`` to float32
+    when the tables are float16), so candidates are gathered where the tables live. Returns the
+    serialised model. Needs the ``onnx`` package (the GPU path only).
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    model = onnx.load(model_path)
+    g = model.graph
+    by_name = {i.name: i for i in g.input}
+    new_inputs = [helper.make_tensor_value_info("rows", TensorProto.INT64, ["batch"])]
+    new_nodes = []
+    for name in tensor_names:
+        if name not in by_name:
+            raise BundleError(f"{model_path}: pair scorer has no input {name!r} named in manifest.entity_tensors")
+        dims = [d.dim_param or d.dim_value for d in by_name[name].type.tensor_type.shape.dim]
+        elem = TensorProto.FLOAT16 if fp16_tables else TensorProto.FLOAT
+        new_inputs.append(helper.make_tensor_value_info(f"{name}__table", elem, ["num_entities", *dims[1:]]))
+        if fp16_tables:
+            new_nodes.append(helper.make_node("Gather", [f"{name}__table", "rows"], [f"{name}__h"], axis=0))
+            new_nodes.append(helper.make_node("Cast", [f"{name}__h"], [name], to=TensorProto.FLOAT))
+        else:
+            new_nodes.append(helper.make_node("Gather", [f"{name}__table", "rows"], [name], axis=0))
+    kept = [i for i in g.input if i.name not in set(tensor_names)]
+    del g.input[:]
+    g.input.extend(kept + new_inputs)
+    nodes = new_nodes + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    onnx.checker.check_model(model)
+    return model.SerializeToString()
+
+
+class DeviceGatherScorer(HostGatherScorer):
+    """Entity tables resident on the scorer's device, gathered inside the graph, bound with IOBinding.
+
+    The GPU path (``provider=CUDA``); with ``provider=CPU`` it is the same code on host memory, which
+    is how the unit tests check it against ``HostGatherScorer``.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        provider: str = CUDA,
+        intra_op_threads: int = 1,
+        max_batch: int = 65536,
+        fp16_tables: bool = False,
+        device_id: int = 0,
+    ) -> None:
+        self.fp16_tables = fp16_tables
+        self.device = "cuda" if provider == CUDA else "cpu"
+        self.device_id = device_id
+        super().__init__(bundle, provider=provider, intra_op_threads=intra_op_threads, max_batch=max_batch)
+        import onnxruntime as ort
+
+        dtype = np.float16 if fp16_tables else np.float32
+        # Uploaded once; every request binds the same device buffers.
+        self.device_tables = {
+            f"{name}__table": ort.OrtValue.ortvalue_from_numpy(
+                np.ascontiguousarray(table, dtype=dtype), self.device, device_id
+            )
+            for name, table in self.tables.items()
+        }
+
+    def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
+        blob = gather_inside_graph(
+            str(self.bundle.path / "pair_scorer.onnx"), list(self.bundle.entity_tensors), fp16_tables=self.fp16_tables
+        )
+        return ort.InferenceSession(blob, so, providers=providers)
+
+    def encode(self, cat: np.ndarray, num: np.ndarray, seq: np.ndarray, domain: int) -> UserContext:
+        import onnxruntime as ort
+
+        ctx = super().encode(cat, num, seq, domain)
+        # The user outputs go to the device once per request, not once per expansion step.
+        ctx.device_values = {
+            n: ort.OrtValue.ortvalue_from_numpy(a, self.device, self.device_id) for n, a in ctx.feeds.items()
+        }
+        return ctx
+
+    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
+        io = self.pair_session.io_binding()
+        for name, value in self.device_tables.items():
+            io.bind_ortvalue_input(name, value)
+        for name, value in ctx.device_values.items():
+            io.bind_ortvalue_input(name, value)
+        io.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
+        io.bind_output("score", self.device, self.device_id)
+        self.pair_session.run_with_iobinding(io)
+        return np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32).reshape(-1)
+
+
+def make_scorer(
+    bundle: Bundle,
+    *,
+    providers: Sequence[str] | None = None,
+    intra_op_threads: int = 1,
+    fp16_tables: bool = False,
+) -> HostGatherScorer:
+    """The scorer for this machine: device-resident gather on CUDA, host gather on CPU."""
+    provider = choose_provider(providers)
+    if provider == CUDA:
+        try:
+            return DeviceGatherScorer(bundle, provider=CUDA, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables)
+        except ImportError as exc:  # the graph rewrite needs `onnx`
+            log.warning("CUDA scorer needs the onnx package (%s); gathering on the host instead", exc)
+        return HostGatherScorer(bundle, provider=CUDA, intra_op_threads=intra_op_threads)
+    return HostGatherScorer(bundle, provider=CPU, intra_op_threads=intra_op_threads)

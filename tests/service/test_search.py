@@ -1,0 +1,175 @@
+"""The pure beam search (service.search): exactness at full width, recall vs brute force, invariants."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.bundle import load_bundle
+from service.search import HnswGraph, VisitedSet, best_first, entry, expand, merge, search
+from tests.fixtures.fake_bundle import make_fake_bundle
+
+E = 1500
+
+
+@pytest.fixture(scope="module")
+def graph_and_vectors(tmp_path_factory: pytest.TempPathFactory) -> tuple[HnswGraph, np.ndarray]:
+    b = load_bundle(make_fake_bundle(tmp_path_factory.mktemp("s") / "b", num_entities=E, dim=16, seed=3))
+    assert b.graph is not None and b.vectors is not None
+    return b.graph, np.asarray(b.vectors)
+
+
+class RecordingScore:
+    """A model-free scorer (inner product with a query vector) that records every row it scores."""
+
+    def __init__(self, vectors: np.ndarray, query: np.ndarray) -> None:
+        self.vectors, self.query = vectors, query
+        self.calls: list[np.ndarray] = []
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.calls.append(rows.copy())
+        return (self.vectors[rows] @ self.query).astype(np.float32)
+
+    @property
+    def scored(self) -> np.ndarray:
+        return np.concatenate(self.calls) if self.calls else np.empty(0, np.int64)
+
+
+def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    s = (vectors @ query).astype(np.float32)
+    return best_first(np.arange(len(s), dtype=np.int64), s, k)
+
+
+def run(graph: HnswGraph, score, k: int, *, ef=(16, 32, 64, 128), steps=(1, 1, 1, 3), top_n=(0, 0, 50, 50), **kw):
+    return search(graph, score, k=k, ef=ef, steps=steps, top_n=top_n, visited=VisitedSet(graph.num_nodes), **kw)
+
+
+def test_full_width_search_is_exact(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(0).normal(size=vec.shape[1]).astype(np.float32)
+    out = run(graph, RecordingScore(vec, q), 40, ef=(E,) * 4, steps=(50,) * 4, top_n=(E,) * 4)
+    rows, scores = brute_force(vec, q, 40)
+    np.testing.assert_array_equal(out.rows, rows)
+    np.testing.assert_allclose(out.scores, scores, rtol=1e-6)
+    assert not out.partial
+
+
+def test_recall_against_brute_force_at_default_width(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    rng = np.random.default_rng(1)
+    covs, scored = [], []
+    for _ in range(20):
+        q = rng.normal(size=vec.shape[1]).astype(np.float32)
+        s = RecordingScore(vec, q)
+        out = run(graph, s, 20)
+        covs.append(len(set(out.rows.tolist()) & set(brute_force(vec, q, 20)[0].tolist())) / 20)
+        scored.append(s.scored.size)
+    assert np.mean(covs) >= 0.9, np.mean(covs)
+    assert np.mean(scored) < 0.6 * E  # and it did not simply score everything
+
+
+def test_never_rescores_a_node(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    s = RecordingScore(vec, np.ones(vec.shape[1], np.float32))
+    out = run(graph, s, 30, ef=(64, 128, 256, 512), steps=(3, 3, 3, 6))
+    assert s.scored.size == np.unique(s.scored).size
+    assert out.steps > 4
+    # a second request on the same VisitedSet starts clean
+    vis = VisitedSet(graph.num_nodes)
+    s1, s2 = RecordingScore(vec, np.ones(16, np.float32)), RecordingScore(vec, np.ones(16, np.float32))
+    a = search(graph, s1, k=10, ef=(8, 8, 16, 32), steps=(1, 1, 1, 2), top_n=(0, 0, 0, 10), visited=vis)
+    b = search(graph, s2, k=10, ef=(8, 8, 16, 32), steps=(1, 1, 1, 2), top_n=(0, 0, 0, 10), visited=vis)
+    assert s1.scored.size == s2.scored.size
+    np.testing.assert_array_equal(a.rows, b.rows)
+
+
+def test_deterministic(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(7).normal(size=16).astype(np.float32)
+    a, b = run(graph, RecordingScore(vec, q), 25), run(graph, RecordingScore(vec, q), 25)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.scores, b.scores)
+
+
+def test_ordering_and_merge_invariants(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(2).normal(size=16).astype(np.float32)
+    s = RecordingScore(vec, q)
+    out = run(graph, s, 50, top_n=(5, 5, 20, 50))
+    assert len(out.rows) == 50 and np.unique(out.rows).size == 50
+    assert np.all(np.diff(out.scores) <= 0)  # best first
+    # every returned row was scored, and nothing scored but not returned beats the k-th result
+    scored = np.unique(s.scored)
+    assert np.isin(out.rows, scored).all()
+    all_scores = (vec[scored] @ q).astype(np.float32)
+    assert np.sum(all_scores > out.scores[-1]) <= 50
+
+
+def test_keep_filters_results_not_navigation(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(4).normal(size=16).astype(np.float32)
+    even = run(graph, RecordingScore(vec, q), 20, keep=lambda r: r % 2 == 0)
+    assert np.all(even.rows % 2 == 0) and len(even.rows) == 20
+
+
+def test_deadline_returns_partial(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    ticks = iter(range(10_000))
+    out = run(graph, RecordingScore(vec, np.ones(16, np.float32)), 10, deadline=2.5, clock=lambda: float(next(ticks)))
+    assert out.partial and len(out.layers) < graph.num_layers
+    assert np.all(np.diff(out.scores) <= 0)
+
+
+def test_best_first_ties_break_by_row() -> None:
+    rows = np.array([9, 3, 7, 1, 5], dtype=np.int64)
+    scores = np.array([1.0, 2.0, 2.0, 0.5, 2.0], dtype=np.float32)
+    r, s = best_first(rows, scores, 2)
+    np.testing.assert_array_equal(r, [3, 5])
+    r, s = best_first(rows, scores, 10)
+    np.testing.assert_array_equal(r, [3, 5, 7, 9, 1])
+
+
+def test_merge_deduplicates_across_layers() -> None:
+    a = (np.array([4, 2]), np.array([0.9, 0.5], np.float32))
+    b = (np.array([2, 8, 1]), np.array([0.5, 0.7, 0.1], np.float32))
+    rows, scores = merge([a, b], 3)
+    np.testing.assert_array_equal(rows, [4, 8, 2])
+    np.testing.assert_allclose(scores, [0.9, 0.7, 0.5])
+
+
+def test_expand_matches_a_python_loop(graph_and_vectors) -> None:
+    graph, _ = graph_and_vectors
+    frontier = np.array([5, 17, 5, 1000], dtype=np.int64)
+    off, nb = graph.offsets[0], graph.neighbors[0]
+    expected = np.concatenate([nb[off[i] : off[i + 1]] for i in frontier])
+    np.testing.assert_array_equal(expand(graph, 0, frontier), expected)
+    assert expand(graph, 3, np.array([0], np.int64)).size == graph.offsets[3][1] - graph.offsets[3][0]
+
+
+def test_visited_unseen_deduplicates_in_first_occurrence_order() -> None:
+    v = VisitedSet(20)
+    v.new_request()
+    np.testing.assert_array_equal(v.unseen(np.array([5, 3, 5, 9, 3])), [5, 3, 9])
+    np.testing.assert_array_equal(v.unseen(np.array([9, 1, 5])), [1])
+    v.new_layer()
+    np.testing.assert_array_equal(v.unseen(np.array([9, 1])), [9, 1])
+
+
+def test_entry_scores_small_top_layer_whole(graph_and_vectors) -> None:
+    graph, _ = graph_and_vectors
+    top = graph.layer_nodes(3)
+    np.testing.assert_array_equal(entry(graph, whole_top_layer_up_to=10_000), top)
+    np.testing.assert_array_equal(entry(graph, whole_top_layer_up_to=0), np.unique(graph.entry_points))
+
+
+def test_rejects_wrong_number_of_layers(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    with pytest.raises(ValueError, match="one value per layer"):
+        search(graph, RecordingScore(vec, vec[0]), k=5, ef=(10,), steps=(1,), top_n=(5,), visited=VisitedSet(E))
+
+
+def test_graph_dataclass_roundtrip(tmp_path: Path) -> None:
+    b = load_bundle(make_fake_bundle(tmp_path / "b", num_entities=50, dim=4))
+    assert b.graph is not None and b.graph.num_nodes == 50 and b.graph.num_layers == 4
