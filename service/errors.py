@@ -149,7 +149,8 @@ class EdgeMiddleware:
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
                     if received > self.max_body_bytes:
-                        raise _BodyTooLarge
+                        # An HTTPException: FastAPI re-raises it from body parsing (other errors become 400).
+                        raise _BodyTooLarge(self.max_body_bytes)
                 return message
 
             try:
@@ -166,8 +167,9 @@ class EdgeMiddleware:
         await response({"type": "http"}, _empty_receive, send)
 
 
-class _BodyTooLarge(Exception):
-    pass
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body over {limit} bytes (UNIMATCH_MAX_BODY_BYTES)")
 
 
 async def _empty_receive() -> dict[str, Any]:
