@@ -222,6 +222,8 @@ class _Table:
         self.path = path
         suffix = path.suffix.lower()
         self.is_csv = suffix in {".csv", ".tsv", ".txt"}
+        if not self.is_csv and suffix not in {".parquet", ".pq"}:
+            raise DatasetError(f"{path}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
         if not path.is_file():
             raise DatasetError(f"{path}: file not found")
         if path.stat().st_size == 0:
@@ -236,10 +238,8 @@ class _Table:
                         column_types={c: pa.string() for c in string_columns}, strings_can_be_null=True
                     ),
                 )
-            elif suffix in {".parquet", ".pq"}:
-                self.table = pq.read_table(path)
             else:
-                raise DatasetError(f"{path}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
+                self.table = pq.read_table(path)
         except pa.ArrowInvalid as exc:
             raise DatasetError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
         if self.table.num_rows == 0:
