@@ -90,24 +90,15 @@ def _load_npy(path: Path, rel: str) -> np.ndarray:
         raise BundleError(f"{path}: cannot load ({exc})") from None
 
 
-def _load_graph(root: Path, manifest: dict[str, Any], num_entities: int) -> HnswGraph:
-    """Read the per-layer CSR arrays of `unimatch index build` (format doc, section graph/)."""
-    layers = int(manifest["graph"].get("layers", 4))
-    levels = _load_npy(root / "graph/levels.npy", "graph/levels.npy")
-    entry = _load_npy(root / "graph/entry_points.npy", "graph/entry_points.npy")
-    offsets, neighbors = [], []
-    for lev in range(layers):
-        off = _load_npy(root / f"graph/layer{lev}_offsets.npy", f"graph/layer{lev}_offsets.npy")
-        nb = _load_npy(root / f"graph/layer{lev}_neighbors.npy", f"graph/layer{lev}_neighbors.npy")
-        if off.shape != (num_entities + 1,) or int(off[-1]) != nb.shape[0]:
-            raise BundleError(f"{root}: graph/layer{lev} CSR arrays do not match {num_entities} entities")
-        offsets.append(off)
-        neighbors.append(nb)
-    if levels.shape != (num_entities,):
-        raise BundleError(f"{root}: graph/levels.npy has shape {levels.shape}, expected ({num_entities},)")
-    if entry.size == 0 or entry.min() < 0 or entry.max() >= num_entities:
-        raise BundleError(f"{root}: graph/entry_points.npy is empty or out of range")
-    return HnswGraph(levels=levels, offsets=tuple(offsets), neighbors=tuple(neighbors), entry_points=entry)
+def _load_graph(root: Path) -> HnswGraph:
+    """Memory-map the per-layer CSR arrays through the index builder's own (numpy-only) reader."""
+    from index_builder.graph import GraphFormatError, load_graph
+
+    try:
+        g = load_graph(root)  # checksums were verified above, with every other file
+    except GraphFormatError as exc:
+        raise BundleError(str(exc)) from None
+    return HnswGraph(levels=g.levels, offsets=g.offsets, neighbors=g.neighbors, entry_points=g.entry_points)
 
 
 def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
@@ -165,7 +156,7 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
         vectors = _load_npy(root / vs["file"], vs["file"])
         if vectors.shape[0] != n:
             raise BundleError(f"{root}: {vs['file']} has {vectors.shape[0]} rows, expected {n}")
-    graph = _load_graph(root, manifest, n) if "graph" in manifest else None
+    graph = _load_graph(root) if "graph" in manifest else None
     return Bundle(
         path=root,
         manifest=manifest,

@@ -77,7 +77,7 @@ def test_missing_file(bundle_dir: Path, tmp_path: Path) -> None:
 def test_missing_graph_array(bundle_dir: Path, tmp_path: Path) -> None:
     d = _copy(bundle_dir, tmp_path / "b")
     (d / "graph/layer2_neighbors.npy").unlink()
-    with pytest.raises(BundleError, match="layer2_neighbors.npy missing"):
+    with pytest.raises(BundleError, match="layer2_neighbors.npy: missing"):
         load_bundle(d, verify_checksums=False)
 
 
