@@ -43,20 +43,26 @@ def describe_dataset(root: Path) -> dict[str, Any]:
     # distinct users and entities per domain: count distinct (domain, id) pairs
     dom_users = np.bincount(np.unique(domain * n_users + user) // n_users, minlength=K)
     dom_ent_seen = np.bincount(np.unique(domain * n_ent + entity) // n_ent, minlength=K)
+    # distinct (user, entity) pairs, overall and per domain: repeats do not fill more cells
+    pair = user.astype(np.int64) * n_ent + entity
+    n_pairs = int(np.unique(pair).size)
+    dom_pairs = np.bincount(np.unique(domain * (n_users * n_ent) + pair) // (n_users * n_ent), minlength=K)
     mask = np.asarray(ents.domain_mask)
     domains: dict[str, Any] = {}
     for k, name in enumerate(s.domains):
         eligible = int(ents.in_domain(k).sum()) if mask.size else 0
         total = int(by_dom_split[k].sum())
         cells = int(dom_users[k]) * eligible
+        pairs = int(dom_pairs[k])
         domains[name] = {
             "interactions": {SPLIT_NAMES[j]: int(by_dom_split[k, j]) for j in (TRAIN, VALID, TEST)},
             "interactions_total": total,
             "users": int(dom_users[k]),
             "eligible_entities": eligible,
             "entities_interacted": int(dom_ent_seen[k]),
-            # share of (user, eligible entity) cells with no interaction in this domain
-            "sparsity": (1.0 - total / cells) if cells else 1.0,
+            "distinct_user_entity_pairs": pairs,
+            # share of (active user, eligible entity) cells with no interaction in this domain
+            "sparsity": (1.0 - pairs / cells) if cells else 1.0,
         }
 
     inter_type = etype[entity]
@@ -128,7 +134,7 @@ def describe_dataset(root: Path) -> dict[str, Any]:
             "interactions_by_split": {SPLIT_NAMES[j]: int((split == j).sum()) for j in (TRAIN, VALID, TEST)},
         },
         # share of (user, entity) cells with no interaction, over the whole catalogue
-        "sparsity": 1.0 - n_int / (n_users * n_ent),
+        "sparsity": 1.0 - n_pairs / (n_users * n_ent),
         "domains": domains,
         "entity_types": types,
         "sequence_lengths": {
