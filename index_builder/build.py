@@ -85,7 +85,11 @@ def build_graph(
         vectors = np.asarray(vectors, dtype=np.float32)
     n = vectors.shape[0]
     timings: dict[str, float] = {}
-    work = Path(tempfile.mkdtemp(prefix="hnsw-")) if scratch is None else Path(tempfile.mkdtemp(dir=scratch))
+    work = (
+        Path(tempfile.mkdtemp(prefix="hnsw-"))
+        if scratch is None
+        else Path(tempfile.mkdtemp(prefix=".hnsw-build-", dir=scratch))
+    )
     try:
         mult = level_multiplier(n, cfg.M, cfg.layers, cfg.top_layer_min)
         index: Any = None

@@ -22,9 +22,9 @@ class IndexConfig:
     # Out-degree bound of the upper layers; layer 0 gets 2*M (the HNSW paper's M0 = 2M). 16 is the
     # paper's recommended value for low/medium intrinsic dimension and keeps 1M x 64 under 5 minutes here.
     M: int = 16
-    # Candidate list size during insertion. 200 gives L2 recall@100 ~0.99 at ef=200 on clustered 64-d
-    # vectors (docs/index-benchmark.md); 100 builds ~1.6x faster for ~1-3 points of recall.
-    ef_construction: int = 200
+    # Candidate list size during insertion. 100 is what keeps 1M x 64 near the 5-minute target on 2 cores
+    # (docs/index-benchmark.md); larger values build proportionally slower for a little more recall.
+    ef_construction: int = 100
     # Insertion threads; 0 = all cores. Builds with more than one thread are not byte-reproducible
     # (the order in which threads insert nodes varies), so 1 is the default: same seed -> same graph.
     threads: int = 1

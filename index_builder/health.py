@@ -151,25 +151,30 @@ def structure_report(graph: Graph, reachable: list[np.ndarray]) -> dict[str, Any
     }
 
 
+def sample_queries(vectors: np.ndarray, count: int, seed: int) -> np.ndarray:
+    """``count`` entity vectors sampled without replacement (seeded), plus Gaussian noise of 0.1x the
+    per-dimension standard deviation so that a query is not itself a node."""
+    n = vectors.shape[0]
+    rng = np.random.default_rng(seed + 1)
+    rows = np.sort(rng.choice(n, size=min(count, n), replace=False))
+    sample = np.asarray(vectors[rows], dtype=np.float32)
+    std = np.asarray(vectors[np.sort(rng.choice(n, size=min(n, 10_000), replace=False))], np.float32).std(0)
+    return (sample + 0.1 * std * rng.standard_normal(sample.shape)).astype(np.float32)
+
+
 def recall_report(
     graph: Graph, vectors: np.ndarray, *, queries: int, k: int, ef: int, seed: int, library_index: Any = None
 ) -> dict[str, Any]:
     """L2 recall@k of the extracted-graph search (and the library's knn_query) vs brute force.
 
-    Queries are ``queries`` entity vectors sampled without replacement (seeded), each plus Gaussian noise
-    of 0.1x the per-dimension standard deviation so that a query is not itself a node. The exact top-k
-    is computed over the whole catalogue.
+    Queries come from :func:`sample_queries`; the exact top-k is computed over the whole catalogue.
     """
     n = graph.num_nodes
     k = min(k, n)
     nq = min(queries, n)
     if nq == 0:
         return {"queries": 0, "k": k, "ef": ef}
-    rng = np.random.default_rng(seed + 1)
-    rows = np.sort(rng.choice(n, size=nq, replace=False))
-    sample = np.asarray(vectors[rows], dtype=np.float32)
-    std = np.asarray(vectors[np.sort(rng.choice(n, size=min(n, 10_000), replace=False))], np.float32).std(0)
-    q = (sample + 0.1 * std * rng.standard_normal(sample.shape)).astype(np.float32)
+    q = sample_queries(vectors, nq, seed)
     truth = brute_force_knn(vectors, q, k)
     found = np.stack([hnsw_search(graph, vectors, qi, k, ef) for qi in q])
     out: dict[str, Any] = {"queries": nq, "k": k, "ef": ef, "l2_recall": recall(found, truth)}

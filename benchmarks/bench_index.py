@@ -1,0 +1,294 @@
+"""Index build benchmark: build time, peak memory, on-disk size and L2 recall@100 of the 4-layer graph.
+
+Issue 4's scale targets (paper section IV-B builds a 4-layer HNSW over L2): 1M entities x 64 dims within
+5 minutes and 3 GB on 2 cores; 5.56M (the paper's largest entity type, Table II) within 1 hour and 16 GB.
+
+Each (size, library) runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own. The
+vectors are written once per size to ``--work`` and memory-mapped, as a bundle's are.
+
+* ``hnswlib``: the production path, ``index_builder.build.build_index`` on a minimal bundle: build with
+  patched mL, cap to 4 layers, parse the saved file, repair, health report (recall over the extracted
+  CSR arrays with a Python HNSW search), write the arrays and manifest.
+* ``faiss``: ``IndexHNSWFlat`` with the same M / efConstruction and preset levels (same mL, capped at 3),
+  recall from faiss's own search with efSearch = the same ef. A comparison column only.
+
+Vectors ("clustered-16"): max(16, N/1000) cluster centres (at most 1000) in a 16-d latent space, each point
+a centre plus N(0, 0.5^2) latent noise, mapped to 64-d by a fixed random linear map, plus N(0, 0.1^2)
+noise in 64-d: an intrinsic dimension ~16 like learned embeddings, harder than the unit tests' data.
+Queries: 200 catalogue vectors plus noise (index_builder.health.sample_queries), exact top-100 by brute force.
+
+Usage::
+
+    nice -n 10 .venv/bin/python benchmarks/bench_index.py --sizes 10k,100k,1m --faiss 10k,100k
+    # writes docs/index-benchmark.json and docs/index-benchmark.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000, "5.56m": 5_560_000, "10m": 10_000_000}
+
+
+def clustered_vectors(n: int, dim: int, seed: int = 0, chunk: int = 1 << 18) -> np.ndarray:
+    """The "clustered-16" vectors described in the module docstring, generated in chunks."""
+    rng = np.random.default_rng(seed)
+    latent = 16
+    clusters = int(min(1000, max(16, n // 1000)))
+    centres = rng.standard_normal((clusters, latent)).astype(np.float32)
+    proj = (rng.standard_normal((latent, dim)) / np.sqrt(latent)).astype(np.float32)
+    out = np.empty((n, dim), dtype=np.float32)
+    for a in range(0, n, chunk):
+        b = min(n, a + chunk)
+        z = centres[rng.integers(0, clusters, b - a)] + 0.5 * rng.standard_normal((b - a, latent), dtype=np.float32)
+        out[a:b] = z @ proj + 0.1 * rng.standard_normal((b - a, dim), dtype=np.float32)
+    return out
+
+
+def vectors_file(work: Path, n: int, dim: int) -> Path:
+    path = work / f"vectors-{n}x{dim}.npy"
+    if not path.exists():
+        tmp = path.with_suffix(".tmp.npy")
+        np.save(tmp, clustered_vectors(n, dim), allow_pickle=False)
+        os.replace(tmp, path)
+    return path
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+
+
+def dir_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def run_hnswlib(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    from index_builder.build import build_index
+    from index_builder.config import IndexConfig
+
+    vec_path = Path(args.vectors)
+    vectors = np.load(vec_path, mmap_mode="r")
+    n, dim = vectors.shape
+    bundle = Path(args.work) / f"bundle-{n}"
+    shutil.rmtree(bundle, ignore_errors=True)
+    (bundle / "entities").mkdir(parents=True)
+    os.link(vec_path, bundle / "entities/vectors.npy")  # same file, no copy
+    manifest = {"format_version": 1, "num_entities": n, "vector_space": {"file": "entities/vectors.npy", "dim": dim}}
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
+    cfg = IndexConfig(M=args.M, ef_construction=args.ef_construction, threads=args.threads, health_ef=args.ef)
+    t0 = time.perf_counter()
+    report = build_index(bundle=bundle, cfg=cfg)
+    total = time.perf_counter() - t0
+    out = {
+        "library": "hnswlib",
+        "n": n,
+        "dim": dim,
+        "build_s": round(total, 1),
+        "timings_s": report["timings_s"],
+        "peak_rss_bytes": peak_rss_bytes(),
+        "graph_bytes": dir_bytes(bundle / "graph"),
+        "layers": report["layers"],
+        "nodes_per_layer": report["nodes_per_layer"],
+        "edges_per_layer": report["edges_per_layer"],
+        "levels_before_capping": report["levels_before_capping"],
+        "unreachable_before_repair": report["repair"]["unreachable_before"],
+        "repair_edges": report["repair"]["edges_added"],
+        "all_reachable": report["all_reachable"],
+        "l2_recall_at_100": report["l2_recall"],
+        "library_l2_recall_at_100": report["library_l2_recall"],
+        "overlap_with_library": report["overlap_with_library"],
+    }
+    shutil.rmtree(bundle, ignore_errors=True)
+    return out
+
+
+def run_faiss(args: argparse.Namespace) -> dict[str, Any]:
+    sys.path.insert(0, str(REPO))
+    import faiss
+
+    from index_builder.health import brute_force_knn, recall, sample_queries
+    from index_builder.hnsw import level_multiplier
+
+    vectors = np.load(args.vectors, mmap_mode="r")
+    n, dim = vectors.shape
+    faiss.omp_set_num_threads(args.threads if args.threads > 0 else os.cpu_count() or 1)
+    t0 = time.perf_counter()
+    index = faiss.IndexHNSWFlat(dim, args.M)
+    index.hnsw.efConstruction = args.ef_construction
+    mult = level_multiplier(n, args.M, 4, 16)
+    rng = np.random.default_rng(0)
+    levels = np.minimum(np.floor(-np.log(rng.random(n)) * mult), 3).astype(np.int32)
+    levels[rng.integers(n)] = 3  # the top layer must not be empty
+    index.hnsw.levels.resize(0)
+    for value in (levels + 1).tolist():  # faiss stores level + 1
+        index.hnsw.levels.push_back(value)
+    for a in range(0, n, 1 << 18):
+        index.add(np.ascontiguousarray(vectors[a : a + (1 << 18)], dtype=np.float32))
+    build = time.perf_counter() - t0
+    assert index.hnsw.max_level == 3, index.hnsw.max_level
+    q = sample_queries(vectors, 200, 0)
+    truth = brute_force_knn(vectors, q, 100)
+    index.hnsw.efSearch = args.ef
+    _, found = index.search(q, 100)
+    tmp = Path(args.work) / f"faiss-{n}.index"
+    faiss.write_index(index, str(tmp))
+    size = tmp.stat().st_size
+    tmp.unlink()
+    return {
+        "library": "faiss",
+        "n": n,
+        "dim": dim,
+        "build_s": round(build, 1),
+        "peak_rss_bytes": peak_rss_bytes(),
+        "index_file_bytes": size,
+        "nodes_per_layer": [int((levels >= layer).sum()) for layer in range(4)],
+        "l2_recall_at_100": recall(found.astype(np.int64), truth),
+    }
+
+
+def child(args: argparse.Namespace) -> None:
+    result = run_hnswlib(args) if args.one == "hnswlib" else run_faiss(args)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def gib(x: float) -> str:
+    return f"{x / 2**30:.2f}"
+
+
+def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
+    lines = [
+        "# Index build benchmark",
+        "",
+        "Produced by `benchmarks/bench_index.py` (numbers below are measured, not edited). Command:",
+        "",
+        f"    {meta['command']}",
+        "",
+        f"Machine: {meta['machine']}. {meta['note']}",
+        f"Vectors: {meta['vectors']}. Params: M={meta['M']}, ef_construction={meta['ef_construction']}, "
+        f"threads={meta['threads']}, recall at ef={meta['ef']} over 200 queries vs brute force.",
+        "",
+        "| library | N x D | build (s) | peak RSS (GiB) | on disk (MiB) | nodes per layer (0..3) | levels before cap | "
+        "unreachable before repair (per layer) | repair edges | L2 recall@100 (extracted) | hnswlib knn_query recall@100 | overlap |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['library']} | {r['n']:,} x {meta['dim']} | failed: {r['error']} |||||||||| |")
+            continue
+        disk = r.get("graph_bytes", r.get("index_file_bytes", 0)) / 2**20
+        if r["library"] == "hnswlib":
+            lines.append(
+                f"| hnswlib (bundle arrays) | {r['n']:,} x {r['dim']} | {r['build_s']} | {gib(r['peak_rss_bytes'])} | "
+                f"{disk:.1f} | {r['nodes_per_layer']} | {r['levels_before_capping']} | "
+                f"{r['unreachable_before_repair']} | {r['repair_edges']} | {r['l2_recall_at_100']:.4f} | "
+                f"{r['library_l2_recall_at_100']:.4f} | {r['overlap_with_library']:.4f} |"
+            )
+        else:
+            lines.append(
+                f"| faiss IndexHNSWFlat (preset levels; index file incl. vectors) | {r['n']:,} x {r['dim']} | "
+                f"{r['build_s']} | {gib(r['peak_rss_bytes'])} | {disk:.1f} | {r['nodes_per_layer']} | 4 (preset) | "
+                f"- | - | {r['l2_recall_at_100']:.4f} (faiss search) | - | - |"
+            )
+    lines += [
+        "",
+        "Build (s) for hnswlib is the whole `build_index`: insertion, parsing the saved index file, capping, "
+        "repair, health report (brute force + Python search over the extracted arrays) and writing; the split is "
+        "in the JSON (`timings_s`). faiss's time is `add` only. On disk: the graph arrays (hnswlib row) without "
+        "the vectors, which the bundle already holds; faiss's file includes the vectors.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10k,100k,1m", help=f"comma list of {sorted(SIZES)}")
+    p.add_argument("--faiss", default="10k,100k", help="sizes that also get a faiss column ('' = none)")
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--M", dest="M", type=int, default=16)
+    p.add_argument("--ef-construction", type=int, default=100)
+    p.add_argument("--ef", type=int, default=100, help="search ef for the recall@100 check (>= 100)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--work", type=Path, default=Path("/tmp/bench-index"))
+    p.add_argument("--json", type=Path, default=REPO / "docs/index-benchmark.json")
+    p.add_argument("--md", type=Path, default=REPO / "docs/index-benchmark.md")
+    p.add_argument("--note", default="2 cores shared with other engineers' jobs running at the same time.")
+    p.add_argument(
+        "--append", action="store_true", help="merge into the existing --json results (same library and N replaced)"
+    )
+    p.add_argument("--one", choices=["hnswlib", "faiss"], help=argparse.SUPPRESS)
+    p.add_argument("--vectors", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.one:
+        child(args)
+        return
+    args.work.mkdir(parents=True, exist_ok=True)
+    results: list[dict[str, Any]] = []
+    faiss_sizes = {s for s in args.faiss.split(",") if s}
+    for name in args.sizes.split(","):
+        n = SIZES[name]
+        vec = vectors_file(args.work, n, args.dim)
+        for lib in ["hnswlib"] + (["faiss"] if name in faiss_sizes else []):
+            cmd = [sys.executable, __file__, "--one", lib, "--vectors", str(vec), "--work", str(args.work)]
+            cmd += ["--M", str(args.M), "--ef-construction", str(args.ef_construction), "--ef", str(args.ef)]
+            cmd += ["--threads", str(args.threads)]
+            print(f"[{time.strftime('%H:%M:%S')}] {lib} N={n:,} ...", flush=True)
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+            if proc.returncode != 0 or line is None:
+                err = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                results.append({"library": lib, "n": n, "error": err})
+                print(f"  failed: {err}", flush=True)
+                continue
+            r = json.loads(line[len("RESULT ") :])
+            results.append(r)
+            print(
+                f"  build {r['build_s']} s, peak RSS {gib(r['peak_rss_bytes'])} GiB, recall@100 {r['l2_recall_at_100']:.4f}"
+            )
+        if n >= 1_000_000:
+            vec.unlink()  # GBs of /tmp; regenerated deterministically when needed
+    meta = {
+        "command": "nice -n 10 .venv/bin/python benchmarks/bench_index.py " + " ".join(sys.argv[1:]),
+        "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
+        "note": args.note,
+        "vectors": "clustered-16 (16-d latent clusters mapped to 64-d plus noise; see the script's docstring)",
+        "dim": args.dim,
+        "M": args.M,
+        "ef_construction": args.ef_construction,
+        "threads": args.threads,
+        "ef": args.ef,
+        "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.append and args.json.exists():
+        old = json.loads(args.json.read_text())
+        fresh = {(r["library"], r["n"]) for r in results}
+        kept = [r for r in old["results"] if (r["library"], r["n"]) not in fresh]
+        results = sorted(kept + results, key=lambda r: (r["n"], r["library"] != "hnswlib"))
+        meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
+    for path, text in (
+        (args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
+        (args.md, render(results, meta)),
+    ):
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    print(render(results, meta))
+
+
+if __name__ == "__main__":
+    main()
