@@ -303,6 +303,11 @@ class MatchEngine:
         top_rows, top_scores = best_first(np.concatenate(got_rows), np.concatenate(got_scores), k)
         return top_rows, top_scores.astype(np.float32), partial, calls
 
+    def eligible_count(self, domain: int, entity_types: Sequence[int] | None = None) -> int:
+        """Entities eligible in ``domain`` (optionally of these entity types)."""
+        counts = self._type_counts[domain]
+        return int(counts.sum() if entity_types is None else counts[np.asarray(list(entity_types), dtype=np.int64)].sum())
+
     # ---- operations --------------------------------------------------------------------------------
     def warmup(self) -> None:
         """One cold-start request per domain and mode: first-call allocations happen before traffic."""

@@ -1,0 +1,1 @@
+"""Offline benchmarks of the retrieval engine (`unimatch bench ...`); never imported by the service."""
