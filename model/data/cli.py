@@ -100,21 +100,26 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError(f"give exactly one of SOURCE ({', '.join(IMPORT_SOURCES)}) or --mapping FILE")
     if not 1 <= args.max_seq_len <= 1024:
         raise ValueError(f"--max-seq-len must be in 1..1024, got {args.max_seq_len}")
+    from rich.console import Console
+
     t0 = time.perf_counter()
-    if args.mapping is not None:
-        from model.data.mapping import import_mapping
+    label = args.source or str(args.mapping)
+    # a spinner on stderr: the first movielens import downloads a 2 MB wheel, the others parse files
+    with Console(stderr=True).status(f"importing {label} into {args.out} ..."):
+        if args.mapping is not None:
+            from model.data.mapping import import_mapping
 
-        out = import_mapping(args.mapping, args.out)
-    elif args.source == "movielens-100k":
-        from model.data.movielens import import_movielens
+            out = import_mapping(args.mapping, args.out)
+        elif args.source == "movielens-100k":
+            from model.data.movielens import import_movielens
 
-        out = import_movielens(
-            args.out, source_dir=args.source_dir, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len
-        )
-    else:
-        from model.data.amazon import import_amazon
+            out = import_movielens(
+                args.out, source_dir=args.source_dir, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len
+            )
+        else:
+            from model.data.amazon import import_amazon
 
-        out = import_amazon(args.source, args.out, source_dir=args.source_dir, max_seq_len=args.max_seq_len)
+            out = import_amazon(args.source, args.out, source_dir=args.source_dir, max_seq_len=args.max_seq_len)
     import json
 
     counts = json.loads((out / "dataset.json").read_text())["counts"]

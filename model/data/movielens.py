@@ -82,6 +82,7 @@ def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
             )
     tmp = Path(tempfile.mkdtemp(prefix=".ml-100k.tmp-", dir=cache))
     try:
+        tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
         with zipfile.ZipFile(found[0]) as whl:
             for name in FILES:
                 try:
