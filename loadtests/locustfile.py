@@ -63,7 +63,8 @@ class _State:
 
     workload: Workload | None = None
     eligible: dict[str, int] = {}
-    step = 0
+    step: int | None = None  # the step being measured (None during warm-ups)
+    user_rate = 1.0  # requests/s per user in the current step: offered load / users, exactly
     flags: dict[int, dict[str, int]] = {}
     schedule: list[dict[str, Any]] = []
 
@@ -95,7 +96,7 @@ class MatchUser(FastHttpUser):
     """One caller of the ranking stage, sending at a fixed rate."""
 
     def wait_time(self) -> float:
-        return constant_throughput(_user_rate())(self)
+        return constant_throughput(_State.user_rate)(self)
 
     def on_start(self) -> None:
         self.rng = random.Random(f"{_env('SEED', '0')}-{id(self)}")
@@ -115,6 +116,8 @@ class MatchUser(FastHttpUser):
                 resp.failure(problem)
                 return
             resp.success()
+            if _State.step is None:
+                return
             flags = _State.flags.setdefault(_State.step, {"answers": 0, "partial": 0, "degraded": 0, "cold_start": 0, "unknown": 0})
             flags["answers"] += 1
             flags["unknown"] += not known
@@ -149,10 +152,12 @@ class StepShape(LoadTestShape):
         i = int(t // self.step_seconds)
         if _State.schedule and _State.schedule[-1]["end"] is None and i > _State.schedule[-1]["index"]:
             _State.schedule[-1]["end"] = time.time()
+            _State.step = None
             self._write_schedule()
         if i >= len(self.steps):
             return None
         users = max(1, math.ceil(self.steps[i] / _user_rate()))
+        _State.user_rate = self.steps[i] / users
         if i not in self.measured and t >= i * self.step_seconds + self.warmup:
             self.measured.add(i)
             self.runner.stats.reset_all()
