@@ -1,0 +1,148 @@
+"""`unimatch train`, `unimatch eval`, `unimatch export`: thin layers over model.train / evaluate / export."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+from unimatch.cli import CommandRegistry
+
+
+def register(cli: CommandRegistry) -> None:
+    from model.config import METHODS
+
+    p = cli.command(
+        "train",
+        help="train a matching model (Backbone & RRL, ablations, baselines, two-tower)",
+        description="Train METHOD on a dataset directory into a run directory (config.json, checkpoint.pt, "
+        "log.jsonl, run.json, aux_losses.png). Resumes from RUN/checkpoint.pt when present. Runs under "
+        "torchrun for DistributedDataParallel.",
+        handler=_train,
+    )
+    p.add_argument("--data", type=Path, required=True, help="dataset directory")
+    p.add_argument("--method", required=True, choices=sorted(METHODS), metavar="METHOD", help=f"one of {', '.join(sorted(METHODS))}")
+    p.add_argument("--out", type=Path, required=True, help="run directory")
+    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
+    p.add_argument("--sampler", choices=["popularity", "uniform"], default=None)
+    p.add_argument("--embed-dim", type=int, default=None)
+    p.add_argument("--adv-epsilon", type=float, default=None, help="FGSM epsilon of the adversarial option")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    p.add_argument("--checkpoint-every", type=int, default=200)
+    p.add_argument("--no-resume", action="store_true", help="start over even if RUN has a checkpoint")
+    p.add_argument("--no-progress", action="store_true")
+
+    e = cli.command(
+        "eval",
+        help="Recall-all@N per domain and average (paper Eq. 26)",
+        description="Exhaustively score every eligible entity of each domain for each test user (capped by "
+        "--users) and report Recall-all@N as JSON and a markdown table.",
+        handler=_eval,
+    )
+    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
+    e.add_argument("--n", default="50,200", help="comma-separated N values")
+    e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
+    e.add_argument("--json", type=Path, default=None, help="write the JSON here (also RUN/eval.json)")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--no-progress", action="store_true")
+
+    x = cli.command(
+        "export",
+        help="export a trained run to a serving bundle (ONNX + entity tensors + manifest)",
+        description="Write BUNDLE per docs/bundle-format.md: user_encoder.onnx, pair_scorer.onnx, entities/*.npy, "
+        "schema.json, manifest.json; checks onnx.checker and onnxruntime-vs-PyTorch parity.",
+        handler=_export,
+    )
+    x.add_argument("--run", type=Path, required=True)
+    x.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
+    x.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
+    x.add_argument("--fp16", action="store_true", help="also write float16 ONNX variants (for GPU serving)")
+    x.add_argument("--first-layer-split", action="store_true", help="precompute the entity part of the experts' first layer")
+    x.add_argument("--opset", type=int, default=17)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from model.config import ConfigError, LossConfig, ModelConfig, NegativeSampler, method_config
+    from model.train import train
+
+    loss = LossConfig()
+    if args.negatives is not None:
+        loss = dataclasses.replace(loss, num_sampled=args.negatives)
+    if args.sampler is not None:
+        loss = dataclasses.replace(loss, sampler=NegativeSampler(args.sampler))
+    model = ModelConfig() if args.embed_dim is None else ModelConfig(embed_dim=args.embed_dim)
+    overrides = {}
+    if args.adv_epsilon is not None:
+        from model.config import METHODS
+
+        overrides["rrl"] = dataclasses.replace(METHODS[args.method].rrl, adv_epsilon=args.adv_epsilon)
+    try:
+        cfg = method_config(
+            args.method,
+            data=args.data,
+            out=args.out,
+            epochs=args.epochs,
+            max_steps=args.max_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            seed=args.seed,
+            device=args.device,
+            threads=args.threads,
+            checkpoint_every=args.checkpoint_every,
+            resume=not args.no_resume,
+            progress=not args.no_progress,
+            model=model,
+            loss=loss,
+            **overrides,
+        )
+    except ConfigError:
+        raise
+    out = train(cfg)
+    import json
+
+    summary = json.loads((out / "run.json").read_text())
+    print(
+        f"trained {summary['method']}: {summary['steps']} steps in {summary['seconds']:.1f} s "
+        f"({summary['examples_per_s']:.0f} examples/s) -> {out}"
+    )
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from model.evaluate import EvalConfig, evaluate, markdown_table
+
+    try:
+        ns = tuple(int(v) for v in str(args.n).split(",") if v.strip())
+    except ValueError:
+        raise ValueError(f"--n must be comma-separated integers, got {args.n!r}") from None
+    if not ns or min(ns) < 1:
+        raise ValueError(f"--n values must be >= 1, got {args.n!r}")
+    if args.users < 1:
+        raise ValueError(f"--users must be >= 1, got {args.users}")
+    result = evaluate(
+        EvalConfig(run=args.run, data=args.data, ns=ns, max_users=args.users, seed=args.seed, json=args.json,
+                   progress=not args.no_progress)
+    )
+    print(markdown_table(result))
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from model.export import ExportConfig, export
+
+    report = export(
+        ExportConfig(run=args.run, out=args.out, data=args.data, fp16=args.fp16,
+                     first_layer_split=args.first_layer_split, opset=args.opset)
+    )
+    print(
+        f"exported {report['method']} ({report['kind']}) to {args.out}: {report['num_entities']:,} entities, "
+        f"max |onnx - torch| = {report['max_abs_diff']:.2e}"
+    )
+    return 0

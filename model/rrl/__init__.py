@@ -1,0 +1,1 @@
+"""Robust representation learning (paper III-D): training-only auxiliary losses, never exported."""

@@ -1,0 +1,395 @@
+"""Training of every method: sampled softmax + log-Q (Eqs. 2-4, 12) plus the RRL losses (III-D).
+
+``train(cfg) -> Path`` is the entry point (the CLI and tests call it). It seeds everything, trains
+with a progress bar (loss parts, examples/s), writes ``log.jsonl`` (one line per step: every loss
+part, per-domain cross entropy, the auxiliary weights), checkpoints atomically and resumes from the
+run directory's checkpoint. Under ``torchrun`` (WORLD_SIZE > 1) the same function runs
+DistributedDataParallel: gloo on CPU, nccl on GPU; every rank reads its own shard of each epoch's
+permutation and rank 0 writes the run directory.
+
+Training examples: every train-split interaction (u, a, k); the behaviour sequence is the user's
+non-test history strictly before it (``history_windows``), so the target never leaks into its own
+input and test interactions never enter any input (the serving feature excludes them too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from model.backbones import MatchingModel, build_model
+from model.checkpoint import CHECKPOINT, check_entities, check_schema, load_checkpoint, save_checkpoint
+from model.config import METHODS, TrainConfig
+from model.data.dataset import TEST, TRAIN, Dataset, history_windows, load_dataset
+from model.data.io import atomic_write_json
+from model.embeddings import EntityTable
+from model.losses import Candidates, CandidateSampler, SampledSoftmaxLoss
+from model.rrl.adversarial import fgsm_kl
+from model.rrl.dal import DomainAdversarialLoss
+from model.rrl.orthogonal import OrthogonalityLoss
+from model.rrl.uncertainty import UncertaintyWeighting
+from model.rrl.wasserstein import MultiViewWasserstein
+
+AUX_NAMES = ("dal_shared", "dal_specific", "wasserstein", "ortho")
+
+
+class TrainingObjective(nn.Module):
+    """The model plus its training-only losses; ``forward`` returns the total loss and its parts.
+
+    Kept apart from the model (only ``.model`` is exported) and wrapped whole by DDP.
+    """
+
+    def __init__(self, model: MatchingModel, cfg: TrainConfig, num_domains: int) -> None:
+        super().__init__()
+        self.model = model
+        self.rrl = cfg.rrl
+        self.num_domains = num_domains
+        self.ce = SampledSoftmaxLoss(log_q=cfg.loss.log_q)
+        h = cfg.model.expert_dims[-1]
+        r = cfg.rrl
+        self.dal = DomainAdversarialLoss(h, num_domains, r.dal_hidden, r.grl_lambda) if r.dal else None
+        self.mvwdl = (
+            MultiViewWasserstein(
+                h, num_domains, projection_dim=r.projection_dim, critic_dims=r.critic_dims, gp_weight=r.gp_weight,
+                grl_lambda=r.grl_lambda,
+            )
+            if r.mvwdl and num_domains > 1
+            else None
+        )
+        self.ortho = OrthogonalityLoss(num_domains, r.ortho_mode) if r.ortho else None
+        self.uwl = UncertaintyWeighting(
+            AUX_NAMES, learnable=r.uwl, fixed_weight=r.aux_weight, log_var_range=r.uwl_log_var_range
+        )
+
+    def forward(
+        self, user_cat: Tensor, user_num: Tensor, seq: Tensor, domain: Tensor, cand: Candidates
+    ) -> tuple[Tensor, dict[str, Any]]:
+        user = self.model.user(user_cat, user_num, seq, domain)
+        ent = self.model.entity(cand.rows)
+        logits, aux = self.model.score(user, ent, domain)  # (B, C)
+        per_example = self.ce(logits, cand)  # (B,)
+        ce = per_example.mean()
+        parts: dict[str, Any] = {"ce": ce.detach(), "per_example": per_example.detach()}
+        total = ce
+        aux_losses: dict[str, Tensor] = {}
+        if "shared" in aux and (self.dal or self.mvwdl or self.ortho):
+            b = logits.shape[0]
+            idx = torch.arange(b, device=logits.device)
+            e_s = aux["shared"][idx, idx]  # (B, h): the positive pair of each user (candidate b)
+            e_d = aux["specific"][idx, idx]
+            if self.dal is not None:
+                aux_losses["dal_shared"], aux_losses["dal_specific"] = self.dal(e_s, e_d, domain)
+            if self.mvwdl is not None:
+                wd = self.mvwdl(e_s, domain)
+                aux_losses["wasserstein"] = wd["loss"]
+                parts["wasserstein_distance"] = wd["distance"]
+                parts["gradient_penalty"] = wd["gp"]
+            if self.ortho is not None:
+                aux_losses["ortho"] = self.ortho(e_s, e_d, domain)
+            weighted, weights = self.uwl(aux_losses)
+            total = total + weighted
+            parts["aux_weights"] = weights
+        for name, value in aux_losses.items():
+            parts[name] = value.detach()
+        if self.rrl.adversarial:
+            adv = fgsm_kl(
+                lambda e: self.model.score(user, e, domain)[0], ent, logits, ce, cand.valid, self.rrl.adv_epsilon
+            )
+            total = total + self.rrl.adv_weight * adv
+            parts["adversarial"] = adv.detach()
+        parts["loss"] = total.detach()
+        return total, parts
+
+
+@dataclass(frozen=True)
+class Examples:
+    """Non-test interactions (sorted by user, time) and which of them are training examples."""
+
+    user: np.ndarray  # (I',) int64
+    entity: np.ndarray  # (I',) int64
+    domain: np.ndarray  # (I',) int64
+    user_start: np.ndarray  # (I',) first row of the same user
+    train_rows: np.ndarray  # (P,) rows of train-split interactions
+
+
+def training_examples(ds: Dataset) -> Examples:
+    inter = ds.interactions
+    split = np.asarray(inter.split)
+    keep = split != TEST
+    user = np.asarray(inter.user)[keep].astype(np.int64)
+    counts = np.bincount(user, minlength=len(ds.users))
+    starts = np.zeros(len(ds.users) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return Examples(
+        user=user,
+        entity=np.asarray(inter.entity)[keep].astype(np.int64),
+        domain=np.asarray(inter.domain)[keep].astype(np.int64),
+        user_start=starts[user],
+        train_rows=np.flatnonzero(split[keep] == TRAIN),
+    )
+
+
+def entity_table(ds: Dataset) -> EntityTable:
+    e = ds.entities
+    return EntityTable(np.asarray(e.cat), np.asarray(e.num), np.asarray(e.entity_type))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def _dist_env() -> tuple[int, int, int]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", str(rank)))
+    return world, rank, local
+
+
+class Trainer:
+    """One training run; ``run()`` trains and returns the run directory."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.world, self.rank, local = _dist_env()
+        self.distributed = self.world > 1
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
+        device = cfg.device
+        if self.distributed:
+            import torch.distributed as dist
+
+            if not dist.is_initialized():
+                dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+            if device.startswith("cuda"):
+                device = f"cuda:{local}"
+                torch.cuda.set_device(local)
+        self.device = torch.device(device)
+        seed_everything(cfg.seed)  # same seed on every rank: identical initial replicas
+        self.ds = load_dataset(cfg.data)
+        self.schema = self.ds.schema
+        self.examples = training_examples(self.ds)
+        if self.examples.train_rows.shape[0] < cfg.batch_size * self.world:
+            raise ValueError(
+                f"{cfg.data}: {self.examples.train_rows.shape[0]} training interactions are fewer than one batch "
+                f"({cfg.batch_size} x {self.world} processes)"
+            )
+        self.arch = METHODS[cfg.method].architecture
+        model = build_model(self.schema, entity_table(self.ds), cfg.model, self.arch)
+        self.objective = TrainingObjective(model, cfg, self.schema.num_domains).to(self.device)
+        self.module: nn.Module = self.objective
+        if self.distributed:
+            from torch.nn.parallel import DistributedDataParallel as DDP
+
+            self.module = DDP(self.objective, device_ids=[local] if self.device.type == "cuda" else None)
+        self.optimizer = torch.optim.Adam(self.objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        counts = np.bincount(self.examples.entity[self.examples.train_rows], minlength=len(self.ds.entities))
+        self.sampler = CandidateSampler(
+            cfg.loss, counts, np.asarray(self.ds.entities.domain_mask), seed=cfg.seed * 1000 + self.rank + 1
+        )
+        self.steps_per_epoch = self.examples.train_rows.shape[0] // (cfg.batch_size * self.world)
+        total = self.steps_per_epoch * cfg.epochs
+        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        self.step = 0
+        self.users_cat = np.asarray(self.ds.users.cat)
+        self.users_num = np.asarray(self.ds.users.num)
+        self.out = Path(cfg.out)
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.objective.model.state_dict(),
+            "objective": self.objective.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "method": self.cfg.method,
+            "schema_fingerprint": self.schema.fingerprint(),
+            "num_entities": len(self.ds.entities),
+            "torch_rng": torch.get_rng_state(),
+            "sampler_rng": self.sampler.gen.get_state(),
+        }
+
+    def maybe_resume(self) -> None:
+        path = self.out / CHECKPOINT
+        if not (self.cfg.resume and path.is_file()):
+            return
+        state = load_checkpoint(path)
+        check_schema(state, self.schema, where=str(path))
+        check_entities(state, len(self.ds.entities), where=str(path))
+        if state.get("method") != self.cfg.method:
+            raise ValueError(f"{path}: run was trained with method {state.get('method')!r}, not {self.cfg.method!r}")
+        self.objective.load_state_dict(state["objective"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        torch.set_rng_state(state["torch_rng"])
+        # each rank continues its own negative stream; rank 0's saved state is shifted per rank
+        self.sampler.gen.set_state(state["sampler_rng"])
+        if self.rank:
+            self.sampler.gen.manual_seed(int(self.sampler.gen.initial_seed()) + self.step * 7919 + self.rank)
+
+    # ---- data ----------------------------------------------------------------------------------
+    def batch_rows(self, epoch: int, index: int) -> np.ndarray:
+        perm = np.random.default_rng(self.cfg.seed + 7919 * epoch).permutation(self.examples.train_rows)
+        b = self.cfg.batch_size
+        shard = perm[self.rank :: self.world]
+        rows = shard[index * b : (index + 1) * b]
+        # sorted by domain: the stacked domain layers then run one matmul per domain (model.layers.Domains)
+        return rows[np.argsort(self.examples.domain[rows], kind="stable")]
+
+    def make_batch(self, rows: np.ndarray) -> tuple[Tensor, ...]:
+        ex = self.examples
+        users = ex.user[rows]
+        seq = history_windows(ex.entity, ex.user_start[rows], rows, self.schema.max_seq_len)
+        dev = self.device
+        return (
+            torch.as_tensor(self.users_cat[users], dtype=torch.long, device=dev),
+            torch.as_tensor(self.users_num[users], dtype=torch.float32, device=dev),
+            torch.as_tensor(seq, dtype=torch.long, device=dev),
+            torch.as_tensor(ex.domain[rows], dtype=torch.long, device=dev),
+            torch.as_tensor(ex.entity[rows], dtype=torch.long),
+        )
+
+    # ---- loop ----------------------------------------------------------------------------------
+    def train_step(self, rows: np.ndarray) -> dict[str, Any]:
+        user_cat, user_num, seq, domain, pos = self.make_batch(rows)
+        cand = self.sampler.candidates(pos, domain.cpu())
+        cand = Candidates(cand.rows.to(self.device), cand.log_q.to(self.device), cand.valid.to(self.device))
+        self.module.train()
+        loss, parts = self.module(user_cat, user_num, seq, domain, cand)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss at step {self.step}: {parts}")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        per = parts.pop("per_example")
+        dom = domain.cpu()
+        parts["ce_domain"] = {
+            self.schema.domains[k]: float(per[dom == k].mean()) for k in range(self.schema.num_domains) if bool((dom == k).any())
+        }
+        return parts
+
+    def run(self) -> Path:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        cfg = self.cfg
+        is_main = self.rank == 0
+        if is_main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.out / "config.json", cfg.to_json())
+            self.schema.save(self.out / "schema.json")
+        self.maybe_resume()
+        start_step = self.step
+        log = open(self.out / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
+        t_start = time.perf_counter()
+        t_last = t_start
+        ex_per_s = 0.0
+        try:
+            with Progress(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[info]}"),
+                disable=not (cfg.progress and is_main),
+                transient=False,
+            ) as bar:
+                task = bar.add_task(f"train {cfg.method}", total=self.total_steps, completed=self.step, info="")
+                while self.step < self.total_steps:
+                    epoch, index = divmod(self.step, self.steps_per_epoch)
+                    parts = self.train_step(self.batch_rows(epoch, index))
+                    self.step += 1
+                    now = time.perf_counter()
+                    ex_per_s = cfg.batch_size * self.world / max(now - t_last, 1e-9)
+                    t_last = now
+                    record = _jsonable({"step": self.step, "epoch": epoch, "examples_per_s": ex_per_s, **parts})
+                    bar.update(task, advance=1, info=_progress_info(record))
+                    if log is not None and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                    if is_main and self.step % cfg.checkpoint_every == 0:
+                        save_checkpoint(self.out / CHECKPOINT, self.state())
+        finally:
+            if log is not None:
+                log.close()
+        elapsed = time.perf_counter() - t_start
+        if is_main:
+            save_checkpoint(self.out / CHECKPOINT, self.state())
+            steps_done = self.step - start_step
+            summary = {
+                "method": cfg.method,
+                "steps": self.step,
+                "steps_this_session": steps_done,
+                "epochs": self.step / max(self.steps_per_epoch, 1),
+                "world_size": self.world,
+                "seconds": elapsed,
+                "examples_per_s": steps_done * cfg.batch_size * self.world / max(elapsed, 1e-9),
+                "schema_fingerprint": self.schema.fingerprint(),
+            }
+            atomic_write_json(self.out / "run.json", summary)
+            plot_aux_losses(self.out)
+        return self.out
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, Tensor):
+        return float(obj)
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def _progress_info(rec: dict[str, Any]) -> str:
+    keys = ("loss", "ce", *AUX_NAMES, "adversarial")
+    shown = " ".join(f"{k}={rec[k]:.3g}" for k in keys if isinstance(rec.get(k), float))
+    return f"{shown} {rec['examples_per_s']:.0f} ex/s"
+
+
+def plot_aux_losses(run: Path) -> Path | None:
+    """The paper's Fig. 5: each auxiliary loss and its weight per step, from log.jsonl -> aux_losses.png."""
+    path = Path(run) / "log.jsonl"
+    if not path.is_file():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    present = [n for n in AUX_NAMES if any(n in r for r in rows)]
+    if not present:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for name in present:
+        pts = [(r["step"], r[name]) for r in rows if r.get(name) is not None]
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], label=name)
+        wts = [(r["step"], r["aux_weights"][name]) for r in rows if name in r.get("aux_weights", {})]
+        axes[1].plot([p[0] for p in wts], [p[1] for p in wts], label=name)
+    axes[0].set(title="auxiliary losses", xlabel="step")
+    axes[1].set(title="auxiliary weights 1/(2 sigma^2) (UWL) or fixed", xlabel="step", yscale="log")
+    for ax in axes:
+        ax.legend()
+    fig.tight_layout()
+    out = Path(run) / "aux_losses.png"
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train ``cfg.method`` on ``cfg.data`` into ``cfg.out`` (resuming if a checkpoint is there)."""
+    return Trainer(cfg).run()
