@@ -23,7 +23,7 @@ def main(out: Path | None = None) -> None:
     types = rng.choice(["image", "video", "live"], size=n_ads, p=[0.6, 0.25, 0.15])
     categories = ["shoes", "phones", "games", "food"]
     with open(out / "ads.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["ad_id", "ad_type", "category", "price", "duration_s", "anchor_level"])
         for a in range(n_ads):
             t = types[a]
@@ -32,14 +32,14 @@ def main(out: Path | None = None) -> None:
             anchor = str(rng.choice(["bronze", "silver", "gold"])) if t == "live" else ""
             w.writerow([f"ad{a:03d}", t, categories[a % 4], price, duration, anchor])
     with open(out / "users.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["user_id", "gender", "age_group", "tenure_days"])
         for u in range(n_users):
             gender = "" if u % 11 == 3 else str(rng.choice(["f", "m"]))
             w.writerow([f"user{u:02d}", gender, str(rng.choice(["18-24", "25-34", "35+"])), int(rng.integers(1, 900))])
     start = datetime(2026, 11, 1, tzinfo=UTC)
     with open(out / "events.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
+        w = csv.writer(fh, lineterminator="\n")
         w.writerow(["user_id", "ad_id", "placement", "ts"])
         users = np.sort(rng.integers(0, n_users, n_events))
         for u in users:
