@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from unimatch.cli import CliError, CommandRegistry
 
@@ -105,12 +106,15 @@ def _serve(args: argparse.Namespace) -> int:
         os.environ["UNIMATCH_REDIS_URL"] = args.redis_url
     if args.log_level is not None:
         os.environ["UNIMATCH_LOG_LEVEL"] = args.log_level
+    created: list[str] = []  # temporary directories this command made, removed when it exits
     if args.workers > 1:
         # prometheus_client multiprocess mode must be on before any worker imports service.metrics.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="unimatch-prom-")
+            created.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
         if not os.environ.get("UNIMATCH_CONTROL_DIR"):
             os.environ["UNIMATCH_CONTROL_DIR"] = tempfile.mkdtemp(prefix="unimatch-control-")
+            created.append(os.environ["UNIMATCH_CONTROL_DIR"])
     from service.config import Settings
 
     try:
@@ -118,18 +122,28 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"invalid UNIMATCH_* setting: {' '.join(str(exc).splitlines()[:3])}") from None
     _configure_logging(settings.log_level)
+    try:
+        _run_uvicorn(uvicorn, args, settings.log_level)
+    finally:
+        import shutil
+
+        for path in created:
+            shutil.rmtree(path, ignore_errors=True)
+    return 0
+
+
+def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, log_level: str) -> None:
     uvicorn.run(
         "service.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        log_level=settings.log_level,
+        log_level=log_level,
         timeout_graceful_shutdown=args.graceful_timeout,
         # Our /metrics and access counters cover requests; uvicorn's access log would double the I/O.
         access_log=False,
     )
-    return 0
 
 
 def _configure_logging(level: str) -> None:

@@ -259,6 +259,7 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         providers=providers(settings),
     )
     engine.warmup()
+    bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
     serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
