@@ -20,6 +20,7 @@ the graph rewrite); never torch.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -131,19 +132,25 @@ class HostGatherScorer:
 
     def score(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
         """(n,) int64 rows -> (n,) float32 scores; one onnxruntime call per ``max_batch`` rows."""
+        return self.score_timed(ctx, rows)[0]
+
+    def score_timed(self, ctx: UserContext, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """``score`` plus (seconds gathering entity tensors, seconds inside onnxruntime calls)."""
         rows = np.asarray(rows, dtype=np.int64)
         if rows.size <= self.max_batch:
             return self._score_batch(ctx, rows)
-        return np.concatenate(
-            [self._score_batch(ctx, rows[i : i + self.max_batch]) for i in range(0, rows.size, self.max_batch)]
-        )
+        parts = [self._score_batch(ctx, rows[i : i + self.max_batch]) for i in range(0, rows.size, self.max_batch)]
+        return np.concatenate([p[0] for p in parts]), sum(p[1] for p in parts), sum(p[2] for p in parts)
 
-    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
+    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
+        t0 = time.perf_counter()
         feeds = dict(ctx.feeds)
         for name, table in self.tables.items():
-            feeds[name] = table[rows]
+            feeds[name] = np.take(table, rows, axis=0)  # np.take: faster than fancy indexing for row gathers
+        t1 = time.perf_counter()
         (out,) = self.pair_session.run(["score"], feeds)
-        return np.asarray(out, dtype=np.float32).reshape(-1)
+        t2 = time.perf_counter()
+        return np.asarray(out, dtype=np.float32).reshape(-1), t1 - t0, t2 - t1
 
 
 def gather_inside_graph(model_path: str, tensor_names: Sequence[str], *, fp16_tables: bool = False) -> bytes:
@@ -230,7 +237,8 @@ class DeviceGatherScorer(HostGatherScorer):
         }
         return ctx
 
-    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
+    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
+        t0 = time.perf_counter()
         io = self.pair_session.io_binding()
         for name, value in self.device_tables.items():
             io.bind_ortvalue_input(name, value)
@@ -238,8 +246,11 @@ class DeviceGatherScorer(HostGatherScorer):
             io.bind_ortvalue_input(name, value)
         io.bind_cpu_input("rows", np.ascontiguousarray(rows, dtype=np.int64))
         io.bind_output("score", self.device, self.device_id)
+        t1 = time.perf_counter()
         self.pair_session.run_with_iobinding(io)
-        return np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32).reshape(-1)
+        out = np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32).reshape(-1)
+        # The gather itself runs inside the graph (counted as scorer time); t1 - t0 is the binding cost.
+        return out, t1 - t0, time.perf_counter() - t1
 
 
 def make_scorer(

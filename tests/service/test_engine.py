@@ -77,13 +77,13 @@ def test_result_invariants_and_stats(engine: MatchEngine, bundle: Bundle) -> Non
 def test_pair_evaluations_count_unique_rows(bundle: Bundle) -> None:
     eng = MatchEngine(bundle, params=GRAPH_ONLY, providers=[CPU])
     seen: list[np.ndarray] = []
-    inner = eng.scorer.score
+    inner = eng.scorer.score_timed
 
     def spy(ctx, rows):
         seen.append(np.asarray(rows).copy())
         return inner(ctx, rows)
 
-    eng.scorer.score = spy  # type: ignore[method-assign]
+    eng.scorer.score_timed = spy  # type: ignore[method-assign]
     r = eng.match(users(1, seed=9)[0], 0, 25, params=SearchParams(ef=(32, 64, 128, 256), steps=(2, 2, 2, 5), top_n=(0, 0, 0, 25), exhaustive_threshold=0))
     allrows = np.concatenate(seen)
     assert allrows.size == np.unique(allrows).size == r.stats["pair_evaluations"]
