@@ -68,7 +68,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM ${CUDA_IMAGE} AS gpu
 ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 DEBIAN_FRONTEND=noninteractive PATH=/opt/venv/bin:$PATH \
-    UNIMATCH_BUNDLE=/bundles/current
+    UNIMATCH_BUNDLE=/bundles/current UNIMATCH_PROVIDERS=cuda
 # python3 (same minor as the builder) and curl for the HEALTHCHECK; distro package versions follow
 # the pinned CUDA base tag. hadolint ignore: apt pins would break on every Ubuntu security update.
 # hadolint ignore=DL3008

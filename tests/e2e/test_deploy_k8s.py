@@ -186,3 +186,26 @@ def test_container_commands_parse_with_the_cli() -> None:
     argvs.append(train_args[train_args.index("--no-python") + 2 :])
     assert sorted(a[0] for a in argvs) == ["export", "features", "index", "serve", "train"]
     check_cli_argv(argvs)
+
+
+def test_service_settings_names_exist() -> None:
+    """Every UNIMATCH_* variable the serving containers get is a field of service.config.Settings."""
+    import re
+
+    from service.config import Settings
+
+    known = {f"UNIMATCH_{name.upper()}" for name in Settings.model_fields}
+    names: set[str] = set()
+    for overlay in ("overlays/cpu", "overlays/gpu"):
+        objs = by_key(overlay)
+        names |= set(objs[("ConfigMap", "unimatch-config")]["data"])
+        _, pod = _serving(overlay)
+        names |= {e["name"] for e in pod["containers"][0]["env"] if e["name"].startswith("UNIMATCH_")}
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    names |= set(compose["services"]["unimatch"]["environment"])
+    dockerfile = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
+    for line in dockerfile.splitlines():
+        if line.startswith("ENV "):
+            names |= set(re.findall(r"\b(UNIMATCH_[A-Z_]+)=", line))
+    assert {"UNIMATCH_BUNDLE", "UNIMATCH_REDIS_URL", "UNIMATCH_ADMIN_TOKEN", "UNIMATCH_PROVIDERS"} <= names
+    assert names <= known, f"not service settings: {sorted(names - known)}"
