@@ -1,0 +1,84 @@
+"""Settings from UNIMATCH_* variables, the serve/features CLI, and start-up failures."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from service.app import create_app
+from service.config import Settings
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("UNIMATCH_BUNDLE", str(tmp_path))
+    monkeypatch.setenv("UNIMATCH_SEARCH_EF", "8, 16,32,64")
+    monkeypatch.setenv("UNIMATCH_SEARCH_STEPS", "1,1,1,2")
+    monkeypatch.setenv("UNIMATCH_ADMIN_TOKEN", "")  # empty means disabled, not an empty password
+    monkeypatch.setenv("UNIMATCH_REDIS_URL", " ")
+    monkeypatch.setenv("UNIMATCH_WORKERS", "2")
+    monkeypatch.setenv("UNIMATCH_MAX_K", "50")
+    s = Settings()
+    assert s.bundle == tmp_path and s.search_ef == (8, 16, 32, 64) and s.search_steps == (1, 1, 1, 2)
+    assert s.admin_token is None and s.redis_url is None and s.max_k == 50
+    assert s.workers * s.effective_scoring_threads * s.intra_op_threads <= max(s.cores, 2)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("UNIMATCH_MAX_K", "0"), ("UNIMATCH_SEARCH_EF", "8,x"), ("UNIMATCH_SEARCH_TOP_N", "-1,2"), ("UNIMATCH_PROVIDERS", "tpu")],
+)
+def test_bad_settings_are_refused(monkeypatch: pytest.MonkeyPatch, name: str, value: str) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError):
+        Settings()
+
+
+def test_search_settings_reach_the_engine(bundle_dir: Path, dataset_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, search_ef=(4, 8, 16, 32), search_exhaustive_threshold=0)
+    with TestClient(create_app(settings)) as c:
+        params = c.get("/v1/info").json()["search"]["search_params"]
+        assert params["ef"] == [4, 8, 16, 32] and params["exhaustive_threshold"] == 0
+        assert params["steps"]  # not given: the engine's default
+
+
+def test_start_without_a_bundle_fails_clearly() -> None:
+    app = create_app(Settings(bundle=None))
+
+    async def run() -> None:
+        async with app.router.lifespan_context(app):
+            pass
+
+    with pytest.raises(RuntimeError, match="UNIMATCH_BUNDLE"):
+        asyncio.run(run())
+
+
+def test_without_any_feature_store_every_user_is_cold_start(bundle_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(bundle=bundle_dir))) as c:
+        body = c.post("/match", json={"user_id": "user-0001", "domain": "domain_0", "k": 4}).json()
+        assert body["cold_start"] is True and len(body["items"]) == 4
+        assert c.get("/v1/info").json()["feature_store"]["kind"] == "none"
+
+
+def test_cli_refuses_bad_arguments(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from unimatch.cli import main
+
+    assert main(["serve", "--bundle", str(tmp_path)]) == 2
+    assert "not a bundle" in capsys.readouterr().err
+    assert main(["features", "load", "--data", str(tmp_path / "missing"), "--redis-url", "redis://127.0.0.1:1/0"]) == 2
+    assert "not a dataset" in capsys.readouterr().err
+
+
+@pytest.mark.redis
+def test_cli_features_load_reports_throughput(dataset_dir: Path, redis_prefix: str, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.service.conftest import REDIS_URL
+    from unimatch.cli import main
+
+    assert main(["features", "load", "--data", str(dataset_dir), "--redis-url", REDIS_URL, "--prefix", redis_prefix]) == 0
+    out = capsys.readouterr().out
+    assert "users/s" in out and "loaded 120 users" in out
