@@ -220,7 +220,25 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "in the JSON (`timings_s`). faiss's time is `add` only. On disk: the graph arrays (hnswlib row) without "
         "the vectors, which the bundle already holds; faiss's file includes the vectors.",
         "",
+        "## Scale targets (issue 4)",
+        "",
     ]
+    targets = {1_000_000: (300, 3), 5_560_000: (3600, 16)}
+    for r in results:
+        if r["library"] != "hnswlib" or r["n"] not in targets or "error" in r:
+            continue
+        secs, gbs = targets[r["n"]]
+        rss = r["peak_rss_bytes"] / 1e9
+        verdict = "met" if r["build_s"] <= secs and rss <= gbs else "NOT met"
+        lines.append(
+            f"- {r['n']:,} x {r['dim']}: target {secs} s and {gbs} GB; measured {r['build_s']} s wall "
+            f"({r['cpu_s']} CPU s, threads={meta['threads']}) and {rss:.2f} GB peak RSS: {verdict} on wall time "
+            f"as measured on the shared cores."
+        )
+    missing = [n for n in targets if not any(r["n"] == n and r["library"] == "hnswlib" for r in results)]
+    for n in missing:
+        lines.append(f"- {n:,}: not measured in this run.")
+    lines.append("")
     return "\n".join(lines)
 
 
