@@ -12,7 +12,9 @@ How the unified entity space (paper section IV-A) is filled from that:
 * a single entity type ``item``;
 * the shipped split is kept: ``test.txt`` rows are TEST; the last ``train.txt`` row of each
   (user, domain) with at least two train rows becomes VALID. There are no timestamps, so *file
-  order is used as time* (train rows before test rows); the manifest says so;
+  order is used as time*, with all training rows (both domains) first, then validation, then test
+  rows, so that no held-out interaction appears in the history of a training one; the manifest
+  says so;
 * features: the data has none, so entities get a domain-of-origin categorical and a
   log-popularity numeric counted on TRAIN rows only (validation and test never leak into it);
   users have no profile features, only their behaviour sequence.
@@ -146,6 +148,11 @@ def import_amazon(source: str, out: Path, *, source_dir: Path | None = None, max
         user_row[train_rows], domain[train_rows], timestamp[train_rows], num_domains=2, n_test=1, n_valid=0, min_train=1
     )
     split[train_rows[last == TEST]] = VALID
+    # Made-up time, so make it leak-free across domains too: every train row of a user (either
+    # domain) precedes every validation row, which precedes every test row; file order within each.
+    stage = np.where(split == TRAIN, 0, np.where(split == VALID, 1, 2))
+    timestamp = np.empty_like(timestamp)
+    timestamp[np.lexsort((np.arange(split.shape[0]), stage))] = np.arange(split.shape[0], dtype=np.int64)
 
     n_ent = ent_offset
     domain_of = np.concatenate(ent_domain)
@@ -182,8 +189,9 @@ def import_amazon(source: str, out: Path, *, source_dir: Path | None = None, max
         meta={
             "source": source,
             "source_files": [str(root / f / n) for f in pair.folders for n in ("train.txt", "test.txt")],
-            "time": "no timestamps in the data: timestamp is the row's position in train.txt then test.txt "
-            "(file order used as time)",
+            "time": "no timestamps in the data: file order used as time; timestamp is the row's position in "
+            "(train rows of both domains, then validation rows, then test.txt rows), file order within each, so "
+            "no held-out row precedes a training row of the same user in any domain",
             "split_policy": "shipped split kept: test.txt rows are test; the last train.txt row of each "
             "(user, domain) with >= 2 train rows is validation",
             "features": "entities: domain_of_origin (categorical), log_popularity from train rows only; "
