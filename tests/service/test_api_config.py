@@ -82,3 +82,16 @@ def test_cli_features_load_reports_throughput(dataset_dir: Path, redis_prefix: s
     assert main(["features", "load", "--data", str(dataset_dir), "--redis-url", REDIS_URL, "--prefix", redis_prefix]) == 0
     out = capsys.readouterr().out
     assert "users/s" in out and "loaded 120 users" in out
+
+
+def test_docs_list_every_setting_and_metric() -> None:
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from service import metrics
+
+    doc = (Path(__file__).parents[2] / "docs/service.md").read_text()
+    missing = [f"UNIMATCH_{name.upper()}" for name in Settings.model_fields if f"`UNIMATCH_{name.upper()}`" not in doc]
+    assert not missing, f"docs/service.md lacks {missing}"
+    names = [m._name for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
+    assert len(names) >= 10
+    assert not [n for n in names if f"`{n}`" not in doc], names
