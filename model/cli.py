@@ -63,8 +63,6 @@ def register(cli: CommandRegistry) -> None:
     x.add_argument("--run", type=Path, required=True)
     x.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
     x.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
-    x.add_argument("--fp16", action="store_true", help="also write float16 ONNX variants (for GPU serving)")
-    x.add_argument("--first-layer-split", action="store_true", help="precompute the entity part of the experts' first layer")
     x.add_argument("--opset", type=int, default=17)
 
 
@@ -138,8 +136,7 @@ def _export(args: argparse.Namespace) -> int:
     from model.export import ExportConfig, export
 
     report = export(
-        ExportConfig(run=args.run, out=args.out, data=args.data, fp16=args.fp16,
-                     first_layer_split=args.first_layer_split, opset=args.opset)
+        ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset)
     )
     print(
         f"exported {report['method']} ({report['kind']}) to {args.out}: {report['num_entities']:,} entities, "

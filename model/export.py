@@ -45,8 +45,6 @@ class ExportConfig:
     out: Path
     data: Path | None = None  # default: the dataset the run was trained on
     opset: int = 17
-    fp16: bool = False
-    first_layer_split: bool = False
     atol: float = 1e-4  # issue 3: ONNX vs PyTorch max abs difference in float32
     entity_batch: int = 8192
     parity_users: int = 8  # random + real users checked per domain
