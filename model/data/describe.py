@@ -102,16 +102,16 @@ def describe_dataset(root: Path) -> dict[str, Any]:
                     "missing_share": float((col[rows] == 0).mean()) if rows.any() else 0.0,
                 }
             )
-        for j, c in enumerate(num_cols):
+        for j, nc in enumerate(num_cols):
             col = num[:, j]
-            rows = _applicable(c.applies_to, s.entity_types, types_of, col.shape[0])
+            rows = _applicable(nc.applies_to, s.entity_types, types_of, col.shape[0])
             features.append(
                 {
                     "group": group,
                     "kind": "numeric",
-                    "name": c.name,
-                    "default": c.default,
-                    "applies_to": c.applies_to,
+                    "name": nc.name,
+                    "default": nc.default,
+                    "applies_to": nc.applies_to,
                     "mean": float(col[rows].mean()) if rows.any() else 0.0,
                     "std": float(col[rows].std()) if rows.any() else 0.0,
                 }
