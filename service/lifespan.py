@@ -225,13 +225,13 @@ def search_params(settings: Settings) -> SearchParams | None:
     """Engine search parameters from settings; None keeps the engine's defaults."""
     from service.engine import SearchParams
 
-    given = {
+    given: dict[str, Any] = {
         "ef": settings.search_ef,
         "steps": settings.search_steps,
         "top_n": settings.search_top_n,
         "exhaustive_threshold": settings.search_exhaustive_threshold,
     }
-    given = {k: v for k, v in given.items() if v is not None}
+    given = {name: v for name, v in given.items() if v is not None}
     if not given:
         return None
     return dataclasses.replace(SearchParams(), **given)

@@ -77,6 +77,8 @@ class MatchStats(BaseModel):
     search_ms: float
     scorer_ms: float
     total_ms: float
+    steps: int = Field(default=0, description="search expansion steps (or exhaustive scorer batches)")
+    unknown_override_ids: int = Field(default=0, description="entity ids of `features` overrides not in the catalogue (dropped)")
 
 
 class MatchResponse(BaseModel):
@@ -155,3 +157,5 @@ class Info(BaseModel):
     provider: str
     feature_store: dict[str, Any]
     limits: dict[str, Any]
+    bundle_path: str
+    entity_space: str = Field(description="hash of the entity ids in row order (must match the feature store's)")

@@ -14,7 +14,7 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from fastapi import APIRouter
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
 
 router = APIRouter(tags=["match"])
 
-_ERRORS = {
+_ERRORS: dict[int | str, dict[str, Any]] = {
     422: {"model": ErrorResponse, "description": "invalid request (unknown domain, k above the maximum, ...)"},
     413: {"model": ErrorResponse, "description": "body larger than UNIMATCH_MAX_BODY_BYTES"},
     503: {"model": ErrorResponse, "description": "overloaded (see Retry-After) or not ready"},
