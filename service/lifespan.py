@@ -86,19 +86,21 @@ class ConcurrencyLimiter:
     in_flight: int = 0
 
     @contextlib.contextmanager
-    def slot(self) -> Iterator[None]:
-        if self.in_flight >= self.limit:
+    def slot(self, n: int = 1) -> Iterator[None]:
+        """Hold ``n`` slots (a batch holds one per user, capped at the limit so it can ever be admitted)."""
+        n = max(1, min(n, self.limit))
+        if self.in_flight + n > self.limit:
             raise Overloaded(
                 f"{self.in_flight} requests in flight (limit {self.limit}); retry later",
                 headers={"Retry-After": str(self.retry_after_s)},
             )
-        self.in_flight += 1
-        metrics.IN_FLIGHT.inc()
+        self.in_flight += n
+        metrics.IN_FLIGHT.inc(n)
         try:
             yield
         finally:
-            self.in_flight -= 1
-            metrics.IN_FLIGHT.dec()
+            self.in_flight -= n
+            metrics.IN_FLIGHT.dec(n)
 
 
 @dataclass

@@ -242,7 +242,7 @@ async def match_batch(body: BatchRequest, state: StateDep, serving: ServingDep) 
     arrived = time.monotonic()
     if len(body.requests) > state.settings.max_batch:
         raise InvalidRequest(f"{len(body.requests)} requests; at most {state.settings.max_batch} (UNIMATCH_MAX_BATCH)")
-    with state.limiter.slot():
+    with state.limiter.slot(len(body.requests)):
         preps = []
         for i, req in enumerate(body.requests):
             try:

@@ -142,6 +142,14 @@ def test_overload_is_503_with_retry_after(client: TestClient) -> None:
     assert r.status_code == 503 and r.headers["retry-after"] == "1"
     assert r.json()["error"]["kind"] == "overloaded"
     assert client.post("/match", json={"user_id": "user-0001", "domain": "domain_0", "k": 5}).status_code == 200
+    # a batch holds one slot per user: 3 free slots do not admit a batch of 4
+    state.limiter.in_flight = state.limiter.limit - 3
+    try:
+        batch = [{"user_id": "u", "domain": "domain_0", "k": 2}]
+        assert client.post("/match/batch", json={"requests": batch * 4}).status_code == 503
+        assert client.post("/match/batch", json={"requests": batch * 3}).status_code == 200
+    finally:
+        state.limiter.in_flight = 0
 
 
 @pytest.mark.parametrize(
