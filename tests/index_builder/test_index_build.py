@@ -67,6 +67,12 @@ def test_exactly_four_valid_layers(n: int) -> None:
     assert rep["nodes_per_layer"][0] == n and all(c > 0 for c in rep["nodes_per_layer"])
     assert rep["nodes_per_layer"] == sorted(rep["nodes_per_layer"], reverse=True)
     assert rep["nested"] and rep["entry_points_on_top_layer"] and rep["all_reachable"]
+    # these seeded builds exercise both fixes: hnswlib drew levels above 3 (capped), and at 30k the
+    # build left nodes unreachable that the repair linked (deterministic: one thread)
+    assert rep["levels_before_capping"] > 4 and rep["nodes_capped_into_top_layer"] > 0
+    if n == 30_000:
+        assert sum(rep["repair"]["unreachable_before"]) > 0
+        assert sum(rep["repair"]["edges_added"]) >= sum(rep["repair"]["unreachable_before"]) // 2
     masks = layer_reachability(result.graph)
     levels = np.asarray(result.graph.levels)
     for layer in range(4):
