@@ -36,7 +36,7 @@ L = SCHEMA.max_seq_len
     num=st.lists(st.floats(-1e6, 1e6, width=32), min_size=2, max_size=2),
     rows=st.lists(st.integers(0, 2**31 - 1), min_size=L, max_size=L),
 )
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60, deadline=None, database=None)
 def test_codec_round_trip(n: int, cat: list[int], num: list[float], rows: list[int]) -> None:
     seq = np.full(L, -1, np.int64)
     if n:
