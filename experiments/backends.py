@@ -10,6 +10,7 @@ but each run gets a fresh process and the operator-facing contract is what is ex
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import subprocess
 import sys
@@ -51,6 +52,17 @@ def _unimatch(args: list[str]) -> None:
         raise RuntimeError(f"`unimatch {' '.join(args)}` exited {proc.returncode}: {tail[0]}")
 
 
+# Trainer options that `unimatch train` exposes as flags (model/cli.py).
+CLI_TRAIN_FLAGS = {
+    "batch_size": "--batch-size",
+    "loss.num_sampled": "--negatives",
+    "loss.sampler": "--sampler",
+    "model.embed_dim": "--embed-dim",
+    "rrl.adv_epsilon": "--adv-epsilon",
+    "checkpoint_every": "--checkpoint-every",
+}
+
+
 class CliBackend:
     """Drive the operator-facing commands as subprocesses (CONTRACT.md names and flags)."""
 
@@ -79,18 +91,20 @@ class CliBackend:
         if threads is not None:
             cmd += ["--threads", str(threads)]
         for key, value in options.items():
-            cmd += ["--set", f"{key}={json.dumps(value)}"]
-        _unimatch(cmd)
+            if key not in CLI_TRAIN_FLAGS:
+                raise ValueError(
+                    f"train option {key!r} has no `unimatch train` flag; the cli backend knows {sorted(CLI_TRAIN_FLAGS)}"
+                )
+            cmd += [CLI_TRAIN_FLAGS[key], str(value)]
+        _unimatch(cmd + ["--no-progress", "--no-resume"])
 
-    def evaluate(
-        self, *, run: Path, data: Path, ns: list[int], split: str, max_users: int | None, seed: int
-    ) -> RecallAll:
+    def evaluate(self, *, run: Path, data: Path, ns: list[int], max_users: int | None, seed: int) -> RecallAll:
         with tempfile.TemporaryDirectory(prefix="unimatch-exp-") as tmp:
             js = Path(tmp) / "eval.json"
             cmd = ["eval", "--run", str(run), "--data", str(data), "--n", ",".join(map(str, ns)), "--json", str(js)]
-            cmd += ["--split", split]
+            cmd += ["--seed", str(seed), "--no-progress"]
             if max_users is not None:
-                cmd += ["--max-users", str(max_users), "--seed", str(seed)]
+                cmd += ["--users", str(max_users)]
             _unimatch(cmd)
             return json.loads(js.read_text())["recall_all"]
 
@@ -126,13 +140,13 @@ class LibraryBackend:
         train(train_config(data=data, method=method, out=out, seed=seed, lr=lr, epochs=epochs,
                            max_steps=max_steps, options=options, threads=threads))  # fmt: skip
 
-    def evaluate(
-        self, *, run: Path, data: Path, ns: list[int], split: str, max_users: int | None, seed: int
-    ) -> RecallAll:
-        from model.evaluate import evaluate_run
+    def evaluate(self, *, run: Path, data: Path, ns: list[int], max_users: int | None, seed: int) -> RecallAll:
+        from model.evaluate import EvalConfig, evaluate
 
-        res = evaluate_run(run=run, data=data, ns=ns, split=split, max_users=max_users, seed=seed)
-        return res["recall_all"]
+        cfg = EvalConfig(run=run, data=data, ns=tuple(ns), seed=seed, progress=False)
+        if max_users is not None:
+            cfg = dataclasses.replace(cfg, max_users=max_users)
+        return evaluate(cfg)["recall_all"]
 
 
 def train_config(
@@ -166,8 +180,13 @@ def train_config(
     defaults = method_config(method, data=data, out=out)
     parts = {"model": defaults.model, "loss": defaults.loss, "rrl": defaults.rrl}
     for part, fields in nested.items():
+        current = parts[part]
+        for name, value in list(fields.items()):
+            old = getattr(current, name, None)
+            if isinstance(old, enum.Enum):  # e.g. loss.sampler: "uniform" -> NegativeSampler.UNIFORM
+                fields[name] = type(old)(value)
         try:
-            parts[part] = dataclasses.replace(parts[part], **fields)
+            parts[part] = dataclasses.replace(current, **fields)
         except TypeError as exc:
             raise ValueError(f"train options for {part}: {exc}") from None
     kwargs: dict[str, Any] = dict(data=data, out=out, seed=seed, lr=lr, progress=False, threads=threads, **parts)

@@ -242,14 +242,26 @@ def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
 # ---------------------------------------------------------------- Fig. 5: UWL weights over training
 
 
-def read_uwl_weights(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Per-step UWL weights of each auxiliary loss from a training run's per-step log.
+# The trainer's names of the four auxiliary losses (model.train.AUX_NAMES) and the paper's symbols.
+AUX_LABELS = {
+    "dal_shared": "L_s (DAL shared, Eq. 15)",
+    "dal_specific": "L_d (DAL specific, Eq. 17)",
+    "wasserstein": "L_wd (MVWDL, Eq. 20)",
+    "ortho": "L_ortho (Eq. 24)",
+}
+STEP_LOG = "log.jsonl"
 
-    The trainer writes one JSON object per logged step to ``steps.jsonl`` in the run directory,
-    with ``step`` and a ``uwl_weights`` mapping ``{loss name: weight}`` (the factor 1/(2σ²) of
-    Eq. 25 that multiplies the loss). Returns ``{loss name: [(step, weight), ...]}``.
+
+def read_uwl_weights(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Per-step weight of each auxiliary loss from a training run's per-step log.
+
+    The trainer (model.train) writes one JSON object per step to ``log.jsonl`` in the run directory,
+    with ``step`` and an ``aux_weights`` mapping ``{loss name: weight}``: the factor 1/(2σ²) of
+    Eq. 25 under UWL, the fixed 0.01 without. Returns ``{loss name: [(step, weight), ...]}``.
     """
-    log = _find_step_log(Path(run_dir))
+    log = Path(run_dir) / STEP_LOG
+    if not log.is_file():
+        raise FileNotFoundError(f"{run_dir} has no per-step training log {STEP_LOG}")
     series: dict[str, list[tuple[int, float]]] = {}
     with log.open() as fh:
         for lineno, line in enumerate(fh, 1):
@@ -260,25 +272,16 @@ def read_uwl_weights(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
                 rec = json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{log}:{lineno}: not JSON ({exc})") from exc
-            weights = rec.get("uwl_weights")
+            weights = rec.get("aux_weights")
             if not weights:
                 continue
             step = int(rec["step"])
             for name, w in weights.items():
-                series.setdefault(name, []).append((step, float(w)))
+                if w is not None:
+                    series.setdefault(name, []).append((step, float(w)))
     if not series:
-        raise ValueError(f"{log} holds no 'uwl_weights': was the run trained with UWL?")
+        raise ValueError(f"{log} holds no 'aux_weights': was the run trained with auxiliary losses?")
     return series
-
-
-STEP_LOG_NAMES = ("steps.jsonl",)
-
-
-def _find_step_log(run_dir: Path) -> Path:
-    for name in STEP_LOG_NAMES:
-        if (run_dir / name).is_file():
-            return run_dir / name
-    raise FileNotFoundError(f"{run_dir} has no per-step training log ({', '.join(STEP_LOG_NAMES)})")
 
 
 def plot_uwl_weights(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None:
@@ -302,9 +305,10 @@ def plot_uwl_weights(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
 
             fig, ax = plt.subplots(figsize=(6.5, 4.2))
             for name, pts in series.items():
-                ax.plot([s for s, _ in pts], [w for _, w in pts], label=name, lw=1.2)
+                ax.plot([s for s, _ in pts], [w for _, w in pts], label=AUX_LABELS.get(name, name), lw=1.2)
             ax.set_xlabel("training step")
-            ax.set_ylabel("UWL weight 1/(2σ²)")
+            ax.set_ylabel("UWL weight 1/(2σ²), log scale")
+            ax.set_yscale("log")
             ax.set_title(f"{method_label(cfg.uwl_method)} on {ds.name}, seed {res['seed']}", fontsize=10)
             ax.grid(True, alpha=0.3)
             ax.legend(fontsize=8)

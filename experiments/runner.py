@@ -39,6 +39,7 @@ RecallAll = dict[str, dict[str, float]]  # {"<domain>" | "average": {"<N>": reca
 
 TEST_SPLIT = "test"
 VALID_SPLIT = "validation"
+VALID_VIEW_SUFFIX = ".valid-as-test"
 
 
 class Backend(Protocol):
@@ -64,10 +65,8 @@ class Backend(Protocol):
         """Train ``method`` on ``data`` into the run directory ``out``."""
         ...
 
-    def evaluate(
-        self, *, run: Path, data: Path, ns: list[int], split: str, max_users: int | None, seed: int
-    ) -> RecallAll:
-        """Recall-all@N per domain and ``average`` on ``split`` (``test`` or ``validation``)."""
+    def evaluate(self, *, run: Path, data: Path, ns: list[int], max_users: int | None, seed: int) -> RecallAll:
+        """Recall-all@N per domain and ``average`` on the test split of ``data``."""
         ...
 
 
@@ -201,6 +200,12 @@ def run_experiment(
             data = backend.prepare(ds, data)
         elif ds.source == "path" and not (data / "dataset.json").is_file():
             raise ExperimentConfigError(f"dataset {ds.name!r}: {data} is not a dataset directory")
+        valid_data: Path | None = None
+        if len(cfg.tuning.lrs) > 1:
+            valid_data = data_root / f"{ds.name}{VALID_VIEW_SUFFIX}"
+            if not (valid_data / "dataset.json").is_file():
+                log(f"[{ds.name}] writing the validation view {valid_data}")
+                validation_view(data, valid_data)
 
         # Learning rate per method, chosen on the validation split.
         chosen: dict[str, float | None] = {}
@@ -221,8 +226,9 @@ def run_experiment(
                     continue
                 label = f"[{ds.name}] tune {method} lr={lr:g}"
 
+                assert valid_data is not None  # written above whenever the grid has several rates
                 res = attempt(
-                    label, data=data, dataset=ds.name, method=method, seed=cfg.tuning.seed, lr=lr,
+                    label, data=data, eval_data=valid_data, dataset=ds.name, method=method, seed=cfg.tuning.seed, lr=lr,
                     run_dir=_work_dir(out, fingerprint, ds.name, method, f"tune-lr-{lr:g}"), split=VALID_SPLIT,
                 )  # fmt: skip
                 if res is not None:
@@ -262,7 +268,7 @@ def run_experiment(
                 tune_dir = _work_dir(out, fingerprint, ds.name, method, f"tune-lr-{lr:g}")
                 reuse = len(cfg.tuning.lrs) > 1 and seed == cfg.tuning.seed and (tune_dir / ".complete").is_file()
                 res = attempt(
-                    label, data=data, dataset=ds.name, method=method, seed=seed, lr=lr,
+                    label, data=data, eval_data=data, dataset=ds.name, method=method, seed=seed, lr=lr,
                     run_dir=tune_dir if reuse else _work_dir(out, fingerprint, ds.name, method, f"seed-{seed}"),
                     split=TEST_SPLIT, reuse=reuse,
                 )  # fmt: skip
@@ -277,6 +283,7 @@ def _train_and_eval(
     backend: Backend,
     *,
     data: Path,
+    eval_data: Path,
     dataset: str,
     method: str,
     seed: int,
@@ -306,9 +313,8 @@ def _train_and_eval(
         train_s = time.perf_counter() - t0
         atomic_write_json(marker, {"train_seconds": train_s})
     t0 = time.perf_counter()
-    recall = backend.evaluate(
-        run=run_dir, data=data, ns=list(cfg.eval.n), split=split, max_users=cfg.eval.max_users, seed=seed
-    )
+    # Evaluation users are sampled with the run's seed, so seeds differ in users as well as weights.
+    recall = backend.evaluate(run=run_dir, data=eval_data, ns=list(cfg.eval.n), max_users=cfg.eval.max_users, seed=seed)
     eval_s = time.perf_counter() - t0
     _check_recall(recall, cfg.eval.n, label)
     log(
@@ -331,6 +337,40 @@ def _train_and_eval(
         "run_dir": str(run_dir),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
+
+
+def validation_view(data: Path, out: Path) -> Path:
+    """Write ``data`` with its validation interactions as the test split and its test ones dropped.
+
+    ``unimatch eval`` scores the test split with the user's non-test history as the behaviour
+    sequence (what the service sees). Relabelling validation as test and dropping the real test
+    rows gives the same measurement one step earlier in time: the validation target never appears
+    in its own input and the real test interactions are never looked at during tuning. Users,
+    entities and schema are unchanged, so a run trained on ``data`` loads against the view.
+    """
+    import numpy as np
+
+    from model.data.dataset import TEST, VALID, Interactions, load_dataset, write_dataset
+
+    ds = load_dataset(data, mmap=False)
+    split = np.asarray(ds.interactions.split)
+    keep = split != TEST
+    if not np.any(split == VALID):
+        raise ValueError(f"{data}: no validation interactions to tune the learning rate on")
+    inter = ds.interactions
+    new_split = np.where(split[keep] == VALID, TEST, split[keep]).astype(np.int8)
+    view = Interactions(
+        user=np.asarray(inter.user)[keep],
+        entity=np.asarray(inter.entity)[keep],
+        domain=np.asarray(inter.domain)[keep],
+        timestamp=np.asarray(inter.timestamp)[keep],
+        split=new_split,
+    )
+    meta = {
+        k: v for k, v in ds.meta.items() if k not in ("name", "counts", "files", "schema_fingerprint", "format_version")
+    }
+    meta["validation_view_of"] = str(data)
+    return write_dataset(out, schema=ds.schema, users=ds.users, entities=ds.entities, interactions=view, meta=meta)
 
 
 def _check_recall(recall: RecallAll, ns: list[int], label: str) -> None:

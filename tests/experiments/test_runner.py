@@ -14,7 +14,8 @@ import pytest
 
 from experiments.config import ExperimentConfigError, load_config, parse_config
 from experiments.render import Cell, effect_over_se, read_uwl_weights, render, summarise, table_markdown
-from experiments.runner import plan, result_path, run_experiment, select_lr, tune_path
+from experiments.runner import plan, result_path, select_lr, tune_path, validation_view
+from experiments.runner import run_experiment as _run_experiment
 
 METHOD_SCORE = {"dnn": 0.20, "ple": 0.22, "backbone": 0.24, "backbone-rrl": 0.26}
 
@@ -27,11 +28,13 @@ class FakeBackend:
         self.fail_method = fail_method
         self.trained: list[tuple[str, int, float]] = []
         self.evaluated: list[tuple[str, str]] = []
+        self.prepared = 0
 
     def prepare(self, spec: Any, out: Path) -> Path:
-        out.mkdir(parents=True)
-        (out / "dataset.json").write_text("{}")
-        return out
+        from model.data.synth import generate, preset
+
+        self.prepared += 1
+        return generate(preset("tiny"), out)
 
     def train(self, *, data: Path, method: str, out: Path, seed: int, lr: float, epochs: Any, max_steps: Any,
               options: dict[str, Any], threads: Any) -> None:  # fmt: skip
@@ -41,14 +44,20 @@ class FakeBackend:
         out.mkdir(parents=True)
         (out / "meta.json").write_text(json.dumps({"method": method, "seed": seed, "lr": lr}))
         if method == "backbone-rrl":
-            with (out / "steps.jsonl").open("w") as fh:
+            with (out / "log.jsonl").open("w") as fh:
                 for step in range(1, 11):
-                    weights = {"L_s": 1.0 / step, "L_d": 0.5, "L_wd": 0.3 + 0.01 * step, "L_ortho": 0.2}
-                    fh.write(json.dumps({"step": step, "loss": 1.0, "uwl_weights": weights}) + "\n")
+                    weights = {
+                        "dal_shared": 1 / step,
+                        "dal_specific": 0.5,
+                        "wasserstein": 0.3 + step / 100,
+                        "ortho": 0.2,
+                    }
+                    fh.write(json.dumps({"step": step, "loss": 1.0, "aux_weights": weights}) + "\n")
                 fh.write(json.dumps({"step": 11, "loss": 0.9}) + "\n")  # a line without weights is skipped
 
-    def evaluate(self, *, run: Path, data: Path, ns: list[int], split: str, max_users: Any, seed: int) -> dict:
+    def evaluate(self, *, run: Path, data: Path, ns: list[int], max_users: Any, seed: int) -> dict:
         meta = json.loads((run / "meta.json").read_text())
+        split = "validation" if data.name.endswith(".valid-as-test") else "test"
         self.evaluated.append((meta["method"], split))
         base = METHOD_SCORE[meta["method"]] + 0.01 * meta["seed"]
         if split == "validation" and meta["lr"] == self.good_lr:
@@ -56,6 +65,27 @@ class FakeBackend:
         rec = {"d0": {str(n): base * n / 200 for n in ns}, "d1": {str(n): base * n / 100 / 2 for n in ns}}
         rec["average"] = {str(n): (rec["d0"][str(n)] + rec["d1"][str(n)]) / 2 for n in ns}
         return rec
+
+
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One tiny dataset (and its validation view) for the whole module: generating it per test is slow."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(autouse=True)
+def _share_data(shared_data: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    global DATA_ROOT
+    DATA_ROOT = shared_data
+
+
+DATA_ROOT: Path | None = None
+
+
+def run_experiment(cfg: Any, out: Path, **kw: Any) -> Any:
+    kw.setdefault("data_root", DATA_ROOT)
+    kw.setdefault("log", lambda s: None)
+    return _run_experiment(cfg, out, **kw)
 
 
 def make_cfg(**over: Any) -> Any:
@@ -77,7 +107,7 @@ def make_cfg(**over: Any) -> Any:
 def test_runs_every_cell_then_resumes_without_training(tmp_path: Path) -> None:
     cfg = make_cfg()
     be = FakeBackend()
-    rep = run_experiment(cfg, tmp_path, backend=be, log=lambda s: None)
+    rep = run_experiment(cfg, tmp_path, backend=be)
     # 4 methods x 2 lrs tuning + 4 x 3 seeds final, minus the 4 reused tuning trainings.
     assert len(be.trained) == 4 * 2 + 4 * 3 - 4
     assert rep.done == 4 * 2 + 4 * 3 and rep.pending == 0 and not rep.failed
@@ -87,27 +117,27 @@ def test_runs_every_cell_then_resumes_without_training(tmp_path: Path) -> None:
             assert res["split"] == "test" and res["lr"] == 0.01
             assert res["recall_all"]["average"]["200"] == pytest.approx(METHOD_SCORE[m] + 0.01 * s)
     be2 = FakeBackend()
-    rep2 = run_experiment(cfg, tmp_path, backend=be2, log=lambda s: None)
+    rep2 = run_experiment(cfg, tmp_path, backend=be2)
     assert be2.trained == [] and be2.evaluated == [] and rep2.skipped == 4 * 2 + 4 * 3 and rep2.done == 0
 
     # A lost result file is the only run done again.
     result_path(tmp_path, cfg.fingerprint(), "toy", "ple", 2).unlink()
     be3 = FakeBackend()
-    run_experiment(cfg, tmp_path, backend=be3, log=lambda s: None)
+    run_experiment(cfg, tmp_path, backend=be3)
     assert be3.trained == [("ple", 2, 0.01)]
 
 
 def test_changed_budget_makes_results_stale(tmp_path: Path) -> None:
-    run_experiment(make_cfg(), tmp_path, backend=FakeBackend(), log=lambda s: None)
+    run_experiment(make_cfg(), tmp_path, backend=FakeBackend())
     be = FakeBackend()
-    run_experiment(make_cfg(train={"epochs": 1, "max_steps": 6}), tmp_path, backend=be, log=lambda s: None)
+    run_experiment(make_cfg(train={"epochs": 1, "max_steps": 6}), tmp_path, backend=be)
     assert len(be.trained) == 16
     assert plan(make_cfg(train={"epochs": 1, "max_steps": 6}), tmp_path)["finished"] == 20
 
 
 def test_learning_rate_chosen_on_validation(tmp_path: Path) -> None:
     be = FakeBackend(good_lr=0.001)
-    run_experiment(make_cfg(), tmp_path, backend=be, log=lambda s: None)
+    run_experiment(make_cfg(), tmp_path, backend=be)
     fp = make_cfg().fingerprint()
     sel = json.loads((tmp_path / f"tune/{fp}/toy/ple/selected.json").read_text())
     assert sel["lr"] == 0.001 and sel["by_lr"]["0.001"] > sel["by_lr"]["0.01"]
@@ -121,27 +151,26 @@ def test_learning_rate_chosen_on_validation(tmp_path: Path) -> None:
 
 def test_single_lr_grid_skips_tuning(tmp_path: Path) -> None:
     be = FakeBackend()
-    run_experiment(make_cfg(tuning={"lrs": [0.003]}), tmp_path, backend=be, log=lambda s: None)
+    run_experiment(make_cfg(tuning={"lrs": [0.003]}), tmp_path, backend=be)
     assert len(be.trained) == 12 and not (tmp_path / "tune").exists()
     assert plan(make_cfg(tuning={"lrs": [0.003]}), tmp_path)["trainings"] == 12
 
 
 def test_deadline_starts_nothing_and_filters(tmp_path: Path) -> None:
     be = FakeBackend()
-    rep = run_experiment(make_cfg(), tmp_path, backend=be, deadline=0.0, log=lambda s: None)
+    rep = run_experiment(make_cfg(), tmp_path, backend=be, deadline=0.0)
     assert be.trained == [] and rep.pending == 4 * 2 + 4 * 3
-    rep = run_experiment(make_cfg(), tmp_path, backend=be, only_methods=["dnn"], log=lambda s: None)
+    rep = run_experiment(make_cfg(), tmp_path, backend=be, only_methods=["dnn"])
     assert {m for m, _, _ in be.trained} == {"dnn"}
     with pytest.raises(ExperimentConfigError):
-        run_experiment(make_cfg(), tmp_path, backend=be, only_methods=["nope"], log=lambda s: None)
+        run_experiment(make_cfg(), tmp_path, backend=be, only_methods=["nope"])
 
 
 def test_keep_going_records_failure(tmp_path: Path) -> None:
     be = FakeBackend(fail_method="ple")
     with pytest.raises(RuntimeError):
-        run_experiment(make_cfg(), tmp_path / "a", backend=be, log=lambda s: None)
-    rep = run_experiment(make_cfg(), tmp_path / "b", backend=FakeBackend(fail_method="ple"), keep_going=True,
-                         log=lambda s: None)  # fmt: skip
+        run_experiment(make_cfg(), tmp_path / "a", backend=be)
+    rep = run_experiment(make_cfg(), tmp_path / "b", backend=FakeBackend(fail_method="ple"), keep_going=True)
     assert len(rep.failed) == 2 and all("ple" in f for f in rep.failed)  # its two tuning runs
     fp = make_cfg().fingerprint()
     assert not result_path(tmp_path / "b", fp, "toy", "ple", 0).exists()
@@ -149,10 +178,10 @@ def test_keep_going_records_failure(tmp_path: Path) -> None:
 
 
 def test_tables_share_common_runs(tmp_path: Path) -> None:
-    run_experiment(make_cfg(seeds=[0]), tmp_path, backend=FakeBackend(), log=lambda s: None)
+    run_experiment(make_cfg(seeds=[0]), tmp_path, backend=FakeBackend())
     be = FakeBackend()
     t4 = make_cfg(name="t4", kind="ablation", reference="backbone", methods=["backbone", "backbone-rrl"], seeds=[0, 1])
-    run_experiment(t4, tmp_path, backend=be, log=lambda s: None)
+    run_experiment(t4, tmp_path, backend=be)
     assert sorted(be.trained) == [("backbone", 1, 0.01), ("backbone-rrl", 1, 0.01)]  # seed 0 came from t3
     written = render(tmp_path)
     assert {"t3/tables", "t4/tables", "t3/fig4", "t4/fig5"} <= set(written)
@@ -161,7 +190,7 @@ def test_tables_share_common_runs(tmp_path: Path) -> None:
 
 def test_render_tables_numbers_and_plots(tmp_path: Path) -> None:
     cfg = make_cfg()
-    run_experiment(cfg, tmp_path, backend=FakeBackend(), log=lambda s: None)
+    run_experiment(cfg, tmp_path, backend=FakeBackend())
     written = render(tmp_path)
     md = (tmp_path / "tables-t3.md").read_text()
     # DNN average@50 over seeds 0,1,2: (0.20, 0.21, 0.22) * 50/200 -> mean 0.0525, std 0.0025.
@@ -179,7 +208,7 @@ def test_render_tables_numbers_and_plots(tmp_path: Path) -> None:
 
 def test_render_partial_grid_shows_missing_cells(tmp_path: Path) -> None:
     cfg = make_cfg(tuning={"lrs": [0.01]})
-    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_methods=["ple", "backbone"], log=lambda s: None)
+    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_methods=["ple", "backbone"])
     md = table_markdown(cfg, tmp_path)
     ple = next(line for line in md.splitlines() if line.startswith("| PLE |"))
     assert "n/a" in ple and "| DNN |" not in md  # no reference run: no relative change invented
@@ -193,10 +222,10 @@ def test_effect_over_se() -> None:
 
 
 def test_uwl_log_reader(tmp_path: Path) -> None:
-    (tmp_path / "steps.jsonl").write_text('{"step": 1, "uwl_weights": {"L_s": 0.5}}\n{"step": 2}\n')
-    assert read_uwl_weights(tmp_path) == {"L_s": [(1, 0.5)]}
-    (tmp_path / "steps.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
-    with pytest.raises(ValueError, match="no 'uwl_weights'"):
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "aux_weights": {"ortho": 0.5}}\n{"step": 2}\n')
+    assert read_uwl_weights(tmp_path) == {"ortho": [(1, 0.5)]}
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
+    with pytest.raises(ValueError, match="no 'aux_weights'"):
         read_uwl_weights(tmp_path)
     with pytest.raises(FileNotFoundError):
         read_uwl_weights(tmp_path / "missing")
@@ -230,7 +259,7 @@ def test_shipped_configs_parse() -> None:
 def test_cli_render_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from unimatch.cli import main
 
-    run_experiment(make_cfg(seeds=[0]), tmp_path / "exp", backend=FakeBackend(), log=lambda s: None)
+    run_experiment(make_cfg(seeds=[0]), tmp_path / "exp", backend=FakeBackend())
     assert main(["experiment", "render", "--out", str(tmp_path / "exp")]) == 0
     assert (tmp_path / "exp" / "tables-t3.md").is_file()
     bad = tmp_path / "bad.json"
@@ -238,3 +267,24 @@ def test_cli_render_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["experiment", "run", "--config", str(bad), "--out", str(tmp_path / "x")]) == 2
     assert "not valid JSON" in capsys.readouterr().err
     assert main(["experiment", "render", "--out", str(tmp_path / "nothing")]) == 2
+
+
+def test_validation_view_moves_validation_to_test(tmp_path: Path) -> None:
+    import numpy as np
+
+    from model.data.dataset import TEST, TRAIN, VALID, load_dataset
+    from model.data.synth import generate, preset
+
+    src = load_dataset(generate(preset("tiny"), tmp_path / "d"))
+    view = load_dataset(validation_view(src.root, tmp_path / "v"))
+    s, v = np.asarray(src.interactions.split), np.asarray(view.interactions.split)
+    assert (v == TEST).sum() == (s == VALID).sum() > 0 and (v == VALID).sum() == 0
+    assert (v == TRAIN).sum() == (s == TRAIN).sum()
+    assert len(view.entities) == len(src.entities) and view.schema.fingerprint() == src.schema.fingerprint()
+    # The view's test pairs are exactly the source's validation pairs.
+    def pairs(ds: Any, lab: int) -> list[tuple[int, int]]:
+        keep = np.asarray(ds.interactions.split) == lab
+        users = np.asarray(ds.interactions.user)[keep].tolist()
+        return sorted(zip(users, np.asarray(ds.interactions.entity)[keep].tolist(), strict=True))
+
+    assert pairs(view, TEST) == pairs(src, VALID)
