@@ -123,12 +123,14 @@ class MatchEngine:
         intra_op_threads: int = 1,
         providers: Sequence[str] | None = None,
         fp16_tables: bool = False,
+        batch_requests: bool | None = None,
     ) -> None:
         self.bundle = bundle
         self.params = params or SearchParams()
         self.intra_op_threads = intra_op_threads
         self.scorer = make_scorer(
-            bundle, providers=providers, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables
+            bundle, providers=providers, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables,
+            batch_requests=batch_requests,
         )
         self.provider = self.scorer.provider
         graph = bundle.graph
@@ -320,6 +322,12 @@ class MatchEngine:
                 continue
             k = min(10, eligible)
             self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+
+    def close(self) -> None:
+        """Release background resources (the GPU batcher thread, when there is one)."""
+        close = getattr(self.scorer, "close", None)
+        if close is not None:
+            close()
 
     def info(self) -> dict:
         g = self.bundle.graph

@@ -20,6 +20,8 @@ the graph rewrite); never torch.
 from __future__ import annotations
 
 import logging
+import queue
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -101,9 +103,9 @@ class HostGatherScorer:
         self.max_batch = int(max_batch)
         providers = [provider] if provider == CPU else [provider, CPU]
         so = session_options(intra_op_threads)
+        self.user_outputs = list(bundle.manifest.get("user_outputs", []))
         self.user_session = ort.InferenceSession(str(bundle.path / "user_encoder.onnx"), so, providers=providers)
         self.pair_session = self._pair_session(ort, so, providers)
-        self.user_outputs = list(bundle.manifest.get("user_outputs", []))
         got = [o.name for o in self.user_session.get_outputs()]
         missing = [n for n in self.user_outputs if n not in got]
         if missing:
@@ -153,11 +155,21 @@ class HostGatherScorer:
         return np.asarray(out, dtype=np.float32).reshape(-1), t1 - t0, t2 - t1
 
 
-def gather_inside_graph(model_path: str, tensor_names: Sequence[str], *, fp16_tables: bool = False) -> bytes:
+def gather_inside_graph(
+    model_path: str,
+    tensor_names: Sequence[str],
+    *,
+    fp16_tables: bool = False,
+    batch_users: Sequence[str] = (),
+) -> bytes:
     """Rewrite ``pair_scorer.onnx`` to take ``rows`` (batch,) and whole entity tables ``<name>__table``.
 
     Each entity-tensor input ``<name>`` becomes ``Gather(<name>__table, rows)`` (+ ``Cast`` to float32
-    when the tables are float16), so candidates are gathered where the tables live. Returns the
+    when the tables are float16), so candidates are gathered where the tables live. With
+    ``batch_users`` (the user-output names), each of those inputs becomes
+    ``Gather(<name>__users, user_index)``: one call then scores candidates of several users (of one
+    domain), which is how concurrent requests share a GPU call. That only works when the exported graph
+    broadcasts the user inputs' leading dimension (checked by ``BatchingScorer``). Returns the
     serialised model. Needs the ``onnx`` package (the GPU path only).
     """
     import onnx
@@ -179,7 +191,17 @@ def gather_inside_graph(model_path: str, tensor_names: Sequence[str], *, fp16_ta
             new_nodes.append(helper.make_node("Cast", [f"{name}__h"], [name], to=TensorProto.FLOAT))
         else:
             new_nodes.append(helper.make_node("Gather", [f"{name}__table", "rows"], [name], axis=0))
-    kept = [i for i in g.input if i.name not in set(tensor_names)]
+    if batch_users:
+        new_inputs.append(helper.make_tensor_value_info("user_index", TensorProto.INT64, ["batch"]))
+    for name in batch_users:
+        if name not in by_name:
+            raise BundleError(f"{model_path}: pair scorer has no input {name!r} named in manifest.user_outputs")
+        vi = by_name[name].type.tensor_type
+        dims = [d.dim_param or d.dim_value for d in vi.shape.dim]
+        new_inputs.append(helper.make_tensor_value_info(f"{name}__users", vi.elem_type, ["users", *dims[1:]]))
+        new_nodes.append(helper.make_node("Gather", [f"{name}__users", "user_index"], [name], axis=0))
+    replaced = set(tensor_names) | set(batch_users)
+    kept = [i for i in g.input if i.name not in replaced]
     del g.input[:]
     g.input.extend(kept + new_inputs)
     nodes = new_nodes + list(g.node)
@@ -253,19 +275,187 @@ class DeviceGatherScorer(HostGatherScorer):
         return out, t1 - t0, time.perf_counter() - t1
 
 
+class BatchingUnsupported(RuntimeError):
+    """The exported pair scorer does not broadcast a per-candidate user batch (see gather_inside_graph)."""
+
+
+class _Pending:
+    """One expansion step of one request, waiting for the batcher thread."""
+
+    __slots__ = ("ctx", "rows", "done", "scores", "error", "seconds")
+
+    def __init__(self, ctx: UserContext, rows: np.ndarray) -> None:
+        self.ctx, self.rows = ctx, rows
+        self.done = threading.Event()
+        self.scores: np.ndarray | None = None
+        self.error: BaseException | None = None
+        self.seconds = 0.0
+
+
+class BatchingScorer(DeviceGatherScorer):
+    """Merges the expansion steps of concurrent requests into one device call (the GPU serving path).
+
+    Each request thread enqueues its frontier and waits; one batcher thread takes everything queued
+    at that moment (no added wait: while the device runs one call, the next batch accumulates), groups
+    it by domain, and scores each group in ONE call of the user-batched graph: stacked user outputs,
+    ``user_index`` per candidate, entity tables resident on the device. Small frontiers of many users
+    thus fill the GPU the way one large batch would.
+    """
+
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        provider: str = CUDA,
+        intra_op_threads: int = 1,
+        max_batch: int = 65536,
+        fp16_tables: bool = False,
+        device_id: int = 0,
+        max_pairs_per_call: int = 262144,  # bounds device activation memory of one merged call
+    ) -> None:
+        super().__init__(
+            bundle, provider=provider, intra_op_threads=intra_op_threads, max_batch=max_batch,
+            fp16_tables=fp16_tables, device_id=device_id,
+        )
+        self.max_pairs_per_call = int(max_pairs_per_call)
+        self.calls = 0
+        self.merged_steps = 0
+        self._check_broadcasting()
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._loop, name="unimatch-scorer-batcher", daemon=True)
+        self._worker.start()
+
+    def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
+        blob = gather_inside_graph(
+            str(self.bundle.path / "pair_scorer.onnx"),
+            list(self.bundle.entity_tensors),
+            fp16_tables=self.fp16_tables,
+            batch_users=self.user_outputs,
+        )
+        return ort.InferenceSession(blob, so, providers=providers)
+
+    def encode(self, cat: np.ndarray, num: np.ndarray, seq: np.ndarray, domain: int) -> UserContext:
+        return HostGatherScorer.encode(self, cat, num, seq, domain)  # stacked per call, not uploaded per request
+
+    def _check_broadcasting(self) -> None:
+        """Score two different users in one call and compare with the exported graph, user by user."""
+        import onnxruntime as ort
+
+        ref = ort.InferenceSession(
+            str(self.bundle.path / "pair_scorer.onnx"), session_options(1), providers=[CPU]
+        )
+        schema = self.bundle.schema
+        n = min(self.bundle.num_entities, 16)
+        seq = np.full(schema.max_seq_len, -1, dtype=np.int64)
+        seq[-min(3, n) :] = np.arange(min(3, n))
+        users = [
+            self.encode(np.zeros(len(schema.user_categorical)), np.zeros(len(schema.user_numeric)), np.full_like(seq, -1), 0),
+            self.encode(np.ones(len(schema.user_categorical)), np.ones(len(schema.user_numeric)), seq, 0),
+        ]
+        rows = np.arange(n, dtype=np.int64)
+        try:
+            got = self._run_group([_Pending(u, rows) for u in users])
+        except Exception as exc:  # onnxruntime raises its own types for shape errors
+            raise BatchingUnsupported(f"user-batched pair scorer fails: {str(exc).splitlines()[0]}") from None
+        for u, scores in zip(users, got, strict=True):
+            feeds = dict(u.feeds)
+            for name, table in self.tables.items():
+                feeds[name] = np.take(table, rows, axis=0)
+            want = ref.run(["score"], feeds)[0].reshape(-1)
+            if not np.allclose(scores, want, rtol=1e-2 if self.fp16_tables else 1e-4, atol=1e-3):
+                raise BatchingUnsupported("user-batched pair scorer disagrees with the exported graph")
+
+    def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
+        item = _Pending(ctx, np.ascontiguousarray(rows, dtype=np.int64))
+        self._queue.put(item)
+        item.done.wait()
+        if item.error is not None:
+            raise item.error
+        assert item.scores is not None  # set together with done
+        return item.scores, 0.0, item.seconds
+
+    def _loop(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, pairs, stop = [first], first.rows.size, False
+            while pairs < self.max_pairs_per_call:
+                try:
+                    nxt = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    stop = True
+                    break
+                batch.append(nxt)
+                pairs += nxt.rows.size
+            groups: dict[int, list[_Pending]] = {}
+            for item in batch:
+                groups.setdefault(item.ctx.domain, []).append(item)
+            for items in groups.values():
+                try:
+                    t0 = time.perf_counter()
+                    results = self._run_group(items)
+                    dt = time.perf_counter() - t0
+                    for item, scores in zip(items, results, strict=True):
+                        item.scores, item.seconds = scores, dt
+                except BaseException as exc:  # hand the error to every waiting request
+                    for item in items:
+                        item.error = exc
+                finally:
+                    for item in items:
+                        item.done.set()
+            if stop:
+                return
+
+    def _run_group(self, items: list[_Pending]) -> list[np.ndarray]:
+        """One device call for requests of one domain; returns each request's scores."""
+        sizes = np.array([it.rows.size for it in items], dtype=np.int64)
+        rows = np.concatenate([it.rows for it in items])
+        user_index = np.repeat(np.arange(len(items), dtype=np.int64), sizes)
+        io = self.pair_session.io_binding()
+        for name, value in self.device_tables.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.user_outputs:
+            io.bind_cpu_input(f"{name}__users", np.ascontiguousarray(np.concatenate([it.ctx.feeds[name] for it in items])))
+        io.bind_cpu_input("domain", items[0].ctx.feeds["domain"])
+        io.bind_cpu_input("rows", rows)
+        io.bind_cpu_input("user_index", user_index)
+        io.bind_output("score", self.device, self.device_id)
+        self.pair_session.run_with_iobinding(io)
+        out = np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32).reshape(-1)
+        self.calls += 1
+        self.merged_steps += len(items)
+        return np.split(out, np.cumsum(sizes)[:-1])
+
+    def close(self) -> None:
+        """Stop the batcher thread (pending requests are answered first)."""
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+
+
 def make_scorer(
     bundle: Bundle,
     *,
     providers: Sequence[str] | None = None,
     intra_op_threads: int = 1,
     fp16_tables: bool = False,
+    batch_requests: bool | None = None,
 ) -> HostGatherScorer:
-    """The scorer for this machine: device-resident gather on CUDA, host gather on CPU."""
+    """The scorer for this machine: on CUDA, device-resident tables and (by default) concurrent requests
+    merged into one call; on CPU, host gathers (batching buys nothing where each request has a core)."""
     provider = choose_provider(providers)
-    if provider == CUDA:
-        try:
+    if batch_requests is None:
+        batch_requests = provider == CUDA
+    try:
+        if batch_requests:
+            try:
+                return BatchingScorer(bundle, provider=provider, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables)
+            except BatchingUnsupported as exc:
+                log.warning("not batching concurrent requests: %s", exc)
+        if provider == CUDA:
             return DeviceGatherScorer(bundle, provider=CUDA, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables)
-        except ImportError as exc:  # the graph rewrite needs `onnx`
-            log.warning("CUDA scorer needs the onnx package (%s); gathering on the host instead", exc)
-        return HostGatherScorer(bundle, provider=CUDA, intra_op_threads=intra_op_threads)
-    return HostGatherScorer(bundle, provider=CPU, intra_op_threads=intra_op_threads)
+    except ImportError as exc:  # the graph rewrite needs `onnx`
+        log.warning("device-side gather needs the onnx package (%s); gathering on the host instead", exc)
+    return HostGatherScorer(bundle, provider=provider, intra_op_threads=intra_op_threads)

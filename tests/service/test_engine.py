@@ -236,3 +236,36 @@ def test_cuda_engine_matches_cpu(bundle: Bundle) -> None:
     for u in users(3):
         a, b = cpu.match(u, 0, 20, mode="exhaustive"), gpu.match(u, 0, 20, mode="exhaustive")
         np.testing.assert_allclose(a.scores, b.scores, rtol=1e-3, atol=1e-4)
+
+
+def test_batching_scorer_merges_concurrent_requests(bundle: Bundle) -> None:
+    from service.scorer import BatchingScorer
+
+    host = HostGatherScorer(bundle)
+    batcher = BatchingScorer(bundle, provider=CPU)  # the GPU batching code path, on host memory
+    try:
+        us = users(6, seed=8)
+        rng = np.random.default_rng(1)
+        work = [(u, i % 2, rng.permutation(E)[: 50 + 10 * i].astype(np.int64)) for i, u in enumerate(us)]
+        with ThreadPoolExecutor(max_workers=6) as pool:
+            got = list(pool.map(lambda w: batcher.score(batcher.encode(w[0].cat, w[0].num, w[0].seq, w[1]), w[2]), work))
+        for (u, d, rows), scores in zip(work, got, strict=True):
+            want = host.score(host.encode(u.cat, u.num, u.seq, d), rows)
+            np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-5)
+        assert batcher.merged_steps >= 6 and batcher.calls <= batcher.merged_steps
+    finally:
+        batcher.close()
+
+
+def test_engine_with_request_batching_matches_plain_engine(engine: MatchEngine, bundle: Bundle) -> None:
+    batched = MatchEngine(bundle, params=GRAPH_ONLY, providers=[CPU], batch_requests=True)
+    try:
+        assert batched.info()["scorer"] == "BatchingScorer"
+        us = users(8, seed=12)
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            got = list(pool.map(lambda u: batched.match(u, 0, 15), us))
+        for u, r in zip(us, got, strict=True):
+            want = engine.match(u, 0, 15)
+            np.testing.assert_array_equal(r.rows, want.rows)
+    finally:
+        batched.close()
