@@ -101,7 +101,7 @@ class TrainingObjective(nn.Module):
             parts["aux_weights"] = weights
         for name, value in aux_losses.items():
             parts[name] = value.detach()
-        if self.rrl.adversarial:
+        if self.rrl.adversarial and torch.is_grad_enabled():  # FGSM needs the gradient; skipped in eval
             adv = fgsm_kl(
                 lambda e: self.model.score(user, e, domain)[0], ent, logits, ce, cand.valid, self.rrl.adv_epsilon
             )
@@ -291,7 +291,9 @@ class Trainer:
             self.schema.save(self.out / "schema.json")
         self.maybe_resume()
         start_step = self.step
-        log = open(self.out / "log.jsonl", "a") if is_main else None  # noqa: SIM115 - closed in finally
+        # a resumed run appends to its log; a fresh one starts it over
+        mode = "a" if start_step else "w"
+        log = open(self.out / "log.jsonl", mode) if is_main else None  # noqa: SIM115 - closed in finally
         t_start = time.perf_counter()
         t_last = t_start
         ex_per_s = 0.0

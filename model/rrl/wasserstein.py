@@ -25,9 +25,11 @@ def gradient_penalty(critic: nn.Module, a: Tensor, b: Tensor, xi: Tensor | None 
     """mean_i (||grad_x C(x_i)||_2 - 1)^2 at x = xi a + (1 - xi) b (Eq. 23); a, b (N, p), xi (N, 1)."""
     if xi is None:
         xi = torch.rand(a.shape[0], 1, device=a.device, dtype=a.dtype)
-    x = (xi * a.detach() + (1.0 - xi) * b.detach()).requires_grad_(True)
-    out = critic(x)
-    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    train_critic = torch.is_grad_enabled()
+    with torch.enable_grad():  # the penalty is a gradient, also when the caller evaluates under no_grad
+        x = (xi * a.detach() + (1.0 - xi) * b.detach()).requires_grad_(True)
+        out = critic(x)
+        (grad,) = torch.autograd.grad(out.sum(), x, create_graph=train_critic)
     return ((grad.norm(dim=1) - 1.0) ** 2).mean()
 
 

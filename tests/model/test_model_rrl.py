@@ -22,9 +22,11 @@ def _orthonormal(n: int, h: int, seed: int = 0) -> torch.Tensor:
 
 
 def test_orthogonality_eq24_is_zero_when_cross_correlation_is_identity() -> None:
-    q = _orthonormal(8, 4)
+    q = _orthonormal(8, 4) * math.sqrt(8)  # E^T E / n = I
     dom = torch.zeros(8, dtype=torch.long)
     assert float(OrthogonalityLoss(1, "paper")(q, q, dom)) == pytest.approx(0.0, abs=1e-12)
+    # and the raw product of an orthonormal Q is I * n away from it: ||I/8 - I||^2 = 4 * (7/8)^2
+    assert float(OrthogonalityLoss(1, "paper")(q / math.sqrt(8), q / math.sqrt(8), dom)) == pytest.approx(4 * 49 / 64)
 
 
 def test_orthogonality_eq24_on_mutually_orthogonal_inputs_is_h_per_domain_and_soft_version_zero() -> None:
