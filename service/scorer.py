@@ -113,6 +113,8 @@ class HostGatherScorer:
         # Plain ndarray views of the memory maps: fancy indexing on np.memmap adds subclass overhead.
         self.tables = {name: np.asarray(arr) for name, arr in bundle.entity_tensors.items()}
         self._user_input_names = {i.name for i in self.user_session.get_inputs()}
+        # An exporter drops inputs the graph does not use (e.g. `domain` of a domain-agnostic scorer).
+        self._pair_input_names = {i.name for i in self.pair_session.get_inputs()}
 
     def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
         return ort.InferenceSession(str(self.bundle.path / "pair_scorer.onnx"), so, providers=providers)
@@ -129,7 +131,9 @@ class HostGatherScorer:
         feeds = {k: v for k, v in feeds.items() if k in self._user_input_names}
         outs = self.user_session.run(self.user_outputs, feeds)
         ctx = {name: np.ascontiguousarray(o) for name, o in zip(self.user_outputs, outs, strict=True)}
-        ctx["domain"] = dom
+        if "domain" in self._pair_input_names:
+            ctx["domain"] = dom
+        ctx = {k: v for k, v in ctx.items() if k in self._pair_input_names or f"{k}__users" in self._pair_input_names}
         return UserContext(domain=domain, feeds=ctx)
 
     def score(self, ctx: UserContext, rows: np.ndarray) -> np.ndarray:
@@ -419,7 +423,8 @@ class BatchingScorer(DeviceGatherScorer):
             io.bind_ortvalue_input(name, value)
         for name in self.user_outputs:
             io.bind_cpu_input(f"{name}__users", np.ascontiguousarray(np.concatenate([it.ctx.feeds[name] for it in items])))
-        io.bind_cpu_input("domain", items[0].ctx.feeds["domain"])
+        if "domain" in items[0].ctx.feeds:
+            io.bind_cpu_input("domain", items[0].ctx.feeds["domain"])
         io.bind_cpu_input("rows", rows)
         io.bind_cpu_input("user_index", user_index)
         io.bind_output("score", self.device, self.device_id)
