@@ -258,12 +258,21 @@ def main() -> None:
     p.add_argument(
         "--append", action="store_true", help="merge into the existing --json results (same library and N replaced)"
     )
+    p.add_argument("--render", action="store_true", help="only re-render --md from --json (e.g. with a new --note)")
     p.add_argument("--one", choices=["hnswlib", "faiss"], help=argparse.SUPPRESS)
     p.add_argument("--vectors", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.one:
         child(args)
         return
+    if args.render:
+        data = json.loads(args.json.read_text())
+        if "--note" in sys.argv:
+            data["meta"]["note"] = args.note
+        _write(args.json, json.dumps(data, indent=2) + "\n")
+        _write(args.md, render(data["results"], data["meta"]))
+        return
+    load_before = os.getloadavg()[0]
     args.work.mkdir(parents=True, exist_ok=True)
     results: list[dict[str, Any]] = []
     faiss_sizes = {s for s in args.faiss.split(",") if s}
@@ -292,7 +301,7 @@ def main() -> None:
     meta = {
         "command": "nice -n 10 .venv/bin/python benchmarks/bench_index.py " + " ".join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
-        "note": args.note,
+        "note": f"{args.note} Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "vectors": "clustered-16 (16-d latent clusters mapped to 64-d plus noise; see the script's docstring)",
         "dim": args.dim,
         "M": args.M,
@@ -308,14 +317,16 @@ def main() -> None:
         kept = [r for r in old["results"] if (r["library"], r["n"]) not in fresh]
         results = sorted(kept + results, key=lambda r: (r["n"], r["library"] != "hnswlib"))
         meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
-    for path, text in (
-        (args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n"),
-        (args.md, render(results, meta)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(text)
-        os.replace(tmp, path)
+    _write(args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    _write(args.md, render(results, meta))
     print(render(results, meta))
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic: temporary file in the same directory, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":
