@@ -107,6 +107,8 @@ def build_graph(
             raw = read_hnswlib_file(path, n)
             path.unlink()
             timings["extract_s"] = time.perf_counter() - t0
+            if raw.header.mult != mult:  # the patched mL must be the one the build used
+                raise IndexBuildError(f"hnswlib used mL={raw.header.mult}, expected the patched {mult}")
             if raw.header.max_level >= cfg.layers - 1:
                 break
             if attempt == _MULT_RETRIES:
