@@ -66,10 +66,13 @@ class UserEncoderGraph(nn.Module):
 class PairScorerGraph(nn.Module):
     """(*user outputs, domain, *entity tensors) -> score (batch,): the domain tower's logit, no log-Q."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, num_domains: int) -> None:
         super().__init__()
         self.model = model
         self.n_user = len(model.user_output_names)
+        # Exact zeros gathered by domain: models whose scorer ignores the domain (DNN, two-tower) would
+        # otherwise lose the ``domain`` input from the traced graph and break the bundle's one signature.
+        self.register_buffer("domain_zero", torch.zeros(num_domains), persistent=False)
 
     def forward(self, *inputs: Tensor) -> Tensor:
         names_u, names_e = self.model.user_output_names, self.model.entity_tensor_names
@@ -77,7 +80,7 @@ class PairScorerGraph(nn.Module):
         domain = inputs[self.n_user]
         ent = dict(zip(names_e, inputs[self.n_user + 1 :], strict=True))
         logits, _ = self.model.score(user, ent, domain)  # (1, batch)
-        return logits[0]
+        return logits[0] + self.domain_zero[domain]
 
 
 @torch.no_grad()
@@ -208,7 +211,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             inputs=["user_cat", "user_num", "seq", "domain"], outputs=user_names, dynamic={}, opset=cfg.opset,
         )
         _export_onnx(
-            PairScorerGraph(model), scorer_args, scorer_path,
+            PairScorerGraph(model, schema.num_domains), scorer_args, scorer_path,
             inputs=[*user_names, "domain", *ent_names], outputs=["score"],
             dynamic={**{n: {0: "batch"} for n in ent_names}, "score": {0: "batch"}}, opset=cfg.opset,
         )

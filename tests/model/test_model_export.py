@@ -1,0 +1,160 @@
+"""Export to a serving bundle (docs/bundle-format.md), ONNX parity, Recall-all evaluation, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+
+from model.checkpoint import CheckpointError, load_run
+from model.data.io import sha256_file
+from model.data.synth import SynthConfig, generate
+from model.evaluate import EvalConfig, evaluate, markdown_table
+from model.export import ExportConfig, export
+from model.train import train
+from unimatch.cli import main
+
+from .test_model_train import tiny_config
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("data") / "tiny"
+    return generate(SynthConfig(num_users=60, num_entities=300, num_interactions=3000, max_seq_len=10), out)
+
+
+@pytest.fixture(scope="module")
+def deep_run(data: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return train(tiny_config(data, tmp_path_factory.mktemp("runs") / "deep", "backbone-rrl", max_steps=3))
+
+
+@pytest.fixture(scope="module")
+def deep_bundle(deep_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundles") / "deep"
+    export(ExportConfig(run=deep_run, out=out, parity_users=2, parity_candidates=31))
+    return out
+
+
+def _sessions(bundle: Path) -> tuple[ort.InferenceSession, ort.InferenceSession]:
+    return (
+        ort.InferenceSession(str(bundle / "user_encoder.onnx"), providers=["CPUExecutionProvider"]),
+        ort.InferenceSession(str(bundle / "pair_scorer.onnx"), providers=["CPUExecutionProvider"]),
+    )
+
+
+def test_bundle_layout_and_manifest(deep_bundle: Path, data: Path) -> None:
+    m = json.loads((deep_bundle / "manifest.json").read_text())
+    assert m["format_version"] == 1 and m["kind"] == "deep" and m["method"] == "backbone-rrl"
+    schema = json.loads((data / "schema.json").read_text())
+    assert m["domains"] == schema["domains"] and m["entity_types"] == schema["entity_types"]
+    assert m["schema_fingerprint"] == json.loads((data / "dataset.json").read_text())["schema_fingerprint"]
+    assert m["num_entities"] == 300 and m["opset"] == 17 and m["precision"] == "float32"
+    assert m["vector_space"]["file"] == "entities/vectors.npy" and m["vector_space"]["what"]
+    for rel, info in m["files"].items():
+        assert sha256_file(deep_bundle / rel) == info["sha256"], rel
+    for rel in ("user_encoder.onnx", "pair_scorer.onnx", "schema.json", "entities/external_id.npy",
+                "entities/entity_type.npy", "entities/domain_mask.npy", "entities/vectors.npy"):
+        assert rel in m["files"]
+    ids = np.load(deep_bundle / "entities/external_id.npy", mmap_mode="r", allow_pickle=False)
+    assert ids.shape == (300,) and ids.dtype.kind == "U"
+    assert np.load(deep_bundle / "entities/entity_type.npy").dtype == np.int16
+    assert np.load(deep_bundle / "entities/domain_mask.npy").dtype == np.uint64
+    vec = np.load(deep_bundle / "entities/vectors.npy", mmap_mode="r")
+    assert vec.dtype == np.float32 and vec.shape == (300, m["vector_space"]["dim"])
+    for name, info in m["entity_tensors"].items():
+        arr = np.load(deep_bundle / info["file"], mmap_mode="r")
+        assert list(arr.shape) == info["shape"] and arr.dtype == np.float32, name
+    assert m["parity_max_abs_diff"] <= 1e-4
+
+
+def test_onnx_matches_pytorch_for_every_domain_and_batch_size(deep_bundle: Path, deep_run: Path) -> None:
+    m = json.loads((deep_bundle / "manifest.json").read_text())
+    user_sess, scorer = _sessions(deep_bundle)
+    assert [i.name for i in user_sess.get_inputs()] == ["user_cat", "user_num", "seq", "domain"]
+    model = load_run(deep_run).model
+    ents = {n: np.load(deep_bundle / info["file"]) for n, info in m["entity_tensors"].items()}
+    feed = {
+        "user_cat": np.array([[1, 2, 3]], dtype=np.int64),
+        "user_num": np.array([[0.5, -1.0]], dtype=np.float32),
+        "seq": np.array([[-1] * 6 + [4, 8, 15, 16]], dtype=np.int64),
+    }
+    per_domain = []
+    for k in range(len(m["domains"])):
+        dom = np.array([k], dtype=np.int64)
+        outs = user_sess.run(m["user_outputs"], {**feed, "domain": dom})
+        for batch in (1, 7, 300):
+            rows = np.arange(batch)
+            (score,) = scorer.run(["score"], {**dict(zip(m["user_outputs"], outs, strict=True)), "domain": dom,
+                                             **{n: v[rows] for n, v in ents.items()}})
+            assert score.shape == (batch,)
+            with torch.no_grad():
+                user = model.user(*(torch.from_numpy(feed[n]) for n in ("user_cat", "user_num", "seq")), torch.from_numpy(dom))
+                want, _ = model.score(user, {n: torch.from_numpy(v[rows]) for n, v in ents.items()}, torch.from_numpy(dom))
+            np.testing.assert_allclose(score, want[0].numpy(), atol=1e-4)
+        per_domain.append(score)
+    # one graph, the domain's expert and tower selected inside it
+    assert not np.allclose(per_domain[0], per_domain[1])
+
+
+def test_two_tower_bundle_scores_the_inner_product(data: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(data, tmp_path / "tt", "two-tower", max_steps=2))
+    bundle = tmp_path / "bundle"
+    export(ExportConfig(run=run, out=bundle, parity_users=1, parity_candidates=9))
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert m["kind"] == "two-tower" and m["user_outputs"] == ["user_repr"]
+    user_sess, scorer = _sessions(bundle)
+    vec = np.load(bundle / "entities/vectors.npy")
+    (u,) = user_sess.run(["user_repr"], {"user_cat": np.zeros((1, 3), np.int64), "user_num": np.zeros((1, 2), np.float32),
+                                         "seq": np.full((1, 10), -1, np.int64), "domain": np.array([2], np.int64)})
+    (score,) = scorer.run(["score"], {"user_repr": u, "domain": np.array([2], np.int64),
+                                      **{n: np.load(bundle / i["file"])[:20] for n, i in m["entity_tensors"].items()}})
+    np.testing.assert_allclose(score, vec[:20] @ u[0], rtol=1e-5, atol=1e-5)
+
+
+def test_export_refuses_a_dataset_with_another_schema(deep_run: Path, tmp_path: Path) -> None:
+    other = generate(SynthConfig(num_users=30, num_entities=200, num_interactions=1000, max_seq_len=10, num_domains=2), tmp_path / "d2")
+    with pytest.raises(CheckpointError, match="schema"):
+        export(ExportConfig(run=deep_run, out=tmp_path / "b", data=other))
+    assert not (tmp_path / "b").exists()
+    assert main(["export", "--run", str(deep_run), "--out", str(tmp_path / "b"), "--data", str(other)]) == 2
+
+
+def test_recall_all_json_and_table(deep_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "eval.json"
+    result = evaluate(EvalConfig(run=deep_run, ns=(5, 50), max_users=20, json=out, progress=False))
+    saved = json.loads(out.read_text())
+    assert set(saved["recall_all"]) == {"domain_0", "domain_1", "domain_2", "domain_3", "average"}
+    for vals in saved["recall_all"].values():
+        assert set(vals) == {"5", "50"} and 0.0 <= vals["5"] <= vals["50"] <= 1.0
+    assert result["num_users"] == 20
+    assert "| **average** |" in markdown_table(result)
+
+
+def test_recall_all_at_full_catalogue_is_one(deep_run: Path) -> None:
+    result = evaluate(EvalConfig(run=deep_run, ns=(300,), max_users=5, progress=False))
+    assert all(v["300"] == pytest.approx(1.0) for v in result["recall_all"].values())
+
+
+def test_cli_train_eval_export(data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(data), "--method", "dnn", "--out", str(run), "--max-steps", "2",
+                 "--batch-size", "16", "--negatives", "8", "--embed-dim", "8", "--no-progress"]) == 0
+    assert (run / "checkpoint.pt").is_file() and (run / "run.json").is_file()
+    assert main(["eval", "--run", str(run), "--n", "10", "--users", "5", "--json", str(tmp_path / "e.json"), "--no-progress"]) == 0
+    assert "average" in json.loads((tmp_path / "e.json").read_text())["recall_all"]
+    assert main(["eval", "--run", str(run), "--n", "ten"]) == 2
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "b")]) == 2
+    assert "not a run directory" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["dnn", "cross-stitch", "dselect-k"])
+def test_baselines_export_with_the_same_signature(method: str, data: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(data, tmp_path / method, method, max_steps=1))
+    report = export(ExportConfig(run=run, out=tmp_path / "b", parity_users=1, parity_candidates=5))
+    assert report["max_abs_diff"] <= 1e-4
+    _, scorer = _sessions(tmp_path / "b")
+    assert "domain" in [i.name for i in scorer.get_inputs()]
