@@ -208,10 +208,16 @@ def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = N
     bundle = Path(bundle)
     manifest, vectors = load_bundle_vectors(bundle)
     result = build_graph(vectors, cfg, scratch=bundle, progress=progress)
+    # tempfile creates 0700 directories and 0600 files; replicas may run as another user, so the graph
+    # gets the modes the bundle already has (entities/ for directories, manifest.json for files).
+    dir_mode = (bundle / "entities").stat().st_mode & 0o777 if (bundle / "entities").is_dir() else 0o755
+    file_mode = (bundle / "manifest.json").stat().st_mode & 0o777
     with atomic_directory(bundle / GRAPH_DIR) as staging:
         files = write_graph_arrays(result.graph, staging)
+        staging.chmod(dir_mode)
     report = result.report
     atomic_write_json(bundle / HEALTH_FILE, report)
+    (bundle / HEALTH_FILE).chmod(file_mode)
     files[HEALTH_FILE] = {"sha256": sha256_file(bundle / HEALTH_FILE), "bytes": (bundle / HEALTH_FILE).stat().st_size}
     params = report["params"]
     manifest["graph"] = {
@@ -227,4 +233,5 @@ def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = N
         "files": files,
     }
     atomic_write_json(bundle / "manifest.json", manifest)
+    (bundle / "manifest.json").chmod(file_mode)
     return report

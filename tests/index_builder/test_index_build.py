@@ -199,6 +199,10 @@ def test_build_index_writes_bundle_and_manifest(tmp_path) -> None:
     assert health["layers"] == 4 and health["nodes_per_layer"] == report["nodes_per_layer"]
     assert isinstance(health["l2_recall_at_100"], float) and health["l2_recall_at_100"] > 0.9
     assert not any(p.name.startswith(".") or p.suffix == ".hnsw" for p in bundle.rglob("*"))  # no leftovers
+    # readable by replicas running as another user: the bundle's own modes, not tempfile's 0700/0600
+    assert (bundle / "graph").stat().st_mode & 0o777 == (bundle / "entities").stat().st_mode & 0o777
+    assert (bundle / "manifest.json").stat().st_mode & 0o777 == (bundle / "entities/vectors.npy").stat().st_mode & 0o777
+    assert (bundle / "graph_health.json").stat().st_mode & 0o777 == (bundle / "manifest.json").stat().st_mode & 0o777
 
     graph = load_graph(bundle, verify_checksums=True)
     assert graph.levels.dtype == np.int8 and graph.entry_points.dtype == np.int32
