@@ -215,9 +215,12 @@ class _Table:
     """A CSV/Parquet file read with pyarrow, with error messages that name the file, row and column."""
 
     def __init__(self, path: Path, string_columns: set[str]) -> None:
-        import pyarrow as pa
-        import pyarrow.csv as pacsv
-        import pyarrow.parquet as pq
+        try:
+            import pyarrow as pa
+            import pyarrow.csv as pacsv
+            import pyarrow.parquet as pq
+        except ModuleNotFoundError:
+            raise DatasetError(f"{path}: reading CSV/Parquet needs pyarrow (pip install 'unimatch[train]')") from None
 
         self.path = path
         suffix = path.suffix.lower()
@@ -310,7 +313,9 @@ class _Table:
             row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a timestamp")
         if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-            secs = pc.cast(pc.cast(col, pa.timestamp("s")), pa.int64())
+            tz = col.type.tz if pa.types.is_timestamp(col.type) else None
+            # safe=False truncates sub-second precision instead of refusing it; epoch seconds are UTC
+            secs = pc.cast(pc.cast(col, pa.timestamp("s", tz=tz), safe=False), pa.int64())
             return np.asarray(secs.to_numpy(zero_copy_only=False), dtype=np.int64)
         if pa.types.is_integer(col.type):
             return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)

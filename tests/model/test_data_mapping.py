@@ -168,6 +168,27 @@ def test_parquet_observed_eligibility_shipped_split_and_flat_log(tmp_path: Path)
     np.testing.assert_array_equal(col(ds, "entity", "brand"), [1, 2, 0])
 
 
+def test_parquet_timestamp_units_and_timezones(tmp_path: Path) -> None:
+    """Sub-second and zoned Parquet timestamps, and dates, all become UTC epoch seconds."""
+    from datetime import UTC, date, datetime
+
+    src = tmp_path / "src"
+    src.mkdir()
+    when = [datetime(2026, 1, 1, 0, 0, 0, 123000, tzinfo=UTC), datetime(2026, 1, 1, 0, 0, 5, tzinfo=UTC)]
+    for name, arr in {
+        "ms": pa.array(when, pa.timestamp("ms")),
+        "zoned": pa.array(when, pa.timestamp("us", tz="Europe/Paris")),
+        "day": pa.array([date(2026, 1, 1), date(2026, 1, 2)], pa.date32()),
+    }.items():
+        pq.write_table(pa.table({"u": ["a", "a"], "e": ["x", "y"], "t": arr}), src / f"{name}.parquet")
+        (src / f"{name}.json").write_text(
+            json.dumps({"interactions": {"file": f"{name}.parquet", "user": "u", "entity": "e", "timestamp": "t"}})
+        )
+        ts = load_dataset(import_mapping(src / f"{name}.json", tmp_path / name)).interactions.timestamp
+        expected = [1767225600, 1767312000] if name == "day" else [1767225600, 1767225605]
+        assert ts.tolist() == expected, name
+
+
 def test_yaml_mapping(tmp_path: Path) -> None:
     yaml = pytest.importorskip("yaml")
     path = write_case(tmp_path)
