@@ -298,6 +298,17 @@ async def check_store_matches(store: FeatureStore, serving: Serving, *, startup:
             raise ReloadFailed(problem)
 
 
+def ordered_bundle(settings: Settings) -> Path | None:
+    """The bundle the last multi-worker reload ordered (``UNIMATCH_CONTROL_DIR/reload.json``), if any."""
+    if settings.control_dir is None:
+        return None
+    try:
+        order = json.loads((settings.control_dir / "reload.json").read_text())
+        return Path(order["bundle"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def build_store(settings: Settings) -> FeatureStore:
     if settings.redis_url:
         store: FeatureStore = RedisFeatureStore(
@@ -330,15 +341,18 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.workers, settings.effective_scoring_threads, settings.intra_op_threads, settings.cores,
         )
     t0 = time.perf_counter()
-    store = await asyncio.to_thread(build_store, settings)
+    # The Redis client binds to this event loop; only the embedded store (reads a dataset) needs a thread.
+    store = build_store(settings) if settings.redis_url else await asyncio.to_thread(build_store, settings)
     state = ServiceState(
         settings=settings,
         store=store,
         executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
         limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s),
     )
+    # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
+    target = ordered_bundle(settings) or settings.bundle
     try:
-        serving = await asyncio.to_thread(build_serving, settings.bundle, settings)
+        serving = await asyncio.to_thread(build_serving, target, settings)
         await check_store_matches(store, serving, startup=True)
     except BaseException:
         await state.aclose()

@@ -15,6 +15,8 @@ from fastapi.testclient import TestClient
 from service.app import create_app
 from service.config import Settings
 import service.cli, service.features, service.engine
+from unimatch.cli import build_parser
+build_parser()  # what `unimatch serve` imports before it starts uvicorn
 with TestClient(create_app(Settings(bundle={str(bundle_dir)!r}, data={str(dataset_dir)!r}))) as c:
     r = c.post("/match", json={{"user_id": "user-0001", "domain": "domain_0", "k": 5}})
     assert r.status_code == 200, r.text

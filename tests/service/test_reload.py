@@ -156,6 +156,16 @@ def test_reload_reaches_every_worker_through_the_control_dir(
     va, vb = asyncio.run(run())
     assert va.endswith("fake0001") and vb.endswith("fake0001")
 
+    async def late_worker() -> str:  # a worker started after the reload (e.g. a crashed one restarted)
+        c = create_app(settings)
+        async with c.router.lifespan_context(c):
+            client = httpx.AsyncClient(transport=httpx.ASGITransport(app=c), base_url="http://c")
+            version = (await client.post("/match", json=REQ)).json()["bundle_version"]
+            await client.aclose()
+            return version
+
+    assert asyncio.run(late_worker()).endswith("fake0001")
+
 
 def test_startup_refuses_a_dataset_from_another_entity_space(bundle_dir: Path, tmp_path: Path) -> None:
     from tests.service.conftest import make_dataset
