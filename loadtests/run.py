@@ -168,15 +168,27 @@ def write_report(
         f"Host {meta.get('host')}, {meta.get('step_seconds')} s per step ({meta.get('warmup')} s warm-up left out), "
         f"open-loop pacing at {meta.get('user_rate')} requests/s per simulated user. Machine: {meta.get('machine', '')}",
         "",
-        "| offered req/s | users | achieved req/s | p50 ms | p95 ms | p99 ms | p99.9 ms | requests | failures | partial | degraded | cold start |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| offered req/s | users | achieved req/s | p50 ms | p95 ms | p99 ms | p99.9 ms | requests | failures | partial | degraded | cold start | note |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for s in steps:
+        notes = []
+        if s.throughput_rps < 0.9 * s.offered_rps:
+            notes.append("saturated: achieved < 90% of offered")
+        if s.users and s.p99_ms > 1e3 * s.users / s.offered_rps:
+            notes.append("p99 > one user's send interval: pacing partly closed-loop")
         lines.append(
             f"| {s.offered_rps:g} | {s.users} | {s.throughput_rps:.1f} | {s.p50_ms:g} | {s.p95_ms:g} | {s.p99_ms:g} | "
-            f"{s.p999_ms:g} | {s.requests} | {s.failures} | {s.partial} | {s.degraded} | {s.cold_start} |"
+            f"{s.p999_ms:g} | {s.requests} | {s.failures} | {s.partial} | {s.degraded} | {s.cold_start} | {'; '.join(notes)} |"
         )
-    lines += ["", "![latency and throughput vs offered load](loadtest.png)", ""]
+    lines += [
+        "",
+        "Latency percentiles are Locust's (whole milliseconds, coarser buckets above 100 ms). A step is measured",
+        "after its warm-up; 'partial', 'degraded' and 'cold start' count answers carrying those flags.",
+        "",
+        "![latency and throughput vs offered load](loadtest.png)",
+        "",
+    ]
     if engine:
         lines += [
             "## Engine alone (in-process, same bundle and user mix)",
