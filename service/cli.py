@@ -47,7 +47,8 @@ def register(cli: CommandRegistry) -> None:
     f.add_argument("--chunk", type=int, default=5000, help="users per MSET round trip")
 
 
-def _env_or(value: str | None, name: str, default: str | None) -> str | None:
+def _env_or(value: str | None, name: str, default: str) -> str:
+    """The flag if given, else the environment variable if set and non-empty, else the default."""
     if value:
         return value
     return os.environ.get(name) or default
@@ -60,7 +61,6 @@ def _features_load(args: argparse.Namespace) -> int:
 
     url = _env_or(args.redis_url, "UNIMATCH_REDIS_URL", "redis://127.0.0.1:6379/0")
     prefix = _env_or(args.prefix, "UNIMATCH_REDIS_KEY_PREFIX", "unimatch")
-    assert url is not None and prefix is not None  # defaults given above
     if args.chunk < 1:
         raise CliError(f"--chunk must be positive, got {args.chunk}")
     import redis

@@ -276,8 +276,7 @@ async def check_store_matches(store: FeatureStore, serving: Serving, *, startup:
     """
     health = await store.health(serving.schema)
     problem: str | None = None
-    if store.kind == "embedded":
-        assert isinstance(store, EmbeddedFeatureStore)
+    if isinstance(store, EmbeddedFeatureStore):
         if store.fingerprint != serving.schema.fingerprint():
             problem = f"dataset schema {store.fingerprint} differs from the bundle's {serving.schema.fingerprint()}"
         elif store.entity_space != serving.entity_space:
