@@ -98,7 +98,14 @@ def _load_graph(root: Path) -> HnswGraph:
         g = load_graph(root)  # checksums were verified above, with every other file
     except GraphFormatError as exc:
         raise BundleError(str(exc)) from None
-    return HnswGraph(levels=g.levels, offsets=g.offsets, neighbors=g.neighbors, entry_points=g.entry_points)
+    # np.asarray: plain ndarray views of the same maps; indexing an np.memmap subclass costs ~10 us per
+    # call in __array_finalize__, and the search indexes these arrays a few dozen times per request.
+    return HnswGraph(
+        levels=np.asarray(g.levels),
+        offsets=tuple(np.asarray(o) for o in g.offsets),
+        neighbors=tuple(np.asarray(n) for n in g.neighbors),
+        entry_points=np.asarray(g.entry_points),
+    )
 
 
 def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
