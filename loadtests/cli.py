@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from unimatch.cli import CommandRegistry
+from unimatch.cli import CliError, CommandRegistry
 
 
 def register(cli: CommandRegistry) -> None:
@@ -21,4 +21,7 @@ def register(cli: CommandRegistry) -> None:
 def _run(args: argparse.Namespace) -> int:
     from loadtests.run import run
 
-    return run(args)
+    try:
+        return run(args)
+    except RuntimeError as exc:  # locust itself failed: one line, like every other command
+        raise CliError(str(exc)) from None
