@@ -238,16 +238,16 @@ class MatchEngine:
         eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
         if mode is None:
             mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
-        if mode == "graph" and self.bundle.graph is None:
+        graph = self.bundle.graph
+        if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
         ctx = self.scorer.encode(user.cat, user.num, user.seq, int(domain))
         t_enc = time.perf_counter()
         scorer = _TimedScore(self.scorer, ctx)
         stats: dict[str, float] = {}
-        if mode == "graph":
-            assert self.bundle.graph is not None  # checked above; narrows the type
+        if mode == "graph" and graph is not None:
             out = search(
-                self.bundle.graph,
+                graph,
                 scorer,
                 k=int(k),
                 ef=p.ef,

@@ -373,9 +373,8 @@ class BatchingScorer(DeviceGatherScorer):
         item = _Pending(ctx, np.ascontiguousarray(rows, dtype=np.int64))
         self._queue.put(item)
         item.done.wait()
-        if item.error is not None:
-            raise item.error
-        assert item.scores is not None  # set together with done
+        if item.error is not None or item.scores is None:
+            raise item.error or RuntimeError("scorer batcher returned no scores")
         return item.scores, 0.0, item.seconds
 
     def _loop(self) -> None:
