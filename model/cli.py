@@ -51,6 +51,7 @@ def register(cli: CommandRegistry) -> None:
     e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
     e.add_argument("--json", type=Path, default=None, help="write the JSON here (also RUN/eval.json)")
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="cpu", help="cpu or cuda")
     e.add_argument("--no-progress", action="store_true")
 
     x = cli.command(
@@ -126,7 +127,7 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--users must be >= 1, got {args.users}")
     result = evaluate(
         EvalConfig(run=args.run, data=args.data, ns=ns, max_users=args.users, seed=args.seed, json=args.json,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, device=args.device)
     )
     print(markdown_table(result))
     return 0

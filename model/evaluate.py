@@ -37,6 +37,7 @@ class EvalConfig:
     progress: bool = True
     # pairs scored per forward pass: bounds activation memory (pairs x 256 floats per expert layer)
     pair_budget: int = 32768
+    device: str = "cpu"
 
 
 @torch.no_grad()
@@ -47,6 +48,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.perf_counter()
     loaded = load_run(cfg.run, data=cfg.data)
     model, ds = loaded.model, loaded.dataset
+    dev = torch.device(cfg.device)
+    model.to(dev)
     schema = ds.schema
     inter = ds.interactions
     test = np.asarray(inter.split) == TEST
@@ -61,7 +64,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
         users = np.sort(rng.choice(users, size=cfg.max_users, replace=False))
     chosen = np.isin(t_user, users)
     seqs = serving_sequences(ds)
-    ents = {n: torch.from_numpy(v) for n, v in entity_tensors(model, len(ds.entities)).items()}
+    ents = {n: torch.from_numpy(v).to(dev) for n, v in entity_tensors(model, len(ds.entities), device=dev).items()}
     n_max = max(cfg.ns)
     per_domain: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
@@ -77,30 +80,30 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             for u, e in zip(t_user[sel], t_ent[sel], strict=True):
                 truth.setdefault(int(u), set()).add(int(e))
             dom_users = np.array(sorted(truth), dtype=np.int64)
-            ent_k = {n: v[torch.from_numpy(eligible)] for n, v in ents.items()}
+            ent_k = {n: v[torch.from_numpy(eligible).to(dev)] for n, v in ents.items()}
             chunk = max(256, min(len(eligible), cfg.pair_budget // 16))
             bu = max(1, cfg.pair_budget // chunk)
             recalls = {n: [] for n in cfg.ns}
             for start in range(0, dom_users.size, bu):
                 ub = dom_users[start : start + bu]
-                dom = torch.full((ub.size,), k, dtype=torch.long)
+                dom = torch.full((ub.size,), k, dtype=torch.long, device=dev)
                 user = model.user(
-                    torch.from_numpy(np.asarray(ds.users.cat[ub], dtype=np.int64)),
-                    torch.from_numpy(np.asarray(ds.users.num[ub], dtype=np.float32)),
-                    torch.from_numpy(seqs[ub].astype(np.int64)),
+                    torch.from_numpy(np.asarray(ds.users.cat[ub], dtype=np.int64)).to(dev),
+                    torch.from_numpy(np.asarray(ds.users.num[ub], dtype=np.float32)).to(dev),
+                    torch.from_numpy(seqs[ub].astype(np.int64)).to(dev),
                     dom,
                 )
-                best_s = torch.full((ub.size, 0), -torch.inf)
-                best_i = torch.zeros((ub.size, 0), dtype=torch.long)
+                best_s = torch.full((ub.size, 0), -torch.inf, device=dev)
+                best_i = torch.zeros((ub.size, 0), dtype=torch.long, device=dev)
                 for c0 in range(0, eligible.size, chunk):
                     part = {n: v[c0 : c0 + chunk] for n, v in ent_k.items()}
                     logits, _ = model.score(user, part, dom)  # (Bu, chunk)
-                    idx = torch.arange(c0, c0 + logits.shape[1]).expand(ub.size, -1)
+                    idx = torch.arange(c0, c0 + logits.shape[1], device=dev).expand(ub.size, -1)
                     s = torch.cat([best_s, logits], dim=1)
                     i = torch.cat([best_i, idx], dim=1)
                     top = torch.topk(s, min(n_max, s.shape[1]), dim=1)
                     best_s, best_i = top.values, torch.gather(i, 1, top.indices)
-                ranked = eligible[best_i.numpy()]  # (Bu, N_max) entity rows, best first
+                ranked = eligible[best_i.cpu().numpy()]  # (Bu, N_max) entity rows, best first
                 for row, u in enumerate(ub):
                     g = truth[int(u)]
                     for n in cfg.ns:

@@ -84,14 +84,16 @@ class PairScorerGraph(nn.Module):
 
 
 @torch.no_grad()
-def entity_tensors(model: nn.Module, num_entities: int, batch: int = 8192) -> dict[str, np.ndarray]:
+def entity_tensors(
+    model: nn.Module, num_entities: int, batch: int = 8192, device: torch.device | None = None
+) -> dict[str, np.ndarray]:
     """Every entity's scorer inputs, computed once: name -> (E, ...) float32."""
     parts: dict[str, list[np.ndarray]] = {n: [] for n in model.entity_tensor_names}
     for start in range(0, num_entities, batch):
-        rows = torch.arange(start, min(start + batch, num_entities))
+        rows = torch.arange(start, min(start + batch, num_entities), device=device)
         out = model.entity(rows)
         for n in parts:
-            parts[n].append(out[n].numpy().astype(np.float32))
+            parts[n].append(out[n].cpu().numpy().astype(np.float32))
     return {n: np.concatenate(v) for n, v in parts.items()}
 
 

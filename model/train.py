@@ -273,7 +273,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        per = parts.pop("per_example")
+        per = parts.pop("per_example").cpu()
         dom = domain.cpu()
         parts["ce_domain"] = {
             self.schema.domains[k]: float(per[dom == k].mean()) for k in range(self.schema.num_domains) if bool((dom == k).any())

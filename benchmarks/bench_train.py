@@ -1,0 +1,159 @@
+"""Training benchmarks of the model (issue 3): examples/s per method, the cost of more negatives, and a
+Recall-all results table of every method on a synthetic dataset.
+
+    .venv/bin/python benchmarks/bench_train.py speed --data /tmp/m/small --json /tmp/m/speed.json
+    .venv/bin/python benchmarks/bench_train.py results --data /tmp/m/tiny --max-steps 60 --users 300 \
+        --json /tmp/m/results.json
+
+``speed`` times ``--steps`` optimizer steps after ``--warmup`` steps for each method (same batch size,
+negatives and model as ``unimatch train`` defaults), then the backbone with several negative counts.
+``results`` trains each method with ``model.train.train`` and evaluates Recall-all@N with
+``model.evaluate.evaluate``; each finished method is appended to the JSON at once, so a partial run
+still leaves usable numbers. Timings depend on the machine's load (shared CPUs): the load average is
+recorded next to them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASE_METHODS = ["backbone-rrl", "backbone", "two-tower", "dnn", "shared-bottom", "mmoe", "ple", "cross-stitch", "dselect-k"]
+ABLATIONS = ["backbone-dal", "backbone-dal-uwl", "backbone-mvwdl", "backbone-rrl-adv"]
+
+
+def _load() -> float:
+    return os.getloadavg()[0]
+
+
+def speed(args: argparse.Namespace) -> dict:
+    from model.config import LossConfig, method_config
+    from model.train import Trainer
+
+    out: dict = {"data": str(args.data), "batch_size": args.batch_size, "device": args.device, "methods": {}, "negatives": {}}
+
+    def time_steps(method: str, negatives: int) -> float:
+        cfg = method_config(
+            method, data=args.data, out=Path(args.work) / f"speed-{method}-{negatives}", batch_size=args.batch_size,
+            progress=False, resume=False, device=args.device, loss=dataclasses.replace(LossConfig(), num_sampled=negatives),
+        )
+        t = Trainer(cfg)
+        for i in range(args.warmup):
+            t.train_step(t.batch_rows(0, i))
+        t0 = time.perf_counter()
+        for i in range(args.steps):
+            t.train_step(t.batch_rows(0, args.warmup + i))
+        return args.steps * args.batch_size / (time.perf_counter() - t0)
+
+    for method in args.methods:
+        load0 = _load()
+        eps = time_steps(method, args.default_negatives)
+        out["methods"][method] = {"examples_per_s": eps, "load_avg_1m": load0}
+        print(f"{method:18s} {eps:8.1f} examples/s   (load {load0:.1f})", flush=True)
+        _save(args.json, out)
+    for neg in args.negatives:
+        load0 = _load()
+        eps = time_steps("backbone", neg)
+        out["negatives"][str(neg)] = {"examples_per_s": eps, "load_avg_1m": load0}
+        print(f"backbone negatives={neg:5d} {eps:8.1f} examples/s   (load {load0:.1f})", flush=True)
+        _save(args.json, out)
+    return out
+
+
+def results(args: argparse.Namespace) -> dict:
+    from model.config import method_config
+    from model.evaluate import EvalConfig, evaluate
+    from model.train import train
+
+    out: dict = {"data": str(args.data), "max_steps": args.max_steps, "batch_size": args.batch_size, "users": args.users,
+                 "ns": args.n, "device": args.device, "methods": {}}
+    if args.json and Path(args.json).is_file():
+        out = json.loads(Path(args.json).read_text())  # continue a partial run
+    for method in args.methods:
+        if method in out["methods"]:
+            continue
+        cfg = method_config(method, data=args.data, out=Path(args.work) / f"run-{method}", max_steps=args.max_steps,
+                            batch_size=args.batch_size, progress=False, resume=False, device=args.device)
+        t0 = time.perf_counter()
+        run = train(cfg)
+        t_train = time.perf_counter() - t0
+        res = evaluate(EvalConfig(run=run, ns=tuple(args.n), max_users=args.users, progress=False, device=args.device,
+                                  pair_budget=args.pair_budget))
+        out["methods"][method] = {
+            "recall_all": res["recall_all"], "train_seconds": t_train, "eval_seconds": res["seconds"],
+            "load_avg_1m": _load(),
+        }
+        avg = res["recall_all"]["average"]
+        print(f"{method:18s} " + " ".join(f"R@{n}={avg[str(n)]:.4f}" for n in args.n) + f"  train {t_train:.0f}s", flush=True)
+        _save(args.json, out)
+    return out
+
+
+def _save(path: str | None, obj: dict) -> None:
+    if path:
+        from model.data.io import atomic_write_json
+
+        atomic_write_json(Path(path), obj)
+
+
+def table(obj: dict) -> str:
+    """Markdown for docs/model.md from a results or speed JSON."""
+    if "ns" in obj:
+        ns = [str(n) for n in obj["ns"]]
+        doms = [d for d in next(iter(obj["methods"].values()))["recall_all"] if d != "average"]
+        head = "| method | " + " | ".join(f"{d} R@{n}" for d in doms for n in ns) + " | **avg** " + " | **avg** ".join(f"R@{n}" for n in ns) + " |"
+        lines = [head, "|---|" + "---:|" * (len(doms) * len(ns) + len(ns))]
+        for m, r in obj["methods"].items():
+            ra = r["recall_all"]
+            cells = [f"{ra[d][n]:.4f}" for d in doms for n in ns] + [f"**{ra['average'][n]:.4f}**" for n in ns]
+            lines.append(f"| {m} | " + " | ".join(cells) + " |")
+        return "\n".join(lines)
+    lines = ["| method | examples/s | load avg |", "|---|---:|---:|"]
+    lines += [f"| {m} | {v['examples_per_s']:.1f} | {v['load_avg_1m']:.1f} |" for m, v in obj["methods"].items()]
+    lines += ["", "| backbone, sampled negatives | examples/s | load avg |", "|---|---:|---:|"]
+    lines += [f"| {n} | {v['examples_per_s']:.1f} | {v['load_avg_1m']:.1f} |" for n, v in obj["negatives"].items()]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    for name in ("speed", "results"):
+        s = sub.add_parser(name)
+        s.add_argument("--data", type=Path, required=True)
+        s.add_argument("--methods", type=lambda v: v.split(","), default=BASE_METHODS + ABLATIONS)
+        s.add_argument("--batch-size", type=int, default=128)
+        s.add_argument("--json", default=None)
+        s.add_argument("--work", default="/tmp/bench_train")
+        s.add_argument("--device", default="cpu")
+    sp = sub.choices["speed"]
+    sp.add_argument("--steps", type=int, default=5)
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--default-negatives", type=int, default=64)
+    sp.add_argument("--negatives", type=lambda v: [int(x) for x in v.split(",")], default=[0, 64, 256, 1024])
+    rs = sub.choices["results"]
+    rs.add_argument("--max-steps", type=int, default=60)
+    rs.add_argument("--users", type=int, default=300)
+    rs.add_argument("--pair-budget", type=int, default=32768, help="pairs per scoring pass in eval (GPU: 1<<20)")
+    rs.add_argument("--n", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200])
+    tb = sub.add_parser("table", help="print the markdown table of a JSON written by speed or results")
+    tb.add_argument("json")
+    args = p.parse_args()
+    if args.cmd == "table":
+        print(table(json.loads(Path(args.json).read_text())))
+        return 0
+    obj = speed(args) if args.cmd == "speed" else results(args)
+    print(table(obj))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
