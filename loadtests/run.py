@@ -166,7 +166,8 @@ def write_report(
         f"Command: `{meta.get('command', '')}`",
         "",
         f"Host {meta.get('host')}, {meta.get('step_seconds')} s per step ({meta.get('warmup')} s warm-up left out), "
-        f"open-loop pacing at {meta.get('user_rate')} requests/s per simulated user. Machine: {meta.get('machine', '')}",
+        f"open-loop pacing at {meta.get('user_rate')} requests/s per simulated user. Machine: {meta.get('machine', '')}. "
+        f"Bundle {meta.get('bundle_version')} ({meta.get('num_entities')} entities).",
         "",
         "| offered req/s | users | achieved req/s | p50 ms | p95 ms | p99 ms | p99.9 ms | requests | failures | partial | degraded | cold start | note |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|",
@@ -290,6 +291,17 @@ def measure_engine(
     }
 
 
+def preflight(host: str) -> dict[str, Any]:
+    """GET /v1/info once before loading the service: an unreachable host is an error, not a report."""
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(f"{host.rstrip('/')}/v1/info", timeout=10) as resp:
+            return json.loads(resp.read())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"{host}/v1/info does not answer ({exc}): is the service up?") from None
+
+
 def run_locust(args: argparse.Namespace, users_file: Path, raw: Path) -> tuple[Path, dict[str, Any]]:
     schedule_path = raw / "schedule.json"
     env = dict(os.environ)
@@ -355,6 +367,7 @@ def run(args: argparse.Namespace) -> int:
         users_file = raw / "users.txt"
     if not users_file.is_file():
         raise FileNotFoundError(f"--users-file {users_file} not found")
+    info = preflight(args.host)
     engine = None
     if args.bundle is not None:
         from loadtests.workload import read_user_ids
@@ -373,6 +386,8 @@ def run(args: argparse.Namespace) -> int:
         "user_rate": args.user_rate,
         "machine": args.machine or f"{os.cpu_count()} cores",
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "bundle_version": info.get("bundle_version"),
+        "num_entities": info.get("num_entities"),
     }
     report = write_report(args.out, steps, summarize(steps, engine), engine, meta)
     print(report.read_text())

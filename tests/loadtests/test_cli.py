@@ -25,6 +25,7 @@ def test_loadtest_command_is_registered() -> None:
         (["--bundle", "b"], "--bundle and --data go together"),
         (["--step-seconds", "3", "--warmup", "5"], "--step-seconds must exceed --warmup"),
         ([], "not found"),
+        (["--users-file", __file__], "does not answer"),
     ],
 )
 def test_bad_input_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str], extra: list[str], message: str) -> None:
