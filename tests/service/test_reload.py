@@ -57,6 +57,8 @@ def test_reload_under_concurrent_requests_has_zero_failures(bundle_dir: Path, bu
         before = len(answers)
         r = await client.post("/admin/reload", params={"wait": "true"}, json={"bundle": str(bundle2_dir)}, headers=AUTH)
         assert r.status_code == 200, r.text
+        during = len(answers) - before  # answered while the new bundle was loading, verifying and warming
+        assert during > 0, "no request was served during the reload"
         await asyncio.sleep(0.3)
         stop.set()
         await asyncio.gather(*workers)
