@@ -152,3 +152,16 @@ def test_sigterm_finishes_in_flight_requests(
         log.close()
     text = (tmp_path / "serve.log").read_text()
     assert "shutting down" in text and "Application shutdown complete" in text
+
+
+def test_start_with_redis_down_serves_degraded(bundle_dir: Path) -> None:
+    """Redis unreachable at start-up is not fatal: the replica is ready and answers degraded."""
+    from tests.service.conftest import free_port
+
+    settings = Settings(bundle=bundle_dir, redis_url=f"redis://127.0.0.1:{free_port()}/0", redis_timeout_s=0.05)
+    with TestClient(create_app(settings), raise_server_exceptions=False) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["feature_store"]["status"] == "down"
+        body = client.post("/match", json=REQ).json()
+        assert body["degraded"] is True and body["cold_start"] is True and len(body["items"]) == 5
+        assert client.get("/v1/info").json()["feature_store"]["kind"] == "redis"
