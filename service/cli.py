@@ -20,12 +20,12 @@ def register(cli: CommandRegistry) -> None:
         "Every UNIMATCH_* setting (docs/service.md) applies; the flags below override them.",
         handler=_serve,
     )
-    p.add_argument("--bundle", type=Path, default=None, help="bundle directory (default: UNIMATCH_BUNDLE)")
+    p.add_argument("--bundle", type=Path, default=None, help="bundle directory; when omitted, UNIMATCH_BUNDLE")
     p.add_argument("--host", default="127.0.0.1", help="interface to bind")
     p.add_argument("--port", type=int, default=8000, help="TCP port")
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (metrics switch to multiprocess mode)")
     p.add_argument("--data", type=Path, default=None, help="dataset for the embedded feature store (when no Redis)")
-    p.add_argument("--redis-url", default=None, help="Redis holding user features (default: UNIMATCH_REDIS_URL)")
+    p.add_argument("--redis-url", default=None, help="Redis holding user features; when omitted, UNIMATCH_REDIS_URL")
     p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
     p.add_argument(
         "--graceful-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on SIGTERM"
@@ -42,8 +42,8 @@ def register(cli: CommandRegistry) -> None:
         handler=_features_load,
     )
     f.add_argument("--data", type=Path, required=True, help="dataset directory")
-    f.add_argument("--redis-url", default=None, help="Redis URL (default: UNIMATCH_REDIS_URL or redis://127.0.0.1:6379/0)")
-    f.add_argument("--prefix", default=None, help="key prefix (default: UNIMATCH_REDIS_KEY_PREFIX or 'unimatch')")
+    f.add_argument("--redis-url", default=None, help="Redis URL; when omitted, UNIMATCH_REDIS_URL, else redis://127.0.0.1:6379/0")
+    f.add_argument("--prefix", default=None, help="key prefix; when omitted, UNIMATCH_REDIS_KEY_PREFIX, else 'unimatch'")
     f.add_argument("--chunk", type=int, default=5000, help="users per MSET round trip")
 
 
