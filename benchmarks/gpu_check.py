@@ -296,12 +296,15 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
     from service.scorer import HostGatherScorer
     from service.search import VisitedSet, search
 
-    if not torch.cuda.is_available():
+    if args.torch_device == "cuda" and not torch.cuda.is_available():
         res["torch"] = {"error": "torch has no CUDA device either: nothing GPU-side to measure"}
         print(res["torch"]["error"])
         return
-    dev = torch.device("cuda")
-    res["device"] = torch.cuda.get_device_name(0)
+    dev = torch.device(args.torch_device)
+    cuda = dev.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    if cuda:
+        res["device"] = torch.cuda.get_device_name(0)
     host = HostGatherScorer(bundle)  # the user encoder (once per request) stays on onnxruntime CPU
     queries = _queries(bundle, args.queries, 0)
     ctxs = [host.encode(q.cat, q.num, q.seq, i % bundle.schema.num_domains) for i, q in enumerate(queries)]
@@ -325,18 +328,18 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
             r = torch.from_numpy(rng.choice(bundle.num_entities, size=b, replace=b > bundle.num_entities)).to(dev)
             for _ in range(5):
                 sc.score_device(user, r)
-            torch.cuda.synchronize()
+            sync()
             n, t0 = 0, time.perf_counter()
             while time.perf_counter() - t0 < args.seconds / 8:
                 sc.score_device(user, r)
                 n += 1
-            torch.cuda.synchronize()
+            sync()
             ms = (time.perf_counter() - t0) * 1e3 / n
             out["eager"].append({"batch": b, "ms_per_call": ms, "pairs_per_s": b / ms * 1e3})
             print(f"torch {key} eager batch {b}: {ms:.3f} ms/call, {b / ms * 1e3 / 1e6:.1f} M pairs/s")
         # (b) CUDA graph of the scorer call, static buffers
         out["cuda_graph"] = []
-        for b in args.batches:
+        for b in args.batches if cuda else []:
             b = min(b, bundle.num_entities)
             try:
                 static_rows = torch.from_numpy(rng.choice(bundle.num_entities, size=b)).to(dev)
@@ -350,12 +353,12 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
                 g = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(g):
                     static_out = sc.score_device(static_user, static_rows)
-                torch.cuda.synchronize()
+                sync()
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < args.seconds / 8:
                     g.replay()
                     n += 1
-                torch.cuda.synchronize()
+                sync()
                 ms = (time.perf_counter() - t0) * 1e3 / n
                 del static_out
                 out["cuda_graph"].append({"batch": b, "ms_per_call": ms, "pairs_per_s": b / ms * 1e3})
@@ -395,12 +398,12 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
                 rows = torch.from_numpy(rng.integers(0, bundle.num_entities, size=(users, args.pairs))).to(dev)
                 fn = torch.vmap(lambda u, r, sc=sc: sc.score_device(u, r))
                 fn(stacked, rows)
-                torch.cuda.synchronize()
+                sync()
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < args.seconds / 8:
                     fn(stacked, rows)
                     n += 1
-                torch.cuda.synchronize()
+                sync()
                 ms = (time.perf_counter() - t0) * 1e3 / n
                 qps = users / ms * 1e3
                 out["vmap_batched"].append({"users": users, "pairs_per_user": args.pairs, "ms_per_call": ms,
@@ -423,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=17000, help="pair evaluations per query for the batched bound")
     ap.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 17000, 65536])
+    ap.add_argument("--torch-device", default="cuda", help="cpu: dry run of the torch path (no CUDA graphs)")
     ap.add_argument("--users-per-call", type=lambda s: [int(v) for v in s.split(",")], default=[8, 32])
     args = ap.parse_args(argv)
 
@@ -453,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"torch {torch.__version__}, device {res['device']}")
     except ImportError:
         res["torch_version"] = None
-    if "CUDAExecutionProvider" in providers:
+    if "CUDAExecutionProvider" in providers and args.torch_device == "cuda":
         res["path"] = "onnxruntime-cuda"
         ort_cuda_path(bundle, args, res)
     else:
