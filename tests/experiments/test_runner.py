@@ -281,6 +281,7 @@ def test_validation_view_moves_validation_to_test(tmp_path: Path) -> None:
     assert (v == TEST).sum() == (s == VALID).sum() > 0 and (v == VALID).sum() == 0
     assert (v == TRAIN).sum() == (s == TRAIN).sum()
     assert len(view.entities) == len(src.entities) and view.schema.fingerprint() == src.schema.fingerprint()
+
     # The view's test pairs are exactly the source's validation pairs.
     def pairs(ds: Any, lab: int) -> list[tuple[int, int]]:
         keep = np.asarray(ds.interactions.split) == lab
