@@ -376,8 +376,8 @@ def _nearest_in(vectors: np.ndarray, queries: np.ndarray, candidates: np.ndarray
     q = np.asarray(vectors[queries], dtype=np.float32)
     best_d = np.full(q.shape[0], np.inf)
     best = np.zeros(q.shape[0], dtype=np.int64)
-    for a in range(0, candidates.size, 1 << 18):
-        cand = candidates[a : a + (1 << 18)]
+    for a in range(0, candidates.size, 1 << 16):
+        cand = candidates[a : a + (1 << 16)]
         x = np.asarray(vectors[cand], dtype=np.float32)
         d = (x * x).sum(1)[None, :] - 2.0 * q @ x.T
         j = d.argmin(1)
