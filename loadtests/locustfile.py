@@ -58,6 +58,9 @@ def _user_rate() -> float:
     return float(_env("USER_RATE", "1"))
 
 
+SERVER_STAGES = ("features_ms", "user_encode_ms", "search_ms", "scorer_ms", "total_ms")
+
+
 class _State:
     """Shared by the users of this process: the workload, /v1/info facts and per-step answer flags."""
 
@@ -123,6 +126,13 @@ class MatchUser(FastHttpUser):
             flags["unknown"] += not known
             for name in ("partial", "degraded", "cold_start"):
                 flags[name] += bool(answer.get(name))
+            # Server-side time per stage (the answer's `stats`): summed here, averaged by the runner, so
+            # the report can split client latency into server stages and HTTP/queueing.
+            stats = answer.get("stats") or {}
+            for name in SERVER_STAGES:
+                value = stats.get(name)
+                if isinstance(value, int | float):
+                    flags[f"sum_{name}"] = flags.get(f"sum_{name}", 0.0) + float(value)
 
 
 class StepShape(LoadTestShape):

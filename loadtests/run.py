@@ -44,9 +44,12 @@ class StepResult:
     p95_ms: float
     p99_ms: float
     p999_ms: float
+    client_mean_ms: float = float("nan")
     partial: int = 0
     degraded: int = 0
     cold_start: int = 0
+    # mean server-side ms per stage over the step's good answers (the answers' `stats`), when reported
+    server_ms: dict[str, float] | None = None
 
 
 def _num(x: str) -> float:
@@ -78,6 +81,10 @@ def parse_history(history_csv: Path, schedule: dict[str, Any]) -> list[StepResul
         else:
             rps = n / max(int(last["Timestamp"]) - start, 1.0)
         flags = schedule.get("flags", {}).get(str(step["index"]), {})
+        answers = int(flags.get("answers", 0))
+        server_ms = {
+            key[4:]: round(float(v) / answers, 3) for key, v in flags.items() if key.startswith("sum_") and answers
+        } or None
         out.append(
             StepResult(
                 index=int(step["index"]),
@@ -91,9 +98,11 @@ def parse_history(history_csv: Path, schedule: dict[str, Any]) -> list[StepResul
                 p95_ms=_num(last["95%"]),
                 p99_ms=_num(last["99%"]),
                 p999_ms=_num(last["99.9%"]),
+                client_mean_ms=round(_num(last["Total Average Response Time"]), 2),
                 partial=int(flags.get("partial", 0)),
                 degraded=int(flags.get("degraded", 0)),
                 cold_start=int(flags.get("cold_start", 0)),
+                server_ms=server_ms,
             )
         )
     return out
@@ -182,6 +191,26 @@ def write_report(
             f"| {s.offered_rps:g} | {s.users} | {s.throughput_rps:.1f} | {s.p50_ms:g} | {s.p95_ms:g} | {s.p99_ms:g} | "
             f"{s.p999_ms:g} | {s.requests} | {s.failures} | {s.partial} | {s.degraded} | {s.cold_start} | {'; '.join(notes)} |"
         )
+    with_server = [s for s in steps if s.server_ms]
+    if with_server:
+        lines += [
+            "",
+            "Where the time goes (means over each step's good answers; server stages from the answers' `stats`,",
+            "the rest of the client mean is HTTP, JSON, the event loop and queueing in front of the scoring pool):",
+            "",
+            "| offered req/s | features ms | user encode ms | search ms | (scorer ms) | server total ms | client mean ms | outside server |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for s in with_server:
+            sm = s.server_ms or {}
+            total = sm.get("total_ms", float("nan"))
+            client = s.client_mean_ms
+            share = (client - total) / client if client and client > 0 else float("nan")
+            lines.append(
+                f"| {s.offered_rps:g} | {sm.get('features_ms', float('nan')):.2f} | {sm.get('user_encode_ms', float('nan')):.2f} | "
+                f"{sm.get('search_ms', float('nan')):.2f} | {sm.get('scorer_ms', float('nan')):.2f} | {total:.2f} | "
+                f"{client:.1f} | {share:.0%} |"
+            )
     lines += [
         "",
         "Latency percentiles are Locust's (whole milliseconds, coarser buckets above 100 ms). A step is measured",

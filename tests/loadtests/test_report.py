@@ -49,7 +49,9 @@ def _fixture(tmp_path: Path) -> tuple[Path, dict]:
             {"index": 0, "offered_rps": 5, "users": 5, "measure_start": 1001.4, "end": 1006.0},
             {"index": 1, "offered_rps": 20, "users": 20, "measure_start": 1009.2, "end": 1012.5},
         ],
-        "flags": {"1": {"answers": 48, "partial": 3, "degraded": 0, "cold_start": 2, "unknown": 2}},
+        "flags": {
+            "1": {"answers": 48, "partial": 3, "degraded": 0, "cold_start": 2, "unknown": 2, "sum_total_ms": 192.0, "sum_features_ms": 24.0}
+        },
     }
     return history, schedule
 
@@ -60,6 +62,8 @@ def test_parse_history_per_step(tmp_path: Path) -> None:
     assert (s0.requests, s0.failures, s0.throughput_rps, s0.p50_ms, s0.p99_ms, s0.p999_ms) == (20, 0, 5.0, 8, 15, 16)
     assert (s1.requests, s1.failures, s1.throughput_rps, s1.p95_ms, s1.p99_ms) == (50, 2, 20.0, 25, 45)
     assert (s1.partial, s1.cold_start, s0.partial) == (3, 2, 0)
+    assert s1.server_ms == {"total_ms": 4.0, "features_ms": 0.5} and s0.server_ms is None
+    assert s1.client_mean_ms == 11
 
 
 def test_summary_and_report(tmp_path: Path) -> None:
@@ -76,6 +80,7 @@ def test_summary_and_report(tmp_path: Path) -> None:
     text = report.read_text()
     assert "| 20 | 20 | 20.0 | 11 | 25 | 45 | 60 | 50 | 2 | 3 | 0 | 2 |" in text
     assert "service / engine-alone throughput: 0.80" in text
+    assert "| 20 | 0.50 | nan | nan | nan | 4.00 | 11.0 | 64% |" in text  # 4 ms of 11 in the server
     png = (tmp_path / "out" / "loadtest.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["saturation_throughput_rps"] == 20.0
