@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import threading
@@ -350,6 +351,10 @@ def run_locust(args: argparse.Namespace, users_file: Path, raw: Path) -> tuple[P
         sys.executable, "-m", "locust", "-f", str(LOCUSTFILE), "--headless", "--host", args.host,
         "--csv", str(raw / "locust"), "--only-summary", "--loglevel", "WARNING",
     ]  # fmt: skip
+    if args.locust_cpus:
+        if shutil.which("taskset") is None:
+            raise RuntimeError("--locust-cpus needs taskset (util-linux)")
+        cmd = ["taskset", "-c", args.locust_cpus, *cmd]
     n_steps = len([s for s in args.steps.split(",") if s.strip()])
     budget = n_steps * args.step_seconds + 60
     proc = subprocess.run(cmd, env=env, timeout=budget, capture_output=True, text=True)
@@ -377,6 +382,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     p.add_argument("--data", type=Path, default=None, help="dataset of the bundle (user features for the engine run)")
     p.add_argument("--engine-seconds", type=float, default=15.0, help="seconds per engine-alone measurement")
     p.add_argument("--engine-threads", type=int, default=os.cpu_count() or 1, help="threads of the parallel engine run")
+    p.add_argument("--locust-cpus", default="", help="pin Locust to these CPUs (taskset -c list, e.g. 1); pin the service yourself")
     p.add_argument("--machine", default="", help="free text for the report: cores, how they were shared")
     return p
 
@@ -413,7 +419,8 @@ def run(args: argparse.Namespace) -> int:
         "step_seconds": args.step_seconds,
         "warmup": args.warmup,
         "user_rate": args.user_rate,
-        "machine": args.machine or f"{os.cpu_count()} cores",
+        "machine": (args.machine or f"{os.cpu_count()} cores")
+        + (f"; Locust pinned to CPUs {args.locust_cpus}" if args.locust_cpus else ""),
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "bundle_version": info.get("bundle_version"),
         "num_entities": info.get("num_entities"),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -68,6 +69,7 @@ def test_locust_counts_wrong_answers_as_failures(tmp_path: Path, stub_url: str) 
         [
             "--host", stub_url, "--users-file", str(users), "--steps", "40", "--step-seconds", "5",
             "--warmup", "1", "--user-rate", "4", "--k-mix", "10:1,50:1", "--out", str(out),
+            *(["--locust-cpus", "0"] if shutil.which("taskset") else []),
         ]
     )  # fmt: skip
     assert rc == 0
