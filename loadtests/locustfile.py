@@ -68,7 +68,7 @@ class _State:
     eligible: dict[str, int] = {}
     step: int | None = None  # the step being measured (None during warm-ups)
     user_rate = 1.0  # requests/s per user in the current step: offered load / users, exactly
-    flags: dict[int, dict[str, int]] = {}
+    flags: dict[int, dict[str, float]] = {}
     schedule: list[dict[str, Any]] = []
 
 
@@ -119,7 +119,7 @@ class MatchUser(FastHttpUser):
                 resp.failure(problem)
                 return
             resp.success()
-            if _State.step is None:
+            if _State.step is None or answer is None:  # answer is a dict here: check_answer passed it
                 return
             flags = _State.flags.setdefault(_State.step, {"answers": 0, "partial": 0, "degraded": 0, "cold_start": 0, "unknown": 0})
             flags["answers"] += 1
@@ -170,7 +170,8 @@ class StepShape(LoadTestShape):
         _State.user_rate = self.steps[i] / users
         if i not in self.measured and t >= i * self.step_seconds + self.warmup:
             self.measured.add(i)
-            self.runner.stats.reset_all()
+            if self.runner is not None:
+                self.runner.stats.reset_all()
             _State.step = i
             _State.schedule.append(
                 {"index": i, "offered_rps": self.steps[i], "users": users, "measure_start": time.time(), "end": None}

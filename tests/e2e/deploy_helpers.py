@@ -3,6 +3,7 @@ check that a command line a container runs is accepted by the real `unimatch` ar
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import shutil
@@ -47,7 +48,8 @@ def check_cli_argv(argvs: list[list[str]]) -> None:
     from unimatch.cli import build_parser
 
     parser = build_parser()
-    known = set(parser._subparsers._group_actions[0].choices)  # type: ignore[union-attr]
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    known = set(sub.choices)
     missing = sorted({argv[0] for argv in argvs if argv[0] not in known})
     for argv in argvs:
         if argv[0] in known:

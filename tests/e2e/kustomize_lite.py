@@ -75,15 +75,15 @@ def _merge(base: Any, patch: Any) -> Any:
         and isinstance(patch, list)
         and all(isinstance(x, dict) and "name" in x for x in base + patch)
     ):
-        out = copy.deepcopy(base)
-        by_name = {x["name"]: i for i, x in enumerate(out)}
+        items = copy.deepcopy(base)
+        by_name = {x["name"]: i for i, x in enumerate(items)}
         new = []  # like kustomize: items only the patch has go first, in patch order
         for item in patch:
             if item["name"] in by_name:
-                out[by_name[item["name"]]] = _merge(out[by_name[item["name"]]], item)
+                items[by_name[item["name"]]] = _merge(items[by_name[item["name"]]], item)
             else:
                 new.append(copy.deepcopy(item))
-        return new + out
+        return new + items
     return copy.deepcopy(patch)
 
 

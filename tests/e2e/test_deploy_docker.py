@@ -84,7 +84,7 @@ def test_dockerignore_lets_every_package_in() -> None:
     ignore = (ROOT / ".dockerignore").read_text().splitlines()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
     assert "**" in ignore, ".dockerignore must start from 'exclude everything'"
-    copies = set()
+    copies: set[str] = set()
     for line in DOCKERFILE.read_text().splitlines():
         m = re.match(r"COPY\s+(?!--from)(.+)\s+\S+$", line)
         if m:

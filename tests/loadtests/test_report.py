@@ -7,6 +7,7 @@ import json
 import math
 import random
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -86,19 +87,25 @@ def test_summary_and_report(tmp_path: Path) -> None:
     assert json.loads((tmp_path / "out" / "results.json").read_text())["summary"]["saturation_throughput_rps"] == 20.0
 
 
+def _why(answer: dict[str, Any], k: int, eligible: int = 100, domain: str = "d0") -> str:
+    problem = check_answer(200, answer, domain=domain, k=k, eligible=eligible)
+    assert problem is not None, "expected a wrong answer"
+    return problem
+
+
 def test_check_answer_rules() -> None:
-    good = {"domain": "d0", "partial": False, "items": [{"entity_id": f"e{i}", "score": 10 - i} for i in range(3)]}
+    good: dict[str, Any] = {"domain": "d0", "partial": False, "items": [{"entity_id": f"e{i}", "score": 10 - i} for i in range(3)]}
     assert check_answer(200, good, domain="d0", k=3, eligible=100) is None
     assert check_answer(503, None, domain="d0", k=3, eligible=100) == "HTTP 503"
-    assert "items for k=2" in check_answer(200, good, domain="d0", k=2, eligible=100)
-    assert "not flagged partial" in check_answer(200, good, domain="d0", k=5, eligible=100)
+    assert "items for k=2" in _why(good, k=2)
+    assert "not flagged partial" in _why(good, k=5)
     assert check_answer(200, good, domain="d0", k=5, eligible=3) is None  # fewer eligible than k
     assert check_answer(200, {**good, "partial": True}, domain="d0", k=5, eligible=100) is None
     dup = {**good, "items": good["items"] + [good["items"][0] | {"score": 0}]}
-    assert check_answer(200, dup, domain="d0", k=4, eligible=100) == "duplicate entity ids"
+    assert _why(dup, k=4) == "duplicate entity ids"
     unsorted = {**good, "items": list(reversed(good["items"]))}
-    assert check_answer(200, unsorted, domain="d0", k=3, eligible=100) == "items not best first"
-    assert "answered domain" in check_answer(200, good, domain="d1", k=3, eligible=100)
+    assert _why(unsorted, k=3) == "items not best first"
+    assert "answered domain" in _why(good, k=3, domain="d1")
 
 
 def test_workload_mix_and_skew() -> None:
