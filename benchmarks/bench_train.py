@@ -77,22 +77,27 @@ def results(args: argparse.Namespace) -> dict:
                  "ns": args.n, "device": args.device, "methods": {}}
     if args.json and Path(args.json).is_file():
         out = json.loads(Path(args.json).read_text())  # continue a partial run
+    from model.config import METHODS
+
+    override = json.loads(args.rrl_override) if args.rrl_override else {}
     for method in args.methods:
-        if method in out["methods"]:
+        key = method + (f"[{args.rrl_override}]" if override else "")
+        if key in out["methods"]:
             continue
+        rrl = dataclasses.replace(METHODS[method].rrl, **override)
         cfg = method_config(method, data=args.data, out=Path(args.work) / f"run-{method}", max_steps=args.max_steps,
-                            batch_size=args.batch_size, progress=False, resume=False, device=args.device)
+                            batch_size=args.batch_size, progress=False, resume=False, device=args.device, rrl=rrl)
         t0 = time.perf_counter()
         run = train(cfg)
         t_train = time.perf_counter() - t0
         res = evaluate(EvalConfig(run=run, ns=tuple(args.n), max_users=args.users, progress=False, device=args.device,
                                   pair_budget=args.pair_budget))
-        out["methods"][method] = {
+        out["methods"][key] = {
             "recall_all": res["recall_all"], "train_seconds": t_train, "eval_seconds": res["seconds"],
             "load_avg_1m": _load(),
         }
         avg = res["recall_all"]["average"]
-        print(f"{method:18s} " + " ".join(f"R@{n}={avg[str(n)]:.4f}" for n in args.n) + f"  train {t_train:.0f}s", flush=True)
+        print(f"{key:18s} " + " ".join(f"R@{n}={avg[str(n)]:.4f}" for n in args.n) + f"  train {t_train:.0f}s", flush=True)
         _save(args.json, out)
     return out
 
@@ -142,6 +147,7 @@ def main() -> int:
     rs = sub.choices["results"]
     rs.add_argument("--max-steps", type=int, default=60)
     rs.add_argument("--users", type=int, default=300)
+    rs.add_argument("--rrl-override", default="", help='JSON of RRLConfig fields, e.g. {"grl_lambda": 0.1}')
     rs.add_argument("--pair-budget", type=int, default=32768, help="pairs per scoring pass in eval (GPU: 1<<20)")
     rs.add_argument("--n", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200])
     tb = sub.add_parser("table", help="print the markdown table of a JSON written by speed or results")
