@@ -16,7 +16,11 @@ FROM ${PYTHON_IMAGE} AS build-serve
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 RUN python -m venv /opt/venv
+# Dependencies first, from pyproject.toml itself (no second list of pins): this layer is rebuilt only
+# when pyproject.toml changes, not on every source edit.
 COPY pyproject.toml README.md ./
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" serve > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY unimatch ./unimatch
 COPY model ./model
 COPY index_builder ./index_builder
@@ -29,7 +33,9 @@ FROM build-serve AS build-train
 # torch==2.13.0 is pinned in the `train` extra; the CPU index gives the +cpu wheel instead of the
 # default CUDA build (several GB of nvidia-* wheels an offline CPU job never uses).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-RUN /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" ".[train,serve]"
+RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" train serve > /tmp/requirements-train.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" -r /tmp/requirements-train.txt \
+ && /opt/venv/bin/pip install --no-cache-dir --extra-index-url "${TORCH_INDEX_URL}" ".[train,serve]"
 
 # ---------------------------------------------------------------------------------------------
 # train: the offline image (init job of docker-compose.yml, k8s Jobs and the PyTorchJob).
@@ -58,7 +64,11 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 RUN python3 -m venv /opt/venv
+# Dependencies first, from pyproject.toml itself (no second list of pins): this layer is rebuilt only
+# when pyproject.toml changes, not on every source edit.
 COPY pyproject.toml README.md ./
+RUN python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" gpu > /tmp/requirements.txt \
+ && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY unimatch ./unimatch
 COPY model ./model
 COPY index_builder ./index_builder
