@@ -29,6 +29,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--hours", type=float, default=None, help="start no new run after this many hours")
     p.add_argument("--dataset", action="append", default=None, help="only this dataset (repeatable)")
     p.add_argument("--method", action="append", default=None, help="only this method (repeatable)")
+    p.add_argument("--seed", action="append", type=int, default=None, help="only this seed (repeatable)")
     p.add_argument("--backend", choices=["library", "cli"], default=None, help="override the config's backend")
     p.add_argument("--keep-going", action="store_true", help="log a failed run and go on with the others")
     p.add_argument("--plan", action="store_true", help="only print the run counts and measured cost, run nothing")
@@ -67,6 +68,7 @@ def _run(args: argparse.Namespace) -> int:
         deadline=deadline,
         only_datasets=args.dataset,
         only_methods=args.method,
+        only_seeds=args.seed,
         keep_going=args.keep_going,
     )
     print(

@@ -150,6 +150,7 @@ def run_experiment(
     deadline: float | None = None,
     only_datasets: list[str] | None = None,
     only_methods: list[str] | None = None,
+    only_seeds: list[int] | None = None,
     keep_going: bool = False,
     log: Log = print,
 ) -> RunReport:
@@ -161,7 +162,8 @@ def run_experiment(
         backend: how to prepare data, train and evaluate (library calls or the CLI).
         data_root: where prepared datasets live (default ``out/data``); share it between tables.
         deadline: ``time.time()`` after which no new run starts (the running one finishes).
-        only_datasets, only_methods: restrict this call to part of the grid.
+        only_datasets, only_methods, only_seeds: restrict this call to part of the grid (e.g. to
+            spread one table over several processes; they never write the same file).
         keep_going: log a failed run and continue instead of raising.
         log: progress lines.
     """
@@ -177,6 +179,9 @@ def run_experiment(
             raise ExperimentConfigError(f"{name!r} is neither a dataset nor a method of {cfg.name}")
     datasets = [d for d in cfg.datasets if not only_datasets or d.name in only_datasets]
     methods = [m for m in cfg.methods if not only_methods or m in only_methods]
+    if only_seeds and not set(only_seeds) <= set(cfg.seeds):
+        raise ExperimentConfigError(f"seeds {only_seeds} are not all among {cfg.name}'s seeds {cfg.seeds}")
+    seeds = [s for s in cfg.seeds if not only_seeds or s in only_seeds]
 
     def out_of_time() -> bool:
         return deadline is not None and time.time() >= deadline
@@ -247,7 +252,7 @@ def run_experiment(
             else:
                 chosen[method] = None  # tuning incomplete: its final runs wait
 
-        for seed in cfg.seeds:
+        for seed in seeds:
             for method in methods:
                 lr_or_none = chosen[method]
                 if lr_or_none is None:

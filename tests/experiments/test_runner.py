@@ -164,6 +164,11 @@ def test_deadline_starts_nothing_and_filters(tmp_path: Path) -> None:
     assert {m for m, _, _ in be.trained} == {"dnn"}
     with pytest.raises(ExperimentConfigError):
         run_experiment(make_cfg(), tmp_path, backend=be, only_methods=["nope"])
+    be = FakeBackend()
+    run_experiment(make_cfg(tuning={"lrs": [0.01]}), tmp_path / "s", backend=be, only_seeds=[2])
+    assert {s for _, s, _ in be.trained} == {2} and len(be.trained) == 4
+    with pytest.raises(ExperimentConfigError, match="seeds"):
+        run_experiment(make_cfg(), tmp_path, backend=be, only_seeds=[7])
 
 
 def test_keep_going_records_failure(tmp_path: Path) -> None:
