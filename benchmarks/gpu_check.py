@@ -205,7 +205,7 @@ class OnnxTorch:
 class TorchPairScorer:
     """The bundle's pair scorer on a torch device: tables resident, gather on the device, one call per step."""
 
-    def __init__(self, bundle: Any, device: Any, *, fp16: bool) -> None:
+    def __init__(self, bundle: Any, device: Any, *, fp16: bool, tile_to: int = 0) -> None:
         import torch
 
         self.torch = torch
@@ -214,6 +214,10 @@ class TorchPairScorer:
         self.dtype = torch.float16 if fp16 else torch.float32
         self.graph = OnnxTorch(str(bundle.path / "pair_scorer.onnx"), device, self.dtype)
         self.tables = {n: torch.from_numpy(np.array(a)).to(device, self.dtype) for n, a in bundle.entity_tensors.items()}
+        if tile_to > bundle.num_entities:  # a larger catalogue's device tables (rows repeated), for gather cost at scale
+            reps = -(-tile_to // bundle.num_entities)
+            self.tables = {n: t.repeat(reps, *([1] * (t.dim() - 1)))[:tile_to].contiguous() for n, t in self.tables.items()}
+        self.num_rows = next(iter(self.tables.values())).shape[0]
         self.user_outputs = list(bundle.manifest["user_outputs"])
         self.has_domain = "domain" in self.graph.input_names
 
@@ -313,8 +317,9 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
                     "device, index_select gather inside each call; user encoder on onnxruntime CPU"}
     for fp16 in (False, True):
         key = "fp16" if fp16 else "fp32"
-        sc = TorchPairScorer(bundle, dev, fp16=fp16)
-        out: dict[str, Any] = {}
+        sc = TorchPairScorer(bundle, dev, fp16=fp16, tile_to=args.tile_to)
+        out_rows = sc.num_rows  # rows of the device tables the scorer-only measurements gather from
+        out: dict[str, Any] = {"table_rows": out_rows}
         # parity with onnxruntime CPU on one request
         rows = rng.choice(bundle.num_entities, size=min(2048, bundle.num_entities), replace=False).astype(np.int64)
         want = host.score(ctxs[0], rows)
@@ -325,7 +330,7 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
         out["eager"] = []
         for b in args.batches:
             b = min(b, bundle.num_entities)
-            r = torch.from_numpy(rng.choice(bundle.num_entities, size=b, replace=b > bundle.num_entities)).to(dev)
+            r = torch.from_numpy(rng.integers(0, out_rows, size=b)).to(dev)
             for _ in range(5):
                 sc.score_device(user, r)
             sync()
@@ -342,7 +347,7 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
         for b in args.batches if cuda else []:
             b = min(b, bundle.num_entities)
             try:
-                static_rows = torch.from_numpy(rng.choice(bundle.num_entities, size=b)).to(dev)
+                static_rows = torch.from_numpy(rng.integers(0, out_rows, size=b)).to(dev)
                 static_user = {k: v.clone() for k, v in user.items()}
                 s = torch.cuda.Stream()
                 s.wait_stream(torch.cuda.current_stream())
@@ -395,7 +400,7 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
             try:
                 feeds = [sc.user_feeds(c) for c in ctxs[:users]]
                 stacked = {k: torch.stack([f[k] for f in feeds]) for k in feeds[0]}
-                rows = torch.from_numpy(rng.integers(0, bundle.num_entities, size=(users, args.pairs))).to(dev)
+                rows = torch.from_numpy(rng.integers(0, out_rows, size=(users, args.pairs))).to(dev)
                 fn = torch.vmap(lambda u, r, sc=sc: sc.score_device(u, r))
                 fn(stacked, rows)
                 sync()
@@ -426,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pairs", type=int, default=17000, help="pair evaluations per query for the batched bound")
     ap.add_argument("--threads", type=lambda s: [int(v) for v in s.split(",")], default=[1, 4, 16])
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 17000, 65536])
+    ap.add_argument("--tile-to", type=int, default=0, help="repeat entity tables to this many rows for the scorer-only runs (e.g. 1300000)")
     ap.add_argument("--torch-device", default="cuda", help="cpu: dry run of the torch path (no CUDA graphs)")
     ap.add_argument("--users-per-call", type=lambda s: [int(v) for v in s.split(",")], default=[8, 32])
     args = ap.parse_args(argv)
