@@ -83,10 +83,10 @@ def test_serve_install_runs_the_image_commands(tmp_path: Path) -> None:
             shell_env[key] = os.environ[key]
     t0 = time.perf_counter()
     for run in runs:
-        run = run.replace("/opt/venv", str(env_dir)).replace("/tmp/", f"{tmp_path}/")
+        run = run.replace("/tmp/", f"{tmp_path}/").replace("/opt/venv", str(env_dir))  # this order: env_dir is under /tmp
         proc = subprocess.run(["sh", "-c", run], cwd=ctx, env=shell_env, capture_output=True, text=True, timeout=800)
         assert proc.returncode == 0, f"{run}\n{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-    print(f"pip install .[serve]: {time.perf_counter() - t0:.1f} s")
+    print(f"build-serve RUN lines (venv, dependencies, .[serve]): {time.perf_counter() - t0:.1f} s")
 
     for argv in (["--help"], ["serve", "--help"]):
         proc = subprocess.run([str(bin_dir / "unimatch"), *argv], capture_output=True, text=True, timeout=120)
