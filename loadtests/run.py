@@ -129,6 +129,10 @@ def summarize(steps: list[StepResult], engine: dict[str, Any] | None) -> dict[st
     return out
 
 
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
+
+
 def write_plot(steps: list[StepResult], path: Path, engine: dict[str, Any] | None = None) -> None:
     import matplotlib
 
@@ -234,14 +238,14 @@ def write_report(
         lines.append(
             f"- saturation throughput {summary['saturation_throughput_rps']:.1f} req/s "
             f"(step offered {summary['saturation_step_offered_rps']:g} req/s); failures below saturation: "
-            f"{summary['failures_below_saturation']} (target 0)"
+            f"{summary['failures_below_saturation']} (target 0: {_verdict(summary['failures_below_saturation'] == 0)})"
         )
         if "throughput_vs_engine" in summary:
             near = summary["step_near_70pct_saturation"]
-            lines.append(f"- service / engine-alone throughput: {summary['throughput_vs_engine']:.2f} (target >= 0.80)")
+            lines.append(f"- service / engine-alone throughput: {summary['throughput_vs_engine']:.2f} (target >= 0.80: {_verdict(summary['throughput_vs_engine'] >= 0.8)})")
             lines.append(
                 f"- p99 near 70% of saturation (step offered {near['offered_rps']:g} req/s): {near['p99_ms']:g} ms = "
-                f"{summary['p99_at_70pct_over_engine_p50']:.2f} x engine p50 (target <= 3)"
+                f"{summary['p99_at_70pct_over_engine_p50']:.2f} x engine p50 (target <= 3: {_verdict(summary['p99_at_70pct_over_engine_p50'] <= 3)})"
             )
             lines.append(
                 f"- HTTP + Redis overhead at the lowest load: service p50 / engine p50 = {summary['http_redis_overhead_p50_ratio']:.2f}"

@@ -80,7 +80,8 @@ def test_summary_and_report(tmp_path: Path) -> None:
     report = write_report(tmp_path / "out", steps, summary, engine, {"command": "python -m loadtests.run --x", "host": "h"})
     text = report.read_text()
     assert "| 20 | 20 | 20.0 | 11 | 25 | 45 | 60 | 50 | 2 | 3 | 0 | 2 |" in text
-    assert "service / engine-alone throughput: 0.80" in text
+    assert "service / engine-alone throughput: 0.80 (target >= 0.80: met)" in text
+    assert "= 9.00 x engine p50 (target <= 3: MISSED)" in text
     assert "| 20 | 0.50 | nan | nan | nan | 4.00 | 11.0 | 64% |" in text  # 4 ms of 11 in the server
     png = (tmp_path / "out" / "loadtest.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
