@@ -60,8 +60,7 @@ class TrainingObjective(nn.Module):
         self.dal = DomainAdversarialLoss(h, num_domains, r.dal_hidden, r.grl_lambda) if r.dal else None
         self.mvwdl = (
             MultiViewWasserstein(
-                h, num_domains, projection_dim=r.projection_dim, critic_dims=r.critic_dims, gp_weight=r.gp_weight,
-                grl_lambda=r.grl_lambda,
+                h, num_domains, projection_dim=r.projection_dim, critic_dims=r.critic_dims, gp_weight=r.gp_weight
             )
             if r.mvwdl and num_domains > 1
             else None
