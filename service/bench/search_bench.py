@@ -218,9 +218,12 @@ def _throughput(engine: MatchEngine, q: Queries, k: int, threads: int) -> dict[s
 
 
 def sweep_points(base: SearchParams) -> list[tuple[str, SearchParams]]:
-    """(label, params) operating points: the bottom ef scaled, the bottom T varied (NANN Fig. 3)."""
+    """(label, params) operating points: every ef scaled, the bottom T varied (NANN Fig. 3).
+
+    The bottom ef never drops below k (``SearchParams.for_k``), so scales below 1 narrow the upper layers.
+    """
     points = []
-    for t in (1, 2, 3, 5):
+    for t in (2, 4, 8, 16):
         for scale in (0.25, 0.5, 1.0, 2.0, 4.0):
             ef = tuple(max(1, int(round(e * scale))) for e in base.ef)
             points.append((f"T={t},ef={'/'.join(map(str, ef))}", replace(base, ef=ef, steps=(*base.steps[:-1], t))))
