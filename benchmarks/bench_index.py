@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import resource
+import shlex
 import shutil
 import subprocess
 import sys
@@ -299,7 +300,7 @@ def main() -> None:
         if n >= 1_000_000:
             vec.unlink()  # GBs of /tmp; regenerated deterministically when needed
     meta = {
-        "command": "nice -n 10 .venv/bin/python benchmarks/bench_index.py " + " ".join(sys.argv[1:]),
+        "command": "nice -n 10 .venv/bin/python benchmarks/bench_index.py " + shlex.join(sys.argv[1:]),
         "machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}, Python {platform.python_version()}",
         "note": f"{args.note} Load average (1 min) {load_before:.1f} at the start, {os.getloadavg()[0]:.1f} at the end.",
         "vectors": "clustered-16 (16-d latent clusters mapped to 64-d plus noise; see the script's docstring)",
