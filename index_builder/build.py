@@ -25,6 +25,7 @@ from index_builder.graph import GRAPH_DIR, HEALTH_FILE, Graph, write_graph_array
 from index_builder.health import recall_report, structure_report
 from index_builder.hnsw import (
     IndexBuildError,
+    RepairReport,
     build_hnswlib,
     cap_layers,
     layer_reachability,
@@ -85,6 +86,12 @@ def build_graph(
         vectors = np.asarray(vectors, dtype=np.float32)
     n = vectors.shape[0]
     timings: dict[str, float] = {}
+    repair: RepairReport | None = None
+
+    def stage(name: str) -> None:
+        if progress is not None:
+            progress(name, 0, 0)  # total 0: an indeterminate step of the progress bar
+
     work = (
         Path(tempfile.mkdtemp(prefix="hnsw-"))
         if scratch is None
@@ -100,9 +107,10 @@ def build_graph(
                 cfg,
                 work,
                 mult=mult,
-                progress=None if progress is None else lambda d, t: progress("insert", d, t),
+                progress=None if progress is None else lambda d, t: progress("inserting vectors", d, t),
             )
             timings["insert_s"] = time.perf_counter() - t0
+            stage("reading the graph from hnswlib's index file")
             t0 = time.perf_counter()
             raw = read_hnswlib_file(path, n)
             path.unlink()
@@ -121,10 +129,12 @@ def build_graph(
         above_top = int(np.count_nonzero(raw.levels > cfg.layers - 1))
         graph = cap_layers(raw, cfg.layers)
         del raw
+        stage("repairing reachability")
         t0 = time.perf_counter()
         if cfg.repair:
             graph, repair = repair_reachability(graph, vectors)
         timings["repair_s"] = time.perf_counter() - t0
+        stage("health check: connectivity and L2 recall vs brute force")
         t0 = time.perf_counter()
         reachable = layer_reachability(graph)
         report = structure_report(graph, reachable)
@@ -156,9 +166,9 @@ def build_graph(
         "levels_before_capping": uncapped_levels,
         "nodes_capped_into_top_layer": above_top,
         "repair": {
-            "unreachable_before": repair.unreachable_before if cfg.repair else None,
-            "edges_added": repair.edges_added if cfg.repair else None,
-            "brute_force_links": repair.fallback_links if cfg.repair else None,
+            "unreachable_before": None if repair is None else repair.unreachable_before,
+            "edges_added": None if repair is None else repair.edges_added,
+            "brute_force_links": None if repair is None else repair.fallback_links,
         },
         "timings_s": {key: round(value, 3) for key, value in timings.items()},
     }

@@ -74,7 +74,7 @@ def _build(args: argparse.Namespace) -> int:
         task = bar.add_task("inserting vectors", total=None)
 
         def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+            bar.update(task, description=stage, completed=done, total=total or None)
 
         report = build_index(bundle=args.bundle, cfg=cfg, progress=progress)
     print_report(report, console)

@@ -300,3 +300,13 @@ def test_cli_builds_and_reports_bad_input_on_one_line(tmp_path, capsys) -> None:
     assert main(["index", "build", "--bundle", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("unimatch: error:") and "\n" not in err
+
+
+def test_progress_reports_insertion_to_completion_and_every_stage() -> None:
+    calls: list[tuple[str, int, int]] = []
+    build_graph(clustered_vectors(1_500, 8), FAST, progress=lambda s, d, t: calls.append((s, d, t)))
+    inserts = [(d, t) for s, d, t in calls if s == "inserting vectors"]
+    assert inserts[-1] == (1_500, 1_500)
+    stages = [s for s, _, _ in calls]
+    assert stages.index("repairing reachability") > stages.index("inserting vectors")
+    assert any(s.startswith("health check") for s in stages)
