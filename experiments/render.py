@@ -211,28 +211,40 @@ def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
     matplotlib.use("Agg")  # files only; no display on these machines
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
-    for ax, name in zip(axes[0], datasets, strict=True):
+    # Top: the paper's Fig. 4 (recall against N). Bottom: the same over the reference method, since
+    # on small budgets the curves overlap and the differences are what the tables are about.
+    fig, axes = plt.subplots(2, len(datasets), figsize=(5.5 * len(datasets), 7.5), squeeze=False, sharex="col")
+    for col, name in enumerate(datasets):
+        ax, rax = axes[0][col], axes[1][col]
+        ref_runs = found[name].get(cfg.reference)
         for method in cfg.methods:
             runs = found[name].get(method)
             if not runs:
                 continue
-            xs, ys, es = [], [], []
+            xs, ys, es, rel = [], [], [], []
             for k in cfg.eval.n:
                 c = cells(runs, "average", k)
-                if c is not None:
-                    xs.append(k)
-                    ys.append(c.mean)
-                    es.append(c.std or 0.0)
+                if c is None:
+                    continue
+                xs.append(k)
+                ys.append(c.mean)
+                es.append(c.std or 0.0)
+                ref = cells(ref_runs, "average", k) if ref_runs else None
+                rel.append(c.mean / ref.mean if ref is not None and ref.mean > 0 else float("nan"))
             style = "-" if method in (cfg.reference, "backbone-rrl") else "--"
             ax.errorbar(xs, ys, yerr=es, fmt=style + "o", ms=3, capsize=2, label=method_label(method))
+            rax.plot(xs, rel, style + "o", ms=3, label=method_label(method))
         ax.set_xscale("log")
-        ax.set_xlabel("N (entities retrieved)")
         ax.set_ylabel("average Recall-all@N")
         ax.set_title(name)
         ax.grid(True, alpha=0.3)
+        rax.axhline(1.0, color="grey", lw=0.8)
+        rax.set_xscale("log")
+        rax.set_xlabel("N (entities retrieved)")
+        rax.set_ylabel(f"ratio to {method_label(cfg.reference)} (mean)")
+        rax.grid(True, alpha=0.3)
     axes[0][-1].legend(fontsize=7, loc="best")
-    fig.suptitle(f"{cfg.name}: average Recall-all@N over domains (mean ± std over seeds)", fontsize=10)
+    fig.suptitle(f"{cfg.name}\naverage Recall-all@N over domains, mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     _save_fig(fig, png)
     plt.close(fig)
@@ -293,10 +305,10 @@ def plot_uwl_weights(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
         runs = sorted(found.get(ds.name, {}).get(cfg.uwl_method, []), key=lambda r: r["seed"])
         for res in runs:
             run_dir = Path(res["run_dir"])
-            if not run_dir.is_absolute():
-                run_dir = out / run_dir
+            if not run_dir.is_dir() and not run_dir.is_absolute():
+                run_dir = out / run_dir  # a relative path may be relative to the experiment directory
             if not run_dir.is_dir():
-                continue
+                continue  # runs moved or pruned: the tables still render, Fig. 5 cannot
             series = read_uwl_weights(run_dir)
             import matplotlib
 

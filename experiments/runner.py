@@ -339,7 +339,7 @@ def _train_and_eval(
         "train_seconds": round(train_s, 3),
         "eval_seconds": round(eval_s, 3),
         "reused_tuning_run": reuse,
-        "run_dir": str(run_dir),
+        "run_dir": str(run_dir.resolve()),
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
 
