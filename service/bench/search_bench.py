@@ -239,7 +239,7 @@ def _sweep(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.ndar
             cov.append(len(np.intersect1d(res.rows, exhaustive_top[i][:k])) / k)
             frac.append(res.stats["pair_evaluations"] / engine.bundle.num_entities)
             lat.append(res.stats["total_ms"])
-        out.append({"label": label, "ef": list(p.ef), "steps": list(p.steps), "coverage": float(np.mean(cov)),
+        out.append({"label": label, "ef": list(p.for_k(k).ef), "steps": list(p.steps), "coverage": float(np.mean(cov)),
                     "scored_fraction": float(np.mean(frac)), "latency_ms_p50": _pct(lat, 50)})
     return out
 
@@ -366,7 +366,8 @@ def render_markdown(res: dict[str, Any], *, command: str, plot: str | None) -> s
                   "| series | T (bottom) | ef per layer | coverage | scored | p50 ms |", "|---|---|---|---|---|---|"]
         for name, pts in res["sweep"]["series"].items():
             for p in pts:
-                lines.append(f"| {name} | {p['steps'][-1]} | {'/'.join(map(str, p['ef']))} | {p['coverage']:.4f} | "
+                ef = [*p["ef"][:-1], max(p["ef"][-1], res["sweep"]["k"])]  # effective: the bottom ef is at least k
+                lines.append(f"| {name} | {p['steps'][-1]} | {'/'.join(map(str, ef))} | {p['coverage']:.4f} | "
                              f"{p['scored_fraction']:.2%} | {p['latency_ms_p50']:.2f} |")
         if plot:
             lines += ["", f"![coverage vs share scored]({Path(plot).name})"]
