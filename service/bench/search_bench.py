@@ -390,8 +390,12 @@ def render_plot(res: dict[str, Any], path: Path) -> None:
             ps = sorted(ps, key=lambda p: p["scored_fraction"])
             ax.plot([100 * p["scored_fraction"] for p in ps], [p["coverage"] for p in ps],
                     marker=markers[si % len(markers)], label=f"{name}, T={t}")
+    from matplotlib.ticker import FormatStrFormatter
+
     ax.set_xscale("log")
-    ax.set_xlabel("share of the eligible catalogue scored (%)")
+    ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+    ax.xaxis.set_minor_formatter(FormatStrFormatter("%g"))
+    ax.set_xlabel("share of the catalogue scored (%, log scale)")
     ax.set_ylabel(f"coverage@{res['sweep']['k']}")
     ax.set_title(f"NANN beam search, {res['catalogue_size']:,} entities")
     ax.grid(True, which="both", alpha=0.3)
