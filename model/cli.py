@@ -105,6 +105,10 @@ def _train(args: argparse.Namespace) -> int:
         raise
     out = train(cfg)
     import json
+    import os
+
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun only rank 0 reports
 
     summary = json.loads((out / "run.json").read_text())
     print(

@@ -392,5 +392,15 @@ def plot_aux_losses(run: Path) -> Path | None:
 
 
 def train(cfg: TrainConfig) -> Path:
-    """Train ``cfg.method`` on ``cfg.data`` into ``cfg.out`` (resuming if a checkpoint is there)."""
-    return Trainer(cfg).run()
+    """Train ``cfg.method`` on ``cfg.data`` into ``cfg.out`` (resuming if a checkpoint is there).
+
+    Under torchrun every rank calls this; it returns once rank 0 has written the run directory.
+    """
+    trainer = Trainer(cfg)
+    out = trainer.run()
+    if trainer.distributed:
+        import torch.distributed as dist
+
+        dist.barrier()  # rank 0 writes the checkpoint and run.json after the last step
+        dist.destroy_process_group()
+    return out
