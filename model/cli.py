@@ -65,6 +65,8 @@ def register(cli: CommandRegistry) -> None:
     x.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
     x.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     x.add_argument("--opset", type=int, default=17)
+    x.add_argument("--first-layer-split", action="store_true",
+                   help="precompute the entity part of the experts' first layers (backbone methods; more memory, less per-candidate work)")
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -141,7 +143,7 @@ def _export(args: argparse.Namespace) -> int:
     from model.export import ExportConfig, export
 
     report = export(
-        ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset)
+        ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset, first_layer_split=args.first_layer_split)
     )
     print(
         f"exported {report['method']} ({report['kind']}) to {args.out}: {report['num_entities']:,} entities, "

@@ -31,6 +31,8 @@ from torch import Tensor, nn
 from model.checkpoint import load_run
 from model.data.dataset import TEST, Dataset, serving_sequences
 from model.data.io import atomic_directory, atomic_write_json, sha256_file
+from model.experts import concat_fusion
+from model.layers import Domains
 
 BUNDLE_FORMAT_VERSION = 1
 
@@ -49,6 +51,9 @@ class ExportConfig:
     entity_batch: int = 8192
     parity_users: int = 8  # random + real users checked per domain
     parity_candidates: int = 257  # odd on purpose: exercises the dynamic batch dim
+    # Precompute the entity part of both experts' first layers (Backbone only): fewer multiply-adds
+    # per candidate for E x (1 + K) x h1 more floats in the bundle (see docs/model.md for measurements).
+    first_layer_split: bool = False
 
 
 class UserEncoderGraph(nn.Module):
@@ -80,6 +85,60 @@ class PairScorerGraph(nn.Module):
         domain = inputs[self.n_user]
         ent = dict(zip(names_e, inputs[self.n_user + 1 :], strict=True))
         logits, _ = self.model.score(user, ent, domain)  # (1, batch)
+        return logits[0] + self.domain_zero[domain]
+
+
+class SplitBackboneScorer(nn.Module):
+    """The Backbone's pair scorer with the entity part of both experts' first layers precomputed.
+
+    Exact: a first layer over R = [user, entity, pair] is W_u user + W_e entity + W_p pair + b
+    (``layers.SplitLinear``). ``W_e entity`` is computed once per entity at export, for the shared
+    expert (E, h1) and for every domain expert (E, K, h1); per candidate the scorer then pays only the
+    target attention, the pair part and the layers above. Inputs: the user outputs, ``domain``,
+    ``ent_aid`` (attention query), ``ent_first_shared``, ``ent_first_domain``.
+    """
+
+    ENTITY_INPUTS = ("ent_aid", "ent_first_shared", "ent_first_domain")
+
+    def __init__(self, model: nn.Module, num_domains: int) -> None:
+        super().__init__()
+        self.model = model
+        self.register_buffer("domain_zero", torch.zeros(num_domains), persistent=False)
+
+    @staticmethod
+    @torch.no_grad()
+    def precompute(model: nn.Module, ents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        du, de, _ = model.encoder.pair_dims
+        entity = torch.from_numpy(np.concatenate([ents["ent_uee"], ents["ent_aid"]], axis=1))  # (E, De)
+        bb = model.backbone
+        w_s = bb.shared.net.first.linear.weight[:, du : du + de]  # (h1, De)
+        w_d = bb.specific.net.first.weight[:, du : du + de]  # (K, De, h1)
+        return {
+            "ent_first_shared": (entity @ w_s.t()).numpy().astype(np.float32),  # (E, h1)
+            "ent_first_domain": torch.einsum("ei,kio->eko", entity, w_d).numpy().astype(np.float32),  # (E, K, h1)
+        }
+
+    def forward(self, seq_keys: Tensor, seq_vals: Tensor, seq_mask: Tensor, user_repr: Tensor, domain: Tensor,
+                ent_aid: Tensor, ent_first_shared: Tensor, ent_first_domain: Tensor) -> Tensor:
+        enc, bb = self.model.encoder, self.model.backbone
+        du, de, _ = enc.pair_dims
+        e_att = enc.target_attention(ent_aid, seq_keys, seq_vals, seq_mask)[0]  # (batch, d)
+        lin = bb.shared.net.first.linear
+        w = lin.weight  # (h1, Du + De + Dp)
+        h_s = ent_first_shared + e_att @ w[:, du + de :].t() + (user_repr @ w[:, :du].t() + lin.bias)
+        h_s = bb.shared.net.rest(torch.relu(h_s)) if bb.shared.net.rest is not None else torch.relu(h_s)
+        first = bb.specific.net.first
+        wd = first.weight[domain][0]  # (in, h1): Gather on the stacked weights
+        ent_d = torch.gather(
+            ent_first_domain, 1, domain.reshape(1, 1, 1).expand(ent_first_domain.shape[0], 1, ent_first_domain.shape[2])
+        ).squeeze(1)  # (batch, h1): this domain's precomputed entity part
+        h_d = ent_d + e_att @ wd[du + de :] + (user_repr @ wd[:du] + first.bias[domain])
+        dom = Domains(domain, self.domain_zero.shape[0])
+        h_d = torch.relu(h_d).unsqueeze(0)  # (1, batch, h1)
+        if bb.specific.net.rest is not None:
+            h_d = bb.specific.net.rest(h_d, dom)
+        gate = bb.gate(user_repr[:, -self.model.domain_dim :], dom)
+        logits = bb.towers(concat_fusion(h_s.unsqueeze(0), h_d, gate), dom)  # (1, batch)
         return logits[0] + self.domain_zero[domain]
 
 
@@ -151,7 +210,7 @@ def _parity_inputs(ds: Dataset, model: nn.Module, rng: np.random.Generator, n_us
 
 def check_parity(
     model: nn.Module, ds: Dataset, user_path: Path, scorer_path: Path, ents: dict[str, np.ndarray], *,
-    users: int, candidates: int, seed: int = 0,
+    users: int, candidates: int, seed: int = 0, scorer_inputs: list[str] | None = None,
 ) -> float:
     """Max |onnxruntime - PyTorch| over user outputs and scores, every domain, random and real inputs."""
     import onnxruntime as ort
@@ -173,7 +232,8 @@ def check_parity(
                     worst = max(worst, float(np.abs(got - t_user[name].numpy()).max()))
                 rows = rng.choice(E, size=min(candidates, E), replace=False)
                 ent = {n: ents[n][rows] for n in model.entity_tensor_names}
-                s_feed = {**dict(zip(model.user_output_names, onnx_user, strict=True)), "domain": dom, **ent}
+                feed_ent = {n: ents[n][rows] for n in (scorer_inputs or model.entity_tensor_names)}
+                s_feed = {**dict(zip(model.user_output_names, onnx_user, strict=True)), "domain": dom, **feed_ent}
                 (got,) = s_sess.run(["score"], s_feed)
                 want, _ = model.score(t_user, {n: torch.from_numpy(v) for n, v in ent.items()}, torch.from_numpy(dom))
                 if got.shape != (rows.shape[0],):
@@ -203,6 +263,15 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         u_out = model.user(*example_user)
     user_names = list(model.user_output_names)
     ent_names = list(model.entity_tensor_names)
+    scorer_module: nn.Module = PairScorerGraph(model, schema.num_domains)
+    if cfg.first_layer_split:
+        from model.config import Architecture
+
+        if getattr(model, "arch", None) is not Architecture.BACKBONE:
+            raise ExportError(f"--first-layer-split needs a backbone* method, not {loaded.cfg.method!r}")
+        ents.update(SplitBackboneScorer.precompute(model, ents))
+        ent_names = list(SplitBackboneScorer.ENTITY_INPUTS)
+        scorer_module = SplitBackboneScorer(model, schema.num_domains)
     example_ent = tuple(torch.from_numpy(ents[n][:3]) for n in ent_names)
     scorer_args = (*(u_out[n] for n in user_names), torch.zeros(1, dtype=torch.long), *example_ent)
     with atomic_directory(Path(cfg.out)) as tmp:
@@ -213,7 +282,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             inputs=["user_cat", "user_num", "seq", "domain"], outputs=user_names, dynamic={}, opset=cfg.opset,
         )
         _export_onnx(
-            PairScorerGraph(model, schema.num_domains), scorer_args, scorer_path,
+            scorer_module, scorer_args, scorer_path,
             inputs=[*user_names, "domain", *ent_names], outputs=["score"],
             dynamic={**{n: {0: "batch"} for n in ent_names}, "score": {0: "batch"}}, opset=cfg.opset,
         )
@@ -223,7 +292,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             except onnx.checker.ValidationError as exc:
                 raise ExportError(f"{path.name}: onnx.checker failed: {str(exc).splitlines()[0]}") from None
         worst = check_parity(
-            model, ds, user_path, scorer_path, ents, users=cfg.parity_users, candidates=cfg.parity_candidates
+            model, ds, user_path, scorer_path, ents, users=cfg.parity_users, candidates=cfg.parity_candidates,
+            scorer_inputs=ent_names,
         )
         if not worst <= cfg.atol:
             raise ExportError(f"ONNX and PyTorch disagree: max abs difference {worst:.3g} > {cfg.atol:g}")
@@ -261,7 +331,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             },
             "vector_space": {"file": "entities/vectors.npy", "dim": int(vectors.shape[1]), "what": _vector_space(model.kind)},
             "precision": "float32",
-            "first_layer_split": False,
+            "first_layer_split": cfg.first_layer_split,
             "parity_max_abs_diff": worst,
             "training": {"run": str(Path(cfg.run).resolve()), "steps": int(loaded.state.get("step", 0))},
             "files": files,

@@ -158,3 +158,30 @@ def test_baselines_export_with_the_same_signature(method: str, data: Path, tmp_p
     assert report["max_abs_diff"] <= 1e-4
     _, scorer = _sessions(tmp_path / "b")
     assert "domain" in [i.name for i in scorer.get_inputs()]
+
+
+def test_first_layer_split_scores_the_same_as_the_plain_scorer(deep_run: Path, deep_bundle: Path, tmp_path: Path) -> None:
+    split = tmp_path / "split"
+    export(ExportConfig(run=deep_run, out=split, first_layer_split=True, parity_users=1, parity_candidates=11))
+    ms = json.loads((split / "manifest.json").read_text())
+    assert ms["first_layer_split"] is True
+    assert list(ms["entity_tensors"]) == ["ent_aid", "ent_first_shared", "ent_first_domain"]
+    assert ms["entity_tensors"]["ent_first_domain"]["shape"] == [300, 4, 16]
+    mp_ = json.loads((deep_bundle / "manifest.json").read_text())
+    feed = {"user_cat": np.array([[2, 1, 0]], np.int64), "user_num": np.array([[1.0, 0.0]], np.float32),
+            "seq": np.array([[-1] * 5 + [1, 2, 3, 4, 5]], np.int64)}
+    for k in (0, 3):
+        dom = np.array([k], np.int64)
+        scores = []
+        for bundle, m in ((deep_bundle, mp_), (split, ms)):
+            user_sess, scorer = _sessions(bundle)
+            outs = user_sess.run(m["user_outputs"], {**feed, "domain": dom})
+            ents = {n: np.load(bundle / i["file"])[:50] for n, i in m["entity_tensors"].items()}
+            scores.append(scorer.run(["score"], {**dict(zip(m["user_outputs"], outs, strict=True)), "domain": dom, **ents})[0])
+        np.testing.assert_allclose(scores[0], scores[1], atol=1e-5)
+
+
+def test_first_layer_split_needs_the_backbone(data: Path, tmp_path: Path) -> None:
+    run = train(tiny_config(data, tmp_path / "dnn", "dnn", max_steps=1))
+    with pytest.raises(ValueError, match="first-layer-split"):
+        export(ExportConfig(run=run, out=tmp_path / "b", first_layer_split=True))
