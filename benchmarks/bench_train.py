@@ -4,6 +4,7 @@ Recall-all results table of every method on a synthetic dataset.
     .venv/bin/python benchmarks/bench_train.py speed --data /tmp/m/small --json /tmp/m/speed.json
     .venv/bin/python benchmarks/bench_train.py results --data /tmp/m/tiny --max-steps 60 --users 300 \
         --json /tmp/m/results.json
+    .venv/bin/python benchmarks/bench_train.py scorer /tmp/m/bundle /tmp/m/bundle_split
 
 ``speed`` times ``--steps`` optimizer steps after ``--warmup`` steps for each method (same batch size,
 negatives and model as ``unimatch train`` defaults), then the backbone with several negative counts.
@@ -102,6 +103,40 @@ def results(args: argparse.Namespace) -> dict:
     return out
 
 
+def scorer_latency(args: argparse.Namespace) -> int:
+    """Median pair-scorer latency (onnxruntime, 1 thread) per batch size, and entity bytes, per bundle."""
+    import numpy as np
+    import onnxruntime as ort
+
+    for bundle in args.bundles:
+        m = json.loads((Path(bundle) / "manifest.json").read_text())
+        schema = json.loads((Path(bundle) / "schema.json").read_text())
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        user = ort.InferenceSession(str(Path(bundle) / "user_encoder.onnx"), opts, providers=["CPUExecutionProvider"])
+        scorer = ort.InferenceSession(str(Path(bundle) / "pair_scorer.onnx"), opts, providers=["CPUExecutionProvider"])
+        L = schema["max_seq_len"]
+        outs = user.run(m["user_outputs"], {
+            "user_cat": np.zeros((1, len(schema["user_categorical"])), np.int64),
+            "user_num": np.zeros((1, len(schema["user_numeric"])), np.float32),
+            "seq": (np.arange(L, dtype=np.int64) % m["num_entities"])[None], "domain": np.array([0], np.int64)})
+        ents = {n: np.load(Path(bundle) / i["file"], mmap_mode="r") for n, i in m["entity_tensors"].items()}
+        per_entity = sum(int(np.prod(i["shape"][1:])) * 4 for i in m["entity_tensors"].values())
+        for batch in args.batches:
+            feed = {**dict(zip(m["user_outputs"], outs, strict=True)), "domain": np.array([0], np.int64),
+                    **{n: np.ascontiguousarray(v[:batch]) for n, v in ents.items()}}
+            for _ in range(5):
+                scorer.run(["score"], feed)
+            times = []
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                scorer.run(["score"], feed)
+                times.append(time.perf_counter() - t0)
+            print(f"{bundle}: batch {batch}: p50 {np.median(times) * 1e3:.3f} ms, entity bytes/entity {per_entity}, "
+                  f"first_layer_split={m.get('first_layer_split')}, load {_load():.1f}", flush=True)
+    return 0
+
+
 def _save(path: str | None, obj: dict) -> None:
     if path:
         from model.data.io import atomic_write_json
@@ -150,9 +185,15 @@ def main() -> int:
     rs.add_argument("--rrl-override", default="", help='JSON of RRLConfig fields, e.g. {"grl_lambda": 0.1}')
     rs.add_argument("--pair-budget", type=int, default=32768, help="pairs per scoring pass in eval (GPU: 1<<20)")
     rs.add_argument("--n", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200])
+    sl = sub.add_parser("scorer", help="pair-scorer latency and entity memory of exported bundles")
+    sl.add_argument("bundles", nargs="+")
+    sl.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256])
+    sl.add_argument("--repeat", type=int, default=50)
     tb = sub.add_parser("table", help="print the markdown table of a JSON written by speed or results")
     tb.add_argument("json")
     args = p.parse_args()
+    if args.cmd == "scorer":
+        return scorer_latency(args)
     if args.cmd == "table":
         print(table(json.loads(Path(args.json).read_text())))
         return 0
