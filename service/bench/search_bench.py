@@ -367,7 +367,9 @@ def render_markdown(res: dict[str, Any], *, command: str, plot: str | None) -> s
     ]
     if res.get("two_tower"):
         lines += ["", f"Two-tower baseline: `{res.get('two_tower_bundle')}` searched with hnswlib (inner product, ef = max(2k, 100)); "
-                  "its exhaustive Recall-all@k: " + ", ".join(f"@{k} {v['recall_all']:.4f}" for k, v in res["two_tower"].items())]
+                  "its exhaustive Recall-all@k: " + ", ".join(f"@{k} {v['recall_all']:.4f}" for k, v in res["two_tower"].items())
+                  + "; queries where hnswlib could not return k results (exact top-k used): "
+                  + ", ".join(f"@{k} {v.get('hnswlib_fallbacks', 0)}" for k, v in res["two_tower"].items())]
     if "sweep" in res:
         lines += ["", f"## ef/T sweep (k={res['sweep']['k']}, {res['sweep']['queries']} queries)", "",
                   "| series | T (bottom) | ef per layer | coverage | scored | p50 ms |", "|---|---|---|---|---|---|"]
