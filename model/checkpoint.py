@@ -13,7 +13,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -21,6 +21,9 @@ import torch
 from model.config import METHODS, TrainConfig
 from model.data.dataset import Dataset, load_dataset
 from model.data.schema import FeatureSchema
+
+if TYPE_CHECKING:
+    from model.backbones import MatchingModel
 
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
@@ -77,7 +80,7 @@ def check_entities(state: dict[str, Any], num_entities: int, *, where: str) -> N
 class LoadedRun:
     cfg: TrainConfig
     dataset: Dataset
-    model: torch.nn.Module
+    model: MatchingModel
     state: dict[str, Any]
 
 

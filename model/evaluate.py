@@ -68,7 +68,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     n_max = max(cfg.ns)
     per_domain: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
-    micro_hits = {n: [] for n in cfg.ns}
+    micro_hits: dict[int, list[float]] = {n: [] for n in cfg.ns}
     with Progress(transient=True, disable=not cfg.progress) as bar:
         task = bar.add_task("recall-all", total=int(chosen.sum()))
         for k, name in enumerate(schema.domains):
@@ -83,7 +83,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
             ent_k = {n: v[torch.from_numpy(eligible).to(dev)] for n, v in ents.items()}
             chunk = max(256, min(len(eligible), cfg.pair_budget // 16))
             bu = max(1, cfg.pair_budget // chunk)
-            recalls = {n: [] for n in cfg.ns}
+            recalls: dict[int, list[float]] = {n: [] for n in cfg.ns}
             for start in range(0, dom_users.size, bu):
                 ub = dom_users[start : start + bu]
                 dom = torch.full((ub.size,), k, dtype=torch.long, device=dev)

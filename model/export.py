@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from model.backbones import DeepMatchingModel, MatchingModel
 from model.checkpoint import load_run
 from model.data.dataset import TEST, Dataset, serving_sequences
 from model.data.io import atomic_directory, atomic_write_json, sha256_file
@@ -59,7 +60,7 @@ class ExportConfig:
 class UserEncoderGraph(nn.Module):
     """(user_cat, user_num, seq, domain) -> the user outputs, in ``model.user_output_names`` order."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: MatchingModel) -> None:
         super().__init__()
         self.model = model
 
@@ -71,7 +72,7 @@ class UserEncoderGraph(nn.Module):
 class PairScorerGraph(nn.Module):
     """(*user outputs, domain, *entity tensors) -> score (batch,): the domain tower's logit, no log-Q."""
 
-    def __init__(self, model: nn.Module, num_domains: int) -> None:
+    def __init__(self, model: MatchingModel, num_domains: int) -> None:
         super().__init__()
         self.model = model
         self.n_user = len(model.user_output_names)
@@ -100,14 +101,14 @@ class SplitBackboneScorer(nn.Module):
 
     ENTITY_INPUTS = ("ent_aid", "ent_first_shared", "ent_first_domain")
 
-    def __init__(self, model: nn.Module, num_domains: int) -> None:
+    def __init__(self, model: MatchingModel, num_domains: int) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("domain_zero", torch.zeros(num_domains), persistent=False)
 
     @staticmethod
     @torch.no_grad()
-    def precompute(model: nn.Module, ents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def precompute(model: DeepMatchingModel, ents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         du, de, _ = model.encoder.pair_dims
         entity = torch.from_numpy(np.concatenate([ents["ent_uee"], ents["ent_aid"]], axis=1))  # (E, De)
         bb = model.backbone
@@ -144,7 +145,7 @@ class SplitBackboneScorer(nn.Module):
 
 @torch.no_grad()
 def entity_tensors(
-    model: nn.Module, num_entities: int, batch: int = 8192, device: torch.device | None = None
+    model: MatchingModel, num_entities: int, batch: int = 8192, device: torch.device | None = None
 ) -> dict[str, np.ndarray]:
     """Every entity's scorer inputs, computed once: name -> (E, ...) float32."""
     parts: dict[str, list[np.ndarray]] = {n: [] for n in model.entity_tensor_names}
@@ -182,7 +183,7 @@ def _export_onnx(module: nn.Module, args: tuple[Tensor, ...], path: Path, *, inp
         )
 
 
-def _parity_inputs(ds: Dataset, model: nn.Module, rng: np.random.Generator, n_users: int) -> list[dict[str, np.ndarray]]:
+def _parity_inputs(ds: Dataset, model: MatchingModel, rng: np.random.Generator, n_users: int) -> list[dict[str, np.ndarray]]:
     """Random users (random codes, numerics, padded sequences) and real users with their serving sequence."""
     schema = ds.schema
     L = schema.max_seq_len
@@ -209,7 +210,7 @@ def _parity_inputs(ds: Dataset, model: nn.Module, rng: np.random.Generator, n_us
 
 
 def check_parity(
-    model: nn.Module, ds: Dataset, user_path: Path, scorer_path: Path, ents: dict[str, np.ndarray], *,
+    model: MatchingModel, ds: Dataset, user_path: Path, scorer_path: Path, ents: dict[str, np.ndarray], *,
     users: int, candidates: int, seed: int = 0, scorer_inputs: list[str] | None = None,
 ) -> float:
     """Max |onnxruntime - PyTorch| over user outputs and scores, every domain, random and real inputs."""
