@@ -69,7 +69,8 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads per session run")
-    providers: Literal["cpu", "cuda", "auto"] = Field(default="cpu", description="onnxruntime execution provider")
+    # auto: CUDA when onnxruntime has it (onnxruntime-gpu on a GPU host), else CPU with a log line saying so.
+    providers: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="onnxruntime execution provider")
     # ---- search parameters (None = the engine's defaults); env values are comma lists: "64,32,16,8"
     search_ef: IntTuple = None
     search_steps: IntTuple = None
