@@ -257,3 +257,21 @@ def test_rewrite_replaces_atomically(tmp_path: Path) -> None:
     write_dataset(root, schema=small_schema(max_seq_len=8), users=users, entities=ents, interactions=inter)
     assert load_dataset(root).schema.max_seq_len == 8
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]  # no temporary or old folder left
+
+
+def test_atomic_outputs_get_umask_modes_not_private_ones(tmp_path: Path) -> None:
+    """Service replicas often run as another user: outputs must not stay 0700/0600 like temp files."""
+    import os
+    import stat
+
+    from model.data.io import atomic_directory, atomic_write_text
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as d:
+            (d / "x").write_text("1")
+        atomic_write_text(tmp_path / "f.json", "{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
