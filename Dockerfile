@@ -26,6 +26,7 @@ COPY model ./model
 COPY index_builder ./index_builder
 COPY service ./service
 COPY loadtests ./loadtests
+COPY experiments ./experiments
 RUN /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
 
@@ -74,6 +75,7 @@ COPY model ./model
 COPY index_builder ./index_builder
 COPY service ./service
 COPY loadtests ./loadtests
+COPY experiments ./experiments
 RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM ${CUDA_IMAGE} AS gpu
