@@ -38,6 +38,9 @@ def test_cli_writes_contract_json_markdown_and_plot(setup, tmp_path: Path) -> No
                     "latency_ms_p99", "scorer_time_share", "speedup_vs_exhaustive"):
             assert isinstance(row[key], float), key
         assert 0 <= row["coverage"] <= 1 and 0 < row["scored_fraction"] <= 1 and 0 < row["scorer_time_share"] <= 1
+        # the time split adds up: pair scorer + user encoder + outside onnxruntime = the query
+        assert 0 <= row["gather_share"] <= row["outside_ort_share"] < 1
+        assert row["scorer_time_share"] + row["user_encode_share"] + row["outside_ort_share"] == pytest.approx(1.0)
         assert row["latency_ms_p50"] <= row["latency_ms_p99"]
     assert res["exhaustive"]["latency_ms_p50"] > 0
     assert set(res["two_tower"]) == {"10", "50"} and 0 <= res["two_tower"]["50"]["recall_retrieval"] <= 1
