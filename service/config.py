@@ -75,6 +75,7 @@ class Settings(BaseSettings):
     search_ef: IntTuple = None
     search_steps: IntTuple = None
     search_top_n: IntTuple = None
+    search_max_degree: IntTuple = None  # per-layer cap on neighbours expanded per node, 0 = all
     search_exhaustive_threshold: int | None = Field(default=None, ge=0)
     # ---- admin -----------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
@@ -83,7 +84,7 @@ class Settings(BaseSettings):
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
-    @field_validator("search_ef", "search_steps", "search_top_n", mode="before")
+    @field_validator("search_ef", "search_steps", "search_top_n", "search_max_degree", mode="before")
     @classmethod
     def _comma_list(cls, value: object) -> object:
         if isinstance(value, str):
@@ -113,6 +114,8 @@ class Settings(BaseSettings):
         given = [v for v in (self.search_ef, self.search_steps, self.search_top_n) if v is not None]
         if any(x <= 0 for v in given for x in v):
             raise ValueError("search_ef, search_steps and search_top_n must be positive integers")
+        if self.search_max_degree is not None and min(self.search_max_degree, default=0) < 0:
+            raise ValueError("search_max_degree must be integers >= 0 (0 = every neighbour)")
         return self
 
     @property

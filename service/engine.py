@@ -72,12 +72,18 @@ class SearchParams:
     # An eligible catalogue (domain and type filter) this small is scored whole: a search scores
     # ~1.5-2k pairs at k=200 anyway, and exhaustive scoring is exact.
     exhaustive_threshold: int = 4096
+    # Per layer, top layer first: expand only each node's first max_degree neighbours (0 = all; empty
+    # = no cap anywhere). hnswlib lists are nearest first; capping layer 0's 2M = 32 edges trades
+    # pairs per step against steps (docs/search-benchmark-1m.md measures it).
+    max_degree: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.ef) == len(self.steps) == len(self.top_n)) or not self.ef:
             raise SearchError(f"ef, steps and top_n need one value per layer, got {self.ef}, {self.steps}, {self.top_n}")
         if min(self.ef) < 1 or min(self.steps) < 0 or min(self.top_n) < 0 or self.exhaustive_threshold < 0:
             raise SearchError("ef must be >= 1, steps, top_n and exhaustive_threshold >= 0")
+        if self.max_degree and (len(self.max_degree) != len(self.ef) or min(self.max_degree) < 0):
+            raise SearchError(f"max_degree needs one value >= 0 per layer (0 = all neighbours), got {self.max_degree}")
 
     def for_k(self, k: int) -> SearchParams:
         """A beam narrower than k cannot hold k results: the bottom layer's ef and top-n are at least k."""
@@ -86,6 +92,7 @@ class SearchParams:
             steps=self.steps,
             top_n=(*self.top_n[:-1], max(self.top_n[-1], k)),
             exhaustive_threshold=self.exhaustive_threshold,
+            max_degree=self.max_degree,
         )
 
 
@@ -258,6 +265,7 @@ class MatchEngine:
                 ef=p.ef,
                 steps=p.steps,
                 top_n=p.top_n,
+                max_degree=p.max_degree,
                 visited=self._visited(),
                 keep=self._keep_fn(int(domain), types, excl),
                 deadline=deadline,

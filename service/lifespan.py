@@ -231,6 +231,7 @@ def search_params(settings: Settings) -> SearchParams | None:
         "ef": settings.search_ef,
         "steps": settings.search_steps,
         "top_n": settings.search_top_n,
+        "max_degree": settings.search_max_degree,
         "exhaustive_threshold": settings.search_exhaustive_threshold,
     }
     given = {name: v for name, v in given.items() if v is not None}

@@ -161,15 +161,19 @@ def entry(graph: HnswGraph, *, whole_top_layer_up_to: int) -> np.ndarray:
     return np.unique(np.asarray(graph.entry_points, dtype=np.int64))
 
 
-def expand(graph: HnswGraph, layer: int, frontier: np.ndarray) -> np.ndarray:
+def expand(graph: HnswGraph, layer: int, frontier: np.ndarray, max_degree: int = 0) -> np.ndarray:
     """Concatenated layer-``layer`` neighbour lists of ``frontier`` (frontier order, then adjacency order).
 
     Vectorised CSR gather: one ``np.repeat`` + ``arange`` builds every index, no loop over nodes.
-    May contain duplicates and already-seen nodes; ``VisitedSet.unseen`` removes them.
+    May contain duplicates and already-seen nodes; ``VisitedSet.unseen`` removes them. ``max_degree``
+    > 0 takes only the first ``max_degree`` neighbours of each node: hnswlib's neighbour selection
+    writes a list nearest first, so the cap keeps the closest edges and cuts the pairs per step.
     """
     off = graph.offsets[layer]
     starts = np.asarray(off[frontier], dtype=np.int64)
     lens = np.asarray(off[frontier + 1], dtype=np.int64) - starts
+    if max_degree > 0:
+        lens = np.minimum(lens, max_degree)
     total = int(lens.sum())
     if total == 0:
         return np.empty(0, dtype=np.int64)
@@ -188,6 +192,7 @@ def search_layer(
     visited: VisitedSet,
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_degree: int = 0,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LayerStats, bool]:
     """NANN's SEARCH-LAYER from the entry set ``ep_rows`` (unique rows).
 
@@ -213,7 +218,7 @@ def search_layer(
         if deadline is not None and clock() >= deadline:
             partial = True
             break
-        new = visited.unseen(expand(graph, layer, frontier))
+        new = visited.unseen(expand(graph, layer, frontier, max_degree))
         stats.steps += 1
         if new.size == 0:
             frontier = new
@@ -258,6 +263,7 @@ def search(
     keep: KeepFn | None = None,
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
+    max_degree: tuple[int, ...] = (),
 ) -> SearchOutcome:
     """K-NN-SEARCH: layers top to bottom, per-layer top-n of the returnable nodes, merged top-k.
 
@@ -268,6 +274,9 @@ def search(
     """
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
+    if max_degree and len(max_degree) != graph.num_layers:
+        raise ValueError(f"max_degree needs one value per layer ({graph.num_layers}) or none")
+    degree = max_degree or (0,) * graph.num_layers
     visited.new_request()
     ep = entry(graph, whole_top_layer_up_to=ef[0])
     results: list[tuple[np.ndarray, np.ndarray]] = []
@@ -275,7 +284,8 @@ def search(
     partial = False
     for i, layer in enumerate(range(graph.num_layers - 1, -1, -1)):
         w_rows, _, s_rows, s_scores, stats, partial = search_layer(
-            graph, layer, ep, ef=ef[i], steps=steps[i], score=score, visited=visited, deadline=deadline, clock=clock
+            graph, layer, ep, ef=ef[i], steps=steps[i], score=score, visited=visited, deadline=deadline, clock=clock,
+            max_degree=degree[i],
         )
         layer_stats.append(stats)
         if keep is not None and s_rows.size:

@@ -49,6 +49,8 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--ef", type=_ints, default=None, help="per-layer ef, top layer first (default: engine's)")
     p.add_argument("--steps", type=_ints, default=None, help="per-layer T, top layer first")
     p.add_argument("--top-n", type=_ints, default=None, help="per-layer top-n kept for the merge")
+    p.add_argument("--max-degree", type=_ints, default=None,
+                   help="per-layer cap on the neighbours expanded per node, 0 = all (default: no cap)")
     p.add_argument("--no-sweep", action="store_true", help="skip the ef/T sweep")
     p.add_argument("--sweep-users", type=int, default=200, help="queries per sweep point")
     p.add_argument("--sweep-k", type=int, default=200, help="k of the sweep")
@@ -65,7 +67,8 @@ def _command_line(args: argparse.Namespace) -> str:
     for flag, value in (("--two-tower", args.two_tower), ("--json", args.json), ("--md", args.md), ("--plot", args.plot)):
         if value is not None:
             parts += [flag, str(value)]
-    for flag, value in (("--ef", args.ef), ("--steps", args.steps), ("--top-n", args.top_n)):
+    for flag, value in (("--ef", args.ef), ("--steps", args.steps), ("--top-n", args.top_n),
+                        ("--max-degree", args.max_degree)):
         if value is not None:
             parts += [flag, ",".join(map(str, value))]
     if args.no_sweep:
@@ -99,6 +102,8 @@ def _search(args: argparse.Namespace) -> int:
         params = replace(params, steps=args.steps)
     if args.top_n is not None:
         params = replace(params, top_n=args.top_n)
+    if args.max_degree is not None:
+        params = replace(params, max_degree=args.max_degree)
     cfg = BenchConfig(
         bundle=args.bundle, data=args.data, users=args.users, ks=args.k, params=params, two_tower=args.two_tower,
         sweep=not args.no_sweep, sweep_k=args.sweep_k, sweep_users=args.sweep_users,

@@ -269,3 +269,13 @@ def test_engine_with_request_batching_matches_plain_engine(engine: MatchEngine, 
             np.testing.assert_array_equal(r.rows, want.rows)
     finally:
         batched.close()
+
+
+def test_search_params_validate_max_degree() -> None:
+    from service.engine import SearchError, SearchParams
+
+    assert SearchParams(max_degree=(0, 0, 0, 16)).for_k(500).max_degree == (0, 0, 0, 16)
+    with pytest.raises(SearchError, match="max_degree"):
+        SearchParams(max_degree=(16,))
+    with pytest.raises(SearchError, match="max_degree"):
+        SearchParams(max_degree=(0, 0, 0, -1))

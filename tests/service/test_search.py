@@ -173,3 +173,28 @@ def test_rejects_wrong_number_of_layers(graph_and_vectors) -> None:
 def test_graph_dataclass_roundtrip(tmp_path: Path) -> None:
     b = load_bundle(make_fake_bundle(tmp_path / "b", num_entities=50, dim=4))
     assert b.graph is not None and b.graph.num_nodes == 50 and b.graph.num_layers == 4
+
+
+def test_expand_max_degree_keeps_the_first_neighbours(graph_and_vectors) -> None:
+    graph, _ = graph_and_vectors
+    frontier = np.array([5, 17, 1000], dtype=np.int64)
+    off, nb = graph.offsets[0], graph.neighbors[0]
+    expected = np.concatenate([nb[off[i] : min(off[i + 1], off[i] + 3)] for i in frontier])
+    np.testing.assert_array_equal(expand(graph, 0, frontier, max_degree=3), expected)
+    widest = int(np.diff(np.asarray(off)).max())
+    np.testing.assert_array_equal(expand(graph, 0, frontier, max_degree=widest), expand(graph, 0, frontier))
+
+
+def test_max_degree_cuts_pairs_and_a_wide_cap_changes_nothing(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(4).normal(size=vec.shape[1]).astype(np.float32)
+    full, wide, capped = RecordingScore(vec, q), RecordingScore(vec, q), RecordingScore(vec, q)
+    a = run(graph, full, 20)
+    b = run(graph, wide, 20, max_degree=(0, 0, 0, 10_000))
+    c = run(graph, capped, 20, max_degree=(0, 0, 0, 4))
+    assert c.rows.size == 20
+    np.testing.assert_array_equal(a.rows, b.rows)
+    assert full.scored.size == wide.scored.size
+    assert capped.scored.size < full.scored.size
+    with pytest.raises(ValueError, match="max_degree"):
+        run(graph, RecordingScore(vec, q), 20, max_degree=(4,))
