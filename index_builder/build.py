@@ -32,6 +32,7 @@ from index_builder.hnsw import (
     level_multiplier,
     read_hnswlib_file,
     repair_reachability,
+    sort_neighbours_nearest_first,
 )
 from model.data.io import atomic_directory, atomic_write_json, sha256_file
 
@@ -134,6 +135,11 @@ def build_graph(
         if cfg.repair:
             graph, repair = repair_reachability(graph, vectors)
         timings["repair_s"] = time.perf_counter() - t0
+        if cfg.sort_neighbours:
+            stage("sorting neighbour lists nearest first")
+            t0 = time.perf_counter()
+            graph = sort_neighbours_nearest_first(graph, vectors)
+            timings["sort_s"] = time.perf_counter() - t0
         stage("health check: connectivity and L2 recall vs brute force")
         t0 = time.perf_counter()
         reachable = layer_reachability(graph)

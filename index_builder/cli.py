@@ -36,6 +36,10 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--health-queries", type=int, default=d.health_queries, help="queries for the recall check")
     p.add_argument("--health-ef", type=int, default=d.health_ef, help="search list size ef for the recall check")
     p.add_argument("--json", type=Path, default=None, help="also write the health report to this file")
+    p.add_argument(
+        "--no-sort-neighbours", dest="sort_neighbours", action="store_false",
+        help="keep hnswlib's neighbour order instead of nearest first (a search degree cap then keeps arbitrary edges)",
+    )
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -61,6 +65,7 @@ def _build(args: argparse.Namespace) -> int:
         seed=args.seed,
         health_queries=args.health_queries,
         health_ef=args.health_ef,
+        sort_neighbours=args.sort_neighbours,
     )
     console = Console()
     columns = (

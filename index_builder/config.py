@@ -36,6 +36,9 @@ class IndexConfig:
     top_layer_min: int = 16
     # Repair layers so that every node is reachable from the entry point (extra reverse edges).
     repair: bool = True
+    # Store each neighbour list nearest first (L2), so the search can cap the neighbours it expands per
+    # node and keep the closest (hnswlib's own order is farthest first plus appended reverse links).
+    sort_neighbours: bool = True
     # Health report: number of sampled queries, neighbours compared, and the search's candidate list size.
     health_queries: int = 200
     health_k: int = 100

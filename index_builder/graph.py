@@ -56,7 +56,8 @@ class Graph:
     """A layered HNSW graph as CSR arrays; ``offsets[l]``/``neighbors[l]`` hold layer ``l``.
 
     Neighbours of node ``u`` on layer ``l``: ``neighbors[l][offsets[l][u]:offsets[l][u + 1]]``, in the
-    order the builder stored them (nearest first as chosen by the HNSW heuristic, repair edges last).
+    order the builder stored them: nearest first (L2) unless built with ``sort_neighbours=False``,
+    in which case hnswlib's order (farthest first as its heap pops them, reverse links and repair edges appended).
     """
 
     levels: np.ndarray  # (E,) int8

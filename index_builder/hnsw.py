@@ -409,3 +409,35 @@ def append_edges(
     rank = np.arange(s.size) - np.searchsorted(s, s, side="left")  # index among same-source new edges
     new_nbr[new_off[s] + old_count[s] + rank] = d
     return new_off, new_nbr
+
+
+def sort_neighbours_nearest_first(graph: Graph, vectors: np.ndarray, *, chunk_edges: int = 1 << 21) -> Graph:
+    """Reorder every node's neighbour list by ascending L2 distance; same edges, new order.
+
+    hnswlib writes a list by popping a max-heap, i.e. farthest first, and appends reverse links and
+    our repair edges at the end, so its order carries no meaning. Nearest first lets the search cap
+    the neighbours it expands per node (``SearchParams.max_degree``) and keep the closest ones.
+    Works block by block over nodes, so temporaries stay near ``chunk_edges`` edges at 10M nodes.
+    """
+    new_neighbors = []
+    for layer in range(graph.num_layers):
+        off, nbr = graph.offsets[layer], graph.neighbors[layer]
+        out = np.empty_like(nbr)
+        n = off.shape[0] - 1
+        a = 0
+        while a < n:
+            # the largest block of nodes starting at a whose edges fit in chunk_edges (at least one node)
+            b = int(np.searchsorted(off, off[a] + chunk_edges, side="right")) - 1
+            b = min(n, max(b, a + 1))
+            lo, hi = int(off[a]), int(off[b])
+            if hi > lo:
+                src, dst = gather_neighbours(off, nbr, np.arange(a, b, dtype=np.int64))
+                diff = np.asarray(vectors[src], dtype=np.float32) - np.asarray(vectors[dst], dtype=np.float32)
+                dist = np.einsum("ij,ij->i", diff, diff)
+                order = np.lexsort((dist, src))  # by source node (keeps the CSR blocks), then distance
+                out[lo:hi] = dst[order]
+            a = b
+        new_neighbors.append(out)
+    return Graph(
+        levels=graph.levels, offsets=graph.offsets, neighbors=tuple(new_neighbors), entry_points=graph.entry_points
+    )

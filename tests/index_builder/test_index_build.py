@@ -19,6 +19,7 @@ from index_builder.hnsw import (
     level_multiplier,
     read_hnswlib_file,
     repair_reachability,
+    sort_neighbours_nearest_first,
 )
 from model.data.io import sha256_file
 from tests.index_builder.helpers import clustered_vectors, make_bundle
@@ -310,3 +311,25 @@ def test_progress_reports_insertion_to_completion_and_every_stage() -> None:
     stages = [s for s, _, _ in calls]
     assert stages.index("repairing reachability") > stages.index("inserting vectors")
     assert any(s.startswith("health check") for s in stages)
+
+
+def test_neighbour_lists_are_stored_nearest_first_with_the_same_edges() -> None:
+    x = clustered_vectors(3_000, 8, seed=2)
+    sorted_graph = build_graph(x, FAST).graph
+    raw = build_graph(x, IndexConfig(M=8, ef_construction=40, health_queries=20, health_ef=100, sort_neighbours=False)).graph
+    for layer in range(sorted_graph.num_layers):
+        assert np.array_equal(sorted_graph.offsets[layer], raw.offsets[layer])
+        for u in np.flatnonzero(np.asarray(sorted_graph.levels) >= layer)[:300]:
+            got, orig = sorted_graph.neighbours(layer, int(u)), raw.neighbours(layer, int(u))
+            assert sorted(got.tolist()) == sorted(orig.tolist())  # a permutation of the same edges
+            d = ((x[got] - x[u]) ** 2).sum(1)
+            assert np.all(np.diff(d) >= -1e-5), (layer, int(u))
+
+
+def test_sort_neighbours_small_chunks_match_one_chunk() -> None:
+    x = clustered_vectors(1_500, 8, seed=3)
+    g = build_graph(x, IndexConfig(M=8, ef_construction=40, health_queries=0, sort_neighbours=False)).graph
+    one = sort_neighbours_nearest_first(g, x)
+    many = sort_neighbours_nearest_first(g, x, chunk_edges=7)  # blocks of a node or two
+    for layer in range(g.num_layers):
+        assert np.array_equal(one.neighbors[layer], many.neighbors[layer])
