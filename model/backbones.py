@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -89,7 +90,8 @@ class CrossStitch(nn.Module):
         h = torch.stack([torch.relu(f(x)) for f in self.first])  # (K, B, C, h)
         h = torch.einsum("kj,jbch->kbch", self.stitch[0], h)
         for layers, stitch in zip(self.upper, list(self.stitch)[1:], strict=True):
-            h = torch.stack([torch.relu(lin(h[j])) for j, lin in enumerate(layers)])  # (K, B, C, h')
+            # ModuleList is not generic: each item of self.upper is itself a ModuleList of K Linear
+            h = torch.stack([torch.relu(lin(h[j])) for j, lin in enumerate(cast(nn.ModuleList, layers))])  # (K, B, C, h')
             h = torch.einsum("kj,jbch->kbch", stitch, h)
         onehot = F.one_hot(domain.index, self.num_domains).to(h.dtype)  # (B, K)
         own = torch.einsum("bk,kbch->bch", onehot, h)  # each user's own domain column
@@ -123,6 +125,8 @@ def smooth_step(t: Tensor, gamma: float = 1.0) -> Tensor:
 
 class DSelectK(MMoE):
     """MMoE with DSelect-k gates (Hazimeh et al. 2021): k differentiable binary-encoded selectors per domain."""
+
+    bits: Tensor  # buffer (n, m)
 
     def __init__(self, num_domains: int, dims_in: tuple[int, int, int], cfg: ModelConfig) -> None:
         super().__init__(num_domains, dims_in, cfg)

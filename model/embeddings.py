@@ -42,6 +42,8 @@ class EntityTable:
 class CategoricalEmbedding(nn.Module):
     """Every categorical column of a group in one table (offset per column) -> (N, cols * dim)."""
 
+    offsets: Tensor  # buffer (cols,)
+
     def __init__(self, cardinalities: list[int], dim: int) -> None:
         super().__init__()
         self.cols = len(cardinalities)
@@ -117,6 +119,11 @@ class UserTransformer(nn.Module):
 
 class FeatureEncoder(nn.Module):
     """Everything before the backbone: embeddings, ad network, user transformer, target attention."""
+
+    # buffers (registered in __init__): the entity feature columns
+    ent_cat: Tensor  # (E, Ce) int64
+    ent_num: Tensor  # (E, Cn) float32
+    ent_type: Tensor  # (E,) int64
 
     def __init__(self, schema: FeatureSchema, entities: EntityTable, cfg: ModelConfig) -> None:
         super().__init__()

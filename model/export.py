@@ -22,13 +22,13 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from model.backbones import DeepMatchingModel, MatchingModel
+from model.backbones import Backbone, DeepMatchingModel, MatchingModel
 from model.checkpoint import load_run
 from model.data.dataset import TEST, Dataset, serving_sequences
 from model.data.io import atomic_directory, atomic_write_json, sha256_file
@@ -72,6 +72,8 @@ class UserEncoderGraph(nn.Module):
 class PairScorerGraph(nn.Module):
     """(*user outputs, domain, *entity tensors) -> score (batch,): the domain tower's logit, no log-Q."""
 
+    domain_zero: Tensor  # buffer (num_domains,)
+
     def __init__(self, model: MatchingModel, num_domains: int) -> None:
         super().__init__()
         self.model = model
@@ -101,7 +103,9 @@ class SplitBackboneScorer(nn.Module):
 
     ENTITY_INPUTS = ("ent_aid", "ent_first_shared", "ent_first_domain")
 
-    def __init__(self, model: MatchingModel, num_domains: int) -> None:
+    domain_zero: Tensor  # buffer (num_domains,)
+
+    def __init__(self, model: DeepMatchingModel, num_domains: int) -> None:
         super().__init__()
         self.model = model
         self.register_buffer("domain_zero", torch.zeros(num_domains), persistent=False)
@@ -111,7 +115,7 @@ class SplitBackboneScorer(nn.Module):
     def precompute(model: DeepMatchingModel, ents: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         du, de, _ = model.encoder.pair_dims
         entity = torch.from_numpy(np.concatenate([ents["ent_uee"], ents["ent_aid"]], axis=1))  # (E, De)
-        bb = model.backbone
+        bb = cast(Backbone, model.backbone)  # export() checks arch is Architecture.BACKBONE
         w_s = bb.shared.net.first.linear.weight[:, du : du + de]  # (h1, De)
         w_d = bb.specific.net.first.weight[:, du : du + de]  # (K, De, h1)
         return {
@@ -121,7 +125,7 @@ class SplitBackboneScorer(nn.Module):
 
     def forward(self, seq_keys: Tensor, seq_vals: Tensor, seq_mask: Tensor, user_repr: Tensor, domain: Tensor,
                 ent_aid: Tensor, ent_first_shared: Tensor, ent_first_domain: Tensor) -> Tensor:
-        enc, bb = self.model.encoder, self.model.backbone
+        enc, bb = self.model.encoder, cast(Backbone, self.model.backbone)  # arch checked by export()
         du, de, _ = enc.pair_dims
         e_att = enc.target_attention(ent_aid, seq_keys, seq_vals, seq_mask)[0]  # (batch, d)
         lin = bb.shared.net.first.linear
@@ -191,7 +195,7 @@ def _parity_inputs(ds: Dataset, model: MatchingModel, rng: np.random.Generator, 
     seqs = serving_sequences(ds)
     test_users = np.unique(np.asarray(ds.interactions.user)[np.asarray(ds.interactions.split) == TEST])
     real = rng.choice(test_users if test_users.size else np.arange(len(ds.users)), size=min(n_users, len(ds.users)), replace=False)
-    out = []
+    out: list[dict[str, np.ndarray]] = []
     for i in range(n_users):
         cat = np.array([[rng.integers(0, c.cardinality) for c in schema.user_categorical]], dtype=np.int64)
         num = rng.standard_normal((1, len(schema.user_numeric))).astype(np.float32)
@@ -228,7 +232,8 @@ def check_parity(
             for k in range(ds.schema.num_domains):
                 dom = np.array([k], dtype=np.int64)
                 onnx_user = u_sess.run(list(model.user_output_names), {**feed, "domain": dom})
-                t_user = model.user(*(torch.from_numpy(np.array(feed[n])) for n in ("user_cat", "user_num", "seq")), torch.from_numpy(dom))
+                t_in = [torch.from_numpy(np.array(feed[n])) for n in ("user_cat", "user_num", "seq")]
+                t_user = model.user(t_in[0], t_in[1], t_in[2], torch.from_numpy(dom))
                 for name, got in zip(model.user_output_names, onnx_user, strict=True):
                     worst = max(worst, float(np.abs(got - t_user[name].numpy()).max()))
                 rows = rng.choice(E, size=min(candidates, E), replace=False)
@@ -268,7 +273,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
     if cfg.first_layer_split:
         from model.config import Architecture
 
-        if getattr(model, "arch", None) is not Architecture.BACKBONE:
+        if not isinstance(model, DeepMatchingModel) or model.arch is not Architecture.BACKBONE:
             raise ExportError(f"--first-layer-split needs a backbone* method, not {loaded.cfg.method!r}")
         ents.update(SplitBackboneScorer.precompute(model, ents))
         ent_names = list(SplitBackboneScorer.ENTITY_INPUTS)

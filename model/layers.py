@@ -205,12 +205,12 @@ class GradientReversalFunction(torch.autograd.Function):
     """Identity forward, gradient times ``-lambda`` backward (Ganin & Lempitsky 2015; paper Eq. 13)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, lambda_: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, x: Tensor, lambda_: float) -> Tensor:
         ctx.lambda_ = lambda_
         return x.view_as(x)
 
     @staticmethod
-    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         return grad.neg() * ctx.lambda_, None
 
 
