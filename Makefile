@@ -1,6 +1,6 @@
 # UniMatch: the two set-up commands of the README live here.
 #   make demo  - build .venv, run the whole path on a small synthetic dataset, serve on 127.0.0.1:8000
-#   make test  - build .venv the same way, lint, run the whole test suite
+#   make test  - build .venv the same way, lint (ruff, mypy), run the whole test suite
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+	$(BIN)/mypy model index_builder service unimatch
 
 test: $(STAMP) lint
 	@# pytest exits 5 when it collected no test: that is a failure too.
