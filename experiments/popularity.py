@@ -5,7 +5,11 @@ interaction count in k. It is measured exactly like ``unimatch eval`` measures a
 per test user, |G_u ∩ A_u| / |G_u|, mean over users per domain, then mean over domains), so a
 method close to it has learnt little beyond popularity. Usage::
 
-    python -m experiments.popularity --data DIR --n 10,20,50,100,200,500
+    python -m experiments.popularity --data DIR --n 10,20,50,100,200,500 [--users 1000 --seed 0]
+
+``--users`` / ``--seed`` draw the test users exactly as ``unimatch eval --users --seed`` (and the
+experiment runner's ``eval.max_users`` with the run's seed) do, so the yardstick can be measured on
+the very users a table's runs of that seed were scored on.
 """
 
 from __future__ import annotations
@@ -18,8 +22,15 @@ from pathlib import Path
 import numpy as np
 
 
-def popularity_recall(data: Path, ns: list[int]) -> dict[str, dict[str, float]]:
-    """``{"<domain>" | "average": {"<N>": recall}}`` of the per-domain popularity ranking on the test split."""
+def popularity_recall(
+    data: Path, ns: list[int], *, max_users: int | None = None, seed: int = 0
+) -> dict[str, dict[str, float]]:
+    """``{"<domain>" | "average": {"<N>": recall}}`` of the per-domain popularity ranking on the test split.
+
+    ``max_users``: score only that many test users, drawn as ``model.evaluate`` draws them
+    (``numpy.random.default_rng(seed).choice`` over the sorted distinct test users, without
+    replacement); ``None`` = every test user.
+    """
     from model.data.dataset import TEST, TRAIN, load_dataset
 
     if not ns or min(ns) < 1:
@@ -28,9 +39,18 @@ def popularity_recall(data: Path, ns: list[int]) -> dict[str, dict[str, float]]:
     inter = ds.interactions
     split = np.asarray(inter.split)
     user, entity, domain = np.asarray(inter.user), np.asarray(inter.entity), np.asarray(inter.domain)
+    is_test = split == TEST
+    if max_users is not None:
+        if max_users < 1:
+            raise ValueError(f"max_users must be >= 1, got {max_users}")
+        test_users = np.unique(user[is_test].astype(np.int64))
+        if test_users.size > max_users:
+            # The same draw as model.evaluate.evaluate, so the same users for the same seed.
+            chosen = np.sort(np.random.default_rng(seed).choice(test_users, size=max_users, replace=False))
+            is_test &= np.isin(user, chosen)
     per_domain: dict[str, dict[str, float]] = {}
     for k, name in enumerate(ds.schema.domains):
-        test = (split == TEST) & (domain == k)
+        test = is_test & (domain == k)
         if not test.any():
             continue
         eligible = np.flatnonzero(ds.entities.in_domain(k))
@@ -60,10 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, required=True, help="dataset directory")
     p.add_argument("--n", default="10,20,50,100,200,500", help="comma-separated N values")
+    p.add_argument(
+        "--users", type=int, default=None, help="score this many sampled test users (as `unimatch eval --users`)"
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the user sample (as `unimatch eval --seed`)")
     args = p.parse_args(argv)
     try:
         ns = [int(v) for v in args.n.split(",") if v.strip()]
-        print(json.dumps(popularity_recall(args.data, ns), indent=2))
+        print(json.dumps(popularity_recall(args.data, ns, max_users=args.users, seed=args.seed), indent=2))
     except ValueError as exc:
         print(f"popularity: error: {exc}", file=sys.stderr)
         return 2
