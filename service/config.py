@@ -77,6 +77,7 @@ class Settings(BaseSettings):
     search_top_n: IntTuple = None
     search_max_degree: IntTuple = None  # per-layer cap on neighbours expanded per node, 0 = all
     search_exhaustive_threshold: int | None = Field(default=None, ge=0)
+    search_whole_top_layer_up_to: int | None = Field(default=None, ge=0)
     # ---- admin -----------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).

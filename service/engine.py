@@ -76,12 +76,20 @@ class SearchParams:
     # = no cap anywhere). hnswlib lists are nearest first; capping layer 0's 2M = 32 edges trades
     # pairs per step against steps (docs/search-benchmark-1m.md measures it).
     max_degree: tuple[int, ...] = ()
+    # The top layer is scored whole as the entry set when it has at most this many nodes (NANN's
+    # choice), whatever ef[0] is. It grows as N / M^3: 32 nodes at 100k, 265 at 1M, ~2.4k at 10M. At 1M
+    # the single graph entry point with ef[0] = 32 needed T = 16 bottom steps and 1.35% of the
+    # catalogue for coverage@200 1.0; the whole 265-node top layer reached 0.9999 with 0.14%
+    # (docs/search-benchmark.md, "1M catalogue").
+    whole_top_layer_up_to: int = 4096
 
     def __post_init__(self) -> None:
         if not (len(self.ef) == len(self.steps) == len(self.top_n)) or not self.ef:
             raise SearchError(f"ef, steps and top_n need one value per layer, got {self.ef}, {self.steps}, {self.top_n}")
         if min(self.ef) < 1 or min(self.steps) < 0 or min(self.top_n) < 0 or self.exhaustive_threshold < 0:
             raise SearchError("ef must be >= 1, steps, top_n and exhaustive_threshold >= 0")
+        if self.whole_top_layer_up_to < 0:
+            raise SearchError(f"whole_top_layer_up_to must be >= 0, got {self.whole_top_layer_up_to}")
         if self.max_degree and (len(self.max_degree) != len(self.ef) or min(self.max_degree) < 0):
             raise SearchError(f"max_degree needs one value >= 0 per layer (0 = all neighbours), got {self.max_degree}")
 
@@ -93,6 +101,7 @@ class SearchParams:
             top_n=(*self.top_n[:-1], max(self.top_n[-1], k)),
             exhaustive_threshold=self.exhaustive_threshold,
             max_degree=self.max_degree,
+            whole_top_layer_up_to=self.whole_top_layer_up_to,
         )
 
 
@@ -266,6 +275,7 @@ class MatchEngine:
                 steps=p.steps,
                 top_n=p.top_n,
                 max_degree=p.max_degree,
+                whole_top_layer_up_to=p.whole_top_layer_up_to,
                 visited=self._visited(),
                 keep=self._keep_fn(int(domain), types, excl),
                 deadline=deadline,

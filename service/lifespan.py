@@ -233,6 +233,7 @@ def search_params(settings: Settings) -> SearchParams | None:
         "top_n": settings.search_top_n,
         "max_degree": settings.search_max_degree,
         "exhaustive_threshold": settings.search_exhaustive_threshold,
+        "whole_top_layer_up_to": settings.search_whole_top_layer_up_to,
     }
     given = {name: v for name, v in given.items() if v is not None}
     if not given:

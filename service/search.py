@@ -264,12 +264,15 @@ def search(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     max_degree: tuple[int, ...] = (),
+    whole_top_layer_up_to: int | None = None,
 ) -> SearchOutcome:
     """K-NN-SEARCH: layers top to bottom, per-layer top-n of the returnable nodes, merged top-k.
 
     ``ef``, ``steps`` and ``top_n`` are per layer, top layer first (the order of SearchParams). The
     beam navigates through every node; only rows that ``keep`` accepts (domain, entity type, exclusions)
-    enter the per-layer top-n, so filters never disconnect the graph. With a deadline, the search stops
+    enter the per-layer top-n, so filters never disconnect the graph. The entry set is the whole top
+    layer when it has at most ``whole_top_layer_up_to`` nodes (default: ``ef[0]``), else the graph's
+    entry points. With a deadline, the search stops
     at the first step boundary past it and returns the best found so far (``partial``).
     """
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
@@ -278,7 +281,7 @@ def search(
         raise ValueError(f"max_degree needs one value per layer ({graph.num_layers}) or none")
     degree = max_degree or (0,) * graph.num_layers
     visited.new_request()
-    ep = entry(graph, whole_top_layer_up_to=ef[0])
+    ep = entry(graph, whole_top_layer_up_to=ef[0] if whole_top_layer_up_to is None else whole_top_layer_up_to)
     results: list[tuple[np.ndarray, np.ndarray]] = []
     layer_stats: list[LayerStats] = []
     partial = False

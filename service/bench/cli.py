@@ -51,6 +51,9 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--top-n", type=_ints, default=None, help="per-layer top-n kept for the merge")
     p.add_argument("--max-degree", type=_ints, default=None,
                    help="per-layer cap on the neighbours expanded per node, 0 = all (default: no cap)")
+    p.add_argument("--whole-top-layer-up-to", type=int, default=None,
+                   help="score the whole top layer as the entry set when it has at most this many nodes "
+                        "(default: the engine's, 4096)")
     p.add_argument("--no-sweep", action="store_true", help="skip the ef/T sweep")
     p.add_argument("--sweep-users", type=int, default=200, help="queries per sweep point")
     p.add_argument("--sweep-k", type=int, default=200, help="k of the sweep")
@@ -71,6 +74,8 @@ def _command_line(args: argparse.Namespace) -> str:
                         ("--max-degree", args.max_degree)):
         if value is not None:
             parts += [flag, ",".join(map(str, value))]
+    if args.whole_top_layer_up_to is not None:
+        parts += ["--whole-top-layer-up-to", str(args.whole_top_layer_up_to)]
     if args.no_sweep:
         parts.append("--no-sweep")
     else:
@@ -104,6 +109,8 @@ def _search(args: argparse.Namespace) -> int:
         params = replace(params, top_n=args.top_n)
     if args.max_degree is not None:
         params = replace(params, max_degree=args.max_degree)
+    if args.whole_top_layer_up_to is not None:
+        params = replace(params, whole_top_layer_up_to=args.whole_top_layer_up_to)
     cfg = BenchConfig(
         bundle=args.bundle, data=args.data, users=args.users, ks=args.k, params=params, two_tower=args.two_tower,
         sweep=not args.no_sweep, sweep_k=args.sweep_k, sweep_users=args.sweep_users,

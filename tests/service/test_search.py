@@ -198,3 +198,16 @@ def test_max_degree_cuts_pairs_and_a_wide_cap_changes_nothing(graph_and_vectors)
     assert capped.scored.size < full.scored.size
     with pytest.raises(ValueError, match="max_degree"):
         run(graph, RecordingScore(vec, q), 20, max_degree=(4,))
+
+
+def test_whole_top_layer_entry_is_independent_of_the_top_beam(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    q = np.random.default_rng(5).normal(size=vec.shape[1]).astype(np.float32)
+    top = graph.layer_nodes(3)
+    assert top.size > 2
+    s = RecordingScore(vec, q)
+    run(graph, s, 10, ef=(2, 8, 16, 32), whole_top_layer_up_to=top.size)
+    np.testing.assert_array_equal(np.sort(s.calls[0]), top)  # first call: the whole top layer
+    s1 = RecordingScore(vec, q)
+    run(graph, s1, 10, ef=(2, 8, 16, 32), whole_top_layer_up_to=top.size - 1)
+    np.testing.assert_array_equal(np.sort(s1.calls[0]), np.unique(graph.entry_points))
