@@ -232,8 +232,11 @@ def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
                 ref = cells(ref_runs, "average", k) if ref_runs else None
                 rel.append(c.mean / ref.mean if ref is not None and ref.mean > 0 else float("nan"))
             style = "-" if method in (cfg.reference, "backbone-rrl") else "--"
-            ax.errorbar(xs, ys, yerr=es, fmt=style + "o", ms=3, capsize=2, label=method_label(method))
-            rax.plot(xs, rel, style + "o", ms=3, label=method_label(method))
+            # One colour per method of the config, not per panel: a panel missing a method (a
+            # partial grid) must not shift the colours of the others.
+            color = f"C{cfg.methods.index(method) % 10}"
+            ax.errorbar(xs, ys, yerr=es, fmt=style + "o", ms=3, capsize=2, color=color, label=method_label(method))
+            rax.plot(xs, rel, style + "o", ms=3, color=color, label=method_label(method))
         ax.set_xscale("log")
         ax.set_ylabel("average Recall-all@N")
         ax.set_title(name)
@@ -243,7 +246,12 @@ def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
         rax.set_xlabel("N (entities retrieved)")
         rax.set_ylabel(f"ratio to {method_label(cfg.reference)} (mean)")
         rax.grid(True, alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="best")
+    # The legend lists every method plotted in any panel (the last panel may hold fewer).
+    handles: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            handles.setdefault(label, handle)
+    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
     fig.suptitle(f"{cfg.name}\naverage Recall-all@N over domains, mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     _save_fig(fig, png)

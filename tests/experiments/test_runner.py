@@ -294,3 +294,30 @@ def test_validation_view_moves_validation_to_test(tmp_path: Path) -> None:
         return sorted(zip(users, np.asarray(ds.interactions.entity)[keep].tolist(), strict=True))
 
     assert pairs(view, TEST) == pairs(src, VALID)
+
+
+def test_fig4_legend_and_colours_with_a_partial_panel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The last dataset has only DNN: the legend still names every method, colours stay per method."""
+    import experiments.render as render_mod
+
+    cfg = make_cfg(
+        tuning={"lrs": [0.01]},
+        seeds=[0],
+        datasets=[{"name": "toy", "source": "synth", "preset": "tiny"}, {"name": "toy2", "source": "synth", "preset": "tiny"}],
+    )  # fmt: skip
+    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_datasets=["toy"])
+    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_datasets=["toy2"], only_methods=["dnn", "backbone-rrl"])
+    figs: list[Any] = []
+    monkeypatch.setattr(render_mod, "_save_fig", lambda fig, png: figs.append(fig))
+    render_mod.plot_recall_vs_n(cfg, tmp_path, tmp_path / "fig4.png")
+    (fig,) = figs
+    top = [ax for ax in fig.axes if ax.get_title() in ("toy", "toy2")]
+    legend = top[-1].get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["DNN", "PLE", "Backbone", "Backbone&RRL"]
+
+    def colours(ax: Any) -> dict[str, Any]:
+        return {c.get_label(): c.lines[0].get_color() for c in ax.containers}
+
+    full, part = colours(top[0]), colours(top[1])
+    assert set(part) == {"DNN", "Backbone&RRL"}
+    assert all(part[m] == full[m] for m in part)
