@@ -91,6 +91,59 @@ class PairScorerGraph(nn.Module):
         return logits[0] + self.domain_zero[domain]
 
 
+class BatchedPairScorerGraph(nn.Module):
+    """(*user outputs (U, ...), domain (U,), *entity tensors (U, C, ...)) -> score (U, C).
+
+    Each of U users scores its own C candidates (``model.layers.PairInputs`` with per-user entities):
+    what a serving process needs to merge the expansion steps of concurrent requests into one call
+    (``service.scorer.BatchingScorer``), at U x C pairs instead of the U x (U C) of stacking users on
+    ``pair_scorer.onnx``'s cross product. Shorter candidate lists are padded by the caller.
+    """
+
+    def __init__(self, model: DeepMatchingModel, num_domains: int) -> None:
+        super().__init__()
+        self.model = model
+        self.n_user = len(model.user_output_names)
+        self.register_buffer("domain_zero", torch.zeros(num_domains), persistent=False)
+
+    domain_zero: Tensor
+
+    def forward(self, *inputs: Tensor) -> Tensor:
+        names_u, names_e = self.model.user_output_names, self.model.entity_tensor_names
+        user = dict(zip(names_u, inputs[: self.n_user], strict=True))
+        domain = inputs[self.n_user]
+        ent = dict(zip(names_e, inputs[self.n_user + 1 :], strict=True))
+        logits, _ = self.model.score(user, ent, domain)  # (U, C)
+        return logits + self.domain_zero[domain].unsqueeze(1)
+
+
+def check_batched_parity(batched_path: Path, scorer_path: Path, user_outputs: dict[str, np.ndarray],
+                         ents: dict[str, np.ndarray], num_domains: int, *, users: int = 3, candidates: int = 17,
+                         seed: int = 1) -> float:
+    """Max |batched scorer - per-user pair scorer| for ``users`` users, each with its own candidates."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    b_sess = ort.InferenceSession(str(batched_path), opts, providers=["CPUExecutionProvider"])
+    s_sess = ort.InferenceSession(str(scorer_path), opts, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(seed)
+    num_entities = next(iter(ents.values())).shape[0]
+    rows = rng.integers(0, num_entities, size=(users, candidates))
+    # distinct users: one user's outputs (leading dim 1) shifted per row; the 0/1 mask stays as it is
+    stacked = {n: np.concatenate([v + (np.float32(0.1 * i) if n != "seq_mask" else 0) for i in range(users)])
+               for n, v in user_outputs.items()}
+    domains = rng.integers(0, num_domains, size=users).astype(np.int64)
+    feed = {**stacked, "domain": domains, **{n: t[rows] for n, t in ents.items()}}
+    (got,) = b_sess.run(["score"], feed)
+    worst = 0.0
+    for i in range(users):
+        one = {n: v[i : i + 1] for n, v in stacked.items()}
+        (want,) = s_sess.run(["score"], {**one, "domain": domains[i : i + 1], **{n: t[rows[i]] for n, t in ents.items()}})
+        worst = max(worst, float(np.abs(got[i] - want).max()))
+    return worst
+
+
 class SplitBackboneScorer(nn.Module):
     """The Backbone's pair scorer with the entity part of both experts' first layers precomputed.
 
@@ -303,6 +356,26 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         )
         if not worst <= cfg.atol:
             raise ExportError(f"ONNX and PyTorch disagree: max abs difference {worst:.3g} > {cfg.atol:g}")
+        batched: dict[str, Any] | None = None
+        if isinstance(model, DeepMatchingModel) and not cfg.first_layer_split:
+            # The scorer for merged concurrent requests (service.scorer.BatchingScorer): U users x C own candidates.
+            batched_path = tmp / "pair_scorer_batched.onnx"
+            b_args = (*(u_out[n].expand(2, *u_out[n].shape[1:]) for n in user_names), torch.zeros(2, dtype=torch.long),
+                      *(t.unsqueeze(0).expand(2, *t.shape) for t in example_ent))
+            _export_onnx(
+                BatchedPairScorerGraph(model, schema.num_domains), b_args, batched_path,
+                inputs=[*user_names, "domain", *ent_names], outputs=["score"],
+                dynamic={**{n: {0: "users"} for n in [*user_names, "domain"]},
+                         **{n: {0: "users", 1: "candidates"} for n in ent_names}, "score": {0: "users", 1: "candidates"}},
+                opset=cfg.opset,
+            )
+            b_worst = check_batched_parity(
+                batched_path, scorer_path, {n: u_out[n].numpy() for n in user_names},
+                {n: ents[n] for n in ent_names}, schema.num_domains,
+            )
+            if not b_worst <= cfg.atol:
+                raise ExportError(f"batched and per-user pair scorers disagree: max abs difference {b_worst:.3g} > {cfg.atol:g}")
+            batched = {"file": "pair_scorer_batched.onnx", "parity_max_abs_diff": b_worst}
         arrays: dict[str, np.ndarray] = {
             "entities/external_id.npy": np.asarray(ds.entities.external_id).astype(str),
             "entities/entity_type.npy": np.asarray(ds.entities.entity_type, dtype=np.int16),
@@ -315,7 +388,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         schema.save(tmp / "schema.json")
         files = {
             rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-            for rel in ["schema.json", "user_encoder.onnx", "pair_scorer.onnx", *arrays]
+            for rel in ["schema.json", "user_encoder.onnx", "pair_scorer.onnx",
+                        *(["pair_scorer_batched.onnx"] if batched else []), *arrays]
         }
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
         digest = hashlib.sha256(json.dumps({k: v["sha256"] for k, v in files.items()}, sort_keys=True).encode())
@@ -338,6 +412,8 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             "vector_space": {"file": "entities/vectors.npy", "dim": int(vectors.shape[1]), "what": _vector_space(model.kind)},
             "precision": "float32",
             "first_layer_split": cfg.first_layer_split,
+            # absent for two-tower and first-layer-split bundles: those serve concurrent requests one call each
+            **({"batched_scorer": batched} if batched else {}),
             "parity_max_abs_diff": worst,
             "training": {"run": str(Path(cfg.run).resolve()), "steps": int(loaded.state.get("step", 0))},
             "files": files,

@@ -35,7 +35,7 @@ class PairInputs:
     """R split by dependency; see the module docstring."""
 
     user: Tensor  # (B, Du)
-    entity: Tensor  # (C, De)
+    entity: Tensor  # (C, De) shared by all users, or (B, C, De): each user its own candidates (batched serving)
     pair: Tensor  # (B, C, Dp)
 
     @property
@@ -67,9 +67,9 @@ class SplitLinear(nn.Module):
         du, de, _ = self.dims
         w = self.linear.weight  # (out, Du + De + Dp)
         u = x.user @ w[:, :du].t() + self.linear.bias  # (B, out)
-        e = x.entity @ w[:, du : du + de].t()  # (C, out)
+        e = x.entity @ w[:, du : du + de].t()  # (C, out), or (B, C, out) for per-user candidates
         p = x.pair @ w[:, du + de :].t()  # (B, C, out)
-        return p + u.unsqueeze(1) + e.unsqueeze(0)
+        return p + u.unsqueeze(1) + (e if e.dim() == 3 else e.unsqueeze(0))
 
 
 def _init_stacked(weight: Tensor, bias: Tensor) -> None:
@@ -116,7 +116,7 @@ class StackedSplitLinear(nn.Module):
 
     def forward(self, x: PairInputs, domain: Domains) -> Tensor:
         du, de, _ = self.dims
-        if domain.counts is not None:
+        if domain.counts is not None and x.entity.dim() == 2:
             outs = []
             for (k, user), (_, pair) in zip(domain.split(x.user), domain.split(x.pair), strict=True):
                 w = self.weight[k]
@@ -127,9 +127,11 @@ class StackedSplitLinear(nn.Module):
         idx = domain.index
         w = self.weight[idx]  # (B, in, out): Gather on the stacked weights
         u = torch.matmul(x.user.unsqueeze(1), w[:, :du]) + self.bias[idx].unsqueeze(1)  # (B, 1, out)
+        p = torch.matmul(x.pair, w[:, du + de :])  # (B, C, out)
+        if x.entity.dim() == 3:  # per-user candidates (B, C, De): each user's own domain slice
+            return p + u + torch.matmul(x.entity, w[:, du : du + de])
         # entity part once per domain, not per user: (K, C, out), then each user takes its domain's
         e_all = torch.matmul(x.entity.unsqueeze(0), self.weight[:, du : du + de])  # (K, C, out)
-        p = torch.matmul(x.pair, w[:, du + de :])  # (B, C, out)
         return p + u + e_all[idx]
 
 
@@ -273,9 +275,9 @@ class TargetAttention(nn.Module):
         return self.k(seq_emb)  # (B, L, d)
 
     def forward(self, e_aid: Tensor, seq_keys: Tensor, seq_vals: Tensor, seq_mask: Tensor) -> Tensor:
-        """e_aid (C, d); seq_keys/seq_vals (B, L, d); seq_mask (B, L). Returns E_att (B, C, d)."""
-        q = self.q(e_aid) * self.scale  # (C, d)
-        scores = torch.matmul(q.unsqueeze(0), seq_keys.transpose(1, 2))  # (B, C, L)
+        """e_aid (C, d) or per-user (B, C, d); seq_keys/seq_vals (B, L, d); seq_mask (B, L) -> E_att (B, C, d)."""
+        q = self.q(e_aid) * self.scale  # (C, d) or (B, C, d)
+        scores = torch.matmul(q if q.dim() == 3 else q.unsqueeze(0), seq_keys.transpose(1, 2))  # (B, C, L)
         scores = scores + (1.0 - seq_mask).unsqueeze(1) * MASK_VALUE
         # multiplying by the mask makes an empty history give E_att = 0 instead of a uniform average of padding
         w = torch.softmax(scores, dim=-1) * seq_mask.unsqueeze(1)  # (B, C, L)

@@ -185,3 +185,29 @@ def test_first_layer_split_needs_the_backbone(data: Path, tmp_path: Path) -> Non
     run = train(tiny_config(data, tmp_path / "dnn", "dnn", max_steps=1))
     with pytest.raises(ValueError, match="first-layer-split"):
         export(ExportConfig(run=run, out=tmp_path / "b", first_layer_split=True))
+
+
+def test_batched_scorer_scores_each_user_against_its_own_candidates(deep_bundle: Path) -> None:
+    manifest = json.loads((deep_bundle / "manifest.json").read_text())
+    assert manifest["batched_scorer"]["file"] == "pair_scorer_batched.onnx"
+    assert manifest["batched_scorer"]["parity_max_abs_diff"] <= 1e-4
+    assert "pair_scorer_batched.onnx" in manifest["files"]
+    u_sess, s_sess = _sessions(deep_bundle)
+    b_sess = ort.InferenceSession(str(deep_bundle / "pair_scorer_batched.onnx"), providers=["CPUExecutionProvider"])
+    ents = {n: np.load(deep_bundle / spec["file"]) for n, spec in manifest["entity_tensors"].items()}
+    schema_len = manifest["user_output_shapes"]["seq_keys"][1]
+    rng = np.random.default_rng(3)
+    users, doms = [], np.array([1, 0], dtype=np.int64)
+    for i, d in enumerate(doms):
+        seq = np.full((1, schema_len), -1, dtype=np.int64)
+        seq[0, -2 - i :] = rng.integers(0, len(ents["ent_aid"]), size=2 + i)
+        feed = {i.name: np.zeros([1, *i.shape[1:]], dtype=np.int64 if "int" in i.type else np.float32) for i in u_sess.get_inputs()}
+        feed.update(seq=seq, domain=np.array([d]))
+        users.append(dict(zip(manifest["user_outputs"], u_sess.run(manifest["user_outputs"], feed), strict=True)))
+    rows = rng.integers(0, len(ents["ent_aid"]), size=(2, 13))
+    feed = {n: np.concatenate([u[n] for u in users]) for n in manifest["user_outputs"]}
+    (got,) = b_sess.run(["score"], {**feed, "domain": doms, **{n: t[rows] for n, t in ents.items()}})
+    assert got.shape == (2, 13)
+    for i in range(2):
+        (want,) = s_sess.run(["score"], {**users[i], "domain": doms[i : i + 1], **{n: t[rows[i]] for n, t in ents.items()}})
+        np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)

@@ -151,3 +151,20 @@ def test_dselect_k_gate_is_a_sub_probability() -> None:
     w = model.backbone.mix(x, Domains(torch.tensor([0, 1, 2]), 3))
     assert w.shape == (3, 4, TINY.num_experts)
     assert torch.all(w >= 0) and torch.all(w.sum(-1) <= 1 + 1e-5)
+
+
+@pytest.mark.parametrize("arch", [a for a in Architecture if a is not Architecture.TWO_TOWER])
+def test_per_user_candidates_score_like_each_user_alone(arch: Architecture) -> None:
+    """Entity tensors (B, C, ...), each user its own candidates (batched serving), give each user's own scores."""
+    torch.manual_seed(0)
+    model = build_model(_schema(), _entities(), TINY, arch).eval()
+    dom = torch.tensor([2, 0, 1])  # unsorted on purpose, as concurrent requests arrive
+    user = model.user(torch.randint(0, 5, (3, 1)), torch.randn(3, 1), torch.randint(-1, 40, (3, 6)), dom)
+    rows = torch.tensor([[1, 5, 9, 30], [0, 2, 2, 39], [7, 8, 3, 11]])
+    with torch.no_grad():
+        ent = {n: t.reshape(3, 4, *t.shape[1:]) for n, t in model.entity(rows.reshape(-1)).items()}
+        batched, _ = model.score(user, ent, dom)
+        assert batched.shape == (3, 4)
+        for b in range(3):
+            alone, _ = model.score({k: v[b : b + 1] for k, v in user.items()}, model.entity(rows[b]), dom[b : b + 1])
+            torch.testing.assert_close(batched[b : b + 1], alone, rtol=1e-5, atol=1e-5)
