@@ -165,6 +165,7 @@ def gather_inside_graph(
     *,
     fp16_tables: bool = False,
     batch_users: Sequence[str] = (),
+    rows_dims: Sequence[str] = ("batch",),
 ) -> bytes:
     """Rewrite ``pair_scorer.onnx`` to take ``rows`` (batch,) and whole entity tables ``<name>__table``.
 
@@ -174,7 +175,8 @@ def gather_inside_graph(
     ``Gather(<name>__users, user_index)``: one call then scores candidates of several users (of one
     domain), which is how concurrent requests share a GPU call. That only works when the exported graph
     broadcasts the user inputs' leading dimension (checked by ``BatchingScorer``). Returns the
-    serialised model. Needs the ``onnx`` package (the GPU path only).
+    serialised model. ``rows_dims`` names the axes of ``rows``: ``("users", "candidates")`` for
+    ``pair_scorer_batched.onnx``, whose entity inputs are (U, C, ...). Needs the ``onnx`` package.
     """
     import onnx
     from onnx import TensorProto, helper
@@ -182,14 +184,15 @@ def gather_inside_graph(
     model = onnx.load(model_path)
     g = model.graph
     by_name = {i.name: i for i in g.input}
-    new_inputs = [helper.make_tensor_value_info("rows", TensorProto.INT64, ["batch"])]
+    new_inputs = [helper.make_tensor_value_info("rows", TensorProto.INT64, list(rows_dims))]
     new_nodes = []
     for name in tensor_names:
         if name not in by_name:
             raise BundleError(f"{model_path}: pair scorer has no input {name!r} named in manifest.entity_tensors")
         dims = [d.dim_param or d.dim_value for d in by_name[name].type.tensor_type.shape.dim]
         elem = TensorProto.FLOAT16 if fp16_tables else TensorProto.FLOAT
-        new_inputs.append(helper.make_tensor_value_info(f"{name}__table", elem, ["num_entities", *dims[1:]]))
+        feature_dims = dims[len(rows_dims) :]  # Gather(table, rows) has shape rows.shape + table.shape[1:]
+        new_inputs.append(helper.make_tensor_value_info(f"{name}__table", elem, ["num_entities", *feature_dims]))
         if fp16_tables:
             new_nodes.append(helper.make_node("Gather", [f"{name}__table", "rows"], [f"{name}__h"], axis=0))
             new_nodes.append(helper.make_node("Cast", [f"{name}__h"], [name], to=TensorProto.FLOAT))
@@ -300,10 +303,13 @@ class BatchingScorer(DeviceGatherScorer):
     """Merges the expansion steps of concurrent requests into one device call (the GPU serving path).
 
     Each request thread enqueues its frontier and waits; one batcher thread takes everything queued
-    at that moment (no added wait: while the device runs one call, the next batch accumulates), groups
-    it by domain, and scores each group in ONE call of the user-batched graph: stacked user outputs,
-    ``user_index`` per candidate, entity tables resident on the device. Small frontiers of many users
-    thus fill the GPU the way one large batch would.
+    at that moment (no added wait: while the device runs one call, the next batch accumulates) and
+    scores it in ONE call. With the bundle's ``pair_scorer_batched.onnx`` (``unimatch export`` writes
+    it for deep models) that call takes the stacked user outputs (U, ...), each user's domain, and
+    ``rows`` (U, C_max), every request's frontier padded to the longest; the entity tables stay
+    resident on the device and are gathered inside the graph. Older bundles fall back to stacking users
+    on ``pair_scorer.onnx`` with a per-candidate ``user_index`` (grouped by domain), which only works
+    when that graph broadcasts a per-candidate user axis: checked at load (``BatchingUnsupported``).
     """
 
     def __init__(
@@ -317,6 +323,8 @@ class BatchingScorer(DeviceGatherScorer):
         device_id: int = 0,
         max_pairs_per_call: int = 262144,  # bounds device activation memory of one merged call
     ) -> None:
+        spec = bundle.manifest.get("batched_scorer")
+        self.batched_file: str | None = str(spec["file"]) if isinstance(spec, dict) and spec.get("file") else None
         super().__init__(
             bundle, provider=provider, intra_op_threads=intra_op_threads, max_batch=max_batch,
             fp16_tables=fp16_tables, device_id=device_id,
@@ -330,12 +338,20 @@ class BatchingScorer(DeviceGatherScorer):
         self._worker.start()
 
     def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
-        blob = gather_inside_graph(
-            str(self.bundle.path / "pair_scorer.onnx"),
-            list(self.bundle.entity_tensors),
-            fp16_tables=self.fp16_tables,
-            batch_users=self.user_outputs,
-        )
+        if self.batched_file is not None:
+            blob = gather_inside_graph(
+                str(self.bundle.path / self.batched_file),
+                list(self.bundle.entity_tensors),
+                fp16_tables=self.fp16_tables,
+                rows_dims=("users", "candidates"),
+            )
+        else:
+            blob = gather_inside_graph(
+                str(self.bundle.path / "pair_scorer.onnx"),
+                list(self.bundle.entity_tensors),
+                fp16_tables=self.fp16_tables,
+                batch_users=self.user_outputs,
+            )
         return ort.InferenceSession(blob, so, providers=providers)
 
     def encode(self, cat: np.ndarray, num: np.ndarray, seq: np.ndarray, domain: int) -> UserContext:
@@ -394,8 +410,8 @@ class BatchingScorer(DeviceGatherScorer):
                 batch.append(nxt)
                 pairs += nxt.rows.size
             groups: dict[int, list[_Pending]] = {}
-            for item in batch:
-                groups.setdefault(item.ctx.domain, []).append(item)
+            for item in batch:  # the batched graph takes a domain per user: one group for all
+                groups.setdefault(-1 if self.batched_file is not None else item.ctx.domain, []).append(item)
             for items in groups.values():
                 try:
                     t0 = time.perf_counter()
@@ -413,7 +429,9 @@ class BatchingScorer(DeviceGatherScorer):
                 return
 
     def _run_group(self, items: list[_Pending]) -> list[np.ndarray]:
-        """One device call for requests of one domain; returns each request's scores."""
+        """One device call for the group's requests; returns each request's scores."""
+        if self.batched_file is not None:
+            return self._run_batched(items)
         sizes = np.array([it.rows.size for it in items], dtype=np.int64)
         rows = np.concatenate([it.rows for it in items])
         user_index = np.repeat(np.arange(len(items), dtype=np.int64), sizes)
@@ -432,6 +450,28 @@ class BatchingScorer(DeviceGatherScorer):
         self.calls += 1
         self.merged_steps += len(items)
         return np.split(out, np.cumsum(sizes)[:-1])
+
+    def _run_batched(self, items: list[_Pending]) -> list[np.ndarray]:
+        """``pair_scorer_batched.onnx``: rows (U, C_max), shorter frontiers padded with their first row."""
+        sizes = [it.rows.size for it in items]
+        width = max(max(sizes), 1)
+        rows = np.empty((len(items), width), dtype=np.int64)
+        for i, it in enumerate(items):
+            rows[i, : it.rows.size] = it.rows
+            rows[i, it.rows.size :] = it.rows[0] if it.rows.size else 0  # padding: scored, then dropped
+        io = self.pair_session.io_binding()
+        for name, value in self.device_tables.items():
+            io.bind_ortvalue_input(name, value)
+        for name in self.user_outputs:
+            io.bind_cpu_input(name, np.ascontiguousarray(np.concatenate([it.ctx.feeds[name] for it in items])))
+        io.bind_cpu_input("domain", np.array([it.ctx.domain for it in items], dtype=np.int64))
+        io.bind_cpu_input("rows", rows)
+        io.bind_output("score", self.device, self.device_id)
+        self.pair_session.run_with_iobinding(io)
+        out = np.asarray(io.copy_outputs_to_cpu()[0], dtype=np.float32).reshape(len(items), width)
+        self.calls += 1
+        self.merged_steps += len(items)
+        return [out[i, :n].copy() for i, n in enumerate(sizes)]
 
     def close(self) -> None:
         """Stop the batcher thread (pending requests are answered first)."""

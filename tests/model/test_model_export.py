@@ -211,3 +211,35 @@ def test_batched_scorer_scores_each_user_against_its_own_candidates(deep_bundle:
     for i in range(2):
         (want,) = s_sess.run(["score"], {**users[i], "domain": doms[i : i + 1], **{n: t[rows[i]] for n, t in ents.items()}})
         np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-5)
+
+
+def test_serving_batches_concurrent_requests_on_an_exported_bundle(deep_bundle: Path) -> None:
+    """service.scorer.BatchingScorer on a real export: merged calls of several users (different domains,
+    different frontier sizes) give every request the scores it gets alone."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.bundle import load_bundle
+    from service.scorer import CPU, BatchingScorer, HostGatherScorer
+
+    bundle = load_bundle(deep_bundle)
+    host = HostGatherScorer(bundle)
+    batcher = BatchingScorer(bundle, provider=CPU)  # the GPU code path on host memory
+    try:
+        assert batcher.batched_file == "pair_scorer_batched.onnx"
+        schema = bundle.schema
+        rng = np.random.default_rng(5)
+        work = []
+        for i in range(8):
+            seq = np.full(schema.max_seq_len, -1, dtype=np.int64)
+            seq[-1 - i % 3 :] = rng.integers(0, bundle.num_entities, size=1 + i % 3)
+            cat = np.zeros(len(schema.user_categorical), dtype=np.int64)
+            num = rng.standard_normal(len(schema.user_numeric)).astype(np.float32)
+            rows = rng.permutation(bundle.num_entities)[: 5 + 7 * i].astype(np.int64)
+            work.append((cat, num, seq, i % schema.num_domains, rows))
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            got = list(pool.map(lambda w: batcher.score(batcher.encode(*w[:4]), w[4]), work))
+        for w, scores in zip(work, got, strict=True):
+            np.testing.assert_allclose(scores, host.score(host.encode(*w[:4]), w[4]), rtol=1e-5, atol=1e-5)
+        assert batcher.merged_steps >= 8 and batcher.calls <= batcher.merged_steps
+    finally:
+        batcher.close()
