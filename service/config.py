@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads per session run")
     # auto: CUDA when onnxruntime has it (onnxruntime-gpu on a GPU host), else CPU with a log line saying so.
     providers: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="onnxruntime execution provider")
+    # Merge concurrent requests' scorer calls (pair_scorer_batched.onnx). None = on with CUDA, off on CPU,
+    # where one batcher thread would serialise what the worker threads score in parallel (docs/search-benchmark.md).
+    batch_requests: bool | None = None
     # ---- search parameters (None = the engine's defaults); env values are comma lists: "64,32,16,8"
     search_ef: IntTuple = None
     search_steps: IntTuple = None

@@ -163,9 +163,17 @@ class ServiceState:
             metrics.set_bundle(new.version, new.method, previous)
             metrics.RELOADS.labels(outcome="succeeded").inc()
             log.info("now serving bundle %s (was %s)", new.version, previous[0] if previous else None)
+            if old is not None:
+                self.spawn(self._retire(old))
             self.reload = dataclasses.replace(self.reload, state="succeeded", finished_at=time.time())
         finally:
             self._reload_lock.release()
+
+    async def _retire(self, old: Serving) -> None:
+        """Release the replaced engine's background resources (the batcher thread) once the requests
+        that started on it are over: a request never outlives its deadline by more than one step."""
+        await asyncio.sleep(max(5.0, 2 * self.settings.deadline_ms / 1e3))
+        await asyncio.to_thread(old.engine.close)
 
     async def _check_features(self, new: Serving) -> None:
         """Refuse a bundle whose schema or entity rows do not match the features the store holds."""
@@ -219,6 +227,8 @@ class ServiceState:
                 await task
         # In-flight requests have finished (uvicorn drains them before the lifespan ends).
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.serving is not None:
+            self.serving.engine.close()
         await self.store.close()
 
 
@@ -261,6 +271,7 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         params=search_params(settings),
         intra_op_threads=settings.intra_op_threads,
         providers=providers(settings),
+        batch_requests=settings.batch_requests,
     )
     engine.warmup()
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`

@@ -45,6 +45,16 @@ def test_search_settings_reach_the_engine(bundle_dir: Path, dataset_dir: Path) -
         assert params["steps"]  # not given: the engine's default
 
 
+def test_batch_requests_setting_reaches_the_engine(bundle_dir: Path, dataset_dir: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    with TestClient(create_app(Settings(bundle=bundle_dir, data=dataset_dir, batch_requests=True))) as c:
+        assert c.get("/v1/info").json()["search"]["scorer"] == "BatchingScorer"
+        assert c.post("/match", json={"user_id": "nobody", "domain": "domain_0", "k": 5}).status_code == 200
+    with TestClient(create_app(Settings(bundle=bundle_dir, data=dataset_dir))) as c:  # CPU default: off
+        assert c.get("/v1/info").json()["search"]["scorer"] == "HostGatherScorer"
+
+
 def test_start_without_a_bundle_fails_clearly() -> None:
     app = create_app(Settings(bundle=None))
 
