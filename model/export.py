@@ -130,8 +130,10 @@ def check_batched_parity(batched_path: Path, scorer_path: Path, user_outputs: di
     rng = np.random.default_rng(seed)
     num_entities = next(iter(ents.values())).shape[0]
     rows = rng.integers(0, num_entities, size=(users, candidates))
-    # distinct users: one user's outputs (leading dim 1) shifted per row; the 0/1 mask stays as it is
-    stacked = {n: np.concatenate([v + (np.float32(0.1 * i) if n != "seq_mask" else 0) for i in range(users)])
+    # distinct users: one user's outputs (leading dim 1) shifted per row; the 0/1 mask is all ones for odd
+    # rows, so that the target attention over the (shifted) sequence is exercised whatever the example
+    stacked = {n: np.concatenate([v + np.float32(0.1 * i) if n != "seq_mask" else (np.ones_like(v) if i % 2 else v)
+                                  for i in range(users)])
                for n, v in user_outputs.items()}
     domains = rng.integers(0, num_domains, size=users).astype(np.int64)
     feed = {**stacked, "domain": domains, **{n: t[rows] for n, t in ents.items()}}
