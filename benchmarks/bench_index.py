@@ -186,7 +186,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "",
         f"    {meta['command']}",
         "",
-        f"Machine: {meta['machine']}. {meta['note']}",
+        f"Machine: {meta['machine']}. Run conditions of each row: below the table.",
         f"Vectors: {meta['vectors']}. Params: M={meta['M']}, ef_construction={meta['ef_construction']}, "
         f"threads={meta['threads']}, recall at ef={meta['ef']} over 200 queries vs brute force.",
         "",
@@ -212,6 +212,13 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
                 f"{r['build_s']} | {r['cpu_s']} | {gib(r['peak_rss_bytes'])} | {disk:.1f} | {r['nodes_per_layer']} | 4 (preset) | "
                 f"- | - | {r['l2_recall_at_100']:.4f} (faiss search) | - | - |"
             )
+    notes: dict[str, list[str]] = {}  # run conditions -> the rows measured under them, in table order
+    for r in results:
+        if r.get("run_note"):
+            notes.setdefault(r["run_note"], []).append(f"{r['n']:,} {r['library']}")
+    if notes:
+        lines += ["", "Run conditions (each row keeps those of the run that measured it):", ""]
+        lines += [f"- {', '.join(rows)}: {note}" for note, rows in notes.items()]
     lines += [
         "",
         "Build (s) is wall-clock time; CPU (s) is the process's user+system time, which other jobs on the "
@@ -271,7 +278,7 @@ def main() -> None:
         if "--note" in sys.argv:
             data["meta"]["note"] = args.note
         _write(args.json, json.dumps(data, indent=2) + "\n")
-        _write(args.md, render(data["results"], data["meta"]))
+        _write(args.md, render(data["results"], data["meta"]) + hand_written(args.md))
         return
     load_before = os.getloadavg()[0]
     args.work.mkdir(parents=True, exist_ok=True)
@@ -311,6 +318,8 @@ def main() -> None:
         "ef": args.ef,
         "finished": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    for r in results:  # this run's rows carry this run's conditions
+        r["run_note"] = meta["note"]
     args.json.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.json.exists():
         old = json.loads(args.json.read_text())
@@ -319,8 +328,18 @@ def main() -> None:
         results = sorted(kept + results, key=lambda r: (r["n"], r["library"] != "hnswlib"))
         meta["command"] = old["meta"]["command"] + "  &&  " + meta["command"]
     _write(args.json, json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
-    _write(args.md, render(results, meta))
+    _write(args.md, render(results, meta) + hand_written(args.md))
     print(render(results, meta))
+
+
+HAND_WRITTEN = "<!-- hand-written below this line: bench_index.py keeps it when it re-renders the page -->"
+
+
+def hand_written(md: Path) -> str:
+    """The part of an existing page below ``HAND_WRITTEN`` (measurements made outside this script)."""
+    if not md.exists() or HAND_WRITTEN not in md.read_text():
+        return ""
+    return "\n" + HAND_WRITTEN + md.read_text().split(HAND_WRITTEN, 1)[1]
 
 
 def _write(path: Path, text: str) -> None:
