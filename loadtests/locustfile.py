@@ -17,9 +17,13 @@ Configured by environment variables:
 ``UNIMATCH_LOADTEST_SEED``         random seed                                                   0
 =================================  ===========================================================  ==========
 
-Open-loop pacing: each simulated user sends at a fixed rate (``constant_throughput``) and the shape
-sets the number of users to offered-rate / per-user-rate, so a slow answer does not lower the offered
-load much (a closed loop would hide tail latency by waiting). At the start of each step, after the
+Open-loop pacing with Poisson arrivals: each simulated user starts at a random phase and keeps a send
+schedule with exponential gaps (mean 1 / per-user rate), independent of how long answers take, and
+the shape sets the number of users to offered-rate / per-user-rate, so a slow answer does not lower the
+offered load much (a closed loop would hide tail latency by waiting) and the users together offer a
+Poisson stream. (The first version paced every user at exactly 1/rate with ``constant_throughput``; all
+users spawned within 0.1 s, so requests came in synchronised bursts of N per interval, and a one-core
+service queued them: that alone put ~75 ms of waiting into every answer at 10 req/s.) At the start of each step, after the
 warm-up, the shape resets Locust's statistics, so the CSV history row at the end of a step holds that
 step's own percentiles and counts; the schedule file says when each step was measured.
 
@@ -38,7 +42,7 @@ import time
 import urllib.request
 from typing import Any
 
-from locust import FastHttpUser, LoadTestShape, constant_throughput, events, task
+from locust import FastHttpUser, LoadTestShape, events, task
 
 try:  # as part of the package (python -m locust -f loadtests/locustfile.py from the repo)
     from loadtests.workload import Workload, check_answer, parse_mix, read_user_ids
@@ -99,10 +103,14 @@ class MatchUser(FastHttpUser):
     """One caller of the ranking stage, sending at a fixed rate."""
 
     def wait_time(self) -> float:
-        return constant_throughput(_State.user_rate)(self)
+        # next send = previous scheduled send + Exp(rate): a schedule, not a pause after the answer
+        self.next_send += self.rng.expovariate(_State.user_rate)
+        return max(0.0, self.next_send - time.monotonic())
 
     def on_start(self) -> None:
         self.rng = random.Random(f"{_env('SEED', '0')}-{id(self)}")
+        time.sleep(self.rng.uniform(0.0, 1.0 / _State.user_rate))  # random phase (gevent-patched sleep)
+        self.next_send = time.monotonic()
 
     @task
     def match(self) -> None:
