@@ -279,6 +279,7 @@ def check_parity(
     opts.log_severity_level = 3
     u_sess = ort.InferenceSession(str(user_path), opts, providers=["CPUExecutionProvider"])
     s_sess = ort.InferenceSession(str(scorer_path), opts, providers=["CPUExecutionProvider"])
+    u_inputs = {i.name for i in u_sess.get_inputs()}
     rng = np.random.default_rng(seed)
     E = len(ds.entities)
     worst = 0.0
@@ -286,7 +287,9 @@ def check_parity(
         for feed in _parity_inputs(ds, model, rng, users):
             for k in range(ds.schema.num_domains):
                 dom = np.array([k], dtype=np.int64)
-                onnx_user = u_sess.run(list(model.user_output_names), {**feed, "domain": dom})
+                # the exporter drops inputs a graph does not use (user_cat with no categorical user features)
+                u_feed = {k: v for k, v in {**feed, "domain": dom}.items() if k in u_inputs}
+                onnx_user = u_sess.run(list(model.user_output_names), u_feed)
                 t_in = [torch.from_numpy(np.array(feed[n])) for n in ("user_cat", "user_num", "seq")]
                 t_user = model.user(t_in[0], t_in[1], t_in[2], torch.from_numpy(dom))
                 for name, got in zip(model.user_output_names, onnx_user, strict=True):

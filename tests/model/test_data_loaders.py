@@ -356,3 +356,22 @@ def test_synth_cli_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
     assert load_dataset(a).schema.num_domains == 3
     generate(preset("tiny", seed=12), c)
     assert json.loads((c / "dataset.json").read_text())["files"] != ma["files"]
+
+
+def test_amazon_without_user_features_trains_and_exports(amazon_dir: Path, tmp_path: Path) -> None:
+    """amazon-cdr has no user features: the exported user encoder has no `user_cat` input, and the
+    export's parity check (and serving) must feed only the inputs the graph kept."""
+    from service.bundle import load_bundle
+    from service.engine import MatchEngine, UserFeatures
+    from unimatch.cli import main
+
+    data = import_amazon("amazon-phone-electronic", tmp_path / "data", source_dir=amazon_dir)
+    assert load_dataset(data).schema.user_categorical == []
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--data", str(data), "--method", "backbone", "--out", str(run), "--max-steps", "2",
+                 "--batch-size", "4", "--negatives", "4", "--no-progress"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    b = load_bundle(bundle)
+    engine = MatchEngine(b, providers=["CPUExecutionProvider"])
+    out = engine.match(UserFeatures.cold_start(b.schema), 0, 3)
+    assert out.rows.size == 3
