@@ -73,14 +73,14 @@ class SearchParams:
     # ~1.5-2k pairs at k=200 anyway, and exhaustive scoring is exact.
     exhaustive_threshold: int = 4096
     # Per layer, top layer first: expand only each node's first max_degree neighbours (0 = all; empty
-    # = no cap anywhere). hnswlib lists are nearest first; capping layer 0's 2M = 32 edges trades
-    # pairs per step against steps (docs/search-benchmark-1m.md measures it).
+    # = no cap anywhere). The index builder stores lists nearest first; capping layer 0's 2M = 32 edges
+    # trades pairs per step against steps (docs/search-benchmark.md measures it at 1M: little gain).
     max_degree: tuple[int, ...] = ()
     # The top layer is scored whole as the entry set when it has at most this many nodes (NANN's
     # choice), whatever ef[0] is. It grows as N / M^3: 32 nodes at 100k, 265 at 1M, ~2.4k at 10M. At 1M
     # the single graph entry point with ef[0] = 32 needed T = 16 bottom steps and 1.35% of the
     # catalogue for coverage@200 1.0; the whole 265-node top layer reached 0.9999 with 0.14%
-    # (docs/search-benchmark.md, "1M catalogue").
+    # (docs/search-benchmark.md, "Current state").
     whole_top_layer_up_to: int = 4096
 
     def __post_init__(self) -> None:

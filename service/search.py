@@ -173,8 +173,9 @@ def expand(graph: HnswGraph, layer: int, frontier: np.ndarray, max_degree: int =
 
     Vectorised CSR gather: one ``np.repeat`` + ``arange`` builds every index, no loop over nodes.
     May contain duplicates and already-seen nodes; ``VisitedSet.unseen`` removes them. ``max_degree``
-    > 0 takes only the first ``max_degree`` neighbours of each node: hnswlib's neighbour selection
-    writes a list nearest first, so the cap keeps the closest edges and cuts the pairs per step.
+    > 0 takes only the first ``max_degree`` neighbours of each node: ``unimatch index build`` stores
+    every list nearest first (hnswlib's own order is farthest first), so the cap keeps the closest edges
+    and cuts the pairs per step.
     """
     off = graph.offsets[layer]
     starts = np.asarray(off[frontier], dtype=np.int64)
