@@ -35,6 +35,16 @@ def main() -> None:
     p.add_argument("--k", type=int, default=200)
     p.add_argument("points", nargs="+", help="JSON objects of SearchParams overrides ('{}' = defaults)")
     args = p.parse_args()
+    points = []
+    for text in args.points:  # all points checked before the (slow) exhaustive reference is computed
+        try:
+            raw = json.loads(text)
+            if not isinstance(raw, dict):
+                raise ValueError("not a JSON object")
+            overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in raw.items()}
+            points.append((text, replace(SearchParams(), **overrides)))
+        except (ValueError, TypeError) as exc:  # bad JSON, unknown field, SearchError (a ValueError)
+            p.error(f"point {text!r}: {exc}")
     bundle = load_bundle(args.bundle)
     q = held_out_queries(args.data, bundle, args.users, 0)
     cache = args.bundle.parent / f"exhaustive-top{args.k}-{args.bundle.name}-{args.users}.npy"
@@ -50,9 +60,7 @@ def main() -> None:
     engine.warmup()
     print("| point | coverage@k (min) | scored | pairs | mean ms |")
     print("|---|---|---|---|---|")
-    for text in args.points:
-        overrides = {key: tuple(v) if isinstance(v, list) else v for key, v in json.loads(text).items()}
-        params = replace(SearchParams(), **overrides)
+    for text, params in points:
         cov, pairs, ms = [], [], []
         for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True)):
             r = engine.match(u, int(d), args.k, mode="graph", params=params)
