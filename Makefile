@@ -22,7 +22,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy model index_builder service unimatch
+	$(BIN)/mypy model index_builder service unimatch experiments loadtests
 
 test: $(STAMP) lint
 	@# pytest exits 5 when it collected no test: that is a failure too.

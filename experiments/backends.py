@@ -178,7 +178,7 @@ def train_config(
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {sorted(METHODS)}")
     defaults = method_config(method, data=data, out=out)
-    parts = {"model": defaults.model, "loss": defaults.loss, "rrl": defaults.rrl}
+    parts: dict[str, Any] = {"model": defaults.model, "loss": defaults.loss, "rrl": defaults.rrl}
     for part, fields in nested.items():
         current = parts[part]
         for name, value in list(fields.items()):

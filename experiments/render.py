@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.config import ExperimentConfig, method_label
-from experiments.runner import load_saved_configs, result_path
+from experiments.runner import load_saved_configs, result_path, select_lr, tune_path
 from model.data.io import atomic_write_json, atomic_write_text
 
 
@@ -93,6 +93,54 @@ def effect_over_se(a: Cell, ref: Cell) -> float | None:
     return (a.mean - ref.mean) / se
 
 
+@dataclass(frozen=True)
+class Paired:
+    """Relative change against the reference seed by seed (same seed = same test users, same init)."""
+
+    changes: tuple[float, ...]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.changes)
+
+    @property
+    def t(self) -> float | None:
+        """Mean change over its standard error (paired t, n-1 degrees of freedom)."""
+        if len(self.changes) < 2:
+            return None
+        sd = statistics.stdev(self.changes)
+        return None if sd == 0 else self.mean / (sd / math.sqrt(len(self.changes)))
+
+
+def paired_change(runs: list[dict[str, Any]], ref_runs: list[dict[str, Any]], domain: str, n: int) -> Paired | None:
+    """Per-seed relative change of Recall-all@n against the reference run of the same seed.
+
+    The evaluator samples its test users from the run's seed, so the seed-to-seed spread of a cell
+    mixes the user sample with training noise; pairing by seed removes the user sample, which is
+    what moves every method together.
+    """
+    ref_by_seed = {r["seed"]: r for r in ref_runs}
+    changes: list[float] = []
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        ref = ref_by_seed.get(r["seed"])
+        if ref is None:
+            continue
+        try:
+            value, base = float(r["recall_all"][domain][str(n)]), float(ref["recall_all"][domain][str(n)])
+        except KeyError:
+            continue
+        if base > 0:
+            changes.append((value - base) / base)
+    return Paired(tuple(changes)) if changes else None
+
+
+def _fmt_paired(p: Paired | None) -> str:
+    if p is None:
+        return "n/a"
+    t = p.t
+    return f"{p.mean * 100:+.1f}% ({'n/a' if t is None else f'{t:+.1f}'})"
+
+
 def _fmt(cell: Cell | None) -> str:
     if cell is None:
         return "–"
@@ -134,8 +182,24 @@ def summarise(cfg: ExperimentConfig, out: Path) -> dict[str, Any]:
                     c = cells(runs, d, n)
                     if c is not None:
                         entry["recall_all"][d][str(n)] = {"mean": c.mean, "std": c.std, "values": list(c.values)}
+            ref_runs = results.get(cfg.reference, [])
+            if method != cfg.reference and ref_runs:
+                entry["paired_change_vs_reference"] = {}
+                for n in cfg.eval.n:
+                    p = paired_change(runs, ref_runs, "average", n)
+                    if p is not None:
+                        entry["paired_change_vs_reference"][str(n)] = {
+                            "mean": p.mean,
+                            "t": p.t,
+                            "values": list(p.changes),
+                        }
             per_method[method] = entry
-        summary["datasets"][ds.name] = {"domains": doms, "methods": per_method}
+        tuned = tuning_results(cfg, out, ds.name)
+        summary["datasets"][ds.name] = {
+            "domains": doms,
+            "methods": per_method,
+            "tuning": {m: {f"{lr:g}": v for lr, v in sorted(by_lr.items())} for m, by_lr in tuned.items()},
+        }
     return summary
 
 
@@ -158,9 +222,9 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
         head = ["Method", "seeds", "lr"]
         for d in doms:
             head += [f"{d}", f"vs {ref_label}"]
-        head.append("Δ avg / SE")
+        head += ["Δ avg / SE", "paired Δ avg (t)"]
         lines.append("| " + " | ".join(head) + " |")
-        lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (2 * len(doms) + 1)) + "|")
+        lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (2 * len(doms) + 2)) + "|")
         ref_runs = results.get(cfg.reference, [])
         for method in cfg.methods:
             runs = results.get(method, [])
@@ -175,14 +239,20 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
             ref_avg = cells(ref_runs, "average", n) if ref_runs else None
             z = None if method == cfg.reference or c_avg is None or ref_avg is None else effect_over_se(c_avg, ref_avg)
             row.append("–" if method == cfg.reference else ("n/a" if z is None else f"{z:+.1f}"))
+            row.append("–" if method == cfg.reference else _fmt_paired(paired_change(runs, ref_runs, "average", n)))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append(
             f"Mean ± sample std over seeds; relative change of the mean against {ref_label}; "
             "'Δ avg / SE' is the difference of average means over its standard error (Welch), "
-            "|Δ/SE| < 2 is within seed noise."
+            "|Δ/SE| < 2 is within seed noise. 'paired Δ avg (t)': the change against the "
+            f"{ref_label} run of the same seed (same test users), averaged over seeds, and its paired t "
+            f"({len(cfg.seeds) - 1} df: |t| > {_T_CRIT.get(len(cfg.seeds) - 1, 2.0):.1f} is the two-sided 5% level)."
         )
         lines.append("")
+        tuning = tuning_markdown(cfg, out, ds.name)
+        if tuning:
+            lines += tuning
         # Average recall at every evaluated N (the numbers behind the Fig. 4 analog).
         lines.append(f"Average Recall-all@N, {ds.name}:")
         lines.append("")
@@ -198,6 +268,54 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
                 )
         lines.append("")
     return "\n".join(lines)
+
+
+# Two-sided 5% critical values of Student's t by degrees of freedom (the seed counts configs use).
+_T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def tuning_results(cfg: ExperimentConfig, out: Path, dataset: str) -> dict[str, dict[float, float]]:
+    """method -> {learning rate: validation average Recall-all@metric_n} of the finished tuning runs."""
+    fp = cfg.fingerprint()
+    found: dict[str, dict[float, float]] = {}
+    for method in cfg.methods:
+        for lr in cfg.tuning.lrs:
+            try:
+                res = json.loads(tune_path(out, fp, dataset, method, lr).read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                continue
+            value = res.get("recall_all", {}).get("average", {}).get(str(cfg.tuning.metric_n))
+            if res.get("fingerprint") == fp and value is not None:
+                found.setdefault(method, {})[lr] = float(value)
+    return found
+
+
+def tuning_markdown(cfg: ExperimentConfig, out: Path, dataset: str) -> list[str]:
+    """The learning-rate grid on the validation split: what every method scored at every rate."""
+    if len(cfg.tuning.lrs) < 2:
+        return []
+    tuned = tuning_results(cfg, out, dataset)
+    if not tuned:
+        return []
+    lines = [
+        f"Learning-rate choice, {dataset}: validation average Recall-all@{cfg.tuning.metric_n} "
+        f"(seed {cfg.tuning.seed}; **bold** = chosen, used for every seed):",
+        "",
+        "| Method | " + " | ".join(f"lr {lr:g}" for lr in cfg.tuning.lrs) + " |",
+        "|---|" + "|".join(["---:"] * len(cfg.tuning.lrs)) + "|",
+    ]
+    for method in cfg.methods:
+        by_lr = tuned.get(method)
+        if not by_lr:
+            continue
+        best = select_lr(by_lr) if len(by_lr) == len(cfg.tuning.lrs) else None  # the runner's own rule
+        row = []
+        for lr in cfg.tuning.lrs:
+            v = by_lr.get(lr)
+            row.append("–" if v is None else (f"**{v:.4f}**" if lr == best else f"{v:.4f}"))
+        lines.append(f"| {method_label(method)} | " + " | ".join(row) + " |")
+    lines.append("")
+    return lines
 
 
 def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None:

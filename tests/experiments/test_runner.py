@@ -211,6 +211,28 @@ def test_render_tables_numbers_and_plots(tmp_path: Path) -> None:
         assert written[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_render_paired_change_and_tuning_table(tmp_path: Path) -> None:
+    cfg = make_cfg()
+    run_experiment(cfg, tmp_path, backend=FakeBackend())
+    render(tmp_path)
+    md = (tmp_path / "tables-t3.md").read_text()
+    # PLE vs DNN seed by seed at average@50: 0.22/0.20, 0.23/0.21, 0.24/0.22 -> +10.0, +9.52, +9.09 %:
+    # mean +9.54 %, sd 0.455 points, paired t = 9.54 / (0.455 / sqrt 3) = +36.3.
+    ple_row = next(line for line in md.splitlines() if line.startswith("| PLE |"))
+    assert ple_row.endswith("| +9.5% (+36.3) |")
+    assert next(line for line in md.splitlines() if line.startswith("| DNN |")).endswith("| – | – |")
+    # Tuning table: validation average@50 = (score + 0.05 for the good lr) * 0.25, the chosen rate in bold.
+    assert "| DNN | 0.0500 | **0.0625** |" in md
+    assert "| Backbone&RRL | 0.0650 | **0.0775** |" in md
+    summary = summarise(cfg, tmp_path)
+    toy = summary["datasets"]["toy"]
+    assert toy["tuning"]["ple"] == {"0.001": pytest.approx(0.055), "0.01": pytest.approx(0.0675)}
+    paired = toy["methods"]["ple"]["paired_change_vs_reference"]["50"]
+    assert paired["mean"] == pytest.approx((0.1 + 0.23 / 0.21 - 1 + 0.24 / 0.22 - 1) / 3)
+    assert paired["t"] == pytest.approx(36.3, abs=0.1)
+    assert "paired_change_vs_reference" not in toy["methods"]["dnn"]
+
+
 def test_render_partial_grid_shows_missing_cells(tmp_path: Path) -> None:
     cfg = make_cfg(tuning={"lrs": [0.01]})
     run_experiment(cfg, tmp_path, backend=FakeBackend(), only_methods=["ple", "backbone"])
