@@ -12,7 +12,10 @@ import argparse
 import importlib
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from unimatch import __version__
 
@@ -93,12 +96,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("unimatch: interrupted", file=sys.stderr)
         return 130
     except (ValueError, FileNotFoundError, FileExistsError, PermissionError) as exc:
-        if os.environ.get("UNIMATCH_DEBUG", "").lower() in {"1", "true", "yes"}:
+        if _debug():
             raise
         # Domain errors (DatasetError, SchemaError, BundleError ... are ValueErrors): one line, no traceback.
         print(f"unimatch: error: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:  # noqa: BLE001 - the last line of defence: a bug, not bad input
+        if _debug():
+            raise
+        # Not the user's fault and not theirs to read as a wall of frames: one line saying so, and the
+        # full traceback kept in a file for the bug report.
+        report = _save_traceback(exc)
+        where = f"; traceback in {report}" if report is not None else ""
+        print(
+            f"unimatch: internal error: {type(exc).__name__}: {exc}{where} (UNIMATCH_DEBUG=1 shows it here)",
+            file=sys.stderr,
+        )
+        return 1
     return int(rc or 0)
+
+
+def _debug() -> bool:
+    return os.environ.get("UNIMATCH_DEBUG", "").lower() in {"1", "true", "yes"}
+
+
+def _save_traceback(exc: BaseException) -> Path | None:
+    """Write ``exc``'s traceback to a fresh file in the temp directory; None if that fails too."""
+    try:
+        fd, name = tempfile.mkstemp(prefix="unimatch-error-", suffix=".log")
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"unimatch {__version__}, argv {sys.argv!r}\n")
+            fh.write("".join(traceback.format_exception(exc)))
+        return Path(name)
+    except OSError:
+        return None
 
 
 if __name__ == "__main__":
