@@ -6,6 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 from unimatch.cli import CommandRegistry
 
@@ -34,6 +35,13 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--keep-going", action="store_true", help="log a failed run and go on with the others")
     p.add_argument("--plan", action="store_true", help="only print the run counts and measured cost, run nothing")
     p.add_argument("--no-render", action="store_true", help="do not render tables and plots at the end")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="run the grid as this many processes, the methods split between them by measured cost (each "
+        "process trains on one thread: use about one per core); logs in OUT/logs/worker-<i>.log",
+    )
 
     p = cli.group_command(
         "experiment",
@@ -55,11 +63,15 @@ def _run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     if args.hours is not None and args.hours <= 0:
         raise ValueError(f"--hours must be > 0, got {args.hours}")
+    if args.workers < 1:
+        raise ValueError(f"--workers must be >= 1, got {args.workers}")
     if args.plan:
         print(json.dumps(plan(cfg, args.out), indent=2))
         return 0
     backend = make_backend(args.backend or cfg.backend)
     deadline = None if args.hours is None else time.time() + args.hours * 3600
+    if args.workers > 1:
+        return _run_parallel(args, cfg, backend, deadline)
     report = run_experiment(
         cfg,
         args.out,
@@ -81,6 +93,54 @@ def _run(args: argparse.Namespace) -> int:
         for what, path in render(args.out, cfg=cfg).items():
             print(f"  {what}: {path}")
     return 1 if report.failed else 0
+
+
+def _run_parallel(args: argparse.Namespace, cfg: Any, backend: Any, deadline: float | None) -> int:
+    from experiments.parallel import partition_methods, run_workers
+    from experiments.render import render
+    from experiments.runner import prepare_dataset, save_config
+
+    for name in (args.dataset or []) + (args.method or []):
+        if name not in [d.name for d in cfg.datasets] + cfg.methods:
+            raise ValueError(f"{name!r} is neither a dataset nor a method of {cfg.name}")
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    data_root: Path = args.data_root if args.data_root is not None else out / "data"
+    # Prepared here, once, so that the workers never import or generate the same dataset at once.
+    for ds in cfg.datasets:
+        if not args.dataset or ds.name in args.dataset:
+            prepare_dataset(cfg, ds, backend=backend, data_root=data_root)
+    methods = [m for m in cfg.methods if not args.method or m in args.method]
+    groups = partition_methods(methods, args.workers)
+    base = ["experiment", "run", "--config", str(args.config), "--out", str(out), "--data-root", str(data_root)]
+    base.append("--no-render")
+    for name in args.dataset or []:
+        base += ["--dataset", name]
+    for seed in args.seed or []:
+        base += ["--seed", str(seed)]
+    if args.backend:
+        base += ["--backend", args.backend]
+    if args.keep_going:
+        base.append("--keep-going")
+    if deadline is not None:
+        left_h = (deadline - time.time()) / 3600
+        if left_h <= 0:
+            print(f"{cfg.name}: --hours ran out while preparing the datasets; no run started")
+            return 0
+        base += ["--hours", f"{left_h:.6f}"]
+    for i, group in enumerate(groups):
+        print(f"worker {i}: {', '.join(group)} (log: {out / 'logs' / f'worker-{i}.log'})")
+    t0 = time.perf_counter()
+    results = run_workers(base, groups, out / "logs")
+    failed = [r for r in results if r.returncode != 0]
+    print(f"{cfg.name}: {len(results)} workers finished in {time.perf_counter() - t0:.0f} s, {len(failed)} failed")
+    for r in failed:
+        print(f"  failed: worker with {', '.join(r.methods)} exited {r.returncode}; see {r.log}")
+    if not args.no_render:
+        for what, path in render(out, cfg=cfg).items():
+            print(f"  {what}: {path}")
+    return 1 if failed else 0
 
 
 def _render(args: argparse.Namespace) -> int:

@@ -199,18 +199,7 @@ def run_experiment(
         return res
 
     for ds in datasets:
-        data = ds.path if ds.source == "path" and ds.path is not None else data_root / ds.name
-        if ds.source != "path" and not (data / "dataset.json").is_file():
-            log(f"[{ds.name}] preparing dataset in {data}")
-            data = backend.prepare(ds, data)
-        elif ds.source == "path" and not (data / "dataset.json").is_file():
-            raise ExperimentConfigError(f"dataset {ds.name!r}: {data} is not a dataset directory")
-        valid_data: Path | None = None
-        if len(cfg.tuning.lrs) > 1:
-            valid_data = data_root / f"{ds.name}{VALID_VIEW_SUFFIX}"
-            if not (valid_data / "dataset.json").is_file():
-                log(f"[{ds.name}] writing the validation view {valid_data}")
-                validation_view(data, valid_data)
+        data, valid_data = prepare_dataset(cfg, ds, backend=backend, data_root=data_root, log=log)
 
         # Learning rate per method, chosen on the validation split.
         chosen: dict[str, float | None] = {}
@@ -281,6 +270,26 @@ def run_experiment(
                     atomic_write_json(path, res)
     report.seconds = time.perf_counter() - t_start
     return report
+
+
+def prepare_dataset(
+    cfg: ExperimentConfig, ds: DatasetSpec, *, backend: Backend, data_root: Path, log: Log = print
+) -> tuple[Path, Path | None]:
+    """The dataset directory of ``ds`` (imported or generated once under ``data_root``) and, when the
+    config tunes over several learning rates, its validation view; both are reused when present."""
+    data = ds.path if ds.source == "path" and ds.path is not None else data_root / ds.name
+    if ds.source != "path" and not (data / "dataset.json").is_file():
+        log(f"[{ds.name}] preparing dataset in {data}")
+        data = backend.prepare(ds, data)
+    elif ds.source == "path" and not (data / "dataset.json").is_file():
+        raise ExperimentConfigError(f"dataset {ds.name!r}: {data} is not a dataset directory")
+    valid_data: Path | None = None
+    if len(cfg.tuning.lrs) > 1:
+        valid_data = data_root / f"{ds.name}{VALID_VIEW_SUFFIX}"
+        if not (valid_data / "dataset.json").is_file():
+            log(f"[{ds.name}] writing the validation view {valid_data}")
+            validation_view(data, valid_data)
+    return data, valid_data
 
 
 def _train_and_eval(
