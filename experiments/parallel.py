@@ -17,22 +17,23 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Relative wall time of one training step by method, measured on MovieLens-100K (400 steps, batch
-# 128, the configs' narrowed network, one thread, two runs side by side; DNN = 1). Only used to
-# balance the workers: a wrong guess costs idle time, never a different result.
+# Relative wall time of one training run by method on MovieLens-100K (400 steps, batch 128, the
+# configs' narrowed network, one thread, two runs side by side; DNN = 1, 34.6 s): measured over 4-5
+# runs each for the first eight, over 1-3 runs for the rest of the ablation. Only used to balance
+# the workers: a wrong guess costs idle time, never a different result.
 METHOD_COST: dict[str, float] = {
     "dnn": 1.0,
     "shared-bottom": 1.2,
-    "cross-stitch": 2.9,
-    "mmoe": 2.6,
-    "dselect-k": 2.7,
-    "ple": 2.4,
-    "backbone": 1.8,
-    "backbone-dal": 2.0,
-    "backbone-dal-uwl": 2.0,
-    "backbone-mvwdl": 2.2,
-    "backbone-rrl": 2.2,
-    "backbone-rrl-adv": 2.6,
+    "cross-stitch": 2.4,
+    "mmoe": 2.2,
+    "dselect-k": 2.6,
+    "ple": 2.1,
+    "backbone": 1.6,
+    "backbone-dal": 1.8,
+    "backbone-dal-uwl": 1.8,
+    "backbone-mvwdl": 1.9,
+    "backbone-rrl": 1.9,
+    "backbone-rrl-adv": 2.2,
 }
 DEFAULT_COST = 2.0
 
