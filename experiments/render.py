@@ -369,7 +369,9 @@ def plot_recall_vs_n(cfg: ExperimentConfig, out: Path, png: Path) -> Path | None
     for ax in axes[0]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             handles.setdefault(label, handle)
-    axes[0][-1].legend(list(handles.values()), list(handles), fontsize=7, loc="best")
+    order = [method_label(m) for m in cfg.methods]
+    labels = sorted(handles, key=lambda label: order.index(label) if label in order else len(order))
+    axes[0][-1].legend([handles[label] for label in labels], labels, fontsize=7, loc="best")
     fig.suptitle(f"{cfg.name}\naverage Recall-all@N over domains, mean ± std over seeds", fontsize=9)
     fig.tight_layout()
     _save_fig(fig, png)

@@ -343,3 +343,23 @@ def test_fig4_legend_and_colours_with_a_partial_panel(tmp_path: Path, monkeypatc
     full, part = colours(top[0]), colours(top[1])
     assert set(part) == {"DNN", "Backbone&RRL"}
     assert all(part[m] == full[m] for m in part)
+
+
+def test_fig4_legend_in_config_order_when_the_first_panel_is_partial(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import experiments.render as render_mod
+
+    cfg = make_cfg(
+        tuning={"lrs": [0.01]},
+        seeds=[0],
+        datasets=[{"name": "toy", "source": "synth", "preset": "tiny"}, {"name": "toy2", "source": "synth", "preset": "tiny"}],
+    )  # fmt: skip
+    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_datasets=["toy"], only_methods=["dnn", "backbone-rrl"])
+    run_experiment(cfg, tmp_path, backend=FakeBackend(), only_datasets=["toy2"])
+    figs: list[Any] = []
+    monkeypatch.setattr(render_mod, "_save_fig", lambda fig, png: figs.append(fig))
+    render_mod.plot_recall_vs_n(cfg, tmp_path, tmp_path / "fig4.png")
+    (fig,) = figs
+    legend = next(ax for ax in fig.axes if ax.get_title() == "toy2").get_legend()
+    assert [t.get_text() for t in legend.get_texts()] == ["DNN", "PLE", "Backbone", "Backbone&RRL"]
