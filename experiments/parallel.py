@@ -17,23 +17,26 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-# Relative wall time of one training run by method on MovieLens-100K (400 steps, batch 128, the
-# configs' narrowed network, one thread, two runs side by side; DNN = 1, 34.6 s): measured over 4-5
-# runs each for the first eight, over 1-3 runs for the rest of the ablation. Only used to balance
-# the workers: a wrong guess costs idle time, never a different result.
+# Relative wall time of a method's share of one table (its 3 tuning runs and 3 test runs, training
+# plus evaluation, as a worker spends it; DNN = 1, 551 s): measured on the tuned grid on amazon
+# sport/cloth (400 steps, batch 128, the configs' narrowed network, one thread, 500 evaluation users,
+# two workers side by side; result files in docs/results/exp-tuned). Evaluation is half of that time
+# or more there and costs more for the mixture models, which is why MMoE, DSelect-k and PLE weigh
+# more than their training alone. Only used to balance the workers: a wrong guess costs idle time, never a
+# different result.
 METHOD_COST: dict[str, float] = {
     "dnn": 1.0,
-    "shared-bottom": 1.2,
-    "cross-stitch": 2.4,
-    "mmoe": 2.2,
-    "dselect-k": 2.6,
-    "ple": 2.1,
+    "shared-bottom": 1.0,
+    "cross-stitch": 1.8,
+    "mmoe": 2.3,
+    "dselect-k": 2.4,
+    "ple": 2.6,
     "backbone": 1.6,
-    "backbone-dal": 1.8,
-    "backbone-dal-uwl": 1.8,
-    "backbone-mvwdl": 1.9,
-    "backbone-rrl": 1.9,
-    "backbone-rrl-adv": 2.2,
+    "backbone-dal": 1.6,
+    "backbone-dal-uwl": 1.7,
+    "backbone-mvwdl": 1.6,
+    "backbone-rrl": 1.5,
+    "backbone-rrl-adv": 2.3,
 }
 DEFAULT_COST = 2.0
 
