@@ -226,6 +226,7 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "|".join(["---"] * 3 + ["---:"] * (2 * len(doms) + 2)) + "|")
         ref_runs = results.get(cfg.reference, [])
+        pair_counts: set[int] = set()  # seeds actually paired per row: the t's degrees of freedom + 1
         for method in cfg.methods:
             runs = results.get(method, [])
             if not runs:
@@ -239,7 +240,10 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
             ref_avg = cells(ref_runs, "average", n) if ref_runs else None
             z = None if method == cfg.reference or c_avg is None or ref_avg is None else effect_over_se(c_avg, ref_avg)
             row.append("–" if method == cfg.reference else ("n/a" if z is None else f"{z:+.1f}"))
-            row.append("–" if method == cfg.reference else _fmt_paired(paired_change(runs, ref_runs, "average", n)))
+            paired = None if method == cfg.reference else paired_change(runs, ref_runs, "average", n)
+            if paired is not None:
+                pair_counts.add(len(paired.changes))
+            row.append("–" if method == cfg.reference else _fmt_paired(paired))
             lines.append("| " + " | ".join(row) + " |")
         lines.append("")
         lines.append(
@@ -247,7 +251,7 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
             "'Δ avg / SE' is the difference of average means over its standard error (Welch), "
             "|Δ/SE| < 2 is within seed noise. 'paired Δ avg (t)': the change against the "
             f"{ref_label} run of the same seed (same test users), averaged over seeds, and its paired t "
-            f"({len(cfg.seeds) - 1} df: |t| > {_T_CRIT.get(len(cfg.seeds) - 1, 2.0):.1f} is the two-sided 5% level)."
+            f"({_df_note(pair_counts or {len(cfg.seeds)})})."
         )
         lines.append("")
         tuning = tuning_markdown(cfg, out, ds.name)
@@ -272,6 +276,15 @@ def table_markdown(cfg: ExperimentConfig, out: Path, *, n: int | None = None) ->
 
 # Two-sided 5% critical values of Student's t by degrees of freedom (the seed counts configs use).
 _T_CRIT = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26}
+
+
+def _df_note(pair_counts: set[int]) -> str:
+    """The paired t's 5% level for the seed counts actually paired (a partial grid has fewer than the
+    config's seeds, and 1 df needs |t| > 12.7, not the 4.3 of 3 seeds)."""
+    parts = [
+        f"{k - 1} df: |t| > {_T_CRIT.get(k - 1, 2.0):.1f}" for k in sorted(pair_counts, reverse=True) if k >= 2
+    ]
+    return ("; ".join(parts) or "fewer than 2 paired seeds: no t") + " is the two-sided 5% level"
 
 
 def tuning_results(cfg: ExperimentConfig, out: Path, dataset: str) -> dict[str, dict[float, float]]:

@@ -242,6 +242,16 @@ def test_render_partial_grid_shows_missing_cells(tmp_path: Path) -> None:
     assert "t3/fig5" not in render(tmp_path)  # no Backbone&RRL run, no Fig. 5
 
 
+def test_render_states_the_t_level_of_the_seeds_actually_paired(tmp_path: Path) -> None:
+    cfg = make_cfg(tuning={"lrs": [0.01]})
+    run_experiment(cfg, tmp_path / "two", backend=FakeBackend(), only_seeds=[0, 1])
+    two = table_markdown(cfg, tmp_path / "two")
+    assert "| PLE | 2/3 |" in two
+    assert "its paired t (1 df: |t| > 12.7 is the two-sided 5% level)" in two and "4.3" not in two
+    run_experiment(cfg, tmp_path / "three", backend=FakeBackend())
+    assert "its paired t (2 df: |t| > 4.3 is the two-sided 5% level)" in table_markdown(cfg, tmp_path / "three")
+
+
 def test_effect_over_se() -> None:
     a, ref = Cell((0.3, 0.31, 0.29)), Cell((0.2, 0.21, 0.19))
     assert effect_over_se(a, ref) == pytest.approx(0.1 / ((0.01**2 / 3 + 0.01**2 / 3) ** 0.5))
