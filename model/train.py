@@ -296,6 +296,28 @@ class Trainer:
         }
         return parts
 
+    def close(self) -> None:
+        """Leave the process group (distributed runs; a no-op otherwise). Call once, after ``run()``.
+
+        The DDP wrapper is dropped first: its Reducer holds the gloo group, and a Reducer freed after
+        ``destroy_process_group()`` ran ~ProcessGroupGloo on a torn-down group, which hung one rank of
+        the two-process test forever on a mutex (seen once in a fresh-clone run; py-spy showed
+        ~Reducer -> ~ProcessGroupGloo -> pthread_mutex_lock). Freed here, the group's last
+        reference goes inside ``destroy_process_group()``, the order torch supports.
+        """
+        if not self.distributed:
+            return
+        import gc
+
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        dist.barrier()  # rank 0 writes the checkpoint and run.json after the last step
+        self.module = self.objective
+        gc.collect()  # the DDP wrapper sits in reference cycles (hooks); free it now, not at some later GC
+        dist.destroy_process_group()
+
     def run(self) -> Path:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
@@ -415,9 +437,7 @@ def train(cfg: TrainConfig) -> Path:
     """
     trainer = Trainer(cfg)
     out = trainer.run()
-    if trainer.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()  # rank 0 writes the checkpoint and run.json after the last step
-        dist.destroy_process_group()
+    # Not in a `finally`: close() waits at a barrier, which a rank that failed mid-run would hang;
+    # on an error the launcher (torchrun) tears the group down.
+    trainer.close()
     return out
