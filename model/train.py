@@ -297,13 +297,14 @@ class Trainer:
         return parts
 
     def close(self) -> None:
-        """Leave the process group (distributed runs; a no-op otherwise). Call once, after ``run()``.
+        """Leave the process group after ``run()`` (distributed runs; a no-op otherwise, and when
+        the group is already gone, so a second call is harmless).
 
         The DDP wrapper is dropped first: its Reducer holds the gloo group, and a Reducer freed after
         ``destroy_process_group()`` ran ~ProcessGroupGloo on a torn-down group, which hung one rank of
-        the two-process test forever on a mutex (seen once in a fresh-clone run; py-spy showed
-        ~Reducer -> ~ProcessGroupGloo -> pthread_mutex_lock). Freed here, the group's last
-        reference goes inside ``destroy_process_group()``, the order torch supports.
+        the two-process test forever on a mutex (2 of 3 runs of ``pytest tests/model`` hung that way;
+        py-spy showed ~Reducer -> ~ProcessGroupGloo -> pthread_mutex_lock). Freed here, the group's
+        last reference goes inside ``destroy_process_group()``, the order torch supports.
         """
         if not self.distributed:
             return
