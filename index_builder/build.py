@@ -248,6 +248,9 @@ def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = N
         "num_nodes": report["num_nodes"],
         "files": files,
     }
+    # A calibration measured the old graph; the new one must be calibrated again (the engine would
+    # ignore the stale one anyway: its graph fingerprint no longer matches).
+    manifest.pop("calibration", None)
     atomic_write_json(bundle / "manifest.json", manifest)
     (bundle / "manifest.json").chmod(file_mode)
     return report

@@ -40,6 +40,129 @@ def register(cli: CommandRegistry) -> None:
         "--no-sort-neighbours", dest="sort_neighbours", action="store_false",
         help="keep hnswlib's neighbour order instead of nearest first (a search degree cap then keeps arbitrary edges)",
     )
+    p.add_argument("--data", type=Path, default=None,
+                   help="the dataset the bundle was trained on: calibrate the search on its validation users after "
+                        "the build (same as `unimatch index calibrate`; without it the bundle serves the default "
+                        "search point, uncalibrated)")
+    _calibration_args(p)
+    c = cli.group_command(
+        "index",
+        "calibrate",
+        help="measure per domain and k the cheapest search point that finds the model's own top-k",
+        description="On held-out (user, domain) queries of the validation split, score every query exhaustively, "
+        "then search a grid of operating points (bottom-layer ef as a multiple of k, upper-layer ef, bottom T, "
+        "seeding the beam with the user's history) and store per domain and k bucket the cheapest point whose "
+        "mean coverage@k reaches --target, or exhaustive mode where the graph cannot do it faster than scoring "
+        "the domain whole. Written into the bundle (calibration.json, checksummed in manifest.json); the "
+        "service uses it unless UNIMATCH_SEARCH_* are set.",
+        handler=_calibrate,
+        group_help=GROUP_HELP,
+    )
+    c.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
+    c.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
+    _calibration_args(c)
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    from service.calibration import CalibrateConfig  # numpy + json only: cheap at start-up
+
+    d = CalibrateConfig()
+    p.add_argument("--target", type=float, default=d.target, help="mean coverage@k of the model's own top-k to reach")
+    p.add_argument("--queries", type=int, default=d.queries,
+                   help="held-out (user, domain) queries in all, split evenly over domains (all if fewer)")
+    p.add_argument("--k", dest="ks", type=_ints, default=d.ks,
+                   help="comma-separated k buckets; a request uses the smallest bucket >= its k")
+    p.add_argument("--max-exhaustive-pairs", type=float, default=d.max_exhaustive_pairs,
+                   help="bound on the exhaustive reference's pair evaluations (caps queries on large catalogues)")
+    p.add_argument("--calibration-json", type=Path, default=None, help="also write the calibration to this file")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def _run_calibration(args: argparse.Namespace, console: Any) -> int:
+    """Calibrate ``args.bundle`` on ``args.data``, print the table; 0 when every domain was calibrated."""
+    from model.data.io import atomic_write_json
+    from service.calibrate import calibrate_bundle
+    from service.calibration import CalibrateConfig
+
+    cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
+                          max_exhaustive_pairs=args.max_exhaustive_pairs)
+    with _progress(console) as progress:
+        cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))
+    print_calibration(cal, console)
+    if args.calibration_json is not None:
+        atomic_write_json(args.calibration_json, cal.to_json())
+    console.print(f"wrote {args.bundle}/calibration.json ({cal.seconds:.0f} s); manifest updated")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    return _run_calibration(args, Console())
+
+
+def print_calibration(cal: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"search calibration: target coverage {cal.target}, {cal.queries} {cal.split} queries")
+    for col in ("domain", "k", "mode", "coverage ± 95% CI", "pairs", "share of exhaustive", "p50 ms",
+                "exhaustive p50 ms", "ef (top first)", "T", "history seeds"):
+        table.add_column(col, justify="right")
+    for name, points in cal.domains.items():
+        for p in points:
+            table.add_row(
+                name, str(p.k), p.mode, f"{p.coverage:.4f} ± {p.coverage_ci95:.4f}", f"{p.pairs:,.0f}",
+                f"{p.pairs / p.exhaustive_pairs:.1%}", f"{p.latency_ms_p50:.2f}", f"{p.exhaustive_ms_p50:.2f}",
+                "/".join(map(str, p.ef)) if p.mode == "graph" else "-",
+                "/".join(map(str, p.steps)) if p.mode == "graph" else "-",
+                ("yes" if p.seed_history else "no") if p.mode == "graph" else "-",
+            )
+    console.print(table)
+
+
+class _LineProgress:
+    """Progress as log lines when stderr is not a terminal: one line every ``every_s`` seconds."""
+
+    def __init__(self, console: Any, every_s: float = 10.0) -> None:
+        import time
+
+        self.console, self.every_s, self._time = console, every_s, time.monotonic
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self._time()
+        if now - self._last >= self.every_s or (total and done == total):
+            self._last = now
+            self.console.print(f"{stage}: {done:,}" + (f"/{total:,}" if total else ""))
+
+
+def _progress(console: Any) -> Any:
+    """A context manager yielding a ``(stage, done, total)`` callback: a bar on a terminal, else log lines."""
+    import contextlib
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not sys.stderr.isatty() or not console.is_terminal:
+        return contextlib.nullcontext(_LineProgress(console))
+
+    @contextlib.contextmanager
+    def bar_ctx() -> Any:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("calibrating", total=None)
+            yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total or None)
+
+    return bar_ctx()
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -86,7 +209,13 @@ def _build(args: argparse.Namespace) -> int:
     if args.json is not None:
         atomic_write_json(args.json, report)
     console.print(f"wrote {args.bundle}/graph/ and {args.bundle}/graph_health.json; manifest updated")
-    return 0 if report["all_reachable"] and report["nested"] and report["entry_points_on_top_layer"] else 1
+    healthy = report["all_reachable"] and report["nested"] and report["entry_points_on_top_layer"]
+    if args.data is None:
+        console.print("search not calibrated: the service will use the default search point; run "
+                      f"`unimatch index calibrate --bundle {args.bundle} --data DATASET` to measure this catalogue's")
+        return 0 if healthy else 1
+    rc = _run_calibration(args, console)
+    return rc if healthy else 1
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:

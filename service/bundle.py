@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from model.data.schema import FeatureSchema, SchemaError
+from service.calibration import Calibration, CalibrationError, graph_fingerprint, load_calibration
 from service.search import HnswGraph
 
 BUNDLE_FORMAT_VERSION = 1
@@ -53,6 +54,10 @@ class Bundle:
     entity_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (E, ...) float32
     vectors: np.ndarray | None = None  # (E, D) float32, the L2 space of the graph
     graph: HnswGraph | None = None
+    # Search calibration (`unimatch index calibrate`); None when absent or measured on another graph,
+    # with the reason in ``calibration_note``.
+    calibration: Calibration | None = None
+    calibration_note: str = "not calibrated (run `unimatch index calibrate`)"
     # Lazily built id -> row map; a lock so that concurrent first calls build it once.
     _row_index: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
@@ -133,6 +138,9 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     listed: dict[str, Any] = dict(manifest.get("files", {}))
     if "graph" in manifest:
         listed.update(manifest["graph"].get("files", {}))
+    cal_meta = manifest.get("calibration") if "graph" in manifest else None
+    if cal_meta:
+        listed[str(cal_meta.get("file", "calibration.json"))] = {"sha256": cal_meta.get("sha256")}
     if verify_checksums:
         for rel, meta in listed.items():
             p = root / rel
@@ -164,6 +172,7 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
         if vectors.shape[0] != n:
             raise BundleError(f"{root}: {vs['file']} has {vectors.shape[0]} rows, expected {n}")
     graph = _load_graph(root) if "graph" in manifest else None
+    calibration, note = _load_calibration(root, manifest, cal_meta)
     return Bundle(
         path=root,
         manifest=manifest,
@@ -175,4 +184,20 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
         entity_tensors=tensors,
         vectors=vectors,
         graph=graph,
+        calibration=calibration,
+        calibration_note=note,
     )
+
+
+def _load_calibration(root: Path, manifest: dict[str, Any], meta: dict[str, Any] | None) -> tuple[Calibration | None, str]:
+    """The calibration the manifest names, unless it was measured on another graph (then: why not)."""
+    if not meta:
+        return None, "not calibrated (run `unimatch index calibrate`)"
+    rel = str(meta.get("file", "calibration.json"))
+    try:
+        cal = load_calibration(root / rel)
+    except CalibrationError as exc:
+        raise BundleError(f"{root}: {exc}") from None
+    if cal.graph != graph_fingerprint(manifest):
+        return None, "calibration ignored: it was measured on another graph (rerun `unimatch index calibrate`)"
+    return cal, f"calibrated {cal.created_at} on {cal.queries} {cal.split} queries, target coverage {cal.target}"

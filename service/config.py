@@ -81,6 +81,16 @@ class Settings(BaseSettings):
     search_max_degree: IntTuple = None  # per-layer cap on neighbours expanded per node, 0 = all
     search_exhaustive_threshold: int | None = Field(default=None, ge=0)
     search_whole_top_layer_up_to: int | None = Field(default=None, ge=0)
+    # Use the bundle's calibration (`unimatch index calibrate`): per domain and k the measured cheapest
+    # point that meets its coverage target, or exhaustive scoring. Any UNIMATCH_SEARCH_* above overrides it.
+    search_calibration: bool = True
+    # ---- live search-quality monitor: a sampled share of requests re-scored exhaustively off the request
+    # path, coverage@k recorded per domain beside the calibrated figure (unimatch_search_shadow_coverage).
+    shadow_rate: float = Field(default=0.001, ge=0, le=1)
+    # Requests waiting for the monitor; when full, new samples are dropped (never a wait on the request path).
+    shadow_queue: int = Field(default=8, ge=1, le=1024)
+    # Share of one core the monitor's thread may use: it sleeps (1/share - 1) x the time of each re-scoring.
+    shadow_cpu_share: float = Field(default=0.1, gt=0, le=1)
     # ---- admin -----------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).

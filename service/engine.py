@@ -16,12 +16,13 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
 from model.data.schema import FeatureSchema
 from service.bundle import Bundle
+from service.calibration import CalibratedPoint
 from service.scorer import HostGatherScorer, UserContext, make_scorer
 from service.search import VisitedSet, best_first, search
 
@@ -82,6 +83,10 @@ class SearchParams:
     # catalogue for coverage@200 1.0; the whole 265-node top layer reached 0.9999 with 0.14%
     # (docs/search-benchmark.md, "Current state").
     whole_top_layer_up_to: int = 4096
+    # Add the user's own history rows to the bottom layer's entry set (``search(seeds=...)``): up to
+    # max_seq_len extra pairs that start the beam in every region the user's entities sit in. Off by
+    # default; `unimatch index calibrate` turns it on per domain where it is the cheaper way to the target.
+    seed_history: bool = False
 
     def __post_init__(self) -> None:
         if not (len(self.ef) == len(self.steps) == len(self.top_n)) or not self.ef:
@@ -102,6 +107,7 @@ class SearchParams:
             exhaustive_threshold=self.exhaustive_threshold,
             max_degree=self.max_degree,
             whole_top_layer_up_to=self.whole_top_layer_up_to,
+            seed_history=self.seed_history,
         )
 
 
@@ -145,9 +151,15 @@ class MatchEngine:
         providers: Sequence[str] | None = None,
         fp16_tables: bool = False,
         batch_requests: bool | None = None,
+        use_calibration: bool | None = None,
     ) -> None:
         self.bundle = bundle
         self.params = params or SearchParams()
+        # The bundle's calibration decides mode and operating point per (domain, k) unless parameters
+        # were given explicitly (UNIMATCH_SEARCH_* settings, benchmarks): those override it.
+        if use_calibration is None:
+            use_calibration = params is None
+        self.calibration = bundle.calibration if use_calibration and bundle.graph is not None else None
         self.intra_op_threads = intra_op_threads
         self.scorer = make_scorer(
             bundle, providers=providers, intra_op_threads=intra_op_threads, fp16_tables=fp16_tables,
@@ -174,6 +186,12 @@ class MatchEngine:
             self._domain_rows.append(rows)
             counts[d] = np.bincount(etype[rows], minlength=self._num_types)[: self._num_types]
         self._type_counts = counts
+        # Per domain: (bucket k, mode, params) from the calibration, resolved once here, not per request.
+        self._calibrated: list[list[tuple[int, str, SearchParams, CalibratedPoint]]] = [[] for _ in range(self._num_domains)]
+        if self.calibration is not None:
+            for d, name in enumerate(bundle.schema.domains):
+                for pt in self.calibration.domains.get(name, ()):
+                    self._calibrated[d].append((pt.k, pt.mode, pt.params(self.params).for_k(pt.k), pt))
 
     # ---- per-thread state --------------------------------------------------------------------------
     def _visited(self) -> VisitedSet:
@@ -253,12 +271,17 @@ class MatchEngine:
         """
         t_start = time.perf_counter()
         types, excl = self._check(user, domain, k, exclude_rows, entity_types)
-        p = (params or self.params).for_k(int(k))
         if mode is not None and mode not in MODES:
             raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
         eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
-        if mode is None:
-            mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
+        point = self.calibrated(int(domain), int(k)) if params is None else None
+        if point is not None:
+            cal_mode, p = point
+            mode = mode or cal_mode
+        else:
+            p = (params or self.params).for_k(int(k))
+            if mode is None:
+                mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
         graph = self.bundle.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
@@ -279,6 +302,7 @@ class MatchEngine:
                 visited=self._visited(),
                 keep=self._keep_fn(int(domain), types, excl),
                 deadline=deadline,
+                seeds=self._seeds(user) if p.seed_history else None,
             )
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             for ls in out.layers:
@@ -299,6 +323,35 @@ class MatchEngine:
             total_ms=(t_end - t_start) * 1e3,
         )
         return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
+
+    def calibrated(self, domain: int, k: int) -> tuple[str, SearchParams] | None:
+        """(mode, params) the calibration chose for this domain and k, or None (not calibrated).
+
+        The smallest bucket >= k; above every bucket, the largest one's point with its bottom ef scaled
+        by k (``Calibration.lookup``).
+        """
+        buckets = self._calibrated[domain] if 0 <= domain < len(self._calibrated) else []
+        for bucket_k, mode, params, _ in buckets:
+            if bucket_k >= k:
+                return mode, params.for_k(k)
+        if not buckets or self.calibration is None:
+            return None
+        _, mode, params, pt = buckets[-1]
+        _, ef_bottom = self.calibration.lookup(self.bundle.schema.domains[domain], k) or (pt, k)
+        return mode, replace(params, ef=(*params.ef[:-1], max(ef_bottom, k))).for_k(k)
+
+    def calibrated_point(self, domain: int, k: int) -> CalibratedPoint | None:
+        """The stored calibration point that serves (domain, k): its measured coverage is the yardstick."""
+        buckets = self._calibrated[domain] if 0 <= domain < len(self._calibrated) else []
+        for bucket_k, _, _, pt in buckets:
+            if bucket_k >= k:
+                return pt
+        return buckets[-1][3] if buckets else None
+
+    @staticmethod
+    def _seeds(user: UserFeatures) -> np.ndarray:
+        seq = np.asarray(user.seq, dtype=np.int64)
+        return np.unique(seq[seq >= 0])
 
     def _exhaustive(
         self,
@@ -359,6 +412,10 @@ class MatchEngine:
             "intra_op_threads": self.intra_op_threads,
             "scorer": type(self.scorer).__name__,
             "search_params": asdict(self.params),
+            "calibration": None if self.calibration is None else self.calibration.summary(),
+            "calibration_note": self.bundle.calibration_note
+            if self.calibration is not None or self.bundle.calibration is None
+            else "calibration present but overridden by explicit search parameters (UNIMATCH_SEARCH_*)",
             "graph": None
             if g is None
             else {"layers": g.num_layers, "nodes_per_layer": g.nodes_per_layer(), "entry_points": int(np.size(g.entry_points))},

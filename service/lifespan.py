@@ -43,6 +43,7 @@ from service.features import (
     RedisFeatureStore,
     entity_space_fingerprint,
 )
+from service.shadow import ShadowMonitor
 
 if TYPE_CHECKING:
     from model.data.schema import FeatureSchema
@@ -121,6 +122,7 @@ class ServiceState:
     executor: ThreadPoolExecutor
     limiter: ConcurrencyLimiter
     serving: Serving | None = None
+    shadow: ShadowMonitor | None = None  # live search-quality monitor (UNIMATCH_SHADOW_RATE > 0)
     reload: ReloadState = field(default_factory=ReloadState)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     _tasks: set[asyncio.Task[Any]] = field(default_factory=set)
@@ -227,6 +229,8 @@ class ServiceState:
                 await task
         # In-flight requests have finished (uvicorn drains them before the lifespan ends).
         self.executor.shutdown(wait=True, cancel_futures=True)
+        if self.shadow is not None:
+            self.shadow.close()
         if self.serving is not None:
             self.serving.engine.close()
         await self.store.close()
@@ -266,18 +270,38 @@ def build_serving(path: Path, settings: Settings) -> Serving:
 
     t0 = time.perf_counter()
     bundle = load_bundle(Path(path), verify_checksums=settings.verify_checksums)
+    params = search_params(settings)
     engine = MatchEngine(
         bundle,
-        params=search_params(settings),
+        params=params,
         intra_op_threads=settings.intra_op_threads,
         providers=providers(settings),
         batch_requests=settings.batch_requests,
+        use_calibration=settings.search_calibration and params is None,
     )
+    log_calibration(engine)
     engine.warmup()
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
     serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
+
+
+def log_calibration(engine: MatchEngine) -> None:
+    """Say at start-up which search each domain gets and how well it was measured to do."""
+    info = engine.info()
+    cal = engine.calibration
+    if cal is None:
+        log.info("search: %s; default parameters %s", info["calibration_note"], info["search_params"])
+        return
+    for domain, points in cal.domains.items():
+        parts = [
+            f"k<={p.k} {p.mode}" + (f" ef={'/'.join(map(str, p.ef))} T={'/'.join(map(str, p.steps))}"
+                                    f"{' +history' if p.seed_history else ''}" if p.mode == "graph" else "")
+            + f" coverage {p.coverage:.4f}±{p.coverage_ci95:.4f} {p.pairs:.0f} pairs"
+            for p in points
+        ]
+        log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
 
 
 async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
@@ -360,6 +384,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store=store,
         executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
         limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s),
+        shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
+                             cpu_share=settings.shadow_cpu_share) if settings.shadow_rate > 0 else None,
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
     target = ordered_bundle(settings) or settings.bundle

@@ -55,6 +55,23 @@ BUNDLE_INFO = Gauge(
     "unimatch_bundle_info", "The bundle being served (value 1)", ["version", "method"], multiprocess_mode="livemax"
 )
 RELOADS = Counter("unimatch_reloads_total", "Bundle reloads, by outcome", ["outcome"])
+# Live search quality (service.shadow): sampled requests re-scored exhaustively. Fine buckets near 1,
+# where a good search lives; the mean is sum / count. The gauge is the calibration's measured figure
+# for the same (domain, k bucket): the alert fires when the live mean falls below it by a margin.
+_COVERAGE = (0.5, 0.8, 0.9, 0.95, 0.97, 0.98, 0.99, 0.995, 0.999, 1.0)
+SHADOW_COVERAGE = Histogram(
+    "unimatch_search_shadow_coverage",
+    "coverage@k of served answers against exhaustive scoring of the same request (sampled, off the request path)",
+    ["domain", "k_bucket"],
+    buckets=_COVERAGE,
+)
+CALIBRATED_COVERAGE = Gauge(
+    "unimatch_search_calibrated_coverage",
+    "coverage@k the bundle's calibration measured for this domain and k bucket",
+    ["domain", "k_bucket"],
+    multiprocess_mode="livemax",
+)
+SHADOW_DROPPED = Counter("unimatch_search_shadow_dropped_total", "Shadow samples dropped because the monitor's queue was full")
 
 
 def observe_redis(outcome: str, seconds: float) -> None:

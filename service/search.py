@@ -273,6 +273,7 @@ def search(
     clock: Callable[[], float] = time.monotonic,
     max_degree: tuple[int, ...] = (),
     whole_top_layer_up_to: int | None = None,
+    seeds: np.ndarray | None = None,
 ) -> SearchOutcome:
     """K-NN-SEARCH: layers top to bottom, per-layer top-n of the returnable nodes, merged top-k.
 
@@ -280,8 +281,12 @@ def search(
     beam navigates through every node; only rows that ``keep`` accepts (domain, entity type, exclusions)
     enter the per-layer top-n, so filters never disconnect the graph. The entry set is the whole top
     layer when it has at most ``whole_top_layer_up_to`` nodes (default: ``ef[0]``), else the graph's
-    entry points. With a deadline, the search stops
-    at the first step boundary past it and returns the best found so far (``partial``).
+    entry points. ``seeds`` (rows, e.g. the user's own history) join the bottom layer's entry set: on real
+    catalogues the model's top-k sits in several regions of the L2 graph, and a beam that descends from
+    the top layer reaches only the one nearest its entry (docs/search-benchmark.md, "Why the beam
+    stalls"); the user's own entities are known at request time and start a beam in each of their regions.
+    With a deadline, the search stops at the first step boundary past it and returns the best found so
+    far (``partial``).
     """
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
@@ -294,6 +299,8 @@ def search(
     layer_stats: list[LayerStats] = []
     partial = False
     for i, layer in enumerate(range(graph.num_layers - 1, -1, -1)):
+        if layer == 0 and seeds is not None and seeds.size:
+            ep = np.concatenate([np.asarray(ep, dtype=np.int64), np.asarray(seeds, dtype=np.int64)])
         w_rows, _, s_rows, s_scores, stats, partial = search_layer(
             graph, layer, ep, ef=ef[i], steps=steps[i], score=score, visited=visited, deadline=deadline, clock=clock,
             max_degree=degree[i],

@@ -68,9 +68,18 @@ class Queries:
     features: list[UserFeatures]
 
 
-def held_out_queries(data: Path, bundle: Bundle, n: int, seed: int) -> Queries:
-    """Sample up to ``n`` (user, domain) pairs with test interactions; features from the non-test history."""
-    from model.data.dataset import TEST, load_dataset, serving_sequences
+def held_out_queries(data: Path, bundle: Bundle, n: int, seed: int, *, split: str = "test",
+                     per_domain: bool = False) -> Queries:
+    """Sample up to ``n`` (user, domain) pairs with ``split`` interactions; features from the non-test history.
+
+    ``per_domain``: ``n`` is split evenly over the domains that have such pairs (all of a domain's pairs
+    when it has fewer), so that a small domain is not left with a handful of queries.
+    """
+    from model.data.dataset import SPLIT_NAMES, load_dataset, serving_sequences
+
+    codes = {name: code for code, name in SPLIT_NAMES.items()}
+    if split not in codes:
+        raise BenchError(f"split must be one of {sorted(codes)}, got {split!r}")
 
     ds = load_dataset(data)
     if ds.schema.fingerprint() != bundle.schema.fingerprint():
@@ -78,13 +87,23 @@ def held_out_queries(data: Path, bundle: Bundle, n: int, seed: int) -> Queries:
     if len(ds.entities) != bundle.num_entities:
         raise BenchError(f"{data}: {len(ds.entities)} entities, bundle has {bundle.num_entities}")
     inter = ds.interactions
-    test = np.flatnonzero(np.asarray(inter.split) == TEST)
+    test = np.flatnonzero(np.asarray(inter.split) == codes[split])
     if test.size == 0:
-        raise BenchError(f"{data}: no test interactions to evaluate on")
+        raise BenchError(f"{data}: no {split} interactions to evaluate on")
     key = np.asarray(inter.user)[test].astype(np.int64) * ds.schema.num_domains + np.asarray(inter.domain)[test]
     keys, inverse = np.unique(key, return_inverse=True)
     rng = np.random.default_rng(seed)
-    chosen = np.sort(rng.choice(keys.size, size=min(n, keys.size), replace=False))
+    if per_domain:
+        dom = keys % ds.schema.num_domains
+        present = np.unique(dom)
+        quota = -(-n // present.size)
+        picks = []
+        for d in present:
+            pool = np.flatnonzero(dom == d)
+            picks.append(rng.choice(pool, size=min(quota, pool.size), replace=False))
+        chosen = np.sort(np.concatenate(picks))
+    else:
+        chosen = np.sort(rng.choice(keys.size, size=min(n, keys.size), replace=False))
     ent = np.asarray(inter.entity)[test]
     by_key = np.argsort(inverse, kind="stable")
     starts = np.searchsorted(inverse[by_key], chosen)

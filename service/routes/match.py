@@ -174,6 +174,9 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     except SearchError as exc:
         raise InvalidRequest(str(exc)) from None
     total_s = time.monotonic() - arrived
+    if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
+        state.shadow.offer(engine, prep.domain, prep.k, features, result, exclude_rows=prep.exclude_rows,
+                           entity_types=prep.entity_types)
     bundle = serving.bundle
     rows = np.asarray(result.rows, dtype=np.int64)
     type_codes = np.asarray(bundle.entity_type[rows]) if rows.size else np.empty(0, np.int16)

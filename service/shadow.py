@@ -1,0 +1,141 @@
+"""Live search-quality monitor: a sampled share of requests re-scored exhaustively, off the request path.
+
+The calibration (``service.calibration``) says how much of the model's own top-k the search finds on
+held-out users when the bundle was built. Live traffic can drift from that (other users, other
+domains' mix, a catalogue that changed), so a share ``rate`` of answered graph-mode requests is queued
+here and a single low-priority thread scores the same (user, domain, k, filters) exhaustively and
+records coverage@k = |served top-k ∩ exhaustive top-k| / |exhaustive top-k| per domain and k bucket
+(``unimatch_search_shadow_coverage``) beside the calibrated figure
+(``unimatch_search_calibrated_coverage``): the alert compares the two.
+
+Never on the request path: ``offer`` is a random draw and a ``put_nowait`` on a bounded queue (a full
+queue drops the sample and counts it); the worker runs at the lowest scheduling priority and sleeps
+after each job so that it uses at most ``cpu_share`` of one core.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from service import metrics
+
+if TYPE_CHECKING:
+    from service.engine import MatchEngine, MatchResult, UserFeatures
+
+log = logging.getLogger("unimatch.shadow")
+
+# k buckets of the metric's label (a request's k is reported under the smallest bucket >= k).
+K_BUCKETS: tuple[int, ...] = (10, 50, 200, 1000, 10_000)
+
+
+def k_bucket(k: int) -> str:
+    for b in K_BUCKETS:
+        if k <= b:
+            return str(b)
+    return "inf"
+
+
+@dataclass(frozen=True)
+class ShadowJob:
+    engine: MatchEngine
+    domain: int
+    domain_name: str
+    k: int
+    user: UserFeatures
+    served_rows: np.ndarray
+    exclude_rows: np.ndarray | None
+    entity_types: list[int] | None
+
+
+def coverage(served: np.ndarray, exact: np.ndarray) -> float:
+    """|served ∩ exact| / |exact|: the share of the exhaustive top-k that the served answer holds."""
+    if exact.size == 0:
+        return 1.0
+    return float(np.intersect1d(served, exact).size / exact.size)
+
+
+class ShadowMonitor:
+    """Bounded queue + one worker thread; ``offer`` from any thread, ``close`` at shutdown."""
+
+    def __init__(self, *, rate: float, queue_size: int = 8, cpu_share: float = 0.1, seed: int | None = None,
+                 sleep: Callable[[float], None] = time.sleep, start: bool = True) -> None:
+        self.rate = float(rate)
+        self.cpu_share = float(cpu_share)
+        self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=queue_size)
+        self._rng = random.Random(seed)
+        self._sleep = sleep
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.dropped = 0
+        self.done = 0
+        if start and self.rate > 0:
+            self._thread = threading.Thread(target=self._run, name="unimatch-shadow", daemon=True)
+            self._thread.start()
+
+    # ---- request side: O(1), never blocks ------------------------------------------------------------
+    def offer(self, engine: MatchEngine, domain: int, k: int, user: UserFeatures, result: MatchResult, *,
+              exclude_rows: np.ndarray | None = None, entity_types: list[int] | None = None) -> bool:
+        """Maybe queue this answered request for re-scoring; True when queued."""
+        if self.rate <= 0 or result.mode != "graph" or result.partial or self._rng.random() >= self.rate:
+            return False
+        job = ShadowJob(engine=engine, domain=domain, domain_name=engine.bundle.schema.domains[domain], k=k,
+                        user=user, served_rows=np.asarray(result.rows, dtype=np.int64), exclude_rows=exclude_rows,
+                        entity_types=entity_types)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            self.dropped += 1
+            metrics.SHADOW_DROPPED.inc()
+            return False
+        return True
+
+    # ---- worker side ---------------------------------------------------------------------------------
+    def run_job(self, job: ShadowJob) -> float:
+        """Re-score one request exhaustively and record its coverage; returns the coverage."""
+        exact = job.engine.match(job.user, job.domain, job.k, mode="exhaustive", exclude_rows=job.exclude_rows,
+                                 entity_types=job.entity_types)
+        cov = coverage(job.served_rows, np.asarray(exact.rows, dtype=np.int64))
+        bucket = k_bucket(job.k)
+        metrics.SHADOW_COVERAGE.labels(domain=job.domain_name, k_bucket=bucket).observe(cov)
+        point = job.engine.calibrated_point(job.domain, job.k)
+        if point is not None and point.mode == "graph":
+            metrics.CALIBRATED_COVERAGE.labels(domain=job.domain_name, k_bucket=bucket).set(point.coverage)
+        self.done += 1
+        return cov
+
+    def _run(self) -> None:
+        try:  # Linux: a thread's own nice value; the request threads keep theirs
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):  # pragma: no cover - other platforms
+            pass
+        while not self._stop.is_set():
+            job = self._queue.get()
+            if job is None:
+                break
+            t0 = time.perf_counter()
+            try:
+                self.run_job(job)
+            except Exception as exc:  # a monitor failure must never reach a request; say it and go on
+                log.warning("shadow re-scoring failed: %s", exc)
+            spent = time.perf_counter() - t0
+            # Duty cycle <= cpu_share: work t, then rest t * (1/share - 1).
+            self._sleep(spent * (1.0 / self.cpu_share - 1.0))
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            try:
+                self._queue.put_nowait(None)
+            except queue.Full:
+                pass
+            self._thread.join(timeout=5)
