@@ -144,7 +144,7 @@ def calibrate_domain(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: list
             reason=f"graph meets coverage {cfg.target} at {best.pairs / ex_pairs:.1%} of the exhaustive pairs, "
                    f"{ex_p50 / best.ms_p50:.1f}x faster",
             ef=p.ef, steps=p.steps, top_n=p.top_n, max_degree=p.max_degree,
-            whole_top_layer_up_to=p.whole_top_layer_up_to, seed_history=p.seed_history,
+            whole_top_layer_up_to=p.whole_top_layer_up_to, seed_history=p.seed_history, filter_beam=p.filter_beam,
             graph_coverage=best.coverage, graph_pairs=best.pairs, graph_ms_p50=best.ms_p50, **common,
         )
     shown: PointResult | None
@@ -160,7 +160,7 @@ def calibrate_domain(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: list
     return CalibratedPoint(
         mode="exhaustive", coverage=1.0, coverage_ci95=0.0, pairs=ex_pairs, latency_ms_p50=ex_p50,
         latency_ms_p99=ex_p50, reason=why, ef=sp.ef, steps=sp.steps, top_n=sp.top_n, max_degree=sp.max_degree,
-        whole_top_layer_up_to=sp.whole_top_layer_up_to, seed_history=sp.seed_history,
+        whole_top_layer_up_to=sp.whole_top_layer_up_to, seed_history=sp.seed_history, filter_beam=sp.filter_beam,
         graph_coverage=float("nan") if shown is None else shown.coverage,
         graph_pairs=float("nan") if shown is None else shown.pairs,
         graph_ms_p50=float("nan") if shown is None else shown.ms_p50, **common,

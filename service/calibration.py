@@ -84,6 +84,7 @@ class CalibratedPoint:
     max_degree: tuple[int, ...] = ()
     whole_top_layer_up_to: int = 4096
     seed_history: bool = False
+    filter_beam: bool = True
     graph_coverage: float = float("nan")  # coverage of the best graph point tried (nan: none met the target)
     graph_pairs: float = float("nan")
     graph_ms_p50: float = float("nan")
@@ -97,7 +98,7 @@ class CalibratedPoint:
         return replace(
             base, ef=self.ef or base.ef, steps=self.steps or base.steps, top_n=self.top_n or base.top_n,
             max_degree=self.max_degree, whole_top_layer_up_to=self.whole_top_layer_up_to,
-            seed_history=self.seed_history,
+            seed_history=self.seed_history, filter_beam=self.filter_beam,
         )
 
     def to_json(self) -> dict[str, Any]:

@@ -201,22 +201,36 @@ def search_layer(
     deadline: float | None = None,
     clock: Callable[[], float] = time.monotonic,
     max_degree: int = 0,
+    prefer: KeepFn | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, LayerStats, bool]:
     """NANN's SEARCH-LAYER from the entry set ``ep_rows`` (unique rows).
 
     Returns ``(W_rows, W_scores, S_rows, S_scores, stats, partial)``: the beam (top-``ef`` of every
     node seen, unordered), every node seen in this layer with its score (unordered; the per-layer
     top-n is taken from it), and whether the deadline stopped the layer early.
+
+    ``prefer`` (the request's returnable rows): the beam ranks every preferred node above every other,
+    so nodes that can never be returned (another domain's, excluded) fill the beam only while fewer
+    than ``ef`` returnable ones have been seen. Without it a filtered request's beam is shared with
+    filtered-out nodes the model also scores high, and stops before it holds k returnable ones.
     """
     t0 = clock()
     stats = LayerStats(layer=layer)
     visited.new_layer()
     ep_rows = visited.unseen(np.asarray(ep_rows, dtype=np.int64))
     ep_scores = visited.scores_of(ep_rows, score)
+
+    def rank_key(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        if prefer is None:
+            return scores
+        # Float64, so the offset never swallows score differences; ordering within each group is kept.
+        return np.where(prefer(rows), scores.astype(np.float64), scores.astype(np.float64) - 1e9)
+
     w_rows, w_scores = ep_rows, ep_scores
+    w_keys = rank_key(ep_rows, ep_scores)
     if w_rows.size > ef:  # the beam never holds more than ef
-        keep = np.argpartition(-w_scores, ef - 1)[:ef]
-        w_rows, w_scores = w_rows[keep], w_scores[keep]
+        keep = np.argpartition(-w_keys, ef - 1)[:ef]
+        w_rows, w_scores, w_keys = w_rows[keep], w_scores[keep], w_keys[keep]
     seen_rows, seen_scores = [ep_rows], [ep_scores]
     frontier = w_rows
     partial = False
@@ -236,12 +250,13 @@ def search_layer(
         seen_scores.append(new_scores)
         all_rows = np.concatenate([w_rows, new])
         all_scores = np.concatenate([w_scores, new_scores])
+        all_keys = np.concatenate([w_keys, rank_key(new, new_scores)])
         if all_rows.size > ef:
-            keep = np.argpartition(-all_scores, ef - 1)[:ef]
+            keep = np.argpartition(-all_keys, ef - 1)[:ef]
         else:
             keep = np.arange(all_rows.size)
         frontier = all_rows[keep[keep >= w_rows.size]]  # C <- W n N
-        w_rows, w_scores = all_rows[keep], all_scores[keep]
+        w_rows, w_scores, w_keys = all_rows[keep], all_scores[keep], all_keys[keep]
     s_rows, s_scores = np.concatenate(seen_rows), np.concatenate(seen_scores)
     stats.seen = int(s_rows.size)
     stats.ms = (clock() - t0) * 1e3
@@ -274,6 +289,7 @@ def search(
     max_degree: tuple[int, ...] = (),
     whole_top_layer_up_to: int | None = None,
     seeds: np.ndarray | None = None,
+    filter_beam: bool = False,
 ) -> SearchOutcome:
     """K-NN-SEARCH: layers top to bottom, per-layer top-n of the returnable nodes, merged top-k.
 
@@ -286,7 +302,8 @@ def search(
     the top layer reaches only the one nearest its entry (docs/search-benchmark.md, "Why the beam
     stalls"); the user's own entities are known at request time and start a beam in each of their regions.
     With a deadline, the search stops at the first step boundary past it and returns the best found so
-    far (``partial``).
+    far (``partial``). ``filter_beam`` ranks ``keep``'s rows first in the bottom layer's beam
+    (``search_layer(prefer=...)``); the upper layers navigate on score alone.
     """
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
@@ -303,7 +320,7 @@ def search(
             ep = np.concatenate([np.asarray(ep, dtype=np.int64), np.asarray(seeds, dtype=np.int64)])
         w_rows, _, s_rows, s_scores, stats, partial = search_layer(
             graph, layer, ep, ef=ef[i], steps=steps[i], score=score, visited=visited, deadline=deadline, clock=clock,
-            max_degree=degree[i],
+            max_degree=degree[i], prefer=keep if filter_beam and layer == 0 else None,
         )
         layer_stats.append(stats)
         if keep is not None and s_rows.size:

@@ -1,0 +1,182 @@
+"""Search calibration (service.calibrate / service.calibration): measured points, fallback, storage, use."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service import calibrate as cal_mod
+from service.bench.search_bench import held_out_queries
+from service.bundle import BundleError, load_bundle
+from service.calibrate import PointResult, calibrate_bundle, calibrate_domain, write_calibration
+from service.calibration import CalibrateConfig, CalibratedPoint, Calibration, graph_fingerprint
+from service.engine import MatchEngine, SearchParams
+from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
+
+FAST = dict(upper_scales=(1.0,), bottom_steps=(10,), seed_history=(False,))
+
+
+@pytest.fixture(scope="module")
+def calibrated(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Calibration]:
+    root = tmp_path_factory.mktemp("cal")
+    bundle = make_fake_bundle(root / "bundle", num_entities=3000, seed=3)
+    data = make_fake_dataset(root / "data", bundle, num_users=150, seed=3)
+    cfg = CalibrateConfig(target=0.99, queries=80, ks=(10, 50), **FAST)
+    cal = calibrate_bundle(bundle, data, cfg, log=lambda m: None)
+    return bundle, data, cal
+
+
+def _coverage(engine: MatchEngine, bundle_path: Path, data: Path, k: int, split: str) -> float:
+    q = held_out_queries(data, engine.bundle, 200, 1, split=split)
+    cov = []
+    for u, d in zip(q.features, q.domains, strict=True):
+        got = engine.match(u, int(d), k).rows
+        exact = engine.match(u, int(d), k, mode="exhaustive").rows
+        cov.append(np.intersect1d(got, exact).size / k)
+    return float(np.mean(cov))
+
+
+def test_calibration_meets_the_target_on_its_queries_and_is_stored(calibrated) -> None:
+    bundle_path, _, cal = calibrated
+    assert set(cal.domains) == {"domain_0", "domain_1"}
+    for points in cal.domains.values():
+        assert [p.k for p in points] == [10, 50]
+        for p in points:
+            assert p.coverage >= 0.99 or p.mode == "exhaustive"
+            assert p.queries > 0 and p.exhaustive_pairs > 0
+    manifest = json.loads((bundle_path / "manifest.json").read_text())
+    meta = manifest["calibration"]
+    assert meta["file"] == "calibration.json" and len(meta["sha256"]) == 64
+    assert meta["graph"] == graph_fingerprint(manifest)
+    loaded = load_bundle(bundle_path)
+    assert loaded.calibration is not None and loaded.calibration.domains == cal.domains
+
+
+def test_engine_uses_the_calibration_and_holds_the_target_on_unseen_users(calibrated) -> None:
+    bundle_path, data, cal = calibrated
+    bundle = load_bundle(bundle_path)
+    engine = MatchEngine(bundle, providers=["CPUExecutionProvider"])
+    assert engine.calibration is not None
+    for d, name in enumerate(bundle.schema.domains):
+        point = cal.domains[name][-1]
+        mode, params = engine.calibrated(d, 50)
+        assert mode == point.mode
+        if mode == "graph":
+            assert params.ef == point.ef and params.steps == point.steps
+    # Test-split users were not used to calibrate: the target still holds within sampling noise.
+    assert _coverage(engine, bundle_path, data, 50, "test") >= 0.97
+    info = engine.info()
+    assert info["calibration"]["target"] == 0.99 and "calibrated" in info["calibration_note"]
+
+
+def test_explicit_search_params_override_the_calibration(calibrated) -> None:
+    bundle = load_bundle(calibrated[0])
+    engine = MatchEngine(bundle, params=SearchParams(), providers=["CPUExecutionProvider"])
+    assert engine.calibration is None
+    assert "overridden" in engine.info()["calibration_note"]
+
+
+def test_k_above_every_bucket_scales_the_largest_buckets_beam() -> None:
+    pt = CalibratedPoint(k=100, mode="graph", coverage=1.0, coverage_ci95=0.0, pairs=500, latency_ms_p50=1,
+                         latency_ms_p99=1, exhaustive_pairs=3000, exhaustive_ms_p50=5, queries=10, reason="",
+                         ef=(32, 8, 16, 300), steps=(1, 1, 2, 10), top_n=(8, 8, 16, 100))
+    cal = Calibration(target=0.99, graph="x", domains={"a": (replace(pt, k=10, ef=(32, 8, 16, 20)), pt)})
+    assert cal.lookup("a", 5)[1] == 20
+    assert cal.lookup("a", 100)[1] == 300
+    assert cal.lookup("a", 200)[1] == 600  # 3 x k, as measured at k = 100
+    assert cal.lookup("b", 10) is None
+
+
+def test_checksum_and_stale_graph(calibrated, tmp_path: Path) -> None:
+    copy = tmp_path / "b"
+    shutil.copytree(calibrated[0], copy)
+    text = (copy / "calibration.json").read_text()
+    (copy / "calibration.json").write_text(text.replace('"target": 0.99', '"target": 0.5'))
+    with pytest.raises(BundleError, match="calibration.json checksum mismatch"):
+        load_bundle(copy)
+    # A calibration measured on another graph is ignored, and the bundle says why.
+    cal = replace(calibrated[2], graph="0000000000000000")
+    write_calibration(copy, cal)
+    b = load_bundle(copy)
+    assert b.calibration is None and "another graph" in b.calibration_note
+
+
+def test_index_rebuild_drops_the_calibration(calibrated, tmp_path: Path) -> None:
+    from index_builder.build import build_index
+    from index_builder.config import IndexConfig
+
+    copy = tmp_path / "b"
+    shutil.copytree(calibrated[0], copy)
+    build_index(bundle=copy, cfg=IndexConfig(health_queries=10))
+    assert "calibration" not in json.loads((copy / "manifest.json").read_text())
+    assert load_bundle(copy).calibration is None
+
+
+# ---- the decision, on measured points we control ------------------------------------------------------------
+def _fake_points(monkeypatch: pytest.MonkeyPatch, table: dict[int, tuple[float, float, float]]) -> list[int]:
+    """evaluate_point answers from ``table``: bottom ef -> (coverage, pairs, p50 ms); records what was asked."""
+    asked: list[int] = []
+
+    def fake(engine, q, idx, k, ref, params: SearchParams) -> PointResult:
+        ef = params.for_k(k).ef[-1]
+        asked.append(ef)
+        cov, pairs, ms = table.get(ef, (1.0, 1e9, 1e9))
+        return PointResult(params.for_k(k), cov, 0.001, pairs, ms, ms)
+
+    monkeypatch.setattr(cal_mod, "evaluate_point", fake)
+    return asked
+
+
+class _Engine:
+    params = SearchParams()
+
+
+def test_cheapest_point_meeting_the_target_is_chosen(monkeypatch: pytest.MonkeyPatch) -> None:
+    k = 10
+    # ladder rungs at k = 10: 10, 15, 20, 30, 40, 60, 80, ...
+    asked = _fake_points(monkeypatch, {10: (0.90, 100, 1.0), 15: (0.992, 140, 1.2), 20: (0.995, 180, 1.3),
+                                       30: (0.999, 260, 1.5)})
+    cfg = CalibrateConfig(target=0.99, **FAST)
+    pt = calibrate_domain(_Engine(), None, np.arange(5), [], k, ex_pairs=2000, ex_p50=10.0, cfg=cfg)
+    assert pt.mode == "graph" and pt.ef[-1] == 15 and pt.coverage == 0.992 and pt.pairs == 140
+    assert asked == [10, 20, 15]  # gallop to the first rung that meets it, then one back
+
+
+def test_exhaustive_when_the_graph_is_not_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_points(monkeypatch, {10: (0.995, 900, 12.0)})
+    cfg = CalibrateConfig(target=0.99, **FAST)
+    pt = calibrate_domain(_Engine(), None, np.arange(5), [], 10, ex_pairs=1000, ex_p50=8.0, cfg=cfg)
+    assert pt.mode == "exhaustive" and pt.coverage == 1.0 and pt.pairs == 1000
+    assert "not faster than scoring the domain whole" in pt.reason
+    assert pt.graph_coverage == 0.995
+
+
+def test_exhaustive_when_no_point_reaches_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    _fake_points(monkeypatch, {10: (0.5, 100, 1.0), 20: (0.6, 200, 1.0), 40: (0.7, 400, 1.0), 80: (0.8, 800, 1.0),
+                               160: (0.9, 1600, 1.0)})
+    cfg = CalibrateConfig(target=0.99, **FAST)
+    pt = calibrate_domain(_Engine(), None, np.arange(5), [], 10, ex_pairs=1500, ex_p50=9.0, cfg=cfg)
+    assert pt.mode == "exhaustive" and "no graph point reached coverage 0.99" in pt.reason
+
+
+def test_engine_serves_exhaustive_where_calibrated_so(calibrated) -> None:
+    bundle = load_bundle(calibrated[0])
+    points = {name: tuple(replace(p, mode="exhaustive") for p in pts) for name, pts in bundle.calibration.domains.items()}
+    b = replace(bundle, calibration=replace(bundle.calibration, domains=points))
+    engine = MatchEngine(b, providers=["CPUExecutionProvider"])
+    from service.engine import UserFeatures
+
+    res = engine.match(UserFeatures.cold_start(b.schema), 0, 10)
+    assert res.mode == "exhaustive" and res.stats["pair_evaluations"] == engine.eligible_count(0)
+
+
+def test_bad_config_is_refused() -> None:
+    with pytest.raises(ValueError, match="target"):
+        CalibrateConfig(target=1.5)
+    with pytest.raises(ValueError, match="k values"):
+        CalibrateConfig(ks=(0,))

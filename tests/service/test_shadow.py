@@ -1,0 +1,145 @@
+"""The live search-quality monitor (service.shadow) and the beam options it watches (filtered beam, seeds)."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+
+from service.bench.search_bench import held_out_queries
+from service.bundle import load_bundle
+from service.engine import MatchEngine, SearchParams, UserFeatures
+from service.search import VisitedSet, search, search_layer
+from service.shadow import ShadowMonitor, coverage, k_bucket
+from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[MatchEngine, Path]:
+    root = tmp_path_factory.mktemp("shadow")
+    bundle = make_fake_bundle(root / "bundle", num_entities=2000, seed=5)
+    data = make_fake_dataset(root / "data", bundle, num_users=80, seed=5)
+    return MatchEngine(load_bundle(bundle), params=SearchParams(ef=(4, 2, 2, 10)), providers=["CPUExecutionProvider"]), data
+
+
+def test_monitor_coverage_equals_the_benchmarks_on_the_same_queries(setup) -> None:
+    engine, data = setup
+    q = held_out_queries(data, engine.bundle, 30, 0)
+    monitor = ShadowMonitor(rate=1.0, start=False)
+    k = 20
+    mine, bench = [], []
+    for u, d in zip(q.features, q.domains, strict=True):
+        res = engine.match(u, int(d), k, mode="graph")
+        exact = engine.match(u, int(d), k, mode="exhaustive").rows
+        bench.append(np.intersect1d(res.rows, exact[:k]).size / k)  # search_bench's definition
+        labels = {"domain": engine.bundle.schema.domains[int(d)], "k_bucket": "50"}
+        before = REGISTRY.get_sample_value("unimatch_search_shadow_coverage_sum", labels) or 0.0
+        mine.append(monitor.run_job(_job(engine, int(d), k, u, res)))
+        after = REGISTRY.get_sample_value("unimatch_search_shadow_coverage_sum", labels)
+        assert after - before == pytest.approx(mine[-1])
+    assert mine == pytest.approx(bench)
+    assert min(bench) < 1.0  # the narrow beam misses some: the equality is not 1 == 1
+
+
+def _job(engine: MatchEngine, d: int, k: int, u: UserFeatures, res):
+    from service.shadow import ShadowJob
+
+    return ShadowJob(engine=engine, domain=d, domain_name=engine.bundle.schema.domains[d], k=k, user=u,
+                     served_rows=np.asarray(res.rows), exclude_rows=None, entity_types=None)
+
+
+def test_offer_never_blocks_and_drops_when_the_queue_is_full(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    monitor = ShadowMonitor(rate=1.0, queue_size=2, start=False)  # no worker: the queue only fills
+    t0 = time.perf_counter()
+    taken = [monitor.offer(engine, 0, 10, u, res) for _ in range(5)]
+    assert time.perf_counter() - t0 < 1.0  # a generous bound: five puts, no scoring
+    assert taken == [True, True, False, False, False] and monitor.dropped == 3
+
+
+def test_offer_samples_only_whole_graph_answers(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="exhaustive")
+    assert not ShadowMonitor(rate=1.0, start=False).offer(engine, 0, 10, u, res)  # nothing to compare
+    res = engine.match(u, 0, 10, mode="graph")
+    assert not ShadowMonitor(rate=0.0, start=False).offer(engine, 0, 10, u, res)
+    res.partial = True
+    assert not ShadowMonitor(rate=1.0, start=False).offer(engine, 0, 10, u, res)  # a deadline cut, not the search
+    sampled = ShadowMonitor(rate=0.25, start=False, seed=1, queue_size=1000)
+    res.partial = False
+    n = sum(sampled.offer(engine, 0, 10, u, res) for _ in range(400))
+    assert 60 < n < 140
+
+
+def test_worker_rests_to_its_cpu_share(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    rests: list[float] = []
+    monitor = ShadowMonitor(rate=1.0, cpu_share=0.2, sleep=rests.append)
+    monitor.offer(engine, 0, 10, u, res)
+    for _ in range(200):
+        if rests:
+            break
+        time.sleep(0.02)
+    monitor.close()
+    assert monitor.done == 1 and len(rests) == 1 and rests[0] > 0  # rest = 4 x the work at a 20% share
+
+
+def test_helpers() -> None:
+    assert coverage(np.array([1, 2, 3]), np.array([2, 3, 4, 5])) == 0.5
+    assert coverage(np.array([1]), np.array([], dtype=np.int64)) == 1.0
+    assert [k_bucket(k) for k in (1, 10, 11, 200, 201, 5000, 20000)] == ["10", "10", "50", "200", "1000", "10000", "inf"]
+
+
+# ---- beam options ---------------------------------------------------------------------------------------------
+def test_filtered_beam_holds_only_returnable_rows_when_there_are_enough(setup) -> None:
+    engine, _ = setup
+    graph = engine.bundle.graph
+    rng = np.random.default_rng(0)
+    score_of = rng.normal(size=engine.bundle.num_entities).astype(np.float32)
+    allowed = rng.random(engine.bundle.num_entities) < 0.3
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        return score_of[rows]
+
+    def prefer(rows: np.ndarray) -> np.ndarray:
+        return allowed[rows]
+
+    ep = np.arange(50, dtype=np.int64)
+    v = VisitedSet(engine.bundle.num_entities)
+    v.new_request()
+    w_plain, *_ = search_layer(graph, 0, ep, ef=10, steps=5, score=score, visited=v)
+    v.new_request()
+    w_pref, _, s_rows, *_ = search_layer(graph, 0, ep, ef=10, steps=5, score=score, visited=v, prefer=prefer)
+    assert allowed[s_rows].sum() >= 10 and allowed[w_pref].all()
+    assert not allowed[w_plain].all()  # the plain beam shares its slots with rows that can never be returned
+
+
+def test_filtered_beam_is_identical_when_every_row_is_returnable(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    on = engine.match(u, 0, 20, mode="graph", params=SearchParams(filter_beam=True))  # domain 0 holds everything
+    off = engine.match(u, 0, 20, mode="graph", params=SearchParams(filter_beam=False))
+    assert np.array_equal(on.rows, off.rows) and on.stats["pair_evaluations"] == off.stats["pair_evaluations"]
+
+
+def test_history_seeds_are_scored_in_the_bottom_layer(setup) -> None:
+    engine, _ = setup
+    graph = engine.bundle.graph
+    calls: list[np.ndarray] = []
+
+    def score(rows: np.ndarray) -> np.ndarray:
+        calls.append(rows.copy())
+        return -rows.astype(np.float32)
+
+    seeds = np.array([1999, 1500, 1234], dtype=np.int64)
+    v = VisitedSet(engine.bundle.num_entities)
+    search(graph, score, k=5, ef=(4, 2, 2, 5), steps=(1, 1, 1, 1), top_n=(0, 0, 0, 5), visited=v, seeds=seeds)
+    assert np.isin(seeds, np.concatenate(calls)).all()
