@@ -100,6 +100,8 @@ def _search(args: argparse.Namespace) -> int:
 
     if args.users <= 0:
         raise ValueError(f"--users must be positive, got {args.users}")
+    # No search flag: the bundle's calibration (what the service serves), else the engine defaults.
+    explicit = any(v is not None for v in (args.ef, args.steps, args.top_n, args.max_degree, args.whole_top_layer_up_to))
     params = SearchParams()
     if args.ef is not None:
         params = replace(params, ef=args.ef)
@@ -112,7 +114,8 @@ def _search(args: argparse.Namespace) -> int:
     if args.whole_top_layer_up_to is not None:
         params = replace(params, whole_top_layer_up_to=args.whole_top_layer_up_to)
     cfg = BenchConfig(
-        bundle=args.bundle, data=args.data, users=args.users, ks=args.k, params=params, two_tower=args.two_tower,
+        bundle=args.bundle, data=args.data, users=args.users, ks=args.k, params=params if explicit else None,
+        two_tower=args.two_tower,
         sweep=not args.no_sweep, sweep_k=args.sweep_k, sweep_users=args.sweep_users,
         sweep_bundles=tuple(args.sweep_bundle), throughput_threads=args.threads, seed=args.seed,
     )

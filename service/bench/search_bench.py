@@ -29,7 +29,7 @@ import platform
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class BenchConfig:
     data: Path
     users: int = 2000  # the paper evaluates on 2,000 users; fewer where exhaustive scoring is slow
     ks: tuple[int, ...] = (50, 200, 1000)
-    params: SearchParams = field(default_factory=SearchParams)
+    # None: the bundle's calibration where it has one (what the service serves), else the engine defaults.
+    params: SearchParams | None = None
     two_tower: Path | None = None
     sweep: bool = True
     sweep_k: int = 200
@@ -192,12 +193,15 @@ class TwoTower:
         return rows[np.argsort(-s, kind="stable")[:k]]
 
 
-def _eval_k(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.ndarray], params: SearchParams,
+def _eval_k(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.ndarray], params: SearchParams | None,
             progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """One k over every query. ``params`` None = as served: the engine's calibrated mode and point."""
     cov, r_all, r_ret, frac, lat, scorer_ms, total_ms, pairs, steps = [], [], [], [], [], [], [], [], []
-    enc, elig, gather_ms = [], [], []
+    enc, elig, gather_ms, graph_mode = [], [], [], []
+    calibrated = params is None and engine.calibration is not None
     for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True)):
-        res = engine.match(u, int(d), k, mode="graph", params=params)
+        res = engine.match(u, int(d), k, mode=None if calibrated else "graph", params=None if calibrated else params)
+        graph_mode.append(res.mode == "graph")
         ex = exhaustive_top[i][:k]
         cov.append(len(np.intersect1d(res.rows, ex)) / k)
         r_all.append(_recall(ex, q.truth[i]))
@@ -233,16 +237,37 @@ def _eval_k(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.nda
         "user_encode_share": float(np.sum(enc) / np.sum(total_ms)),
         "user_encode_ms_mean": float(np.mean(enc)),
         "steps_mean": float(np.mean(steps)),
-        "params": {"ef": list(params.for_k(k).ef), "steps": list(params.steps), "top_n": list(params.for_k(k).top_n)},
+        "graph_share": float(np.mean(graph_mode)),
+        "calibrated": calibrated,
+        "params": _params_of(engine, q, k, params),
     }
+
+
+def _params_of(engine: MatchEngine, q: Queries, k: int, params: SearchParams | None) -> dict[str, Any]:
+    """The operating point(s) used at this k: one, or per domain when calibrated."""
+    if params is None and engine.calibration is not None:
+        out: dict[str, Any] = {}
+        for d in np.unique(q.domains).tolist():
+            chosen = engine.calibrated(int(d), k)
+            name = engine.bundle.schema.domains[int(d)]
+            if chosen is None:
+                out[name] = {"mode": "default"}
+            else:
+                mode, p = chosen
+                out[name] = {"mode": mode, **({"ef": list(p.ef), "steps": list(p.steps), "top_n": list(p.top_n),
+                                               "seed_history": p.seed_history} if mode == "graph" else {})}
+        return {"per_domain": out}
+    p = (params or engine.params).for_k(k)
+    return {"ef": list(p.ef), "steps": list(p.steps), "top_n": list(p.top_n)}
 
 
 def _throughput(engine: MatchEngine, q: Queries, k: int, threads: int) -> dict[str, float]:
     """Queries/s of one process with ``threads`` worker threads, one request per thread at a time."""
     work = list(zip(q.features, q.domains, strict=True))
+    mode = None if engine.calibration is not None else "graph"  # as served when calibrated
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        list(pool.map(lambda ud: engine.match(ud[0], int(ud[1]), k, mode="graph"), work))
+        list(pool.map(lambda ud: engine.match(ud[0], int(ud[1]), k, mode=mode), work))
     wall = time.perf_counter() - t0
     return {"threads": threads, "queries": len(work), "qps": len(work) / wall}
 
@@ -286,6 +311,7 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
     if bundle.graph is None:
         raise BenchError(f"{cfg.bundle}: no graph; run `unimatch index build --bundle {cfg.bundle}` first")
     engine = MatchEngine(bundle, params=cfg.params, intra_op_threads=cfg.intra_op_threads, providers=["CPUExecutionProvider"])
+    base = cfg.params or engine.params
     q = held_out_queries(cfg.data, bundle, cfg.users, cfg.seed)
     kmax = max(*cfg.ks, cfg.sweep_k) if cfg.sweep else max(cfg.ks)  # the exhaustive reference serves every k
     smallest = min(engine.eligible_count(int(d)) for d in np.unique(q.domains))
@@ -315,6 +341,7 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
                        "pair_evaluations": float(np.mean(ex_pairs))},
         "k": {},
         "two_tower": {},
+        "calibration": None if engine.calibration is None else engine.calibration.summary(),
     }
     ex_scorer_ns = result["exhaustive"]["latency_ms_p50"] * 1e6 / max(np.mean(ex_pairs), 1)
     result["exhaustive"]["ns_per_pair"] = ex_scorer_ns
@@ -345,12 +372,12 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
         result["two_tower_method"] = tt.bundle.manifest.get("method")
     if cfg.sweep:
         sq = _subset(q, cfg.sweep_users)
-        series = {str(bundle.manifest.get("method", "model")): _sweep(engine, sq, cfg.sweep_k, ex_top[: len(sq.features)], cfg.params)}
+        series = {str(bundle.manifest.get("method", "model")): _sweep(engine, sq, cfg.sweep_k, ex_top[: len(sq.features)], base)}
         for label, path in cfg.sweep_bundles:
-            other = MatchEngine(load_bundle(path), params=cfg.params, intra_op_threads=cfg.intra_op_threads, providers=["CPUExecutionProvider"])
+            other = MatchEngine(load_bundle(path), params=base, intra_op_threads=cfg.intra_op_threads, providers=["CPUExecutionProvider"])
             oq = held_out_queries(cfg.data, other.bundle, cfg.sweep_users, cfg.seed)
             o_top = [other.match(u, int(d), cfg.sweep_k, mode="exhaustive").rows for u, d in zip(oq.features, oq.domains, strict=True)]
-            series[label] = _sweep(other, oq, cfg.sweep_k, o_top, cfg.params)
+            series[label] = _sweep(other, oq, cfg.sweep_k, o_top, base)
         result["sweep"] = {"k": cfg.sweep_k, "queries": len(sq.features), "series": series}
     return result
 
@@ -358,6 +385,15 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
 def _share(row: dict[str, Any], key: str) -> str:
     """A share column; '—' for result files written before the column existed."""
     return f"{row[key]:.1%}" if key in row else "—"
+
+
+def _describe(params: dict[str, Any]) -> str:
+    if "per_domain" in params:
+        return "calibrated: " + ", ".join(
+            f"{d} {p['mode']}" + (f" ef {p['ef']} T {p['steps']}" + (" +history" if p.get("seed_history") else "")
+                                  if p["mode"] == "graph" else "")
+            for d, p in params["per_domain"].items())
+    return f"ef {params['ef']}, T {params['steps']}, top-n {params['top_n']}"
 
 
 def render_markdown(res: dict[str, Any], *, command: str, plot: str | None) -> str:
@@ -370,13 +406,15 @@ def render_markdown(res: dict[str, Any], *, command: str, plot: str | None) -> s
         f"{res['machine']['intra_op_threads']} onnxruntime thread(s), {res['machine']['cpus']} CPUs "
         "(shared with other jobs: compare ratios from one run, not absolute times across runs).",
         "",
-        "| k | coverage@k | Recall-all@k | Recall-retrieval@k | two-tower Recall-retrieval@k | pairs/query | scored | p50 ms | p99 ms | scorer share | user encoder | outside onnxruntime (gathers) | floor ms | speed-up vs exhaustive |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| k | mode | coverage@k | Recall-all@k | Recall-retrieval@k | two-tower Recall-retrieval@k | pairs/query | scored | p50 ms | p99 ms | scorer share | user encoder | outside onnxruntime (gathers) | floor ms | speed-up vs exhaustive |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for k, r in res["k"].items():
         tt = res.get("two_tower", {}).get(k, {}).get("recall_retrieval")
+        share = r.get("graph_share", 1.0)
+        mode = "graph" if share == 1.0 else "exhaustive" if share == 0.0 else f"{share:.0%} graph"
         lines.append(
-            f"| {k} | {r['coverage']:.4f} ± {r['coverage_ci95']:.4f} | {r['recall_all']:.4f} | "
+            f"| {k} | {mode}{' (calibrated)' if r.get('calibrated') else ''} | {r['coverage']:.4f} ± {r['coverage_ci95']:.4f} | {r['recall_all']:.4f} | "
             f"{r['recall_retrieval']:.4f} ± {r['recall_retrieval_ci95']:.4f} | {'—' if tt is None else f'{tt:.4f}'} | "
             f"{r['pair_evaluations']:.0f} | {r['scored_fraction']:.2%} | {r['latency_ms_p50']:.2f} | {r['latency_ms_p99']:.2f} | "
             f"{r['scorer_time_share']:.1%} | {_share(r, 'user_encode_share')} | "
@@ -395,8 +433,7 @@ def render_markdown(res: dict[str, Any], *, command: str, plot: str | None) -> s
         f"Throughput: {res['throughput']['qps']:.1f} queries/s at k={res['throughput']['k']} with "
         f"{res['throughput']['threads']} worker threads in one process.",
         "",
-        "Search parameters per k (top layer first): "
-        + "; ".join(f"k={k}: ef {r['params']['ef']}, T {r['params']['steps']}, top-n {r['params']['top_n']}" for k, r in res["k"].items()),
+        "Search parameters per k (top layer first): " + "; ".join(f"k={k}: {_describe(r['params'])}" for k, r in res["k"].items()),
     ]
     if res.get("two_tower"):
         lines += ["", f"Two-tower baseline: `{res.get('two_tower_bundle')}` searched with hnswlib (inner product, ef = max(2k, 100)); "

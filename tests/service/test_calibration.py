@@ -180,3 +180,22 @@ def test_bad_config_is_refused() -> None:
         CalibrateConfig(target=1.5)
     with pytest.raises(ValueError, match="k values"):
         CalibrateConfig(ks=(0,))
+
+
+def test_cli_calibrates_a_bundle_and_answers_bad_input_in_one_line(calibrated, tmp_path: Path, capsys) -> None:
+    from unimatch.cli import main
+
+    copy = tmp_path / "b"
+    shutil.copytree(calibrated[0], copy)
+    manifest = json.loads((copy / "manifest.json").read_text())
+    manifest.pop("calibration")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "cal.json"
+    rc = main(["index", "calibrate", "--bundle", str(copy), "--data", str(calibrated[1]), "--queries", "20",
+               "--k", "10", "--calibration-json", str(out)])
+    assert rc == 0
+    assert json.loads(out.read_text())["domains"]["domain_0"][0]["k"] == 10
+    assert load_bundle(copy).calibration is not None
+    assert main(["index", "calibrate", "--bundle", str(copy), "--data", str(calibrated[1]), "--target", "2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == "unimatch: error: --target must be in (0, 1], got 2.0"
