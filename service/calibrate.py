@@ -94,11 +94,11 @@ def grid(base: SearchParams, k: int, cfg: CalibrateConfig) -> list[list[SearchPa
 
 
 def _cheapest_meeting(evaluate: Callable[[SearchParams], PointResult], ladder: list[SearchParams], target: float,
-                      bound: tuple[float, float] | None, budget_pairs: float) -> PointResult | None:
+                      bound: tuple[float, float] | None, budget_pairs: float) -> tuple[int, PointResult] | None:
     """Gallop up ``ladder`` (every other rung) to the first point meeting ``target``, then try the rung below.
 
-    Stops early when a point already costs more than ``bound`` (the best found so far: a wider beam only
-    costs more) or than ``budget_pairs`` (scoring the domain whole).
+    Returns (rung, result) or None. Stops early when a point already costs more than ``bound`` (the best
+    found so far: a wider beam only costs more) or than ``budget_pairs`` (scoring the domain whole).
     """
     last_fail = -1
     for i in range(0, len(ladder), 2):
@@ -106,34 +106,70 @@ def _cheapest_meeting(evaluate: Callable[[SearchParams], PointResult], ladder: l
         if r.pairs >= budget_pairs or (bound is not None and r.key >= bound and r.coverage < target):
             return None
         if r.coverage >= target:
-            best = r
+            best, rung = r, i
             if i - 1 > last_fail:
                 below = evaluate(ladder[i - 1])
                 if below.coverage >= target and below.key < best.key:
-                    best = below
-            return best
+                    best, rung = below, i - 1
+            return rung, best
         last_fail = i
+    return None
+
+
+def _walk_up(evaluate: Callable[[SearchParams], PointResult], ladder: list[SearchParams], start: int, target: float,
+             budget_pairs: float) -> PointResult | None:
+    """First rung from ``start`` up that meets ``target`` (one rung at a time), or None past the budget."""
+    for j in range(max(0, start), len(ladder)):
+        r = evaluate(ladder[j])
+        if r.pairs >= budget_pairs:
+            return None
+        if r.coverage >= target:
+            return r
     return None
 
 
 def calibrate_domain(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: list[np.ndarray], k: int,
                      ex_pairs: float, ex_p50: float, cfg: CalibrateConfig,
                      progress: Callable[[], None] | None = None) -> CalibratedPoint:
-    """The (domain, k) decision: the cheapest graph point meeting the target, or exhaustive with why."""
+    """The (domain, k) decision: the cheapest graph point meeting the target, or exhaustive with why.
+
+    With more than ``2 * cfg.screen_queries`` queries the grid is screened on a quarter of them (at least
+    ``screen_queries``): every option combination's cheapest rung there, then the ``cfg.finalists``
+    cheapest combinations are re-measured on every query, walking up from one rung below their
+    screening rung. The decision rests only on the full-set measurements.
+    """
     best: PointResult | None = None
     tried: list[PointResult] = []
 
-    def evaluate(p: SearchParams) -> PointResult:
-        r = evaluate_point(engine, q, idx, k, ref, p)
-        tried.append(r)
-        if progress is not None:
-            progress()
-        return r
+    def on(rows: np.ndarray, keep: bool) -> Callable[[SearchParams], PointResult]:
+        def evaluate(p: SearchParams) -> PointResult:
+            r = evaluate_point(engine, q, rows, k, ref, p)
+            if keep:
+                tried.append(r)
+            if progress is not None:
+                progress()
+            return r
+        return evaluate
 
-    for ladder in grid(engine.params, k, cfg):
-        r = _cheapest_meeting(evaluate, ladder, cfg.target, None if best is None else best.key, ex_pairs)
-        if r is not None and (best is None or r.key < best.key):
-            best = r
+    ladders = grid(engine.params, k, cfg)
+    if idx.size > 2 * cfg.screen_queries:
+        screen = idx[: max(cfg.screen_queries, idx.size // 4)]
+        found: list[tuple[tuple[float, float], int, int]] = []
+        bound: tuple[float, float] | None = None
+        for li, ladder in enumerate(ladders):
+            hit = _cheapest_meeting(on(screen, False), ladder, cfg.target, bound, ex_pairs)
+            if hit is not None:
+                found.append((hit[1].key, li, hit[0]))
+                bound = hit[1].key if bound is None else min(bound, hit[1].key)
+        for _, li, rung in sorted(found)[: cfg.finalists]:
+            r = _walk_up(on(idx, True), ladders[li], rung - 1, cfg.target, ex_pairs)
+            if r is not None and (best is None or r.key < best.key):
+                best = r
+    else:
+        for ladder in ladders:
+            hit = _cheapest_meeting(on(idx, True), ladder, cfg.target, None if best is None else best.key, ex_pairs)
+            if hit is not None and (best is None or hit[1].key < best.key):
+                best = hit[1]
     common: dict[str, Any] = {"k": k, "exhaustive_pairs": ex_pairs, "exhaustive_ms_p50": ex_p50, "queries": int(idx.size)}
     top = max(tried, key=lambda r: (r.coverage, -r.pairs)) if tried else None
     if best is not None and best.ms_p50 < ex_p50 and best.pairs < ex_pairs:

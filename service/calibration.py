@@ -39,6 +39,10 @@ class CalibrateConfig:
     upper_scales: tuple[float, ...] = (1.0, 2.0)  # upper layers' ef and top-n, times the engine defaults
     bottom_steps: tuple[int, ...] = (10, 30)  # bottom T (the beam stops early once it stops improving)
     seed_history: tuple[bool, ...] = (False, True)
+    # Grid screening: with more than 2 x screen_queries queries per domain, every option combination is
+    # first measured on a quarter of them, and only the `finalists` cheapest are measured on all.
+    screen_queries: int = 40
+    finalists: int = 2
     seed: int = 0
     intra_op_threads: int = 1
 

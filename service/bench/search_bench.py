@@ -334,6 +334,7 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
         "bundle": str(cfg.bundle),
         "bundle_version": bundle.version,
         "method": bundle.manifest.get("method"),
+        "training_steps": (bundle.manifest.get("training") or {}).get("steps"),
         "data": str(cfg.data),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "provider": engine.provider,
                     "intra_op_threads": cfg.intra_op_threads},

@@ -199,3 +199,23 @@ def test_cli_calibrates_a_bundle_and_answers_bad_input_in_one_line(calibrated, t
     assert main(["index", "calibrate", "--bundle", str(copy), "--data", str(calibrated[1]), "--target", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "unimatch: error: --target must be in (0, 1], got 2.0"
+
+
+def test_screening_decides_on_the_full_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A combination that looks good on the screening quarter is re-measured on every query."""
+    asked: list[tuple[int, int]] = []
+    full = {10: 0.95, 15: 0.985, 20: 0.995, 30: 0.999}
+    screen = {10: 0.992, 15: 0.995, 20: 0.999, 30: 1.0}
+
+    def fake(engine, q, idx, k, ref, params: SearchParams) -> PointResult:
+        ef = params.for_k(k).ef[-1]
+        asked.append((ef, idx.size))
+        cov = (full if idx.size == 200 else screen).get(ef, 1.0)
+        return PointResult(params.for_k(k), cov, 0.001, float(ef * 10), 1.0, 1.0)
+
+    monkeypatch.setattr(cal_mod, "evaluate_point", fake)
+    cfg = CalibrateConfig(target=0.99, screen_queries=40, **FAST)
+    pt = calibrate_domain(_Engine(), None, np.arange(200), [], 10, ex_pairs=5000, ex_p50=10.0, cfg=cfg)
+    assert pt.mode == "graph" and pt.ef[-1] == 20 and pt.coverage == 0.995
+    assert asked[0] == (10, 50)  # screened on a quarter
+    assert [a for a in asked if a[1] == 200] == [(10, 200), (15, 200), (20, 200)]  # then walked up on all
