@@ -219,3 +219,19 @@ def test_screening_decides_on_the_full_set(monkeypatch: pytest.MonkeyPatch) -> N
     assert pt.mode == "graph" and pt.ef[-1] == 20 and pt.coverage == 0.995
     assert asked[0] == (10, 50)  # screened on a quarter
     assert [a for a in asked if a[1] == 200] == [(10, 200), (15, 200), (20, 200)]  # then walked up on all
+
+
+def test_a_wider_buckets_point_serves_a_smaller_k_when_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.calibrate import reuse_wider_points
+
+    def fake(engine, q, idx, k, ref, params: SearchParams) -> PointResult:
+        return PointResult(params.for_k(k), 0.995, 0.001, 400.0, 1.0, 1.0)  # the k=50 point, measured at k=10
+
+    monkeypatch.setattr(cal_mod, "evaluate_point", fake)
+    base = dict(coverage_ci95=0.001, latency_ms_p50=2.0, latency_ms_p99=2.0, exhaustive_pairs=5000,
+                exhaustive_ms_p50=20.0, queries=50, reason="", steps=(1, 1, 2, 10), top_n=(8, 8, 16, 50))
+    small = CalibratedPoint(k=10, mode="graph", coverage=0.991, pairs=1000, ef=(32, 8, 16, 40), **base)
+    wide = CalibratedPoint(k=50, mode="graph", coverage=0.995, pairs=460, ef=(32, 8, 16, 75), **base)
+    out = reuse_wider_points(_Engine(), None, np.arange(3), [], [small, wide], CalibrateConfig(), log=lambda m: None)
+    assert out[0].k == 10 and out[0].ef == (32, 8, 16, 75) and out[0].pairs == 400 and "k=50 point" in out[0].reason
+    assert out[1] == wide
