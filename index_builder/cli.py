@@ -104,10 +104,17 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
     return 0
 
 
-def _calibrate(args: argparse.Namespace) -> int:
+def _console() -> Any:
+    import sys
+
     from rich.console import Console
 
-    return _run_calibration(args, Console())
+    # Off a terminal rich assumes 80 columns and folds the tables into unreadable cells: log lines are wide.
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    return _run_calibration(args, _console())
 
 
 def print_calibration(cal: Any, console: Any) -> None:
@@ -190,7 +197,7 @@ def _build(args: argparse.Namespace) -> int:
         health_ef=args.health_ef,
         sort_neighbours=args.sort_neighbours,
     )
-    console = Console()
+    console = _console()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
