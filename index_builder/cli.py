@@ -173,7 +173,6 @@ def _progress(console: Any) -> Any:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from rich.console import Console
     from rich.progress import (
         BarColumn,
         MofNCompleteColumn,
