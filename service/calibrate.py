@@ -172,7 +172,7 @@ def calibrate_domain(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: list
                 best = hit[1]
     common: dict[str, Any] = {"k": k, "exhaustive_pairs": ex_pairs, "exhaustive_ms_p50": ex_p50, "queries": int(idx.size)}
     top = max(tried, key=lambda r: (r.coverage, -r.pairs)) if tried else None
-    if best is not None and best.ms_p50 < ex_p50 and best.pairs < ex_pairs:
+    if best is not None and best.ms_p50 * cfg.min_speedup <= ex_p50 and best.pairs < ex_pairs:
         p = best.params
         return CalibratedPoint(
             mode="graph", coverage=best.coverage, coverage_ci95=best.ci95, pairs=best.pairs,
@@ -186,7 +186,7 @@ def calibrate_domain(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: list
     shown: PointResult | None
     if best is not None:
         why = (f"the cheapest graph point meeting coverage {cfg.target} ({best.pairs:.0f} pairs, p50 {best.ms_p50:.2f} ms) "
-               f"is not faster than scoring the domain whole ({ex_pairs:.0f} pairs, p50 {ex_p50:.2f} ms)")
+               f"is not {cfg.min_speedup}x faster than scoring the domain whole ({ex_pairs:.0f} pairs, p50 {ex_p50:.2f} ms)")
         shown = best
     else:
         why = (f"no graph point reached coverage {cfg.target} for fewer pairs than scoring the domain whole "
@@ -217,7 +217,7 @@ def reuse_wider_points(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: li
             r = evaluate_point(engine, q, idx, small.k, ref, wide.params(engine.params))
             if r.coverage < cfg.target or r.pairs >= (out[i].pairs if out[i].mode == "graph" else small.exhaustive_pairs):
                 continue
-            if out[i].mode == "exhaustive" and r.ms_p50 >= small.exhaustive_ms_p50:
+            if out[i].mode == "exhaustive" and r.ms_p50 * cfg.min_speedup > small.exhaustive_ms_p50:
                 continue
             p = r.params
             out[i] = replace(
