@@ -43,6 +43,10 @@ class CalibrateConfig:
     # one run on a shared machine move by ~10-20%, pairs do not, and a graph point that scores 90% of the
     # domain in many small calls is no real saving over one large call.
     min_speedup: float = 1.2
+    # A graph point scoring at least this share of the exhaustive pairs is timed again against exhaustive
+    # scoring on the same paired_queries queries, interleaved; below it the pairs alone make it faster.
+    paired_timing_above: float = 0.1
+    paired_queries: int = 40
     # Grid screening: with more than 2 x screen_queries queries per domain, every option combination is
     # first measured on a quarter of them, and only the `finalists` cheapest are measured on all.
     screen_queries: int = 40

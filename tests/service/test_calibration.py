@@ -19,6 +19,7 @@ from service.engine import MatchEngine, SearchParams
 from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
 
 FAST = dict(upper_scales=(1.0,), bottom_steps=(10,), seed_history=(False,))
+NO_RETIME = dict(paired_timing_above=2.0)  # fake engines cannot be timed
 
 
 @pytest.fixture(scope="module")
@@ -149,7 +150,7 @@ def test_cheapest_point_meeting_the_target_is_chosen(monkeypatch: pytest.MonkeyP
 
 def test_exhaustive_when_the_graph_is_not_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
     _fake_points(monkeypatch, {10: (0.995, 900, 12.0)})
-    cfg = CalibrateConfig(target=0.99, **FAST)
+    cfg = CalibrateConfig(target=0.99, **FAST, **NO_RETIME)
     pt = calibrate_domain(_Engine(), None, np.arange(5), [], 10, ex_pairs=1000, ex_p50=8.0, cfg=cfg)
     assert pt.mode == "exhaustive" and pt.coverage == 1.0 and pt.pairs == 1000
     assert "not 1.2x faster than scoring the domain whole" in pt.reason
@@ -232,6 +233,20 @@ def test_a_wider_buckets_point_serves_a_smaller_k_when_cheaper(monkeypatch: pyte
                 exhaustive_ms_p50=20.0, queries=50, reason="", steps=(1, 1, 2, 10), top_n=(8, 8, 16, 50))
     small = CalibratedPoint(k=10, mode="graph", coverage=0.991, pairs=1000, ef=(32, 8, 16, 40), **base)
     wide = CalibratedPoint(k=50, mode="graph", coverage=0.995, pairs=460, ef=(32, 8, 16, 75), **base)
-    out = reuse_wider_points(_Engine(), None, np.arange(3), [], [small, wide], CalibrateConfig(), log=lambda m: None)
+    out = reuse_wider_points(_Engine(), None, np.arange(3), [], [small, wide], CalibrateConfig(**NO_RETIME), log=lambda m: None)
     assert out[0].k == 10 and out[0].ef == (32, 8, 16, 75) and out[0].pairs == 400 and "k=50 point" in out[0].reason
     assert out[1] == wide
+
+
+def test_paired_timing_measures_both_modes_on_the_same_queries(calibrated) -> None:
+    from service.calibrate import evaluate_point, paired_timing
+
+    bundle_path, data, _ = calibrated
+    engine = MatchEngine(load_bundle(bundle_path), params=SearchParams(), providers=["CPUExecutionProvider"])
+    q = held_out_queries(data, engine.bundle, 20, 0, split="validation")
+    idx = np.arange(len(q.features))
+    ref = [engine.match(u, int(d), 10, mode="exhaustive").rows for u, d in zip(q.features, q.domains, strict=True)]
+    point = evaluate_point(engine, q, idx, 10, ref, SearchParams())
+    timed, ex_p50 = paired_timing(engine, q, idx, 10, point)
+    assert timed.coverage == point.coverage and timed.pairs == point.pairs  # only the latencies are re-measured
+    assert timed.ms_p50 > 0 and ex_p50 > 0
