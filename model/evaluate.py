@@ -15,15 +15,18 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from model.checkpoint import load_run
-from model.data.dataset import TEST, serving_sequences
+from model.data.dataset import TEST, Dataset, history_windows, serving_sequences
 from model.data.io import atomic_write_json, atomic_write_text
 from model.export import entity_tensors
+
+if TYPE_CHECKING:
+    from model.backbones import MatchingModel
 
 
 @dataclass(frozen=True)
@@ -40,36 +43,68 @@ class EvalConfig:
     device: str = "cpu"
 
 
+def history_sequences(ds: Dataset, target_split: int) -> np.ndarray:
+    """(U, L) each user's latest interactions of the splits before ``target_split``.
+
+    TEST targets see all non-test history (the online feature, ``serving_sequences``); VALID targets
+    see only train history, so the validation interaction itself (and test) never enter the input.
+    """
+    if target_split == TEST:
+        return serving_sequences(ds)
+    inter = ds.interactions
+    keep = np.asarray(inter.split) < target_split
+    user = np.asarray(inter.user)[keep]
+    entity = np.asarray(inter.entity)[keep]
+    counts = np.bincount(user, minlength=len(ds.users))
+    starts = np.zeros(len(ds.users) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    return history_windows(entity, starts[:-1], starts[1:], ds.schema.max_seq_len)
+
+
+def sample_users(ds: Dataset, split: int, max_users: int, seed: int) -> np.ndarray:
+    """Sorted distinct users with ``split`` interactions; at most ``max_users``, drawn with ``seed``."""
+    inter = ds.interactions
+    users = np.unique(np.asarray(inter.user)[np.asarray(inter.split) == split].astype(np.int64))
+    if users.size > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, size=max_users, replace=False))
+    return users
+
+
 @torch.no_grad()
-def evaluate(cfg: EvalConfig) -> dict[str, Any]:
-    """Compute Recall-all@N; writes RUN/eval.json, RUN/eval.md and ``cfg.json`` if given."""
+def recall_all(
+    model: MatchingModel,
+    ds: Dataset,
+    users: np.ndarray,
+    ns: tuple[int, ...],
+    *,
+    split: int = TEST,
+    device: str = "cpu",
+    pair_budget: int = 32768,
+    progress: bool = False,
+) -> tuple[dict[str, dict[str, float]], dict[str, int], dict[str, float]]:
+    """Recall-all@N of ``model`` on the ``split`` interactions of ``users`` (Eq. 26).
+
+    Returns (per domain ``{"<N>": recall}``, users per domain, per-(user, domain) micro average).
+    The model is left in eval mode.
+    """
     from rich.progress import Progress
 
-    t0 = time.perf_counter()
-    loaded = load_run(cfg.run, data=cfg.data)
-    model, ds = loaded.model, loaded.dataset
-    dev = torch.device(cfg.device)
-    model.to(dev)
+    model.eval()
+    dev = torch.device(device)
     schema = ds.schema
     inter = ds.interactions
-    test = np.asarray(inter.split) == TEST
-    t_user = np.asarray(inter.user)[test].astype(np.int64)
-    t_ent = np.asarray(inter.entity)[test].astype(np.int64)
-    t_dom = np.asarray(inter.domain)[test].astype(np.int64)
-    users = np.unique(t_user)
-    if users.size == 0:
-        raise ValueError(f"{ds.root}: no test interactions to evaluate")
-    rng = np.random.default_rng(cfg.seed)
-    if users.size > cfg.max_users:
-        users = np.sort(rng.choice(users, size=cfg.max_users, replace=False))
+    sel_split = np.asarray(inter.split) == split
+    t_user = np.asarray(inter.user)[sel_split].astype(np.int64)
+    t_ent = np.asarray(inter.entity)[sel_split].astype(np.int64)
+    t_dom = np.asarray(inter.domain)[sel_split].astype(np.int64)
     chosen = np.isin(t_user, users)
-    seqs = serving_sequences(ds)
+    seqs = history_sequences(ds, split)
     ents = {n: torch.from_numpy(v).to(dev) for n, v in entity_tensors(model, len(ds.entities), device=dev).items()}
-    n_max = max(cfg.ns)
+    n_max = max(ns)
     per_domain: dict[str, dict[str, float]] = {}
     counts: dict[str, int] = {}
-    micro_hits: dict[int, list[float]] = {n: [] for n in cfg.ns}
-    with Progress(transient=True, disable=not cfg.progress) as bar:
+    micro_hits: dict[int, list[float]] = {n: [] for n in ns}
+    with Progress(transient=True, disable=not progress) as bar:
         task = bar.add_task("recall-all", total=int(chosen.sum()))
         for k, name in enumerate(schema.domains):
             sel = chosen & (t_dom == k)
@@ -81,9 +116,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 truth.setdefault(int(u), set()).add(int(e))
             dom_users = np.array(sorted(truth), dtype=np.int64)
             ent_k = {n: v[torch.from_numpy(eligible).to(dev)] for n, v in ents.items()}
-            chunk = max(256, min(len(eligible), cfg.pair_budget // 16))
-            bu = max(1, cfg.pair_budget // chunk)
-            recalls: dict[int, list[float]] = {n: [] for n in cfg.ns}
+            chunk = max(256, min(len(eligible), pair_budget // 16))
+            bu = max(1, pair_budget // chunk)
+            recalls: dict[int, list[float]] = {n: [] for n in ns}
             for start in range(0, dom_users.size, bu):
                 ub = dom_users[start : start + bu]
                 dom = torch.full((ub.size,), k, dtype=torch.long, device=dev)
@@ -106,21 +141,42 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
                 ranked = eligible[best_i.cpu().numpy()]  # (Bu, N_max) entity rows, best first
                 for row, u in enumerate(ub):
                     g = truth[int(u)]
-                    for n in cfg.ns:
+                    for n in ns:
                         hit = len(g.intersection(ranked[row, :n].tolist())) / len(g)
                         recalls[n].append(hit)
                         micro_hits[n].append(hit)
                 bar.update(task, advance=int(sum(len(truth[int(u)]) for u in ub)))
-            per_domain[name] = {str(n): float(np.mean(recalls[n])) for n in cfg.ns}
+            per_domain[name] = {str(n): float(np.mean(recalls[n])) for n in ns}
             counts[name] = int(dom_users.size)
-    average = {str(n): float(np.mean([per_domain[d][str(n)] for d in per_domain])) for n in cfg.ns}
+    micro = {str(n): float(np.mean(micro_hits[n])) if micro_hits[n] else 0.0 for n in ns}
+    return per_domain, counts, micro
+
+
+def average_over_domains(per_domain: dict[str, dict[str, float]], ns: tuple[int, ...]) -> dict[str, float]:
+    """The documented Recall-all: the mean over domains of the per-domain recall (Table III)."""
+    return {str(n): float(np.mean([per_domain[d][str(n)] for d in per_domain])) for n in ns}
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, Any]:
+    """Compute Recall-all@N; writes RUN/eval.json, RUN/eval.md and ``cfg.json`` if given."""
+    t0 = time.perf_counter()
+    loaded = load_run(cfg.run, data=cfg.data)
+    model, ds = loaded.model, loaded.dataset
+    model.to(torch.device(cfg.device))
+    users = sample_users(ds, TEST, cfg.max_users, cfg.seed)
+    if users.size == 0:
+        raise ValueError(f"{ds.root}: no test interactions to evaluate")
+    per_domain, counts, micro = recall_all(
+        model, ds, users, cfg.ns, split=TEST, device=cfg.device, pair_budget=cfg.pair_budget, progress=cfg.progress
+    )
     result: dict[str, Any] = {
-        "recall_all": {**per_domain, "average": average},
-        "recall_all_micro": {str(n): float(np.mean(micro_hits[n])) for n in cfg.ns},
+        "recall_all": {**per_domain, "average": average_over_domains(per_domain, cfg.ns)},
+        "recall_all_micro": micro,
         "users": counts,
         "num_users": int(users.size),
         "method": loaded.cfg.method,
         "steps": int(loaded.state.get("step", 0)),
+        "checkpoint": loaded.checkpoint,
         "dataset": str(ds.root),
         "seconds": time.perf_counter() - t0,
     }
