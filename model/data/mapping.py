@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.data.dataset import (
     MAX_DOMAINS,
@@ -59,6 +59,7 @@ from model.data.dataset import (
     Users,
     write_dataset,
 )
+from model.data.filters import FilterError, columns_of, evaluate_filter, parse_filter
 from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
 
@@ -92,6 +93,15 @@ def train_log_popularity(entity: np.ndarray, split: np.ndarray, num_entities: in
 # ---- the mapping file -----------------------------------------------------------------------------
 
 
+TimeKind = Literal["epoch_seconds", "days_since_epoch", "hour_of_day", "day_of_week", "month", "year"]
+TIME_KINDS: tuple[str, ...] = ("epoch_seconds", "days_since_epoch", "hour_of_day", "day_of_week", "month", "year")
+FileFormat = Literal["csv", "tsv", "parquet", "jsonl"]
+_FORMAT_OF_SUFFIX: dict[str, str] = {
+    ".csv": "csv", ".txt": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
+    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
+}  # fmt: skip
+
+
 class FeatureSpec(BaseModel):
     """One feature column. A bare string in the mapping means ``{"column": that string}``."""
 
@@ -101,6 +111,16 @@ class FeatureSpec(BaseModel):
     name: str | None = Field(default=None, description="schema column name; default: the column, sanitised")
     applies_to: list[str] | None = Field(default=None, description="entity types carrying it; None = all")
     default: str | float | int | None = Field(default=None, description="raw value for missing / not applicable")
+    # A date/time column read as a time and turned into this number (UTC). Without it a date column
+    # is refused, since "2024-05-01" has no single obvious numeric meaning.
+    type: TimeKind | None = None
+    time_format: str | None = Field(default=None, description="strptime pattern of string times, e.g. %Y%m%d")
+
+    @model_validator(mode="after")
+    def _format_needs_type(self) -> FeatureSpec:
+        if self.time_format is not None and self.type is None:
+            raise ValueError(f'column {self.column!r}: "time_format" needs a "type" ({", ".join(TIME_KINDS)})')
+        return self
 
     def schema_name(self) -> str:
         if self.name:
@@ -113,12 +133,31 @@ def _features(value: list[str | FeatureSpec | dict[str, Any]]) -> list[FeatureSp
     return [FeatureSpec(column=v) if isinstance(v, str) else FeatureSpec.model_validate(v) for v in value]
 
 
-class TableSpec(BaseModel):
-    """A users or entities table: one row per id, plus feature columns."""
+class FileSpec(BaseModel):
+    """How to read one file: the format (default: from the extension), header, delimiter, nulls."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     file: str = Field(min_length=1)
+    format: FileFormat | None = None  # needed when the file has no (or a misleading) extension
+    # column names of a header-less CSV/TSV: its first line is then data
+    columns: list[str] | None = Field(default=None, min_length=1)
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1, description="CSV: ',' ; TSV: tab")
+    # cells read as missing (CSV/TSV); only empty cells by default, so an id "NA" stays an id
+    na_values: list[str] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            dup = sorted({c for c in v if v.count(c) > 1})
+            raise ValueError(f"duplicate column names {dup}")
+        return v
+
+
+class TableSpec(FileSpec):
+    """A users or entities table: one row per id, plus feature columns."""
+
     id: str = Field(min_length=1, description="the id column, matched against the interactions")
     categorical: list[FeatureSpec] = Field(default_factory=list)
     numeric: list[FeatureSpec] = Field(default_factory=list)
@@ -135,16 +174,26 @@ class EntityTableSpec(TableSpec):
     entity_type: str | None = Field(default=None, description="column holding each entity's type")
 
 
-class InteractionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    file: str = Field(min_length=1)
+class InteractionSpec(FileSpec):
     user: str = Field(min_length=1)
     entity: str = Field(min_length=1)
     domain: str | None = Field(default=None, description="domain label column; None = a single domain")
     timestamp: str | None = Field(default=None, description="time column; None = file order")
     entity_type: str | None = Field(default=None, description="entity type column, when there is no entities table")
     split: str | None = Field(default=None, description="a shipped split (train/validation/test), kept as is")
+    timestamp_format: str | None = Field(default=None, description="strptime pattern of string timestamps")
+    # which rows are positives, e.g. "clk == 1" or "rating >= 4" (model.data.filters); None = every row
+    positive: str | None = None
+
+    @field_validator("positive")
+    @classmethod
+    def _parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_filter(v)
+            except FilterError as exc:
+                raise ValueError(f"cannot parse {v!r}: {exc}") from None
+        return v
 
 
 class SplitSpec(BaseModel):
@@ -168,8 +217,12 @@ class Mapping(BaseModel):
     entity_types: list[str] | None = Field(default=None, min_length=1)
     # Used when neither an entities table nor the interactions name an entity type column.
     default_entity_type: str = "item"
-    # "all": every entity may be shown in every domain; "observed": only where it has interactions.
-    eligibility: Literal["all", "observed"] = "all"
+    # "all": every entity may be shown in every domain; "observed": only where it has interactions;
+    # or per domain: {"books": ["book"], "movies": "observed"} (entity types, "all" or "observed";
+    # a domain not listed is "all")
+    eligibility: Literal["all", "observed"] | dict[str, Literal["all", "observed"] | list[str]] = "all"
+    # default of every table's na_values (a table's own na_values wins)
+    na_values: list[str] | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     max_seq_len: int = Field(default=50, ge=1, le=1024)
 
@@ -212,54 +265,92 @@ def load_mapping(path: Path) -> Mapping:
 
 
 class _Table:
-    """A CSV/Parquet file read with pyarrow, with error messages that name the file, row and column."""
+    """A CSV/TSV/Parquet/JSONL file read with pyarrow; errors name the file, row and column.
 
-    def __init__(self, path: Path, string_columns: set[str]) -> None:
+    ``keep`` (``filter_rows``) drops rows, e.g. the non-positives, while error messages keep naming
+    rows and lines of the file as written.
+    """
+
+    def __init__(self, path: Path, spec: FileSpec, string_columns: set[str], na_values: list[str] | None) -> None:
         try:
             import pyarrow as pa
             import pyarrow.csv as pacsv
+            import pyarrow.json as pajson
             import pyarrow.parquet as pq
         except ModuleNotFoundError:
             raise DatasetError(f"{path}: reading CSV/Parquet needs pyarrow (pip install 'unimatch[train]')") from None
 
         self.path = path
         suffix = path.suffix.lower()
-        self.is_csv = suffix in {".csv", ".tsv", ".txt"}
-        if not self.is_csv and suffix not in {".parquet", ".pq"}:
-            raise DatasetError(f"{path}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
+        fmt = spec.format or _FORMAT_OF_SUFFIX.get(suffix)
+        if fmt is None:
+            what = f"unsupported file type {suffix!r}" if suffix else "no file extension"
+            raise DatasetError(
+                f'{path}: {what}; expected .csv, .tsv, .parquet or .jsonl, or set "format" '
+                "(csv, tsv, parquet, jsonl) for this file in the mapping"
+            )
+        self.format = fmt
+        self.is_csv = fmt in ("csv", "tsv")
+        if not self.is_csv and (spec.columns is not None or spec.delimiter is not None):
+            key = "columns" if spec.columns is not None else "delimiter"
+            raise DatasetError(f'{path}: "{key}" applies to csv/tsv files only; this one is read as {fmt}')
+        # the line of data row 0: 2 under a header, 1 without one (and in JSONL)
+        self.first_line = 2 if self.is_csv and spec.columns is None else 1
         if not path.is_file():
             raise DatasetError(f"{path}: file not found")
         if path.stat().st_size == 0:
             raise DatasetError(f"{path}: empty file")
+        nulls = spec.na_values if spec.na_values is not None else (na_values if na_values is not None else [""])
         try:
             if self.is_csv:
                 self.table = pacsv.read_csv(
                     path,
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
+                    read_options=pacsv.ReadOptions(column_names=spec.columns),
+                    parse_options=pacsv.ParseOptions(delimiter=spec.delimiter or ("\t" if fmt == "tsv" else ",")),
                     # ids and labels stay strings: "007" and "7" are different ids
                     convert_options=pacsv.ConvertOptions(
-                        column_types={c: pa.string() for c in string_columns}, strings_can_be_null=True
+                        column_types={c: pa.string() for c in string_columns},
+                        null_values=nulls,
+                        strings_can_be_null=True,
                     ),
                 )
+            elif fmt == "jsonl":
+                self.table = pajson.read_json(path)
             else:
                 self.table = pq.read_table(path)
-        except pa.ArrowInvalid as exc:
-            raise DatasetError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
+        except (pa.ArrowInvalid, OSError) as exc:
+            msg = " ".join(str(exc).split())
+            line = _bad_csv_line(path, msg) if self.is_csv else None
+            at = f": line {line}" if line is not None else ""
+            raise DatasetError(f"{path}{at}: cannot read as {fmt} ({msg})") from None
         if self.table.num_rows == 0:
             raise DatasetError(f"{path}: no data rows")
+        self.rows = np.arange(self.table.num_rows)  # file row of each kept row
 
     def __len__(self) -> int:
         return int(self.table.num_rows)
 
     def where(self, row: int) -> str:
-        """``file: row N (line M)``: 1-based data row, and the CSV line counting the header."""
-        return f"{self.path}: row {row + 1}" + (f" (line {row + 2})" if self.is_csv else "")
+        """``file: row N (line M)``: 1-based data row of the file, and its line (CSV counts the header)."""
+        r = int(self.rows[row])
+        return f"{self.path}: row {r + 1}" + (f" (line {r + self.first_line})" if self.format != "parquet" else "")
+
+    def filter_rows(self, keep: np.ndarray) -> None:
+        import pyarrow as pa
+
+        self.table = self.table.filter(pa.array(keep))
+        self.rows = self.rows[keep]
 
     def require(self, columns: list[str], role: str) -> None:
         have = self.table.column_names
         for c in columns:
             if c not in have:
-                raise DatasetError(f"{self.path}: missing column {c!r} ({role}); the file has columns {have}")
+                hint = (
+                    '; a header-less file needs "columns" in the mapping' if self.is_csv and self.first_line == 2 else ""
+                )
+                raise DatasetError(
+                    f"{self.path}: missing column {c!r} ({role}); the file has columns {have}{hint}"
+                )
 
     def strings(self, column: str, *, required: bool) -> np.ndarray:
         """Column as a numpy str array; None where null. ``required`` makes a null an error."""
@@ -299,43 +390,111 @@ class _Table:
                 try:
                     out[i] = np.nan if v is None or v == "" else float(v)
                 except ValueError:
-                    raise DatasetError(f"{self.where(i)}: column {column!r}: expected a number, got {v!r}") from None
+                    hint = _TIME_HINT if _parse_time(v) is not None else ""
+                    raise DatasetError(
+                        f"{self.where(i)}: column {column!r}: expected a number, got {v!r}{hint}"
+                    ) from None
             return out
+        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
+            raise DatasetError(f"{self.path}: column {column!r}: expected numbers, got dates ({col.type}){_TIME_HINT}")
         raise DatasetError(f"{self.path}: column {column!r}: expected numbers, got values of type {col.type}")
 
-    def timestamps(self, column: str) -> np.ndarray:
-        """Column as int64 epoch seconds: integers, floats, ISO-8601 strings or Parquet timestamps."""
+    def times(self, column: str, time_format: str | None = None) -> np.ndarray:
+        """Column as float64 epoch seconds (UTC), NaN where null.
+
+        Integers, floats, ISO-8601 strings, Parquet/JSON timestamps and dates; ``time_format`` (a
+        strptime pattern, e.g. ``%Y%m%d``) for other strings and for integers written as dates.
+        """
         import pyarrow as pa
         import pyarrow.compute as pc
 
         col = self.table.column(column)
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a timestamp")
+        if time_format is not None:
+            text = pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
+            try:
+                parsed = pc.strptime(text, format=time_format, unit="s", error_is_null=True)
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
+                raise DatasetError(f"{self.path}: column {column!r}: time_format {time_format!r}: {exc}") from None
+            bad = np.asarray(pc.and_(pc.is_null(parsed), pc.invert(pc.is_null(text))).to_numpy(zero_copy_only=False))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise DatasetError(
+                    f"{self.where(row)}: column {column!r}: {text[row].as_py()!r} does not match time_format {time_format!r}"
+                )
+            col = parsed
         if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
             tz = col.type.tz if pa.types.is_timestamp(col.type) else None
             # safe=False truncates sub-second precision instead of refusing it; epoch seconds are UTC
             secs = pc.cast(pc.cast(col, pa.timestamp("s", tz=tz), safe=False), pa.int64())
-            return np.asarray(secs.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if pa.types.is_integer(col.type):
-            return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if pa.types.is_floating(col.type):
-            x = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-            if not np.isfinite(x).all():
-                row = int(np.flatnonzero(~np.isfinite(x))[0])
+            return np.asarray(pc.cast(secs, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
+            x = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
+            if np.isinf(x).any():
+                row = int(np.flatnonzero(np.isinf(x))[0])
                 raise DatasetError(f"{self.where(row)}: column {column!r}: expected a finite timestamp, got {x[row]}")
-            return np.rint(x).astype(np.int64)
+            return np.rint(x)
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out = np.empty(len(col), dtype=np.int64)
+            out = np.empty(len(col), dtype=np.float64)
             for i, v in enumerate(col.to_pylist()):
+                if v is None:
+                    out[i] = np.nan
+                    continue
                 t = _parse_time(v)
                 if t is None:
                     raise DatasetError(
                         f"{self.where(i)}: column {column!r}: expected a number or an ISO-8601 time, got {v!r}"
+                        " (or give a time_format)"
                     )
                 out[i] = t
             return out
         raise DatasetError(f"{self.path}: column {column!r}: expected timestamps, got values of type {col.type}")
+
+    def timestamps(self, column: str, time_format: str | None = None) -> np.ndarray:
+        """Column as int64 epoch seconds; a missing time is an error naming its row."""
+        x = self.times(column, time_format)
+        if np.isnan(x).any():
+            row = int(np.flatnonzero(np.isnan(x))[0])
+            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a timestamp")
+        return x.astype(np.int64)
+
+
+def _bad_csv_line(path: Path, message: str) -> int | None:
+    """The 1-based line a pyarrow CSV row-length error quotes ("Expected 4 columns, got 2: u2,a1")."""
+    m = re.search(r"Expected \d+ columns, got \d+: (.*)$", message)
+    if m is None:
+        return None
+    quoted = m.group(1).strip()
+    with open(path, errors="replace") as fh:
+        for n, text in enumerate(fh, start=1):
+            if text.rstrip("\r\n").strip() == quoted:
+                return n
+    return None
+
+
+_TIME_HINT = (
+    '; for a date/time column declare its "type" in the mapping: '
+    + ", ".join(TIME_KINDS)
+)
+
+
+def time_feature(seconds: np.ndarray, kind: str) -> np.ndarray:
+    """float64 ``kind`` of epoch seconds (UTC), NaN stays NaN. day_of_week: Monday = 0."""
+    ok = np.isfinite(seconds)
+    out = np.full(seconds.shape, np.nan)
+    s = seconds[ok]
+    days = np.floor(s / 86400.0)
+    if kind == "epoch_seconds":
+        out[ok] = s
+    elif kind == "days_since_epoch":
+        out[ok] = days
+    elif kind == "hour_of_day":
+        out[ok] = np.floor(s / 3600.0) % 24
+    elif kind == "day_of_week":
+        out[ok] = (days + 3) % 7  # 1970-01-01 was a Thursday
+    else:
+        months = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)  # months since 1970-01
+        out[ok] = months % 12 + 1 if kind == "month" else months // 12 + 1970
+    return out
 
 
 def _parse_time(value: str) -> int | None:
@@ -413,7 +572,7 @@ def _encode_features(
     cat_cols: list[CategoricalFeature] = []
     cat = np.zeros((n, len(spec.categorical)), dtype=np.int32)
     for j, f in enumerate(spec.categorical):
-        raw = table.strings(f.column, required=False)[rows]
+        raw = _categorical_raw(table, f)[rows]
         keep = applicable(f)
         present = np.array([v is not None for v in raw], dtype=bool) & keep
         vocab = sorted(set(raw[present].astype(str).tolist()) | ({str(f.default)} if f.default is not None else set()))
@@ -428,12 +587,16 @@ def _encode_features(
                 name=f.schema_name(), cardinality=len(vocab) + 1, default=default, applies_to=f.applies_to
             )
         )
-        encodings[f"{group}.{f.schema_name()}"] = {"column": f.column, "vocabulary": vocab}
+        encodings[f"{group}.{f.schema_name()}"] = {
+            "column": f.column,
+            "vocabulary": vocab,
+            **({"type": f.type} if f.type else {}),
+        }
 
     num_cols: list[NumericFeature] = []
     num = np.zeros((n, len(spec.numeric)), dtype=np.float32)
     for j, f in enumerate(spec.numeric):
-        raw_num = table.numbers(f.column)[rows]
+        raw_num = (time_feature(table.times(f.column, f.time_format), f.type) if f.type else table.numbers(f.column))[rows]
         keep = applicable(f)
         observed = np.isfinite(raw_num) & keep
         if f.default is not None:
@@ -456,8 +619,19 @@ def _encode_features(
             "mean": mean,
             "std": std,
             "default_raw": raw_default,
+            **({"type": f.type} if f.type else {}),
         }
     return cat_cols, num_cols, cat, num, encodings
+
+
+def _categorical_raw(table: _Table, f: FeatureSpec) -> np.ndarray:
+    """Raw categorical values as strings (None = missing); a time column gives e.g. its hour "0".."23"."""
+    if f.type is None:
+        if f.time_format is not None:
+            raise DatasetError(f'{table.path}: column {f.column!r}: "time_format" needs a "type" ({", ".join(TIME_KINDS)})')
+        return table.strings(f.column, required=False)
+    x = time_feature(table.times(f.column, f.time_format), f.type)
+    return np.array([None if np.isnan(v) else str(int(v)) for v in x], dtype=object)
 
 
 def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
@@ -474,6 +648,72 @@ def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
     return np.sort(first)
 
 
+def _filter_numbers(table: _Table, column: str) -> np.ndarray:
+    x = table.numbers(column)
+    if np.isnan(x).any():
+        row = int(np.flatnonzero(np.isnan(x))[0])
+        raise DatasetError(f"{table.where(row)}: column {column!r} is empty; the positive filter needs a value")
+    return x
+
+
+def _filter_strings(table: _Table, column: str) -> np.ndarray:
+    raw = table.strings(column, required=False)
+    missing = np.array([v is None for v in raw], dtype=bool)
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DatasetError(f"{table.where(row)}: column {column!r} is empty; the positive filter needs a value")
+    return raw.astype(str)
+
+
+def eligibility_mask(
+    rule: str | dict[str, str | list[str]],
+    domains: list[str],
+    type_names: list[str],
+    entity_type: np.ndarray,
+    i_entity: np.ndarray,
+    i_domain: np.ndarray,
+    *,
+    where: str,
+) -> np.ndarray:
+    """(E,) uint64 domain bits per entity from the mapping's ``eligibility``.
+
+    ``"all"``; ``"observed"`` (where the entity has interactions; one with none anywhere stays
+    eligible everywhere rather than nowhere); or per domain ``"all"``, ``"observed"`` (strictly: only
+    entities seen in that domain) or a list of entity types. An unlisted domain is ``"all"``.
+    """
+    n_ent, K = entity_type.shape[0], len(domains)
+    all_bits = np.uint64((1 << K) - 1) if K < 64 else np.uint64(np.iinfo(np.uint64).max)
+    seen = np.zeros(n_ent, dtype=np.uint64)
+    np.bitwise_or.at(seen, i_entity, np.uint64(1) << i_domain.astype(np.uint64))
+    if rule == "all":
+        return np.full(n_ent, all_bits, dtype=np.uint64)
+    if rule == "observed":
+        return np.where(seen > 0, seen, all_bits).astype(np.uint64)
+    assert isinstance(rule, dict)  # the Mapping model admits nothing else
+    unknown = sorted(set(rule) - set(domains))
+    if unknown:
+        raise DatasetError(f"{where}: eligibility names unknown domains {unknown}; the data has {domains}")
+    mask = np.zeros(n_ent, dtype=np.uint64)
+    for k, name in enumerate(domains):
+        bit = np.uint64(1) << np.uint64(k)
+        r = rule.get(name, "all")
+        if r == "all":
+            ok = np.ones(n_ent, dtype=bool)
+        elif r == "observed":
+            ok = (seen & bit) > 0
+        else:
+            bad = sorted(set(r) - set(type_names))
+            if bad:
+                raise DatasetError(
+                    f"{where}: eligibility.{name}: unknown entity types {bad}; the data has {type_names}"
+                )
+            ok = np.isin(entity_type, [type_names.index(t) for t in r])
+        if not ok.any():
+            raise DatasetError(f"{where}: eligibility.{name}: no entity is eligible in domain {name!r}")
+        mask[ok] |= bit
+    return mask
+
+
 # ---- the importer -------------------------------------------------------------------------------
 
 
@@ -485,8 +725,18 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     spec = m.interactions
 
     inter_cols = [c for c in (spec.user, spec.entity, spec.domain, spec.entity_type, spec.split) if c]
-    inter = _Table(base / spec.file, set(inter_cols))
+    positive = parse_filter(spec.positive) if spec.positive else None
+    # a filter column compared with strings is read as text ("007" stays "007")
+    filter_text = {c for c, numeric in columns_of(positive)} - {c for c, numeric in columns_of(positive) if numeric} if positive else set()
+    inter = _Table(base / spec.file, spec, set(inter_cols) | filter_text, m.na_values)
     inter.require(inter_cols + ([spec.timestamp] if spec.timestamp else []), "named in the mapping's interactions")
+    n_rows_read = len(inter)
+    if positive is not None:
+        inter.require([c for c, _ in columns_of(positive)], "named in the positive filter")
+        keep = evaluate_filter(positive, lambda c: _filter_numbers(inter, c), lambda c: _filter_strings(inter, c))
+        if not keep.any():
+            raise DatasetError(f"{inter.path}: no row passes the positive filter {spec.positive!r} ({n_rows_read:,} rows read)")
+        inter.filter_rows(keep)
     i_user = inter.strings(spec.user, required=True).astype(str)
     i_entity = inter.strings(spec.entity, required=True).astype(str)
     n_int = len(inter)
@@ -502,7 +752,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     # users
     users_tab: _Table | None = None
     if m.users is not None:
-        users_tab = _Table(base / m.users.file, {m.users.id} | {f.column for f in m.users.categorical})
+        users_tab = _Table(base / m.users.file, m.users, {m.users.id} | {f.column for f in m.users.categorical}, m.na_values)
         users_tab.require(
             [m.users.id] + [f.column for f in m.users.categorical + m.users.numeric], "named in the mapping's users"
         )
@@ -526,7 +776,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         string_cols = {m.entities.id} | {f.column for f in m.entities.categorical}
         if m.entities.entity_type:
             string_cols.add(m.entities.entity_type)
-        ent_tab = _Table(base / m.entities.file, string_cols)
+        ent_tab = _Table(base / m.entities.file, m.entities, string_cols, m.na_values)
         ent_tab.require(
             [m.entities.id]
             + ([m.entities.entity_type] if m.entities.entity_type else [])
@@ -586,7 +836,11 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     entity_type = e_type_raw.astype(np.int16)
 
     # time and split
-    timestamp = inter.timestamps(spec.timestamp) if spec.timestamp else np.arange(n_int, dtype=np.int64)
+    if spec.timestamp_format and not spec.timestamp:
+        raise DatasetError(f'{mapping_path}: interactions: "timestamp_format" needs a "timestamp" column')
+    timestamp = (
+        inter.timestamps(spec.timestamp, spec.timestamp_format) if spec.timestamp else np.arange(n_int, dtype=np.int64)
+    )
     K = len(domains)
     if spec.split:
         split_names = {
@@ -624,13 +878,9 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         )
 
     # eligibility
-    all_bits = np.uint64((1 << K) - 1) if K < 64 else np.uint64(np.iinfo(np.uint64).max)
-    domain_mask = np.full(n_ent, all_bits, dtype=np.uint64)
-    if m.eligibility == "observed":
-        seen = np.zeros(n_ent, dtype=np.uint64)
-        np.bitwise_or.at(seen, i_entity_row, np.uint64(1) << i_domain.astype(np.uint64))
-        # an entity with no interaction at all stays eligible everywhere rather than nowhere
-        domain_mask = np.where(seen > 0, seen, all_bits).astype(np.uint64)
+    domain_mask = eligibility_mask(
+        m.eligibility, domains, type_names, entity_type, i_entity_row, i_domain, where=str(mapping_path)
+    )
 
     # features
     encodings: dict[str, Any] = {}
@@ -689,6 +939,9 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
             else "no time column: file order used as time",
             "split_policy": split_policy,
             "eligibility": m.eligibility,
+            "positive": {"filter": spec.positive, "rows_read": n_rows_read, "rows_kept": n_int}
+            if spec.positive
+            else None,
             "encodings": encodings,
         },
     )

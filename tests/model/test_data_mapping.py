@@ -283,7 +283,7 @@ def _with(path_to: list[str], value: Any) -> dict[str, Any]:
         (
             None,
             {"events_csv": EVENTS + "u2,a1\n"},
-            r"events.csv: cannot read \(CSV parse error: Expected 4 columns, got 2",
+            r"events.csv: line 8: cannot read as csv \(CSV parse error: Expected 4 columns, got 2",
         ),
     ],
 )
