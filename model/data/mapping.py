@@ -666,7 +666,7 @@ def _filter_strings(table: _Table, column: str) -> np.ndarray:
 
 
 def eligibility_mask(
-    rule: str | dict[str, str | list[str]],
+    rule: str | dict[str, Any],
     domains: list[str],
     type_names: list[str],
     entity_type: np.ndarray,
