@@ -121,8 +121,16 @@ def _import(args: argparse.Namespace) -> int:
 
             out = import_amazon(args.source, args.out, source_dir=args.source_dir, max_seq_len=args.max_seq_len)
     import json
+    import sys
+
+    from model.data.dataset import load_dataset
+    from model.data.describe import dataset_split_report, print_split_warnings, split_table
 
     counts = json.loads((out / "dataset.json").read_text())["counts"]
+    report = dataset_split_report(load_dataset(out))
+    con = Console(width=None if sys.stdout.isatty() else 150)
+    con.print(split_table(report))
+    print_split_warnings(report["warnings"], Console(stderr=True, width=None if sys.stderr.isatty() else 150))
     print(
         f"wrote {out}: {counts['users']:,} users, {counts['entities']:,} entities, "
         f"{counts['interactions']:,} interactions in {time.perf_counter() - t0:.1f} s"

@@ -328,6 +328,8 @@ def test_cli_mapping_import_and_error(tmp_path: Path, capsys: pytest.CaptureFixt
     example = tmp_path / "byo"
     shutil.copytree(EXAMPLE, example)
     assert main(["data", "import", "--mapping", str(example / "mapping.json"), "--out", str(tmp_path / "ds")]) == 0
+    out, err = capsys.readouterr()
+    assert "test queries" in out and "domain 'video_tab': 15 test queries (53.6% of its 28 users)" in err
     (example / "users.csv").write_text("user_id,gender,age_group,tenure_days\n")
     assert main(["data", "import", "--mapping", str(example / "mapping.json"), "--out", str(tmp_path / "ds2")]) == 2
     err = capsys.readouterr().err
