@@ -57,10 +57,16 @@ def register(cli: CommandRegistry) -> None:
         "eval",
         help="Recall-all@N per domain and average (paper Eq. 26)",
         description="Exhaustively score every eligible entity of each domain for each test user (capped by "
-        "--users) and report Recall-all@N as JSON and a markdown table.",
+        "--users) and report Recall-all@N as JSON and a markdown table. Recall-all is per domain the mean over "
+        "its test users of |G_u ∩ top N| / |G_u|, and 'average' the mean over domains (each domain weighs the "
+        "same); the mean over all (user, domain) queries is reported apart as recall_all_micro. "
+        "--baseline popularity scores the model-free yardstick (the N most popular entities of the domain) "
+        "on the same users instead of a run.",
         handler=_eval,
     )
-    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--run", type=Path, default=None, help="run directory (uses RUN/best.pt when --early-stop kept one)")
+    e.add_argument("--baseline", choices=["popularity"], default=None,
+                   help="evaluate a model-free baseline on --data instead of a run")
     e.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     e.add_argument("--n", default="50,200", help="comma-separated N values")
     e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
@@ -165,6 +171,16 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--n values must be >= 1, got {args.n!r}")
     if args.users < 1:
         raise ValueError(f"--users must be >= 1, got {args.users}")
+    if (args.run is None) == (args.baseline is None):
+        raise ValueError("give exactly one of --run RUN or --baseline popularity")
+    if args.baseline is not None:
+        from model.evaluate import evaluate_baseline
+
+        if args.data is None:
+            raise ValueError("--baseline needs --data DIR")
+        print(markdown_table(evaluate_baseline(args.data, args.baseline, ns=ns, max_users=args.users, seed=args.seed,
+                                               json=args.json)))
+        return 0
     result = evaluate(
         EvalConfig(run=args.run, data=args.data, ns=ns, max_users=args.users, seed=args.seed, json=args.json,
                    progress=not args.no_progress, device=args.device)
