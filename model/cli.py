@@ -152,7 +152,8 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
     if best is None:
         line += "; no validation figure (no validation users, or --valid-users 0)"
     else:
-        line += f"; best validation Recall-all@{summary['valid_n']} {best:.4f} at step {summary['best_step']}"
+        kind = "best validation" if summary.get("early_stop") else "validation"
+        line += f"; {kind} Recall-all@{summary['valid_n']} {best:.4f} at step {summary['best_step']}"
         if summary.get("early_stopped"):
             line += " (stopped early)"
         if summary.get("checkpoint_used") == "best.pt":

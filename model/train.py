@@ -475,6 +475,7 @@ class Trainer:
                 "valid_recall_all_final": final_value,
                 "valid_recall_all_best": self.best["recall"],
                 "best_step": self.best["step"],
+                "early_stop": cfg.early_stop,
                 "early_stopped": bool(self.best["stopped"]),
                 "checkpoint_used": BEST_CHECKPOINT if (self.out / BEST_CHECKPOINT).is_file() else CHECKPOINT,
                 "world_size": self.world,

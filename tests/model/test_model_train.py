@@ -185,7 +185,7 @@ def test_max_steps_trains_exactly_n_steps_over_several_epochs(
     assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 25
     last = capsys.readouterr().out.strip().splitlines()[-1]
     assert f"25 steps = {25 / per_epoch:.2f} epochs of {per_epoch} steps" in last
-    assert f"best validation Recall-all@50 {summary['valid_recall_all_best']:.4f} at step 25" in last
+    assert f"; validation Recall-all@50 {summary['valid_recall_all_best']:.4f} at step 25" in last
 
 
 def test_epochs_without_max_steps_train_whole_epochs(short_epoch_data: Path, tmp_path: Path) -> None:
