@@ -262,7 +262,9 @@ def markdown_table(result: dict[str, Any]) -> str:
     rec = result["recall_all"]
     ns = list(rec["average"])
     lines = [
-        f"Recall-all@N, method `{result.get('method')}`, {result.get('num_users')} test users",
+        f"Recall-all@N, method `{result.get('method')}`"
+        + (f" ({result['checkpoint']}, step {result.get('steps')})" if result.get("checkpoint") else "")
+        + f", {result.get('num_users')} test users",
         "",
         "| domain | users | " + " | ".join(f"R@{n}" for n in ns) + " |",
         "|---|---:|" + "---:|" * len(ns),

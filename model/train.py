@@ -350,9 +350,8 @@ class Trainer:
         line = f"step {self.step}: validation Recall-all@{self.cfg.valid_n} {value:.4f}"
         if self.best["stopped"]:
             line += f" (no gain in {self.cfg.patience} checks: stopping early)"
-        if not self.cfg.progress:
-            return
-        if bar.console.is_terminal:
+        # printed with or without --no-progress: a long early-stopping run should show it is alive
+        if self.cfg.progress and bar.console.is_terminal:
             bar.console.log(line)
         else:
             print(line, flush=True)

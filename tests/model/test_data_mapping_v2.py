@@ -287,3 +287,34 @@ def test_cli_exit_2_one_line_nothing_written(tmp_path: Path, capsys: pytest.Capt
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "row 4 (line 4): column 'clk': expected a number, got 'x'" in err
     assert not out.exists()
+
+
+def test_impressions_example_imports_trains_exports_and_serves(tmp_path: Path) -> None:
+    """The worked example in examples/impressions: generated log -> dataset -> 3 steps -> bundle -> match."""
+    import shutil
+    import sys
+
+    from service.bundle import load_bundle
+    from service.engine import MatchEngine, UserFeatures
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "impressions"
+    sys.path.insert(0, str(example))
+    try:
+        import make_example  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(example))
+    src = make_example.main(tmp_path / "src")
+    shutil.copy(example / "mapping.json", src / "mapping.json")
+    data = import_mapping(src / "mapping.json", tmp_path / "data")
+    ds = load_dataset(data)
+    assert ds.meta["positive"]["rows_read"] == 8000 and len(ds.interactions) == ds.meta["positive"]["rows_kept"]
+    is_video = np.asarray(ds.entities.entity_type) == ds.schema.entity_types.index("video")
+    assert (ds.entities.domain_mask[is_video] == 0b01).all() and (ds.entities.domain_mask[~is_video] == 0b11).all()
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--data", str(data), "--method", "dnn", "--out", str(run), "--max-steps", "3",
+                 "--batch-size", "32", "--negatives", "8", "--embed-dim", "8", "--threads", "1", "--no-progress"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    b = load_bundle(bundle)
+    engine = MatchEngine(b, providers=["CPUExecutionProvider"])
+    out = engine.match(UserFeatures.cold_start(b.schema), b.schema.domains.index("search"), 10)
+    assert out.rows.size == 10 and not is_video[out.rows].any()  # search shows banners only
