@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 from model.data.dataset import SPLIT_NAMES, TEST, TRAIN, VALID, Dataset, load_dataset, serving_sequences
+from model.data.schema import cat_slices
 from model.data.split import split_report
 
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
@@ -90,8 +91,8 @@ def describe_dataset(root: Path) -> dict[str, Any]:
         ("user", s.user_categorical, s.user_numeric, np.asarray(users.cat), np.asarray(users.num), None),
         ("entity", s.entity_categorical, s.entity_numeric, np.asarray(ents.cat), np.asarray(ents.num), etype),
     ):
-        for j, c in enumerate(cat_cols):
-            col = cat[:, j]
+        for c, sl in zip(cat_cols, cat_slices(cat_cols), strict=True):
+            col = cat[:, sl.start]  # a multi-value column: its first code (0 = an empty bag)
             rows = _applicable(c.applies_to, s.entity_types, types_of, col.shape[0])
             features.append(
                 {
@@ -101,7 +102,11 @@ def describe_dataset(root: Path) -> dict[str, Any]:
                     "cardinality": c.cardinality,
                     "default": c.default,
                     "applies_to": c.applies_to,
-                    "distinct_codes_seen": int(np.count_nonzero(np.bincount(col[rows], minlength=c.cardinality))),
+                    "distinct_codes_seen": int(
+                        np.count_nonzero(np.bincount(cat[:, sl][rows].ravel(), minlength=c.cardinality)[1:])
+                        + (c.values == 1 and bool((col[rows] == 0).any()))
+                    ),
+                    "values": c.values,
                     "missing_share": float((col[rows] == 0).mean()) if rows.any() else 0.0,
                 }
             )

@@ -115,11 +115,18 @@ class FeatureSpec(BaseModel):
     # is refused, since "2024-05-01" has no single obvious numeric meaning.
     type: TimeKind | None = None
     time_format: str | None = Field(default=None, description="strptime pattern of string times, e.g. %Y%m%d")
+    # a multi-value categorical (entities): "a|b|c" is a bag of codes, mean-pooled by the model
+    separator: str | None = Field(default=None, min_length=1, max_length=8)
+    max_values: int | None = Field(default=None, ge=1, le=64, description="codes kept per row (the first ones)")
 
     @model_validator(mode="after")
     def _format_needs_type(self) -> FeatureSpec:
         if self.time_format is not None and self.type is None:
             raise ValueError(f'column {self.column!r}: "time_format" needs a "type" ({", ".join(TIME_KINDS)})')
+        if self.separator is not None and (self.type is not None or self.default is not None):
+            raise ValueError(f'column {self.column!r}: a multi-value column ("separator") takes no "type" or "default"')
+        if self.max_values is not None and self.separator is None:
+            raise ValueError(f'column {self.column!r}: "max_values" needs a "separator"')
         return self
 
     def schema_name(self) -> str:
@@ -168,6 +175,13 @@ class TableSpec(FileSpec):
     @classmethod
     def _coerce(cls, v: Any) -> Any:
         return _features(v) if isinstance(v, list) else v
+
+    @model_validator(mode="after")
+    def _multi_is_categorical(self) -> TableSpec:
+        for f in self.numeric:
+            if f.separator is not None:
+                raise ValueError(f'numeric column {f.column!r}: "separator" (a multi-value column) is for categorical ones')
+        return self
 
 
 class EntityTableSpec(TableSpec):
@@ -570,10 +584,21 @@ def _encode_features(
         return np.isin(entity_type, [type_names.index(t) for t in f.applies_to])
 
     cat_cols: list[CategoricalFeature] = []
-    cat = np.zeros((n, len(spec.categorical)), dtype=np.int32)
-    for j, f in enumerate(spec.categorical):
+    blocks: list[np.ndarray] = []  # (n, 1) per single-value feature, (n, values) per multi-value one
+    for f in spec.categorical:
         raw = _categorical_raw(table, f)[rows]
         keep = applicable(f)
+        if f.separator is not None:
+            if group == "users":
+                raise DatasetError(
+                    f"{mapping_path}: users feature {f.column!r}: multi-value columns (separator) are supported "
+                    "on entities only"
+                )
+            block, feature, enc = _encode_multi(table, rows, raw, keep, f)
+            blocks.append(block)
+            cat_cols.append(feature)
+            encodings[f"{group}.{f.schema_name()}"] = enc
+            continue
         present = np.array([v is not None for v in raw], dtype=bool) & keep
         vocab = sorted(set(raw[present].astype(str).tolist()) | ({str(f.default)} if f.default is not None else set()))
         vocab_arr = np.asarray(vocab, dtype=str)
@@ -581,7 +606,7 @@ def _encode_features(
         codes = np.full(n, default, dtype=np.int32)
         if present.any():
             codes[present] = _index_of(raw[present].astype(str), vocab_arr) + 1
-        cat[:, j] = codes
+        blocks.append(codes[:, None])
         cat_cols.append(
             CategoricalFeature(
                 name=f.schema_name(), cardinality=len(vocab) + 1, default=default, applies_to=f.applies_to
@@ -592,6 +617,8 @@ def _encode_features(
             "vocabulary": vocab,
             **({"type": f.type} if f.type else {}),
         }
+
+    cat = np.concatenate(blocks, axis=1).astype(np.int32) if blocks else np.zeros((n, 0), dtype=np.int32)
 
     num_cols: list[NumericFeature] = []
     num = np.zeros((n, len(spec.numeric)), dtype=np.float32)
@@ -622,6 +649,44 @@ def _encode_features(
             **({"type": f.type} if f.type else {}),
         }
     return cat_cols, num_cols, cat, num, encodings
+
+
+MAX_BAG = 64  # the schema's cap on the codes of one multi-value row
+
+
+def _encode_multi(
+    table: _Table, rows: np.ndarray, raw: np.ndarray, keep: np.ndarray, f: FeatureSpec
+) -> tuple[np.ndarray, CategoricalFeature, dict[str, Any]]:
+    """A separator-joined tag list -> (n, L) codes, left-aligned, 0-padded; duplicates in a row count once."""
+    sep = f.separator or "|"
+    bags: list[list[str]] = []
+    for v, k in zip(raw, keep, strict=True):
+        if v is None or not k:
+            bags.append([])
+            continue
+        seen: dict[str, None] = {}
+        for tok in str(v).split(sep):
+            tok = tok.strip()
+            if tok:
+                seen.setdefault(tok, None)
+        bags.append(list(seen))
+    longest = max((len(b) for b in bags), default=0)
+    if f.max_values is None and longest > MAX_BAG:
+        i = next(i for i, b in enumerate(bags) if len(b) == longest)
+        raise DatasetError(
+            f"{table.where(int(rows[i]))}: column {f.column!r}: {longest} values; at most {MAX_BAG} per row "
+            f'are kept: declare "max_values" (<= {MAX_BAG}) to keep the first ones'
+        )
+    width = max(1, f.max_values if f.max_values is not None else longest)
+    vocab = sorted({t for b in bags for t in b})
+    index = {t: i + 1 for i, t in enumerate(vocab)}
+    block = np.zeros((len(bags), width), dtype=np.int32)
+    for i, b in enumerate(bags):
+        for j, t in enumerate(b[:width]):  # max_values declared: the first ones are kept
+            block[i, j] = index[t]
+    feature = CategoricalFeature(name=f.schema_name(), cardinality=len(vocab) + 1, applies_to=f.applies_to, values=width)
+    enc = {"column": f.column, "vocabulary": vocab, "separator": sep, "values": width}
+    return block, feature, enc
 
 
 def _categorical_raw(table: _Table, f: FeatureSpec) -> np.ndarray:

@@ -144,6 +144,7 @@ def test_amazon_cli_and_one_line_error(amazon_dir: Path, tmp_path: Path, capsys:
     out = tmp_path / "cli"
     rc = main(["data", "import", "amazon-phone-electronic", "--out", str(out), "--source-dir", str(amazon_dir)])
     assert rc == 0 and (out / "dataset.json").is_file()
+    assert "warning: domain 'phone': 3 test queries" in capsys.readouterr().err  # the split diagnostics
     (amazon_dir / "amazon-cdr" / "phone_electronic" / "train.txt").write_text("")
     rc = main(
         ["data", "import", "amazon-phone-electronic", "--out", str(tmp_path / "x"), "--source-dir", str(amazon_dir)]

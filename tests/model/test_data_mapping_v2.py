@@ -318,3 +318,84 @@ def test_impressions_example_imports_trains_exports_and_serves(tmp_path: Path) -
     engine = MatchEngine(b, providers=["CPUExecutionProvider"])
     out = engine.match(UserFeatures.cold_start(b.schema), b.schema.domains.index("search"), 10)
     assert out.rows.size == 10 and not is_video[out.rows].any()  # search shows banners only
+
+
+# ---- multi-value categorical columns (a tag list) ----------------------------------------------
+
+TAG_ADS = "ad,kind,tags\na1,image,sport|shoes\na2,video,food\na3,video,\na4,image,shoes | sport|shoes|kids\n"
+TAG_EVENTS = "user,ad,ts\n" + "".join(f"u{u},a{1 + (u + i) % 4},{i}\n" for u in range(6) for i in range(4))
+
+
+def _tag_mapping(**feature: Any) -> dict[str, Any]:
+    return {
+        "interactions": {"file": "e.csv", "user": "user", "entity": "ad", "timestamp": "ts"},
+        "entities": {"file": "ads.csv", "id": "ad", "entity_type": "kind",
+                     "categorical": [{"column": "tags", "separator": "|", **feature}]},
+    }  # fmt: skip
+
+
+def test_multi_value_column_is_a_bag_of_codes(tmp_path: Path) -> None:
+    ds = load_dataset(import_mapping(write(tmp_path, _tag_mapping(), {"e.csv": TAG_EVENTS, "ads.csv": TAG_ADS}), tmp_path / "a"))
+    (col,) = ds.schema.entity_categorical
+    assert col.values == 3 and col.cardinality == 5  # food, kids, shoes, sport + the reserved 0
+    assert ds.meta["encodings"]["entities.tags"]["vocabulary"] == ["food", "kids", "shoes", "sport"]
+    # left-aligned, 0-padded, file order of the tags, a repeated tag counted once, spaces stripped
+    assert ds.entities.cat.tolist() == [[4, 3, 0], [1, 0, 0], [0, 0, 0], [3, 4, 2]]
+    # max_values keeps the first ones
+    m = _tag_mapping(max_values=1)
+    ds = load_dataset(import_mapping(write(tmp_path, m, {"e.csv": TAG_EVENTS, "ads.csv": TAG_ADS}), tmp_path / "b"))
+    assert ds.entities.cat.tolist() == [[4], [1], [0], [3]] and ds.schema.entity_categorical[0].values == 1
+
+
+@pytest.mark.parametrize(
+    ("mapping", "expected"),
+    [
+        (_tag_mapping(default="x"), r"a multi-value column \(\"separator\"\) takes no \"type\" or \"default\""),
+        (_tag_mapping(max_values=99), r"field entities.categorical.max_values: Input should be less than or equal to 64"),
+        ({**_tag_mapping(), "users": {"file": "e.csv", "id": "user", "unique": False,
+                                      "categorical": [{"column": "ad", "separator": "|"}]}},
+         r"users feature 'ad': multi-value columns \(separator\) are supported on entities only"),
+        ({**_tag_mapping(), "entities": {"file": "ads.csv", "id": "ad", "numeric": [{"column": "tags", "separator": "|"}]}},
+         r"numeric column 'tags': \"separator\" \(a multi-value column\) is for categorical ones"),
+    ],
+)  # fmt: skip
+def test_multi_value_bad_mappings(tmp_path: Path, mapping: dict[str, Any], expected: str) -> None:
+    with pytest.raises(DatasetError, match=expected):
+        import_mapping(write(tmp_path, mapping, {"e.csv": TAG_EVENTS, "ads.csv": TAG_ADS}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_too_many_values_without_max_values(tmp_path: Path) -> None:
+    ads = TAG_ADS.replace("a2,video,food", "a2,video," + "|".join(f"t{i}" for i in range(70)))
+    with pytest.raises(DatasetError, match=r"ads.csv: row 2 \(line 3\): column 'tags': 70 values; at most 64"):
+        import_mapping(write(tmp_path, _tag_mapping(), {"e.csv": TAG_EVENTS, "ads.csv": ads}), tmp_path / "out")
+
+
+def test_multi_value_mean_pooling_and_export_parity(tmp_path: Path) -> None:
+    """The model mean-pools a bag's embeddings (an empty bag gives zeros) and the export matches PyTorch."""
+    import torch
+
+    from model.embeddings import CategoricalEmbedding
+
+    emb = CategoricalEmbedding([3, 5], dim=2, values=[1, 3])  # a single-value column, then a 3-slot bag
+    codes = torch.tensor([[2, 4, 3, 0], [0, 0, 0, 0], [1, 1, 1, 1]])
+    t = emb.table.weight.detach()
+    out = emb(codes).detach()
+    torch.testing.assert_close(out[0], torch.cat([t[2], (t[3 + 4] + t[3 + 3]) / 2]))
+    torch.testing.assert_close(out[1], torch.cat([t[0], torch.zeros(2)]))  # single-value 0 = "unknown" row
+    torch.testing.assert_close(out[2], torch.cat([t[1], (t[4] * 3) / 3]))
+    # the whole path: import with tags, train 3 steps, export (the export checks ONNX against PyTorch)
+    src = write(tmp_path, _tag_mapping(), {"e.csv": TAG_EVENTS, "ads.csv": TAG_ADS})
+    data = import_mapping(src, tmp_path / "data")
+    run, bundle = tmp_path / "run", tmp_path / "bundle"
+    assert main(["train", "--data", str(data), "--method", "backbone", "--out", str(run), "--max-steps", "3",
+                 "--batch-size", "4", "--negatives", "2", "--embed-dim", "8", "--threads", "1", "--no-progress"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(bundle)]) == 0
+    from model.checkpoint import load_run
+    from model.export import entity_tensors
+
+    loaded = load_run(run)
+    stored = np.load(bundle / "entities" / "ent_uee.npy")
+    np.testing.assert_allclose(stored, entity_tensors(loaded.model, 4)["ent_uee"], rtol=1e-5, atol=1e-6)
+    # the tags matter: a3 (no tags) and a2 (food) differ only in their bags, and so do their vectors
+    assert not np.allclose(stored[1], stored[2])
