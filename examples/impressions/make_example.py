@@ -3,7 +3,7 @@
 ``impressions``: no header, no file extension, tab-separated, one row per impression with a click
 flag (about one impression in five is clicked), a request time; ``users.csv`` with a sign-up date
 written as ``YYYYMMDD``; ``ads.csv`` with two ad types (banner, video), a category, a price and a
-creation date. Users prefer some categories, so clicks carry signal a model can learn. Videos are
+creation date and a pipe-separated tag list (``sale|new``). Users prefer some categories, so clicks carry signal a model can learn. Videos are
 only ever shown in the feed. Deterministic; run from the repo root::
 
     .venv/bin/python examples/impressions/make_example.py [--out DIR]
@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 CATEGORIES = ("shoes", "phones", "games", "food", "travel", "books")
+TAGS = ("sale", "new", "premium", "local", "bundle", "eco")
 
 
 def main(out: Path | None = None, *, n_users: int = 200, n_ads: int = 120, per_user: int = 40, seed: int = 11) -> Path:
@@ -31,10 +32,12 @@ def main(out: Path | None = None, *, n_users: int = 200, n_ads: int = 120, per_u
     ad_cat = rng.integers(0, len(CATEGORIES), n_ads)
     with open(out / "ads.csv", "w", newline="") as fh:
         w = csv.writer(fh, lineterminator="\n")
-        w.writerow(["ad_id", "ad_type", "category", "price", "created"])
+        w.writerow(["ad_id", "ad_type", "category", "price", "created", "tags"])
         for a in range(n_ads):
             created = date(2026, 9, 1) + timedelta(days=int(rng.integers(0, 60)))
-            w.writerow([f"ad{a:03d}", ad_type[a], CATEGORIES[ad_cat[a]], f"{rng.lognormal(2.5, 0.6):.2f}", created.isoformat()])
+            tags = "|".join(rng.choice(TAGS, size=int(rng.integers(0, 4)), replace=False).tolist())  # 0-3 tags
+            w.writerow([f"ad{a:03d}", ad_type[a], CATEGORIES[ad_cat[a]], f"{rng.lognormal(2.5, 0.6):.2f}",
+                        created.isoformat(), tags])  # fmt: skip
     # each user likes two categories: clicks on them are ~6x likelier
     likes = np.stack([rng.choice(len(CATEGORIES), 2, replace=False) for _ in range(n_users)])
     with open(out / "users.csv", "w", newline="") as fh:
