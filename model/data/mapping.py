@@ -939,7 +939,8 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         )
         split_policy = (
             f"leave-last-out per (user, domain) by {'column ' + repr(spec.timestamp) if spec.timestamp else 'file order'}: "
-            f"{m.split.n_test} test, {m.split.n_valid} validation when >= {m.split.min_train} stay in train"
+            f"{m.split.n_test} test, {m.split.n_valid} validation; groups under "
+            f"{m.split.n_test + m.split.n_valid + m.split.min_train} interactions stay in train"
         )
 
     # eligibility
