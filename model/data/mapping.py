@@ -1,4 +1,4 @@
-"""Bring your own data: import a CSV/Parquet interaction log into the UMES format via a mapping file.
+"""Bring your own data: import a CSV/TSV/Parquet/JSONL interaction log into the UMES format via a mapping file.
 
 A real user's ad log rarely looks like ours, so instead of a fixed input format a small mapping
 file (JSON, or YAML when PyYAML is installed) says which column is what (paper section IV-A,
@@ -32,6 +32,14 @@ Encoding (so that every loader produces the same shape of data):
 * the split is leave-last-out per (user, domain) by time (``model.data.split``), unless the
   interactions name a ``split`` column (train / validation / test), which is then kept.
 
+Newer keys (older mappings need none of them): per file ``format``, ``columns`` (header-less
+CSV/TSV), ``delimiter``, ``na_values`` (only empty cells are missing by default); on the
+interactions ``positive`` (``clk == 1``, ``rating >= 4 and src == "web"``: ``model.data.filters``)
+and ``timestamp_format``; per feature ``type`` (a date/time turned into days since epoch, hour of
+day...; ``model.data.tables.time_feature``) with ``time_format``, and ``separator`` /
+``max_values`` for a multi-value entity column (a bag of codes); ``eligibility`` per domain by
+entity type. docs/data.md has the table of every key.
+
 The vocabularies and standardisation statistics go into the dataset manifest (``encodings``) so
 that new raw values can be encoded the same way later. Every error names the file, the row (and
 CSV line) or column, and what was expected.
@@ -41,7 +49,6 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -62,6 +69,7 @@ from model.data.dataset import (
 from model.data.filters import FilterError, columns_of, evaluate_filter, parse_filter
 from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
+from model.data.tables import TIME_KINDS, Table, time_feature
 
 # ---- helpers shared by the importers (amazon, movielens, mapping) ---------------------------------
 
@@ -93,13 +101,9 @@ def train_log_popularity(entity: np.ndarray, split: np.ndarray, num_entities: in
 # ---- the mapping file -----------------------------------------------------------------------------
 
 
+# the names of model.data.tables.TIME_KINDS, spelled out for pydantic
 TimeKind = Literal["epoch_seconds", "days_since_epoch", "hour_of_day", "day_of_week", "month", "year"]
-TIME_KINDS: tuple[str, ...] = ("epoch_seconds", "days_since_epoch", "hour_of_day", "day_of_week", "month", "year")
 FileFormat = Literal["csv", "tsv", "parquet", "jsonl"]
-_FORMAT_OF_SUFFIX: dict[str, str] = {
-    ".csv": "csv", ".txt": "csv", ".tsv": "tsv", ".parquet": "parquet", ".pq": "parquet",
-    ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "jsonl",
-}  # fmt: skip
 
 
 class FeatureSpec(BaseModel):
@@ -275,257 +279,6 @@ def load_mapping(path: Path) -> Mapping:
         raise DatasetError(f"{path}: field {loc}: {err['msg']}") from None
 
 
-# ---- reading tables -------------------------------------------------------------------------------
-
-
-class _Table:
-    """A CSV/TSV/Parquet/JSONL file read with pyarrow; errors name the file, row and column.
-
-    ``keep`` (``filter_rows``) drops rows, e.g. the non-positives, while error messages keep naming
-    rows and lines of the file as written.
-    """
-
-    def __init__(self, path: Path, spec: FileSpec, string_columns: set[str], na_values: list[str] | None) -> None:
-        try:
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-            import pyarrow.json as pajson
-            import pyarrow.parquet as pq
-        except ModuleNotFoundError:
-            raise DatasetError(f"{path}: reading CSV/Parquet needs pyarrow (pip install 'unimatch[train]')") from None
-
-        self.path = path
-        suffix = path.suffix.lower()
-        fmt = spec.format or _FORMAT_OF_SUFFIX.get(suffix)
-        if fmt is None:
-            what = f"unsupported file type {suffix!r}" if suffix else "no file extension"
-            raise DatasetError(
-                f'{path}: {what}; expected .csv, .tsv, .parquet or .jsonl, or set "format" '
-                "(csv, tsv, parquet, jsonl) for this file in the mapping"
-            )
-        self.format = fmt
-        self.is_csv = fmt in ("csv", "tsv")
-        if not self.is_csv and (spec.columns is not None or spec.delimiter is not None):
-            key = "columns" if spec.columns is not None else "delimiter"
-            raise DatasetError(f'{path}: "{key}" applies to csv/tsv files only; this one is read as {fmt}')
-        # the line of data row 0: 2 under a header, 1 without one (and in JSONL)
-        self.first_line = 2 if self.is_csv and spec.columns is None else 1
-        if not path.is_file():
-            raise DatasetError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise DatasetError(f"{path}: empty file")
-        nulls = spec.na_values if spec.na_values is not None else (na_values if na_values is not None else [""])
-        try:
-            if self.is_csv:
-                self.table = pacsv.read_csv(
-                    path,
-                    read_options=pacsv.ReadOptions(column_names=spec.columns),
-                    parse_options=pacsv.ParseOptions(delimiter=spec.delimiter or ("\t" if fmt == "tsv" else ",")),
-                    # ids and labels stay strings: "007" and "7" are different ids
-                    convert_options=pacsv.ConvertOptions(
-                        column_types={c: pa.string() for c in string_columns},
-                        null_values=nulls,
-                        strings_can_be_null=True,
-                    ),
-                )
-            elif fmt == "jsonl":
-                self.table = pajson.read_json(path)
-            else:
-                self.table = pq.read_table(path)
-        except (pa.ArrowInvalid, OSError) as exc:
-            msg = " ".join(str(exc).split())
-            line = _bad_csv_line(path, msg) if self.is_csv else None
-            at = f": line {line}" if line is not None else ""
-            raise DatasetError(f"{path}{at}: cannot read as {fmt} ({msg})") from None
-        if self.table.num_rows == 0:
-            raise DatasetError(f"{path}: no data rows")
-        self.rows = np.arange(self.table.num_rows)  # file row of each kept row
-
-    def __len__(self) -> int:
-        return int(self.table.num_rows)
-
-    def where(self, row: int) -> str:
-        """``file: row N (line M)``: 1-based data row of the file, and its line (CSV counts the header)."""
-        r = int(self.rows[row])
-        return f"{self.path}: row {r + 1}" + (f" (line {r + self.first_line})" if self.format != "parquet" else "")
-
-    def filter_rows(self, keep: np.ndarray) -> None:
-        import pyarrow as pa
-
-        self.table = self.table.filter(pa.array(keep))
-        self.rows = self.rows[keep]
-
-    def require(self, columns: list[str], role: str) -> None:
-        have = self.table.column_names
-        for c in columns:
-            if c not in have:
-                hint = (
-                    '; a header-less file needs "columns" in the mapping' if self.is_csv and self.first_line == 2 else ""
-                )
-                raise DatasetError(
-                    f"{self.path}: missing column {c!r} ({role}); the file has columns {have}{hint}"
-                )
-
-    def strings(self, column: str, *, required: bool) -> np.ndarray:
-        """Column as a numpy str array; None where null. ``required`` makes a null an error."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            if pa.types.is_floating(col.type):
-                # 3.0 -> "3": ids and labels written as floats (a CSV column with a gap) still match
-                whole = pc.equal(col, pc.floor(col))
-                if pc.all(pc.fill_null(whole, True)).as_py():
-                    col = pc.cast(col, pa.int64())
-            try:
-                col = pc.cast(col, pa.string())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DatasetError(
-                    f"{self.path}: column {column!r}: expected text or numbers, got {col.type}"
-                ) from None
-        if required and col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a value")
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-
-    def numbers(self, column: str) -> np.ndarray:
-        """Column as float64 with NaN for missing; a non-numeric value is an error naming its row."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
-            return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            raw = col.to_pylist()
-            out = np.empty(len(raw), dtype=np.float64)
-            for i, v in enumerate(raw):
-                try:
-                    out[i] = np.nan if v is None or v == "" else float(v)
-                except ValueError:
-                    hint = _TIME_HINT if _parse_time(v) is not None else ""
-                    raise DatasetError(
-                        f"{self.where(i)}: column {column!r}: expected a number, got {v!r}{hint}"
-                    ) from None
-            return out
-        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-            raise DatasetError(f"{self.path}: column {column!r}: expected numbers, got dates ({col.type}){_TIME_HINT}")
-        raise DatasetError(f"{self.path}: column {column!r}: expected numbers, got values of type {col.type}")
-
-    def times(self, column: str, time_format: str | None = None) -> np.ndarray:
-        """Column as float64 epoch seconds (UTC), NaN where null.
-
-        Integers, floats, ISO-8601 strings, Parquet/JSON timestamps and dates; ``time_format`` (a
-        strptime pattern, e.g. ``%Y%m%d``) for other strings and for integers written as dates.
-        """
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if time_format is not None:
-            text = pc.cast(col, pa.string()) if not pa.types.is_string(col.type) else col
-            try:
-                parsed = pc.strptime(text, format=time_format, unit="s", error_is_null=True)
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as exc:
-                raise DatasetError(f"{self.path}: column {column!r}: time_format {time_format!r}: {exc}") from None
-            bad = np.asarray(pc.and_(pc.is_null(parsed), pc.invert(pc.is_null(text))).to_numpy(zero_copy_only=False))
-            if bad.any():
-                row = int(np.flatnonzero(bad)[0])
-                raise DatasetError(
-                    f"{self.where(row)}: column {column!r}: {text[row].as_py()!r} does not match time_format {time_format!r}"
-                )
-            col = parsed
-        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-            tz = col.type.tz if pa.types.is_timestamp(col.type) else None
-            # safe=False truncates sub-second precision instead of refusing it; epoch seconds are UTC
-            secs = pc.cast(pc.cast(col, pa.timestamp("s", tz=tz), safe=False), pa.int64())
-            return np.asarray(pc.cast(secs, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type):
-            x = np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-            if np.isinf(x).any():
-                row = int(np.flatnonzero(np.isinf(x))[0])
-                raise DatasetError(f"{self.where(row)}: column {column!r}: expected a finite timestamp, got {x[row]}")
-            return np.rint(x)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out = np.empty(len(col), dtype=np.float64)
-            for i, v in enumerate(col.to_pylist()):
-                if v is None:
-                    out[i] = np.nan
-                    continue
-                t = _parse_time(v)
-                if t is None:
-                    raise DatasetError(
-                        f"{self.where(i)}: column {column!r}: expected a number or an ISO-8601 time, got {v!r}"
-                        " (or give a time_format)"
-                    )
-                out[i] = t
-            return out
-        raise DatasetError(f"{self.path}: column {column!r}: expected timestamps, got values of type {col.type}")
-
-    def timestamps(self, column: str, time_format: str | None = None) -> np.ndarray:
-        """Column as int64 epoch seconds; a missing time is an error naming its row."""
-        x = self.times(column, time_format)
-        if np.isnan(x).any():
-            row = int(np.flatnonzero(np.isnan(x))[0])
-            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a timestamp")
-        return x.astype(np.int64)
-
-
-def _bad_csv_line(path: Path, message: str) -> int | None:
-    """The 1-based line a pyarrow CSV row-length error quotes ("Expected 4 columns, got 2: u2,a1")."""
-    m = re.search(r"Expected \d+ columns, got \d+: (.*)$", message)
-    if m is None:
-        return None
-    quoted = m.group(1).strip()
-    with open(path, errors="replace") as fh:
-        for n, text in enumerate(fh, start=1):
-            if text.rstrip("\r\n").strip() == quoted:
-                return n
-    return None
-
-
-_TIME_HINT = (
-    '; for a date/time column declare its "type" in the mapping: '
-    + ", ".join(TIME_KINDS)
-)
-
-
-def time_feature(seconds: np.ndarray, kind: str) -> np.ndarray:
-    """float64 ``kind`` of epoch seconds (UTC), NaN stays NaN. day_of_week: Monday = 0."""
-    ok = np.isfinite(seconds)
-    out = np.full(seconds.shape, np.nan)
-    s = seconds[ok]
-    days = np.floor(s / 86400.0)
-    if kind == "epoch_seconds":
-        out[ok] = s
-    elif kind == "days_since_epoch":
-        out[ok] = days
-    elif kind == "hour_of_day":
-        out[ok] = np.floor(s / 3600.0) % 24
-    elif kind == "day_of_week":
-        out[ok] = (days + 3) % 7  # 1970-01-01 was a Thursday
-    else:
-        months = days.astype("datetime64[D]").astype("datetime64[M]").astype(np.int64)  # months since 1970-01
-        out[ok] = months % 12 + 1 if kind == "month" else months // 12 + 1970
-    return out
-
-
-def _parse_time(value: str) -> int | None:
-    """Epoch seconds of a numeric or ISO-8601 string; None when it is neither."""
-    try:
-        return int(round(float(value)))
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)  # naive times are read as UTC, the usual log convention
-    return int(t.timestamp())
-
-
 def _index_of(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     """Position of each value in ``vocabulary`` (unique), -1 where absent."""
     order = np.argsort(vocabulary)
@@ -537,7 +290,7 @@ def _index_of(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
 
 
 def _labels(
-    values: np.ndarray, declared: list[str] | None, table: _Table, column: str, what: str
+    values: np.ndarray, declared: list[str] | None, table: Table, column: str, what: str
 ) -> tuple[list[str], np.ndarray]:
     """Map string labels to indices into the declared (or sorted observed) label list."""
     values = values.astype(str)
@@ -555,7 +308,7 @@ def _labels(
 
 
 def _encode_features(
-    table: _Table,
+    table: Table,
     rows: np.ndarray,
     spec: TableSpec,
     group: str,
@@ -655,7 +408,7 @@ MAX_BAG = 64  # the schema's cap on the codes of one multi-value row
 
 
 def _encode_multi(
-    table: _Table, rows: np.ndarray, raw: np.ndarray, keep: np.ndarray, f: FeatureSpec
+    table: Table, rows: np.ndarray, raw: np.ndarray, keep: np.ndarray, f: FeatureSpec
 ) -> tuple[np.ndarray, CategoricalFeature, dict[str, Any]]:
     """A separator-joined tag list -> (n, L) codes, left-aligned, 0-padded; duplicates in a row count once."""
     sep = f.separator or "|"
@@ -689,7 +442,7 @@ def _encode_multi(
     return block, feature, enc
 
 
-def _categorical_raw(table: _Table, f: FeatureSpec) -> np.ndarray:
+def _categorical_raw(table: Table, f: FeatureSpec) -> np.ndarray:
     """Raw categorical values as strings (None = missing); a time column gives e.g. its hour "0".."23"."""
     if f.type is None:
         if f.time_format is not None:
@@ -699,7 +452,7 @@ def _categorical_raw(table: _Table, f: FeatureSpec) -> np.ndarray:
     return np.array([None if np.isnan(v) else str(int(v)) for v in x], dtype=object)
 
 
-def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
+def _unique_rows(table: Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
     """Row index of each distinct id, in first-occurrence order; duplicates are an error if ``unique``."""
     ids = ids.astype(str)
     _, first = np.unique(ids, return_index=True)
@@ -713,7 +466,7 @@ def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
     return np.sort(first)
 
 
-def _filter_numbers(table: _Table, column: str) -> np.ndarray:
+def _filter_numbers(table: Table, column: str) -> np.ndarray:
     x = table.numbers(column)
     if np.isnan(x).any():
         row = int(np.flatnonzero(np.isnan(x))[0])
@@ -721,7 +474,7 @@ def _filter_numbers(table: _Table, column: str) -> np.ndarray:
     return x
 
 
-def _filter_strings(table: _Table, column: str) -> np.ndarray:
+def _filter_strings(table: Table, column: str) -> np.ndarray:
     raw = table.strings(column, required=False)
     missing = np.array([v is None for v in raw], dtype=bool)
     if missing.any():
@@ -793,7 +546,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     positive = parse_filter(spec.positive) if spec.positive else None
     # a filter column compared with strings is read as text ("007" stays "007")
     filter_text = {c for c, numeric in columns_of(positive)} - {c for c, numeric in columns_of(positive) if numeric} if positive else set()
-    inter = _Table(base / spec.file, spec, set(inter_cols) | filter_text, m.na_values)
+    inter = Table(base / spec.file, spec, set(inter_cols) | filter_text, m.na_values)
     inter.require(inter_cols + ([spec.timestamp] if spec.timestamp else []), "named in the mapping's interactions")
     n_rows_read = len(inter)
     if positive is not None:
@@ -815,9 +568,9 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         raise DatasetError(f"{inter.path}: {len(domains)} domains; at most {MAX_DOMAINS} are supported")
 
     # users
-    users_tab: _Table | None = None
+    users_tab: Table | None = None
     if m.users is not None:
-        users_tab = _Table(base / m.users.file, m.users, {m.users.id} | {f.column for f in m.users.categorical}, m.na_values)
+        users_tab = Table(base / m.users.file, m.users, {m.users.id} | {f.column for f in m.users.categorical}, m.na_values)
         users_tab.require(
             [m.users.id] + [f.column for f in m.users.categorical + m.users.numeric], "named in the mapping's users"
         )
@@ -835,13 +588,13 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         )
 
     # entities and their types
-    ent_tab: _Table | None = None
+    ent_tab: Table | None = None
     e_type_raw: np.ndarray | None = None
     if m.entities is not None:
         string_cols = {m.entities.id} | {f.column for f in m.entities.categorical}
         if m.entities.entity_type:
             string_cols.add(m.entities.entity_type)
-        ent_tab = _Table(base / m.entities.file, m.entities, string_cols, m.na_values)
+        ent_tab = Table(base / m.entities.file, m.entities, string_cols, m.na_values)
         ent_tab.require(
             [m.entities.id]
             + ([m.entities.entity_type] if m.entities.entity_type else [])

@@ -13,7 +13,8 @@ import pytest
 
 from model.data.dataset import DatasetError, load_dataset
 from model.data.filters import FilterError, evaluate_filter, parse_filter
-from model.data.mapping import import_mapping, time_feature
+from model.data.mapping import import_mapping
+from model.data.tables import time_feature
 from unimatch.cli import main
 
 # user, ad, clk, day, hour-stamp: an impression log as an ad server writes it (no header, no extension)
