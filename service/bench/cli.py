@@ -121,7 +121,7 @@ def _search(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     res = run_search_bench(cfg, log=lambda m: console.print(m))
     table = Table(title=f"bench search: {res['catalogue_size']:,} entities, {res['queries']} queries")
-    for col in ("k", "coverage", "recall-all", "recall-retr.", "two-tower r.-retr.", "scored", "p50 ms", "p99 ms", "scorer share", "speed-up"):
+    for col in ("k", "coverage", "recall-all/query", "recall-retr.", "two-tower r.-retr.", "scored", "p50 ms", "p99 ms", "scorer share", "speed-up"):
         table.add_column(col, justify="right")
     for k, r in res["k"].items():
         tt = res["two_tower"].get(k, {}).get("recall_retrieval")
