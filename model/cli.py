@@ -40,6 +40,8 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--valid-users", type=int, default=256,
                    help="validation users scored per check (0 = no validation figure)")
     p.add_argument("--valid-n", type=int, default=50, help="N of the validation Recall-all@N")
+    p.add_argument("--valid-pair-budget", type=int, default=1_000_000,
+                   help="at most this many (user, entity) pairs per validation check: fewer users on a big catalogue")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
@@ -117,6 +119,7 @@ def _train(args: argparse.Namespace) -> int:
             eval_every=args.eval_every,
             valid_users=args.valid_users,
             valid_n=args.valid_n,
+            valid_pair_budget=args.valid_pair_budget,
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
@@ -153,7 +156,10 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
         line += "; no validation figure (no validation users, or --valid-users 0)"
     else:
         kind = "best validation" if summary.get("early_stop") else "validation"
-        line += f"; {kind} Recall-all@{summary['valid_n']} {best:.4f} at step {summary['best_step']}"
+        line += (
+            f"; {kind} Recall-all@{summary['valid_n']} {best:.4f} at step {summary['best_step']} "
+            f"({summary['valid_users']} validation users)"
+        )
         if summary.get("early_stopped"):
             line += " (stopped early)"
         if summary.get("checkpoint_used") == "best.pt":

@@ -141,6 +141,10 @@ class TrainConfig:
     # validation users scored per check (sampled once, seeded); 0 = no validation figure at all
     valid_users: int = 256
     valid_n: int = 50  # the N of the validation Recall-all@N
+    # cap on the (user, eligible entity) pairs one check scores: exhaustive scoring ran at ~34k pairs/s
+    # on the shared CPUs (docs/model.md), so 256 users of the 50k-entity preset would take ~12 minutes per
+    # check; fewer users are drawn instead (at least 10)
+    valid_pair_budget: int = 1_000_000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -170,6 +174,8 @@ class TrainConfig:
             raise ConfigError(f"valid_users must be >= 0, got {self.valid_users}")
         if self.early_stop and self.valid_users == 0:
             raise ConfigError("early_stop needs validation users (valid_users > 0)")
+        if self.valid_pair_budget < 1:
+            raise ConfigError(f"valid_pair_budget must be >= 1, got {self.valid_pair_budget}")
         if self.valid_n < 1:
             raise ConfigError(f"valid_n must be >= 1, got {self.valid_n}")
         if self.batch_size < 2:

@@ -70,6 +70,28 @@ def sample_users(ds: Dataset, split: int, max_users: int, seed: int) -> np.ndarr
     return users
 
 
+def sample_users_within(
+    ds: Dataset, split: int, max_users: int, seed: int, *, pair_budget: int, min_users: int = 10
+) -> np.ndarray:
+    """Like ``sample_users``, but stops adding users once scoring them would pass ``pair_budget`` pairs.
+
+    A user costs the eligible entities of every domain where they have ``split`` interactions. At
+    least ``min_users`` are kept (or all there are), so a huge catalogue still gets a figure.
+    """
+    users = sample_users(ds, split, ds.interactions.split.shape[0], seed)  # all of them, in sorted order
+    if users.size == 0:
+        return users
+    order = np.random.default_rng(seed).permutation(users)[:max_users]
+    inter = ds.interactions
+    sel = np.asarray(inter.split) == split
+    eligible = np.array([int(ds.entities.in_domain(k).sum()) for k in range(ds.schema.num_domains)], dtype=np.int64)
+    key = np.unique(np.asarray(inter.user)[sel].astype(np.int64) * ds.schema.num_domains + np.asarray(inter.domain)[sel])
+    cost = np.bincount(key // ds.schema.num_domains, weights=eligible[key % ds.schema.num_domains], minlength=len(ds.users))
+    within = np.cumsum(cost[order]) <= pair_budget
+    keep = max(int(within.sum()), min(min_users, order.size))
+    return np.sort(order[:keep])
+
+
 @torch.no_grad()
 def recall_all(
     model: MatchingModel,

@@ -215,10 +215,14 @@ class Trainer:
         # --max-steps is the exact budget: run() wraps into further epochs (divmod of the step)
         self.total_steps = cfg.max_steps if cfg.max_steps is not None else self.steps_per_epoch * cfg.epochs
         self.eval_every = cfg.eval_every or self.steps_per_epoch
-        from model.evaluate import sample_users
+        from model.evaluate import sample_users_within
 
         # drawn once, so every check scores the same users and the figures are comparable
-        self.valid_users = sample_users(self.ds, VALID, cfg.valid_users, cfg.seed) if cfg.valid_users else np.empty(0)
+        self.valid_users = (
+            sample_users_within(self.ds, VALID, cfg.valid_users, cfg.seed, pair_budget=cfg.valid_pair_budget)
+            if cfg.valid_users
+            else np.empty(0, dtype=np.int64)
+        )
         if cfg.early_stop and self.valid_users.size == 0:
             raise ValueError(
                 f"{cfg.data}: --early-stop needs validation interactions and the dataset has none "

@@ -65,3 +65,21 @@ def test_cli_baseline_errors(args: list[str], message: str, capsys: pytest.Captu
     assert main(["eval", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1
+
+
+def test_validation_users_are_capped_by_the_pair_budget(data: Path) -> None:
+    from model.data.dataset import VALID
+    from model.evaluate import sample_users_within
+
+    ds = load_dataset(data)
+    every = sample_users(ds, VALID, 10_000, 0)
+    assert sample_users_within(ds, VALID, 10_000, 0, pair_budget=10**12).tolist() == every.tolist()
+    assert sample_users_within(ds, VALID, 30, 0, pair_budget=10**12).size == 30
+    few = sample_users_within(ds, VALID, 10_000, 0, pair_budget=2_000)  # 200 entities: ~10 user-domains
+    assert few.size == 10 and set(few.tolist()) <= set(every.tolist())  # the floor of 10 users
+    it = ds.interactions
+    sel = np.asarray(it.split) == VALID
+    mid = sample_users_within(ds, VALID, 10_000, 0, pair_budget=20_000)
+    pairs = sum(int(ds.entities.in_domain(int(k)).sum())
+                for u in mid for k in np.unique(np.asarray(it.domain)[sel & (np.asarray(it.user) == u)]))  # fmt: skip
+    assert 10 < mid.size < every.size and pairs <= 20_000
