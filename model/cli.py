@@ -153,7 +153,7 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
     )
     best = summary.get("valid_recall_all_best")
     if best is None:
-        line += "; no validation figure (no validation users, or --valid-users 0)"
+        line += "; no validation figure (no validation users, --valid-users 0, or none within --valid-pair-budget)"
     else:
         kind = "best validation" if summary.get("early_stop") else "validation"
         line += (

@@ -76,7 +76,9 @@ def sample_users_within(
     """Like ``sample_users``, but stops adding users once scoring them would pass ``pair_budget`` pairs.
 
     A user costs the eligible entities of every domain where they have ``split`` interactions. At
-    least ``min_users`` are kept (or all there are), so a huge catalogue still gets a figure.
+    least ``min_users`` are kept (or all there are) as long as they cost under ten budgets, so a
+    small sample does not make the figure pure noise; beyond that (a catalogue of millions) only the
+    users within the budget, possibly none.
     """
     users = sample_users(ds, split, ds.interactions.split.shape[0], seed)  # all of them, in sorted order
     if users.size == 0:
@@ -87,8 +89,11 @@ def sample_users_within(
     eligible = np.array([int(ds.entities.in_domain(k).sum()) for k in range(ds.schema.num_domains)], dtype=np.int64)
     key = np.unique(np.asarray(inter.user)[sel].astype(np.int64) * ds.schema.num_domains + np.asarray(inter.domain)[sel])
     cost = np.bincount(key // ds.schema.num_domains, weights=eligible[key % ds.schema.num_domains], minlength=len(ds.users))
-    within = np.cumsum(cost[order]) <= pair_budget
-    keep = max(int(within.sum()), min(min_users, order.size))
+    total = np.cumsum(cost[order])
+    keep = int((total <= pair_budget).sum())
+    floor = min(min_users, order.size)
+    if keep < floor and total[floor - 1] < 10 * pair_budget:
+        keep = floor
     return np.sort(order[:keep])
 
 

@@ -224,6 +224,11 @@ class Trainer:
             else np.empty(0, dtype=np.int64)
         )
         if cfg.early_stop and self.valid_users.size == 0:
+            if int((np.asarray(self.ds.interactions.split) == VALID).sum()):
+                raise ValueError(
+                    f"{cfg.data}: --early-stop: not one validation user fits in --valid-pair-budget "
+                    f"{cfg.valid_pair_budget:,} pairs ({len(self.ds.entities):,} entities); raise the budget"
+                )
             raise ValueError(
                 f"{cfg.data}: --early-stop needs validation interactions and the dataset has none "
                 "(the split's n_valid is 0, or every (user, domain) is too short to hold one out)"
