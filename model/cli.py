@@ -151,13 +151,15 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
         f"trained {summary['method']}: {summary['steps']} steps = {summary['epochs']:.2f} epochs "
         f"of {summary['steps_per_epoch']} steps in {summary['seconds']:.1f} s ({summary['examples_per_s']:.0f} examples/s)"
     )
-    best = summary.get("valid_recall_all_best")
-    if best is None:
+    early = bool(summary.get("early_stop"))
+    # without --early-stop the run's weights are the last step's: report that check, not an older best
+    value = summary.get("valid_recall_all_best" if early else "valid_recall_all_final")
+    if value is None:
         line += "; no validation figure (no validation users, --valid-users 0, or none within --valid-pair-budget)"
     else:
-        kind = "best validation" if summary.get("early_stop") else "validation"
+        kind, step = ("best validation", summary["best_step"]) if early else ("validation", summary["steps"])
         line += (
-            f"; {kind} Recall-all@{summary['valid_n']} {best:.4f} at step {summary['best_step']} "
+            f"; {kind} Recall-all@{summary['valid_n']} {value:.4f} at step {step} "
             f"({summary['valid_users']} validation users)"
         )
         if summary.get("early_stopped"):

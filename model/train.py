@@ -234,8 +234,10 @@ class Trainer:
                 "(the split's n_valid is 0, or every (user, domain) is too short to hold one out)"
             )
         # early-stopping state; saved in the checkpoint so a resumed run keeps its patience
-        self.best: dict[str, Any] = {"recall": None, "step": None, "bad_checks": 0, "stopped": False}
-        self._last_check: tuple[int, float | None] = (-1, None)  # (step, figure) of the latest check
+        # (last_step, last_value: the latest check, so a resumed run does not score the same step twice)
+        self.best: dict[str, Any] = {
+            "recall": None, "step": None, "bad_checks": 0, "stopped": False, "last_step": None, "last_value": None,
+        }  # fmt: skip
         self.step = 0
         self._shard_epoch: int | None = None
         self._shard = np.empty(0, dtype=np.int64)
@@ -271,6 +273,8 @@ class Trainer:
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
         self.best.update(state.get("early_stop", {}))
+        # re-judged with this run's patience: resuming a stopped run with a larger one continues it
+        self.best["stopped"] = bool(self.cfg.early_stop and self.best["bad_checks"] >= self.cfg.patience)
         torch.set_rng_state(state["torch_rng"])
         # each rank continues its own negative stream; rank 0's saved state is shifted per rank
         self.sampler.gen.set_state(state["sampler_rng"])
@@ -336,7 +340,7 @@ class Trainer:
     def check(self) -> float | None:
         """One validation check: track the best figure, write best.pt, count checks without gain."""
         value = self.validate()
-        self._last_check = (self.step, value)
+        self.best.update(last_step=self.step, last_value=value)
         if value is None:
             return None
         best = self.best["recall"]
@@ -460,8 +464,8 @@ class Trainer:
                     if is_main and self.step % cfg.checkpoint_every == 0:
                         save_checkpoint(self.out / CHECKPOINT, self.state())
             # the last check: after the final step (unless an early-stop check just scored that step)
-            if self._last_check[0] == self.step:
-                final_value = self._last_check[1]
+            if self.best["last_step"] == self.step:
+                final_value = self.best["last_value"]
             else:
                 final_value = self.check()
                 self._report_check(final_value, bar)

@@ -221,6 +221,25 @@ def test_early_stop_keeps_the_best_checkpoint(short_epoch_data: Path, tmp_path: 
     assert load_run(tmp_path / "run").checkpoint == "checkpoint.pt"
 
 
+def test_resumed_early_stop_rejudges_patience(short_epoch_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(short_epoch_data, tmp_path / "run", "dnn", max_steps=40, early_stop=True, patience=1, eval_every=2)
+    t = Trainer(cfg)
+    curve = iter([0.5, 0.4] + [0.1] * 30)
+    t.validate = lambda: next(curve)  # type: ignore[method-assign]
+    t.run()
+    assert t.step == 4 and t.best["stopped"]
+    # the same command again: still stopped, no step trained
+    again = Trainer(cfg)
+    again.validate = lambda: 0.1  # type: ignore[method-assign]
+    again.run()
+    assert again.step == 4
+    # a larger patience continues from the checkpoint, keeping the best so far (0.5 at step 2)
+    more = Trainer(dataclasses.replace(cfg, patience=3))
+    more.validate = lambda: 0.2  # type: ignore[method-assign]
+    more.run()
+    assert more.step == 8 and more.best["step"] == 2 and more.best["recall"] == 0.5
+
+
 def test_early_stop_needs_validation_interactions(tmp_path: Path) -> None:
     from model.data.mapping import import_mapping
 
