@@ -19,8 +19,6 @@ import json
 import sys
 from pathlib import Path
 
-import numpy as np
-
 
 def popularity_recall(
     data: Path, ns: list[int], *, max_users: int | None = None, seed: int = 0
@@ -31,49 +29,21 @@ def popularity_recall(
     (``numpy.random.default_rng(seed).choice`` over the sorted distinct test users, without
     replacement); ``None`` = every test user.
     """
-    from model.data.dataset import TEST, TRAIN, load_dataset
+    from model.data.dataset import TEST, load_dataset
+    from model.evaluate import average_over_domains, sample_users
+    from model.evaluate import popularity_recall as _popularity
 
     if not ns or min(ns) < 1:
         raise ValueError(f"N values must be >= 1, got {ns}")
+    if max_users is not None and max_users < 1:
+        raise ValueError(f"max_users must be >= 1, got {max_users}")
     ds = load_dataset(data)
-    inter = ds.interactions
-    split = np.asarray(inter.split)
-    user, entity, domain = np.asarray(inter.user), np.asarray(inter.entity), np.asarray(inter.domain)
-    is_test = split == TEST
-    if max_users is not None:
-        if max_users < 1:
-            raise ValueError(f"max_users must be >= 1, got {max_users}")
-        test_users = np.unique(user[is_test].astype(np.int64))
-        if test_users.size > max_users:
-            # The same draw as model.evaluate.evaluate, so the same users for the same seed.
-            chosen = np.sort(np.random.default_rng(seed).choice(test_users, size=max_users, replace=False))
-            is_test &= np.isin(user, chosen)
-    per_domain: dict[str, dict[str, float]] = {}
-    for k, name in enumerate(ds.schema.domains):
-        test = is_test & (domain == k)
-        if not test.any():
-            continue
-        eligible = np.flatnonzero(ds.entities.in_domain(k))
-        counts = np.bincount(entity[(split == TRAIN) & (domain == k)], minlength=len(ds.entities))[eligible]
-        # Stable sort: ties keep entity order, so the list is deterministic.
-        ranked = eligible[np.argsort(-counts, kind="stable")]
-        rank_of = np.full(len(ds.entities), np.iinfo(np.int64).max, dtype=np.int64)
-        rank_of[ranked] = np.arange(ranked.size)
-        # G_u is a set (as in model.evaluate): a test entity repeated for one user counts once.
-        pairs = np.unique(user[test].astype(np.int64) * len(ds.entities) + entity[test])
-        users, ents = pairs // len(ds.entities), pairs % len(ds.entities)
-        ranks = rank_of[ents]
-        per_domain[name] = {}
-        for n in ns:
-            hit = (ranks < n).astype(np.float64)
-            # Per user: hits / |G_u|, then the mean over users (as model.evaluate does).
-            uniq, inv = np.unique(users, return_inverse=True)
-            per_user = np.bincount(inv, weights=hit) / np.bincount(inv)
-            per_domain[name][str(n)] = float(per_user.mean()) if uniq.size else 0.0
+    # The same draw as model.evaluate.evaluate, so the same users for the same seed.
+    users = sample_users(ds, TEST, max_users if max_users is not None else len(ds.users), seed)
+    per_domain, _, _ = _popularity(ds, users, tuple(ns))
     if not per_domain:
         raise ValueError(f"{data}: no test interactions")
-    average = {str(n): float(np.mean([per_domain[d][str(n)] for d in per_domain])) for n in ns}
-    return {**per_domain, "average": average}
+    return {**per_domain, "average": average_over_domains(per_domain, tuple(ns))}
 
 
 def main(argv: list[str] | None = None) -> int:

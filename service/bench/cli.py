@@ -41,7 +41,8 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
     p.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
     p.add_argument("--users", type=int, default=2000, help="held-out (user, domain) queries")
-    p.add_argument("--k", type=_ints, default=(50, 200, 1000), help="comma-separated k values")
+    p.add_argument("--k", type=_ints, default=None,
+                   help="comma-separated k values (default 50,200,1000, capped at the smallest domain's entities)")
     p.add_argument("--json", type=Path, default=None, help="write the results JSON here")
     p.add_argument("--md", type=Path, default=None, help="write the markdown report here")
     p.add_argument("--plot", type=Path, default=None, help="write the coverage-vs-scored PNG here")
@@ -114,15 +115,15 @@ def _search(args: argparse.Namespace) -> int:
     if args.whole_top_layer_up_to is not None:
         params = replace(params, whole_top_layer_up_to=args.whole_top_layer_up_to)
     cfg = BenchConfig(
-        bundle=args.bundle, data=args.data, users=args.users, ks=args.k, params=params if explicit else None,
-        two_tower=args.two_tower,
+        bundle=args.bundle, data=args.data, users=args.users, ks=args.k or (50, 200, 1000), cap_ks=args.k is None,
+        params=params if explicit else None, two_tower=args.two_tower,
         sweep=not args.no_sweep, sweep_k=args.sweep_k, sweep_users=args.sweep_users,
         sweep_bundles=tuple(args.sweep_bundle), throughput_threads=args.threads, seed=args.seed,
     )
     console = Console(stderr=True)
     res = run_search_bench(cfg, log=lambda m: console.print(m))
     table = Table(title=f"bench search: {res['catalogue_size']:,} entities, {res['queries']} queries")
-    for col in ("k", "coverage", "recall-all", "recall-retr.", "two-tower r.-retr.", "scored", "p50 ms", "p99 ms", "scorer share", "speed-up"):
+    for col in ("k", "coverage", "recall-all/query", "recall-retr.", "two-tower r.-retr.", "scored", "p50 ms", "p99 ms", "scorer share", "speed-up"):
         table.add_column(col, justify="right")
     for k, r in res["k"].items():
         tt = res["two_tower"].get(k, {}).get("recall_retrieval")
@@ -132,6 +133,7 @@ def _search(args: argparse.Namespace) -> int:
     Console().print(table)
     Console().print(f"exhaustive p50 {res['exhaustive']['latency_ms_p50']:.2f} ms; "
                     f"throughput {res['throughput']['qps']:.1f} q/s ({res['throughput']['threads']} threads)")
+    args.k = tuple(int(k) for k in res["k"])  # the k values run (the default may have been capped)
     command = _command_line(args)
     write_outputs(res, json_path=args.json, md_path=args.md, plot_path=args.plot, command=command)
     return 0

@@ -59,6 +59,7 @@ class BenchConfig:
     throughput_threads: int = 0  # 0 = os.cpu_count()
     intra_op_threads: int = 1
     seed: int = 0
+    cap_ks: bool = False  # the ks are the CLI default: cap them at the smallest domain instead of failing
 
 
 @dataclass
@@ -313,8 +314,11 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
     engine = MatchEngine(bundle, params=cfg.params, intra_op_threads=cfg.intra_op_threads, providers=["CPUExecutionProvider"])
     base = cfg.params or engine.params
     q = held_out_queries(cfg.data, bundle, cfg.users, cfg.seed)
-    kmax = max(*cfg.ks, cfg.sweep_k) if cfg.sweep else max(cfg.ks)  # the exhaustive reference serves every k
     smallest = min(engine.eligible_count(int(d)) for d in np.unique(q.domains))
+    if cfg.cap_ks and max(*cfg.ks, cfg.sweep_k) > smallest:
+        cfg = replace(cfg, ks=tuple(sorted({min(k, smallest) for k in cfg.ks})), sweep_k=min(cfg.sweep_k, smallest))
+        log(f"default k capped at {smallest}, the entities of the smallest evaluated domain: k = {cfg.ks}")
+    kmax = max(*cfg.ks, cfg.sweep_k) if cfg.sweep else max(cfg.ks)  # the exhaustive reference serves every k
     if kmax > smallest:
         raise BenchError(f"k={kmax} exceeds the {smallest} entities of the smallest evaluated domain")
     engine.warmup()

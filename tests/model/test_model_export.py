@@ -131,7 +131,7 @@ def test_recall_all_json_and_table(deep_run: Path, tmp_path: Path) -> None:
     for vals in saved["recall_all"].values():
         assert set(vals) == {"5", "50"} and 0.0 <= vals["5"] <= vals["50"] <= 1.0
     assert result["num_users"] == 20
-    assert "| **average** |" in markdown_table(result)
+    assert "| **average over domains** |" in markdown_table(result)
 
 
 def test_recall_all_at_full_catalogue_is_one(deep_run: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import socket
 from pathlib import Path
@@ -156,3 +157,98 @@ def test_two_process_ddp_replicas_agree(data: Path, tmp_path: Path) -> None:
     assert moved > 0  # the replicas trained, and stayed identical
     summary = json.loads((tmp_path / "run" / "run.json").read_text())
     assert summary["world_size"] == 2 and summary["steps"] == 3
+
+
+@pytest.fixture(scope="module")
+def short_epoch_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An epoch of only a few batches of 32, so a budget of 25 steps spans several epochs."""
+    out = tmp_path_factory.mktemp("short") / "short"
+    return generate(SynthConfig(num_users=40, num_entities=120, num_interactions=400, max_seq_len=6), out)
+
+
+def test_max_steps_trains_exactly_n_steps_over_several_epochs(
+    short_epoch_data: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unimatch.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "--data", str(short_epoch_data), "--method", "dnn", "--out", str(run), "--max-steps", "25",
+                 "--batch-size", "32", "--negatives", "8", "--embed-dim", "8", "--threads", "1", "--no-progress"]) == 0
+    summary = json.loads((run / "run.json").read_text())
+    per_epoch = summary["steps_per_epoch"]
+    assert 1 <= per_epoch < 25  # the point of the test: one epoch is shorter than the budget
+    assert summary["steps"] == 25
+    assert summary["epochs"] == pytest.approx(25 / per_epoch)
+    steps = [json.loads(x)["step"] for x in (run / "log.jsonl").read_text().splitlines()]
+    epochs = {json.loads(x)["epoch"] for x in (run / "log.jsonl").read_text().splitlines()}
+    assert steps == list(range(1, 26)) and epochs == set(range(math.ceil(25 / per_epoch)))
+    assert torch.load(run / "checkpoint.pt", weights_only=True)["step"] == 25
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"25 steps = {25 / per_epoch:.2f} epochs of {per_epoch} steps" in last
+    assert f"; validation Recall-all@50 {summary['valid_recall_all_best']:.4f} at step 25" in last
+
+
+def test_epochs_without_max_steps_train_whole_epochs(short_epoch_data: Path, tmp_path: Path) -> None:
+    t = Trainer(tiny_config(short_epoch_data, tmp_path / "run", "dnn", epochs=3, valid_users=0))
+    t.run()
+    assert t.step == 3 * t.steps_per_epoch
+    assert json.loads((tmp_path / "run" / "run.json").read_text())["valid_recall_all_best"] is None
+
+
+def test_early_stop_keeps_the_best_checkpoint(short_epoch_data: Path, tmp_path: Path) -> None:
+    import model.train as train_mod
+
+    # A scripted validation curve (the real one on noise-sized data is not predictable): best at
+    # the second check, then two checks without gain end the run with patience 2.
+    curve = iter([0.10, 0.30, 0.20, 0.25, 0.9, 0.9])
+    cfg = tiny_config(short_epoch_data, tmp_path / "run", "dnn", max_steps=40, early_stop=True, patience=2, eval_every=3)
+    t = Trainer(cfg)
+    real = train_mod.Trainer.validate
+    t.validate = lambda: (real(t), next(curve))[1]  # type: ignore[method-assign]
+    t.run()
+    assert t.step == 12 and t.best["stopped"] and t.best["step"] == 6
+    summary = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert summary["early_stopped"] and summary["best_step"] == 6 and summary["valid_recall_all_best"] == 0.30
+    checks = [json.loads(x) for x in (tmp_path / "run" / "valid.jsonl").read_text().splitlines()]
+    assert [c["step"] for c in checks] == [3, 6, 9, 12]
+    best = torch.load(tmp_path / "run" / "best.pt", weights_only=True)
+    assert best["step"] == 6
+    loaded = load_run(tmp_path / "run")
+    assert loaded.checkpoint == "best.pt" and loaded.state["step"] == 6
+    # a fresh run into the same directory without --early-stop drops the stale best.pt it wrote
+    train(tiny_config(short_epoch_data, tmp_path / "run", "dnn", max_steps=2, resume=False))
+    assert not (tmp_path / "run" / "best.pt").exists()
+    assert load_run(tmp_path / "run").checkpoint == "checkpoint.pt"
+
+
+def test_resumed_early_stop_rejudges_patience(short_epoch_data: Path, tmp_path: Path) -> None:
+    cfg = tiny_config(short_epoch_data, tmp_path / "run", "dnn", max_steps=40, early_stop=True, patience=1, eval_every=2)
+    t = Trainer(cfg)
+    curve = iter([0.5, 0.4] + [0.1] * 30)
+    t.validate = lambda: next(curve)  # type: ignore[method-assign]
+    t.run()
+    assert t.step == 4 and t.best["stopped"]
+    # the same command again: still stopped, no step trained
+    again = Trainer(cfg)
+    again.validate = lambda: 0.1  # type: ignore[method-assign]
+    again.run()
+    assert again.step == 4
+    # a larger patience continues from the checkpoint, keeping the best so far (0.5 at step 2)
+    more = Trainer(dataclasses.replace(cfg, patience=3))
+    more.validate = lambda: 0.2  # type: ignore[method-assign]
+    more.run()
+    assert more.step == 8 and more.best["step"] == 2 and more.best["recall"] == 0.5
+
+
+def test_early_stop_needs_validation_interactions(tmp_path: Path) -> None:
+    from model.data.mapping import import_mapping
+
+    rows = [f"u{u},e{(u * 7 + i) % 30},{i}" for u in range(20) for i in range(5)]
+    (tmp_path / "log.csv").write_text("user,ad,ts\n" + "\n".join(rows) + "\n")
+    (tmp_path / "m.json").write_text(json.dumps({
+        "interactions": {"file": "log.csv", "user": "user", "entity": "ad", "timestamp": "ts"},
+        "split": {"n_valid": 0},
+    }))
+    data = import_mapping(tmp_path / "m.json", tmp_path / "d")
+    with pytest.raises(ValueError, match="needs validation interactions"):
+        Trainer(tiny_config(data, tmp_path / "run", "dnn", max_steps=3, early_stop=True))
