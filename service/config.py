@@ -7,7 +7,6 @@ table operators read.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,16 +14,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.cpus import available_cpus
+
 # Hard ceilings baked into the OpenAPI schema; the configurable limits below must stay under them.
 HARD_MAX_K = 10_000
 HARD_MAX_BATCH = 1_000
 
 
 def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    # The cgroup CPU quota (a pod's limits.cpu), not the node's cores: service/cpus.py says why.
+    return available_cpus()
 
 
 IntTuple = Annotated[tuple[int, ...] | None, NoDecode]

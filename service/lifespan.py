@@ -35,6 +35,7 @@ from fastapi import FastAPI
 
 from service import metrics
 from service.config import Settings
+from service.cpus import cpu_budget
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
 from service.features import (
     EmbeddedFeatureStore,
@@ -352,6 +353,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "workers x scoring_threads x intra_op_threads = %d x %d x %d exceeds %d cores",
             settings.workers, settings.effective_scoring_threads, settings.intra_op_threads, settings.cores,
         )
+    budget = cpu_budget()
+    log.info("cpus: %d (%s, quota %s); scoring threads per worker: %d", budget.cpus, budget.source, budget.quota, settings.effective_scoring_threads)
     t0 = time.perf_counter()
     # The Redis client binds to this event loop; only the embedded store (reads a dataset) needs a thread.
     store = build_store(settings) if settings.redis_url else await asyncio.to_thread(build_store, settings)
