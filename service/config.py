@@ -85,6 +85,13 @@ class Settings(BaseSettings):
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).
     control_dir: Path | None = None
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # ---- bundle rollout (service/bundle_watch.py) --------------------------------------------------
+    # Follow UNIMATCH_BUNDLE when it is a symlink (/bundles/current): reload when it moves.
+    bundle_watch: bool = Field(default=False, description="watch the bundle pointer and reload when it moves")
+    bundle_watch_poll_s: float = Field(default=2.0, gt=0, le=600)
+    # Each worker waits a random share of this before reloading, so replicas do not all spend their
+    # CPU on load + verify + warm-up at the same moment.
+    bundle_watch_stagger_s: float = Field(default=10.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("search_ef", "search_steps", "search_top_n", "search_max_degree", mode="before")

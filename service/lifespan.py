@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from service import metrics
+from service import bundle_watch, metrics
 from service.config import Settings
 from service.cpus import cpu_budget
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
@@ -366,6 +366,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
     target = ordered_bundle(settings) or settings.bundle
+    if settings.bundle_watch:  # load what the pointer names now, so a swap mid-load cannot mix versions
+        target = target.resolve()
     try:
         serving = await asyncio.to_thread(build_serving, target, settings)
         await check_store_matches(store, serving, startup=True)
@@ -376,6 +378,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())
+    if settings.bundle_watch:
+        state.spawn(bundle_watch.watch(state, settings.bundle, poll_s=settings.bundle_watch_poll_s, stagger_s=settings.bundle_watch_stagger_s))
     log.info("ready in %.2f s: bundle %s, features %s", time.perf_counter() - t0, serving.version, store.kind)
     try:
         yield

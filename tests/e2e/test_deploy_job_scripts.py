@@ -110,6 +110,9 @@ def test_index_build_publishes_versions_through_one_symlink(tmp_path: Path) -> N
         [current.split("/")[1], os.readlink(bundles / "current").split("/")[1]]
     )
     assert not (bundles / ".current.new").exists()
+    # the pointer the Job swaps is the one the pods serve and watch
+    cm = next(o for o in kustomize_lite.render(ROOT / "k8s/overlays/cpu") if o["kind"] == "ConfigMap")
+    assert cm["data"]["UNIMATCH_BUNDLE"] == "/bundles/current" and cm["data"]["UNIMATCH_BUNDLE_WATCH"] == "true"
 
 
 def test_index_build_refuses_an_unfinished_run_and_the_old_layout(tmp_path: Path) -> None:
