@@ -138,3 +138,77 @@ async def watch(
         except ReloadFailed as exc:
             log.error("bundle %s refused, not retried until the pointer moves: %s", target, exc)
         last = target
+
+
+# ---- command line: python -m service.bundle_watch {publish,unused} ---------------------------------
+def served_versions(urls: Iterable[str], timeout: float = 5.0) -> set[str]:
+    """``bundle_version`` of ``GET /v1/info`` at each base URL; an unreachable one raises (so nothing a
+    silent pod still maps is ever called unused)."""
+    import urllib.request
+
+    out = set()
+    for url in urls:
+        with urllib.request.urlopen(f"{url.rstrip('/')}/v1/info", timeout=timeout) as resp:
+            out.add(str(json.loads(resp.read())["bundle_version"]))
+    return out
+
+
+def _dns_urls(spec: str) -> list[str]:
+    """HOST:PORT -> one base URL per address HOST resolves to (a headless Service lists every pod)."""
+    import socket
+
+    host, _, port = spec.rpartition(":")
+    if not host or not port.isdigit():
+        raise ValueError(f"--dns wants HOST:PORT, got {spec!r}")
+    addrs = sorted({str(info[4][0]) for info in socket.getaddrinfo(host, int(port), proto=socket.IPPROTO_TCP)})
+    return [f"http://[{a}]:{port}" if ":" in a else f"http://{a}:{port}" for a in addrs]
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import shutil
+    import sys
+
+    p = argparse.ArgumentParser(
+        prog="python -m service.bundle_watch",
+        description="Publish bundle versions through a pointer symlink; list (or delete) the ones no worker serves.",
+    )
+    sub = p.add_subparsers(dest="cmd", required=True)
+    pub = sub.add_parser("publish", help="point POINTER at VERSION_DIR with one atomic rename")
+    pub.add_argument("version_dir", type=Path)
+    pub.add_argument("--pointer", type=Path, default=Path("/bundles/current"))
+    unu = sub.add_parser("unused", help="version directories neither current nor served by any worker")
+    unu.add_argument("--versions", type=Path, default=Path("/bundles/versions"))
+    unu.add_argument("--pointer", type=Path, default=Path("/bundles/current"))
+    unu.add_argument("--url", action="append", default=[], help="base URL of a worker/pod (repeat); asks its /v1/info")
+    unu.add_argument("--dns", action="append", default=[], help="HOST:PORT resolving to every pod (a headless Service)")
+    unu.add_argument("--delete", action="store_true", help="delete them (default: only list)")
+    args = p.parse_args(argv)
+    try:
+        if args.cmd == "publish":
+            target = publish(args.version_dir, args.pointer)
+            print(f"{args.pointer} -> {target} (version {bundle_version(target)})")
+            return 0
+        if not args.versions.is_dir():
+            raise PublishError(f"{args.versions} is not a directory")
+        urls = list(args.url) + [u for spec in args.dns for u in _dns_urls(spec)]
+        if not urls:
+            raise PublishError("say which workers serve: --url or --dns (without them every version would look unused)")
+        served = served_versions(urls)
+        unused = unused_versions(args.versions, args.pointer, served)
+        print(f"served by {len(urls)} workers: {', '.join(sorted(served))}")
+        for d in unused:
+            print(f"{'deleting' if args.delete else 'unused'}: {d} (version {bundle_version(d)})")
+            if args.delete:
+                if d.is_symlink():
+                    d.unlink()
+                else:
+                    shutil.rmtree(d)
+        return 0
+    except (PublishError, ValueError, OSError) as exc:
+        print(f"bundle_watch: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -354,7 +354,10 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             settings.workers, settings.effective_scoring_threads, settings.intra_op_threads, settings.cores,
         )
     budget = cpu_budget()
-    log.info("cpus: %d (%s, quota %s); scoring threads per worker: %d", budget.cpus, budget.source, budget.quota, settings.effective_scoring_threads)
+    log.info(
+        "cpus: %d (%s, quota %s); scoring threads per worker: %d",
+        budget.cpus, budget.source, budget.quota, settings.effective_scoring_threads,
+    )
     t0 = time.perf_counter()
     # The Redis client binds to this event loop; only the embedded store (reads a dataset) needs a thread.
     store = build_store(settings) if settings.redis_url else await asyncio.to_thread(build_store, settings)
@@ -379,7 +382,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.unimatch = state
     state.spawn(state.watch_control())
     if settings.bundle_watch:
-        state.spawn(bundle_watch.watch(state, settings.bundle, poll_s=settings.bundle_watch_poll_s, stagger_s=settings.bundle_watch_stagger_s))
+        poll, stagger = settings.bundle_watch_poll_s, settings.bundle_watch_stagger_s
+        state.spawn(bundle_watch.watch(state, settings.bundle, poll_s=poll, stagger_s=stagger))
     log.info("ready in %.2f s: bundle %s, features %s", time.perf_counter() - t0, serving.version, store.kind)
     try:
         yield

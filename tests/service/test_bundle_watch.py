@@ -174,3 +174,48 @@ def test_two_workers_follow_the_pointer_under_load_with_zero_failures(
     assert all(v.endswith("fake0001") for v in info.values()), info
     assert {code for code, _ in answers} == {200}, "a request failed during the rollout"
     assert any(v.endswith("fake0000") for _, v in answers) and answers[-1][1].endswith("fake0001")
+
+
+def _info_server(version: str):
+    import http.server
+    import json as _json
+
+    class H(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            body = _json.dumps({"bundle_version": version}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    srv = http.server.HTTPServer(("127.0.0.1", 0), H)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv
+
+
+def test_cli_deletes_only_versions_no_worker_serves(bundle_dir: Path, bundle2_dir: Path, tmp_path: Path, capsys) -> None:
+    from tests.fixtures.fake_bundle import make_fake_bundle
+
+    third = make_fake_bundle(tmp_path / "third", num_entities=300, seed=5)
+    root, (v0, v1, v2) = _versions(tmp_path, bundle_dir, bundle2_dir, third)
+    assert bundle_watch.main(["publish", str(v2), "--pointer", str(root / "current")]) == 0
+    srv = _info_server(str(bundle_watch.bundle_version(v1)))  # a pod still on v1
+    url = f"http://127.0.0.1:{srv.server_address[1]}"
+    try:
+        args = ["unused", "--versions", str(root / "versions"), "--pointer", str(root / "current"), "--url", url]
+        assert bundle_watch.main(args) == 0 and v0.is_symlink(), "without --delete it only lists"
+        assert bundle_watch.main([*args, "--delete"]) == 0
+    finally:
+        srv.shutdown()
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v1", "v2"]
+    assert bundle_dir.is_dir(), "the link went, not what it points to"
+    # an unreachable worker: exit 2, nothing deleted
+    dead = ["unused", "--versions", str(root / "versions"), "--pointer", str(root / "current"),
+            "--url", "http://127.0.0.1:9", "--delete"]  # fmt: skip
+    assert bundle_watch.main(dead) == 2
+    assert sorted(p.name for p in (root / "versions").iterdir()) == ["v1", "v2"]
+    assert bundle_watch.main(["unused", "--versions", str(root / "versions")]) == 2  # no --url: refuses
+    assert "say which workers" in capsys.readouterr().err
