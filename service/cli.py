@@ -108,7 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
     # Settings travel to the worker processes through the environment (uvicorn re-imports the app).
-    os.environ["UNIMATCH_BUNDLE"] = str(bundle.resolve())
+    # Absolute, but symlinks kept: /bundles/current must stay the pointer UNIMATCH_BUNDLE_WATCH follows.
+    os.environ["UNIMATCH_BUNDLE"] = os.path.abspath(bundle)
     os.environ["UNIMATCH_WORKERS"] = str(args.workers)
     if args.data is not None:
         os.environ["UNIMATCH_DATA"] = str(args.data.resolve())

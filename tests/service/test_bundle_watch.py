@@ -219,3 +219,20 @@ def test_cli_deletes_only_versions_no_worker_serves(bundle_dir: Path, bundle2_di
     assert sorted(p.name for p in (root / "versions").iterdir()) == ["v1", "v2"]
     assert bundle_watch.main(["unused", "--versions", str(root / "versions")]) == 2  # no --url: refuses
     assert "say which workers" in capsys.readouterr().err
+
+
+def test_serve_keeps_the_pointer_symlink_for_the_workers(bundle_dir: Path, tmp_path: Path, monkeypatch) -> None:
+    """`unimatch serve --bundle /bundles/current` must hand the workers the pointer, not its target
+    (resolved, the watcher would watch a directory that never moves)."""
+    from service import cli
+    from unimatch.cli import build_parser
+
+    root, (v0,) = _versions(tmp_path, bundle_dir)
+    bundle_watch.publish(v0, root / "current")
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(cli, "_run_uvicorn", lambda *a, **k: seen.update(bundle=os.environ["UNIMATCH_BUNDLE"]))
+    for name in ("UNIMATCH_BUNDLE", "UNIMATCH_WORKERS"):
+        monkeypatch.delenv(name, raising=False)
+    args = build_parser().parse_args(["serve", "--bundle", str(root / "current")])
+    assert args.handler(args) == 0
+    assert seen["bundle"] == str(root / "current")
