@@ -179,6 +179,15 @@ def test_compose_wiring() -> None:
     assert "bundles:/bundles" in services["init"]["volumes"]
     env = services["unimatch"]["environment"]
     assert {"UNIMATCH_BUNDLE", "UNIMATCH_REDIS_URL", "UNIMATCH_ADMIN_TOKEN"} <= set(env)
+    # Redis: a password (through stdin, not argv) and maxmemory; both clients use the password
+    redis_script = services["redis"]["command"][0]
+    assert "requirepass $$REDIS_PASSWORD" in redis_script and "--maxmemory " in redis_script
+    assert services["redis"]["environment"]["REDISCLI_AUTH"] == services["redis"]["environment"]["REDIS_PASSWORD"]
+    for name in ("init", "unimatch"):
+        assert services[name]["environment"]["UNIMATCH_REDIS_URL"].startswith("redis://:${UNIMATCH_REDIS_PASSWORD")
+    # the service follows the pointer the init job publishes
+    assert env["UNIMATCH_BUNDLE"] == "/bundles/current" and env["UNIMATCH_BUNDLE_WATCH"] == "true"
+    assert "bundle_watch publish" in services["init"]["command"][0]
     assert services["locust"]["profiles"] == ["loadtest"]
     assert services["prometheus"]["profiles"] == services["grafana"]["profiles"] == ["monitoring"]
     for name in ("redis", "init", "unimatch"):
