@@ -261,6 +261,17 @@ def test_network_policies_let_only_the_service_and_the_loader_reach_redis() -> N
         assert any(sel.items() <= labels.items() for sel in allowed), labels
     index_build = next(o for o in rendered("jobs") if o["metadata"]["name"] == "unimatch-index-build")
     assert not any(sel.items() <= index_build["spec"]["template"]["metadata"]["labels"].items() for sel in allowed)
+    # every pod of the serving stack and the Jobs is selected by some policy (checkov CKV2_K8S_6)
+    for name in ("overlays/cpu", "jobs"):
+        objs_n = rendered(name)
+        policies = [o["spec"]["podSelector"]["matchLabels"] for o in objs_n if o["kind"] == "NetworkPolicy"]
+        for obj in objs_n:
+            if "template" in obj.get("spec", {}):
+                labels = obj["spec"]["template"]["metadata"]["labels"]
+                assert any(p.items() <= labels.items() for p in policies), f"{obj['metadata']['name']} has no NetworkPolicy"
+    jobs = {o["metadata"]["name"]: o["spec"] for o in rendered("jobs") if o["kind"] == "NetworkPolicy"}
+    assert jobs["unimatch-index-build"]["egress"] == [] and jobs["unimatch-index-build"]["ingress"] == []
+    assert {p["port"] for r in jobs["unimatch-features-load"]["egress"] for p in r["ports"]} == {6379, 53}
 
 
 def test_pytorchjob_runs_unimatch_train_under_torchrun() -> None:
