@@ -54,6 +54,16 @@ def _env_or(value: str | None, name: str, default: str) -> str:
     return os.environ.get(name) or default
 
 
+def _without_password(url: str) -> str:
+    """The URL for an error message: a k8s Job's log must not carry the Redis password."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    return parts._replace(netloc=f"***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")).geturl()
+
+
 def _features_load(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -78,7 +88,7 @@ def _features_load(args: argparse.Namespace) -> int:
                 progress=lambda done, total: bar.update(task, completed=done, total=total),
             )
     except redis.exceptions.ConnectionError as exc:
-        raise CliError(f"cannot reach Redis at {url}: {exc}") from None
+        raise CliError(f"cannot reach Redis at {_without_password(url)}: {exc}") from None
     print(
         f"loaded {report.users:,} users ({report.bytes / 1e6:.1f} MB of values) into {report.keyspace}:u:* "
         f"in {report.seconds:.2f} s: {report.users_per_second:,.0f} users/s "
@@ -98,7 +108,8 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         raise CliError(f"--workers must be >= 1, got {args.workers}")
     # Settings travel to the worker processes through the environment (uvicorn re-imports the app).
-    os.environ["UNIMATCH_BUNDLE"] = str(bundle.resolve())
+    # Absolute, but symlinks kept: /bundles/current must stay the pointer UNIMATCH_BUNDLE_WATCH follows.
+    os.environ["UNIMATCH_BUNDLE"] = os.path.abspath(bundle)
     os.environ["UNIMATCH_WORKERS"] = str(args.workers)
     if args.data is not None:
         os.environ["UNIMATCH_DATA"] = str(args.data.resolve())

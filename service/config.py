@@ -7,7 +7,6 @@ table operators read.
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Literal
@@ -15,16 +14,16 @@ from typing import Annotated, Literal
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from service.cpus import available_cpus
+
 # Hard ceilings baked into the OpenAPI schema; the configurable limits below must stay under them.
 HARD_MAX_K = 10_000
 HARD_MAX_BATCH = 1_000
 
 
 def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+    # The cgroup CPU quota (a pod's limits.cpu), not the node's cores: service/cpus.py says why.
+    return available_cpus()
 
 
 IntTuple = Annotated[tuple[int, ...] | None, NoDecode]
@@ -96,6 +95,13 @@ class Settings(BaseSettings):
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).
     control_dir: Path | None = None
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # ---- bundle rollout (service/bundle_watch.py) --------------------------------------------------
+    # Follow UNIMATCH_BUNDLE when it is a symlink (/bundles/current): reload when it moves.
+    bundle_watch: bool = Field(default=False, description="watch the bundle pointer and reload when it moves")
+    bundle_watch_poll_s: float = Field(default=2.0, gt=0, le=600)
+    # Each worker waits a random share of this before reloading, so replicas do not all spend their
+    # CPU on load + verify + warm-up at the same moment.
+    bundle_watch_stagger_s: float = Field(default=10.0, ge=0, le=3600)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     @field_validator("search_ef", "search_steps", "search_top_n", "search_max_degree", mode="before")

@@ -33,8 +33,9 @@ from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI
 
-from service import metrics
+from service import bundle_watch, metrics
 from service.config import Settings
+from service.cpus import cpu_budget
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
 from service.features import (
     EmbeddedFeatureStore,
@@ -376,6 +377,11 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
             "workers x scoring_threads x intra_op_threads = %d x %d x %d exceeds %d cores",
             settings.workers, settings.effective_scoring_threads, settings.intra_op_threads, settings.cores,
         )
+    budget = cpu_budget()
+    log.info(
+        "cpus: %d (%s, quota %s); scoring threads per worker: %d",
+        budget.cpus, budget.source, budget.quota, settings.effective_scoring_threads,
+    )
     t0 = time.perf_counter()
     # The Redis client binds to this event loop; only the embedded store (reads a dataset) needs a thread.
     store = build_store(settings) if settings.redis_url else await asyncio.to_thread(build_store, settings)
@@ -389,6 +395,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
     target = ordered_bundle(settings) or settings.bundle
+    if settings.bundle_watch:  # load what the pointer names now, so a swap mid-load cannot mix versions
+        target = target.resolve()
     try:
         serving = await asyncio.to_thread(build_serving, target, settings)
         await check_store_matches(store, serving, startup=True)
@@ -399,6 +407,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())
+    if settings.bundle_watch:
+        poll, stagger = settings.bundle_watch_poll_s, settings.bundle_watch_stagger_s
+        state.spawn(bundle_watch.watch(state, settings.bundle, poll_s=poll, stagger_s=stagger))
     log.info("ready in %.2f s: bundle %s, features %s", time.perf_counter() - t0, serving.version, store.kind)
     try:
         yield

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tests.e2e import kustomize_lite
-from tests.e2e.deploy_helpers import ROOT
+from tests.e2e.deploy_helpers import ROOT, torchrun_argv
 
 pytestmark = [
     pytest.mark.slow,
@@ -49,10 +49,11 @@ def test_pytorchjob_command_trains_with_two_nodes(tmp_path: Path) -> None:
 
     (job,) = kustomize_lite.render(ROOT / "k8s/training")
     (container,) = job["spec"]["pytorchReplicaSpecs"]["Worker"]["template"]["spec"]["containers"]
-    args = _swap(_swap(container["args"], "--data", str(data)), "--out", str(run))
+    argv = torchrun_argv(container)  # the torchrun line of the container's script
+    args = _swap(_swap(argv[1:], "--data", str(data)), "--out", str(run))
     i = args.index("--epochs")
     args = [*args[:i], "--max-steps", "2", "--no-progress", *args[i + 2 :]]
-    command = [str(bin_dir / container["command"][0]), *args]
+    command = [str(bin_dir / argv[0]), *args]
     port = str(_free_port())
     env = {**os.environ, "PATH": f"{bin_dir}:{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1"}
     procs = [
