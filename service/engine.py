@@ -340,8 +340,8 @@ class MatchEngine:
         """
         buckets = self._calibrated[domain] if 0 <= domain < len(self._calibrated) else []
         for bucket_k, mode, params, _ in buckets:
-            if bucket_k >= k:
-                return mode, params.for_k(k)
+            if bucket_k >= k:  # stored as for_k(bucket_k): its bottom ef and top-n are already >= k
+                return mode, params
         if not buckets or self.calibration is None:
             return None
         _, mode, params, pt = buckets[-1]
