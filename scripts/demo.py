@@ -63,7 +63,7 @@ def main() -> int:
         run("eval", "--run", str(run_dir), "--data", str(data), "--n", "50,200", "--users", args.eval_users,
             "--json", str(out / "eval.json"))
     if not (bundle / "graph_health.json").is_file():
-        run("export", "--run", str(run_dir), "--out", str(bundle))
+        run("export", "--run", str(run_dir), "--out", str(bundle), "--force")  # ours: a bundle left without its graph
         run("index", "build", "--bundle", str(bundle))
 
     serve_args = ["serve", "--bundle", str(bundle), "--port", args.port]
