@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from model.data.schema import FeatureSchema, SchemaError
+from service.bundle_checks import BundleCheckError, check_containment, onnx_files_of
+from service.bundle_checks import verify_checksums as _verify_checksums
 from service.search import HnswGraph
 
 BUNDLE_FORMAT_VERSION = 1
@@ -133,13 +135,12 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     listed: dict[str, Any] = dict(manifest.get("files", {}))
     if "graph" in manifest:
         listed.update(manifest["graph"].get("files", {}))
-    if verify_checksums:
-        for rel, meta in listed.items():
-            p = root / rel
-            if not p.is_file():
-                raise BundleError(f"{root}: {rel} missing (listed in manifest.json)")
-            if meta.get("sha256") and _sha256(p) != meta["sha256"]:
-                raise BundleError(f"{root}: {rel} checksum mismatch (file changed or corrupted)")
+    try:  # every path stays inside the bundle (service/bundle_checks.py), checked before any file is opened
+        if verify_checksums:  # first: "checksum mismatch" is the clearest word for a truncated file
+            _verify_checksums(root, listed)
+        check_containment(root, manifest, onnx_files_of(manifest, ("user_encoder.onnx", "pair_scorer.onnx")))
+    except BundleCheckError as exc:
+        raise BundleError(str(exc)) from None
     ids = _load_npy(root / "entities/external_id.npy", "entities/external_id.npy")
     etype = _load_npy(root / "entities/entity_type.npy", "entities/entity_type.npy")
     dmask = _load_npy(root / "entities/domain_mask.npy", "entities/domain_mask.npy")

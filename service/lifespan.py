@@ -274,10 +274,28 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         batch_requests=settings.batch_requests,
     )
     engine.warmup()
+    warm_at_max_k(engine, settings.max_k)
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
     serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
+
+
+def warm_at_max_k(engine: MatchEngine, max_k: int) -> None:
+    """One cold-start search per domain at the largest k a request may ask for, with no deadline.
+
+    The engine's own warm-up uses k=10, which walks only the graph near the entry points: a bundle that
+    fails only on wide searches (issue 20: corrupted neighbour lists broke every k >= 500) passed it and
+    then failed live traffic. An exception here refuses the bundle at load and reload.
+    """
+    from service.engine import UserFeatures
+
+    user = UserFeatures.cold_start(engine.bundle.schema)
+    eligible: dict[str, int] = engine.info()["eligible_per_domain"]
+    for d, name in enumerate(engine.bundle.schema.domains):
+        k = min(max_k, int(eligible.get(name, 0)))
+        if k > 0:
+            engine.match(user, d, k)
 
 
 async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
