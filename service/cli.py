@@ -124,7 +124,7 @@ def _serve(args: argparse.Namespace) -> int:
     _configure_logging(settings.log_level)
     _check_bundle(bundle, settings)
     try:
-        _run_uvicorn(uvicorn, args, settings.log_level)
+        _run_uvicorn(uvicorn, args, settings)
     except SystemExit as exc:
         if exc.code == 3:  # uvicorn's "startup failed"; the one-line reason is in the log above
             raise CliError("the service did not start (reason logged above)") from None
@@ -160,9 +160,12 @@ class _OneLineStartupError:
         return True
 
 
-def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, log_level: str) -> None:
+def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, settings: Any) -> None:
     import logging
 
+    from service.http_guard import GuardedHttpToolsProtocol
+
+    log_level = settings.log_level
     if log_level != "debug":
         logging.getLogger("uvicorn.error").addFilter(_OneLineStartupError())
     uvicorn.run(
@@ -173,6 +176,10 @@ def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, log_level: str) -> None
         workers=args.workers,
         log_level=log_level,
         timeout_graceful_shutdown=args.graceful_timeout,
+        # Slow and idle clients (docs/service.md "Connections"): header timeout and connection cap in the
+        # protocol, body timeout in the edge middleware, idle keep-alive closed by uvicorn.
+        http=GuardedHttpToolsProtocol,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         # Our /metrics and access counters cover requests; uvicorn's access log would double the I/O.
         access_log=False,
     )

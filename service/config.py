@@ -59,6 +59,17 @@ class Settings(BaseSettings):
     max_exclude: int = Field(default=10_000, ge=0, description="largest `exclude` list")
     # 1 MiB holds a batch of 64 requests with 10k excluded ids each; anything bigger is a mistake.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # ---- HTTP connections (uvicorn; service/http_guard.py) ----------------------------------------------
+    # A client must finish sending its request line and headers this long after connecting (or after
+    # starting the next request on a kept-alive connection); idle and slowloris sockets are closed.
+    header_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # The whole body must arrive this long after the headers; beyond it 408 and the connection closes.
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # An idle kept-alive connection is closed after this long (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # Open connections per worker beyond which new ones are closed at once; under the usual 1024 open
+    # files limit, so the process never runs out of descriptors (for Redis, bundle files, logs).
+    max_connections: int = Field(default=900, ge=1, le=1_000_000)
     # ---- latency and load ------------------------------------------------------------------------
     # Per-request budget for encoding + search; beyond it the best results so far are returned, flagged.
     deadline_ms: float = Field(default=100.0, gt=0, le=60_000)

@@ -55,6 +55,9 @@ BUNDLE_INFO = Gauge(
     "unimatch_bundle_info", "The bundle being served (value 1)", ["version", "method"], multiprocess_mode="livemax"
 )
 RELOADS = Counter("unimatch_reloads_total", "Bundle reloads, by outcome", ["outcome"])
+# issue 20: connection guards (service/http_guard.py) and admission control (service/admission.py)
+CONNECTIONS_CLOSED = Counter("unimatch_connections_closed_total", "Connections closed by a server guard", ["reason"])
+SHED = Counter("unimatch_requests_shed_total", "Requests answered 503 at admission, by reason", ["reason"])
 
 
 def observe_redis(outcome: str, seconds: float) -> None:
