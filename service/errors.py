@@ -187,10 +187,13 @@ class EdgeMiddleware:
             except _BodyTimeout as exc:
                 if status_holder["started"]:
                     raise
-                metrics.ERRORS.labels(kind="body_timeout").inc()
-                response = error_response(408, "body_timeout", str(exc.detail), {"Connection": "close"})
-                await response({"type": "http"}, _empty_receive, counting_send)
+                await self._reject_slow(counting_send, str(exc.detail))
         metrics.HTTP_REQUESTS.labels(route=route, status=str(status_holder["status"])).inc()
+
+    async def _reject_slow(self, send: Any, message: str) -> None:
+        metrics.ERRORS.labels(kind="body_timeout").inc()
+        response = error_response(408, "body_timeout", message, {"Connection": "close"})
+        await response({"type": "http"}, _empty_receive, send)
 
     async def _reject(self, send: Any) -> None:
         metrics.ERRORS.labels(kind="body_too_large").inc()
