@@ -76,6 +76,9 @@ class Settings(BaseSettings):
     # Requests in flight per worker beyond which we answer 503 + Retry-After immediately.
     max_concurrency: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=0, le=3600)
+    # A /match/batch holds one slot per entry, but at most this share of max_concurrency, and runs its
+    # entries on at most half the scoring threads: single requests keep being served beside it.
+    batch_share: float = Field(default=0.25, gt=0, le=1)
     # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")

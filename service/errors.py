@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -113,6 +114,10 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal error (logged)")
 
 
+# ASGI scope key under which the edge middleware stamps each request's arrival (time.monotonic()).
+ARRIVED_KEY = "unimatch.arrived"
+
+
 class EdgeMiddleware:
     """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) or slower than ``body_timeout_s``
     (408), and counts answers per route.
@@ -137,6 +142,7 @@ class EdgeMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVED_KEY] = time.monotonic()
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         status_holder = {"status": 500, "started": False}
 

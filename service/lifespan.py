@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from service import metrics
+from service.admission import Admission
 from service.config import Settings
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
 from service.features import (
@@ -60,6 +61,7 @@ class Serving:
     engine: MatchEngine
     entity_space: str
     loaded_at: float
+    warm_times: dict[int, float] = field(default_factory=dict)  # k -> seconds of one warm-up search
 
     @property
     def version(self) -> str:
@@ -85,10 +87,17 @@ class ConcurrencyLimiter:
     retry_after_s: int
     in_flight: int = 0
 
+    batch_share: float = 0.25  # the most of the limit one batch may hold
+
+    @property
+    def fair_share(self) -> int:
+        """Slots one /match/batch may hold at most, so single requests keep being admitted beside it."""
+        return max(1, int(self.limit * self.batch_share))
+
     @contextlib.contextmanager
     def slot(self, n: int = 1) -> Iterator[None]:
-        """Hold ``n`` slots (a batch holds one per user, capped at the limit so it can ever be admitted)."""
-        n = max(1, min(n, self.limit))
+        """Hold ``n`` slots (a batch holds one per user, capped at its fair share of the limit)."""
+        n = max(1, min(n, self.fair_share if n > 1 else self.limit))
         if self.in_flight + n > self.limit:
             raise Overloaded(
                 f"{self.in_flight} requests in flight (limit {self.limit}); retry later",
@@ -120,6 +129,7 @@ class ServiceState:
     store: FeatureStore
     executor: ThreadPoolExecutor
     limiter: ConcurrencyLimiter
+    admission: Admission
     serving: Serving | None = None
     reload: ReloadState = field(default_factory=ReloadState)
     _reload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -159,6 +169,7 @@ class ServiceState:
         else:
             old = self.serving
             self.serving = new  # the atomic swap: new requests see the new bundle from here on
+            seed_admission(self.admission, new)
             previous = (old.version, old.method) if old is not None else None
             metrics.set_bundle(new.version, new.method, previous)
             metrics.RELOADS.labels(outcome="succeeded").inc()
@@ -273,15 +284,26 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         providers=providers(settings),
         batch_requests=settings.batch_requests,
     )
+    t_warm = time.perf_counter()
     engine.warmup()
-    warm_at_max_k(engine, settings.max_k)
+    warm_times = {10: (time.perf_counter() - t_warm) / max(1, len(bundle.schema.domains))}
+    warm_times.update(warm_at_max_k(engine, settings.max_k))
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
-    serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
+    serving = Serving(
+        bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time(),
+        warm_times=warm_times,
+    )
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
 
 
-def warm_at_max_k(engine: MatchEngine, max_k: int) -> None:
+def seed_admission(admission: Admission, serving: Serving) -> None:
+    """Start the admission's service-time estimate from the warm-up searches (where nothing was measured)."""
+    for k, seconds in serving.warm_times.items():
+        admission.seed(k, seconds)
+
+
+def warm_at_max_k(engine: MatchEngine, max_k: int) -> dict[int, float]:
     """One cold-start search per domain at the largest k a request may ask for, with no deadline.
 
     The engine's own warm-up uses k=10, which walks only the graph near the entry points: a bundle that
@@ -292,10 +314,14 @@ def warm_at_max_k(engine: MatchEngine, max_k: int) -> None:
 
     user = UserFeatures.cold_start(engine.bundle.schema)
     eligible: dict[str, int] = engine.info()["eligible_per_domain"]
+    times: dict[int, float] = {}
     for d, name in enumerate(engine.bundle.schema.domains):
         k = min(max_k, int(eligible.get(name, 0)))
         if k > 0:
+            t0 = time.perf_counter()
             engine.match(user, d, k)
+            times[k] = max(times.get(k, 0.0), time.perf_counter() - t0)
+    return times  # k -> seconds of the slowest domain: seeds the admission estimate
 
 
 async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
@@ -377,7 +403,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         store=store,
         executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
-        limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s),
+        limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s, batch_share=settings.batch_share),
+        admission=Admission(threads=settings.effective_scoring_threads, retry_after_s=settings.retry_after_s),
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
     target = ordered_bundle(settings) or settings.bundle
@@ -388,6 +415,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.aclose()
         raise
     state.serving = serving
+    seed_admission(state.admission, serving)
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())
