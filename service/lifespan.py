@@ -341,7 +341,7 @@ async def check_store_matches(store: FeatureStore, serving: Serving, *, startup:
         if problem:
             raise ReloadFailed(f"embedded feature store ({store.root}): {problem}")
         return
-    if store.kind != "redis" or health.get("status") != "ok":
+    if store.kind != "redis" or health.get("status") not in ("ok", "empty"):
         return
     if not health.get("loaded"):
         problem = f"no features loaded in Redis for schema {serving.schema.fingerprint()} (run `unimatch features load`)"

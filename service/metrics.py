@@ -58,6 +58,11 @@ RELOADS = Counter("unimatch_reloads_total", "Bundle reloads, by outcome", ["outc
 # issue 20: connection guards (service/http_guard.py) and admission control (service/admission.py)
 CONNECTIONS_CLOSED = Counter("unimatch_connections_closed_total", "Connections closed by a server guard", ["reason"])
 SHED = Counter("unimatch_requests_shed_total", "Requests answered 503 at admission, by reason", ["reason"])
+DEGRADED = Counter(
+    "unimatch_degraded_answers_total",
+    "Answers flagged degraded, by cause: slow (Redis timeout), down (connection), breaker_open, decode, empty_store",
+    ["cause"],
+)
 
 
 def observe_redis(outcome: str, seconds: float) -> None:

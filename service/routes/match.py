@@ -47,6 +47,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Lookup.error -> the cause label of unimatch_degraded_answers_total: "slow" and "down" apart (issue 20).
+_DEGRADED_CAUSE = {
+    "timeout": "slow",
+    "connection": "down",
+    "redis": "down",
+    "skipped": "breaker_open",
+    "decode": "decode",
+    "empty_store": "empty_store",
+}
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request checked against the bundle, ready for the engine."""
@@ -216,6 +227,8 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     for flag, on in (("cold_start", cold_start), ("partial", bool(result.partial)), ("degraded", lookup.degraded)):
         if on:
             metrics.FLAGGED.labels(flag=flag).inc()
+    if lookup.degraded:
+        metrics.DEGRADED.labels(cause=_DEGRADED_CAUSE.get(lookup.error or "", "other")).inc()
     return MatchResponse(
         request_id=prep.request_id,
         bundle_version=serving.version,
