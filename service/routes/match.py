@@ -69,6 +69,7 @@ class Prepared:
     exclude_rows: np.ndarray | None
     entity_types: list[int] | None
     deadline: float  # time.monotonic() by which the search must stop
+    probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -183,7 +184,7 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     try:
         # through admission: the unit counts as pending work, and is refused in the pool thread when its
         # wait for a thread left less of the deadline than a search takes (service/admission.py)
-        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=prep.deadline)
+        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=prep.deadline, probe=prep.probe)
     except SearchError as exc:
         raise InvalidRequest(str(exc)) from None
     total_s = time.monotonic() - arrived
@@ -254,7 +255,8 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
     arrived = arrival(request)
     with state.limiter.slot():
         prep = prepare(body, serving, state, arrived)
-        state.admission.admit(prep.k, prep.deadline)  # 503 now rather than a cut-short answer later
+        probe = state.admission.admit(prep.k, prep.deadline)  # 503 now rather than a cut-short answer later
+        prep = dataclasses.replace(prep, probe=probe)
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
@@ -280,7 +282,8 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
             except InvalidRequest as exc:
                 raise InvalidRequest(f"requests[{i}]: {exc.message}") from None
         # the first entry must be able to start in time; later ones are checked as they start
-        state.admission.admit(max(p.k for p in preps), min(p.deadline for p in preps))
+        probe = state.admission.admit(max(p.k for p in preps), min(p.deadline for p in preps))
+        preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
 

@@ -51,12 +51,29 @@ def test_service_times_ewma_and_conservative_guess() -> None:
     assert [k_bucket(k) for k in (1, 10, 11, 100, 1000, 5000)] == [0, 0, 1, 1, 2, 3]
 
 
-def test_admits_while_a_thread_is_free_even_when_slow() -> None:
+def test_a_search_longer_than_its_budget_is_refused_but_probed_once_a_second() -> None:
     clock = FakeClock()
-    adm = Admission(threads=2, clock=clock)
-    adm.seed(10, 0.500)  # a search takes longer than the whole budget ...
-    adm.pending, adm.pending_s = 1, 0.5  # ... but one of the two threads is free
-    adm.admit(10, clock.t + 0.100)  # admitted: refusing would leave the thread idle
+    adm = Admission(threads=2, clock=clock, probe_interval_s=1.0)
+    adm.seed(10, 0.500)  # a search takes longer than the whole budget
+    adm.pending, adm.pending_s = 1, 0.5  # one of the two threads is free
+    assert adm.admit(10, clock.t + 0.100) is True  # the probe: keeps the estimate measured
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)  # refused: it could not finish in time
+    clock.t += 1.0
+    assert adm.admit(10, clock.t + 0.100) is True  # the next probe, a second later
+    adm.pending = 2  # no free thread: no probe either
+    clock.t += 5.0
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)
+    assert adm.admit(10, clock.t + 1.0) is False  # fits: an ordinary admission
+
+
+def test_decisions_use_the_upper_estimate() -> None:
+    st = ServiceTimes(alpha=0.5)
+    for x in (0.010, 0.030, 0.010, 0.030):
+        st.observe(10, x)
+    mean, upper = st.estimate(10), st.estimate(10, upper=True)
+    assert mean is not None and upper is not None and upper > mean + 0.02  # mean + 3 x deviation
 
 
 def test_sheds_when_the_queue_wait_would_pass_the_deadline() -> None:
@@ -64,7 +81,7 @@ def test_sheds_when_the_queue_wait_would_pass_the_deadline() -> None:
     adm = Admission(threads=2, retry_after_s=1, clock=clock)
     adm.seed(10, 0.020)
     adm.pending, adm.pending_s = 4, 0.160  # both threads busy, 160 ms of work: ~80 ms wait per thread
-    adm.admit(10, clock.t + 0.101)  # 80 + 20 = 100 ms <= 101: admitted
+    assert adm.admit(10, clock.t + 0.101) is False  # 80 + 20 = 100 ms <= 101: admitted
     with pytest.raises(Overloaded) as exc:
         adm.admit(10, clock.t + 0.099)
     assert exc.value.headers["Retry-After"] == "1" and "would finish in ~100 ms" in exc.value.message
@@ -97,10 +114,10 @@ def test_run_refuses_in_the_thread_when_the_wait_ate_the_budget() -> None:
     deadline = clock.t + 0.100
     with pytest.raises(Overloaded) as exc:
         asyncio.run(adm.run(LateExecutor(), lambda: called.append(1), k=10, deadline=deadline))
-    assert not called and "waited for the scoring pool" in exc.value.message
+    assert not called and "ms of the deadline were left" in exc.value.message
     assert adm.pending == 0 and adm.pending_s == 0.0
-    # a unit that was hopeless from the start but found a thread at once is run (idle capacity)
-    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(2), k=10, deadline=clock.t + 0.001))
+    # a probe runs even when it cannot finish in time (it keeps the estimate measured)
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(2), k=10, deadline=clock.t + 0.001, probe=True))
     assert called == [2]
 
 
