@@ -153,7 +153,15 @@ class Admission:
         Returns True when the request is admitted as a probe (see ``probe_interval_s``): its search
         then runs even if it cannot finish in time. With nothing measured yet every request is a probe.
         """
-        est = self.finish_estimate(k, units)
+        wait = self.wait_s()
+        if wait == 0.0:
+            # A thread is free: the search starts now. Refuse only when its *mean* time alone exceeds
+            # what is left (the upper estimate here would refuse on a noisy measurement with nothing
+            # queued, and a refused search is never measured: the estimate would stay inflated).
+            s_mean = self.times.estimate(k)
+            est = None if s_mean is None else s_mean * math.ceil(max(1, units) / self.threads)
+        else:
+            est = self.finish_estimate(k, units)
         if est is None:
             return True
         now = self.clock()
@@ -161,7 +169,7 @@ class Admission:
         if est <= left:
             return False
         b = k_bucket(k)
-        if self.wait_s() == 0.0 and now - self.times.seen_at[b] >= self.probe_interval_s:
+        if wait == 0.0 and now - self.times.seen_at[b] >= self.probe_interval_s:
             self.times.seen_at[b] = now  # one probe per interval and bucket
             return True
         raise self._refuse(
@@ -180,12 +188,14 @@ class Admission:
         """
         cost = self.times.estimate(k) or 0.0
         with self._lock:
+            queued = self.pending >= self.threads  # no free thread at submission: this unit waits
             self.pending += 1
             self.pending_s += cost
 
         def work() -> T:
             started = self.clock()
-            s = self.times.estimate(k, upper=True)
+            # as in admit(): the upper estimate after a wait, the mean when a thread was free at once
+            s = self.times.estimate(k, upper=queued)
             try:
                 if not probe and s is not None and started + s > deadline:
                     raise self._refuse(

@@ -259,3 +259,16 @@ def test_each_batch_entry_keeps_its_own_deadline(
     gaps = [b - a for a, b in zip(deadlines, deadlines[1:], strict=False)]
     assert all(g > 0 for g in gaps)
     assert all(not x["partial"] for x in r.json()["results"])
+
+
+def test_with_a_free_thread_the_mean_decides_not_the_upper_estimate() -> None:
+    """Nothing queued: a noisy measurement (large deviation) must not refuse a search whose mean fits."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    for x in (0.010, 0.090, 0.010, 0.090):
+        adm.times.observe(10, x, now=clock.t)
+    assert (adm.times.estimate(10, upper=True) or 0) > 0.1 > (adm.times.estimate(10) or 1)
+    assert adm.admit(10, clock.t + 0.100) is False  # admitted on the mean, not as a probe
+    adm.pending, adm.pending_s = 2, 0.010  # both threads busy: the upper estimate decides
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)
