@@ -147,18 +147,22 @@ class Admission:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after())})
 
     # ---- decisions -------------------------------------------------------------------------------
-    def admit(self, k: int, deadline: float, *, units: int = 1) -> bool:
+    def admit(self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None) -> bool:
         """Raise Overloaded unless ``units`` searches of size ``k`` are expected to finish by ``deadline``.
 
-        Returns True when the request is admitted as a probe (see ``probe_interval_s``): its search
-        then runs even if it cannot finish in time. With nothing measured yet every request is a probe.
+        Returns True when the request is to run whatever its deadline: a probe (``probe_interval_s``),
+        anything before the first measurement, or a request whose own budget (``budget_s``, the whole
+        deadline it asked for) is below the mean search time: that deadline could never be met, which
+        is the caller's choice and not overload, so it is answered (``partial``) rather than refused.
         """
+        s_mean = self.times.estimate(k)
+        if budget_s is not None and s_mean is not None and budget_s < s_mean:
+            return True
         wait = self.wait_s()
         if wait == 0.0:
             # A thread is free: the search starts now. Refuse only when its *mean* time alone exceeds
             # what is left (the upper estimate here would refuse on a noisy measurement with nothing
             # queued, and a refused search is never measured: the estimate would stay inflated).
-            s_mean = self.times.estimate(k)
             est = None if s_mean is None else s_mean * math.ceil(max(1, units) / self.threads)
         else:
             est = self.finish_estimate(k, units)

@@ -255,7 +255,8 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
     arrived = arrival(request)
     with state.limiter.slot():
         prep = prepare(body, serving, state, arrived)
-        probe = state.admission.admit(prep.k, prep.deadline)  # 503 now rather than a cut-short answer later
+        # 503 now rather than a cut-short answer later
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=prep.deadline - arrived)
         prep = dataclasses.replace(prep, probe=probe)
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
@@ -282,7 +283,8 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
             except InvalidRequest as exc:
                 raise InvalidRequest(f"requests[{i}]: {exc.message}") from None
         # the first entry must be able to start in time; later ones are checked as they start
-        probe = state.admission.admit(max(p.k for p in preps), min(p.deadline for p in preps))
+        first = min(preps, key=lambda p: p.deadline)
+        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=first.deadline - arrived)
         preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))

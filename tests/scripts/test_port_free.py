@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -30,7 +31,9 @@ def test_make_demo_checks_the_port_before_installing() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         port = s.getsockname()[1]
-        plan = subprocess.run(["make", "-n", "-B", "demo", f"PORT={port}"], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout
+        env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS")}  # under `make test`
+        plan = subprocess.run(["make", "--no-print-directory", "-n", "-B", "demo", f"PORT={port}"], cwd=ROOT,
+                              capture_output=True, text=True, timeout=30, env=env).stdout
     lines = [line for line in plan.splitlines() if line.strip()]
     assert "port_free.py" in lines[0] and str(port) in lines[0]  # the first thing make would do
     assert any(f"demo.py --port {port}" in line for line in lines)

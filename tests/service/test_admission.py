@@ -272,3 +272,15 @@ def test_with_a_free_thread_the_mean_decides_not_the_upper_estimate() -> None:
     adm.pending, adm.pending_s = 2, 0.010  # both threads busy: the upper estimate decides
     with pytest.raises(Overloaded):
         adm.admit(10, clock.t + 0.100)
+
+
+def test_a_deadline_shorter_than_any_search_is_answered_not_shed() -> None:
+    """Asking for 1 ms when a search takes 20 ms is the caller's choice, not overload: run (partial)."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # no probe due
+    assert adm.admit(10, clock.t + 0.001, budget_s=0.001) is True  # runs whatever its deadline
+    # the same search with a 100 ms budget of which only 1 ms is left (lost waiting): refused
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.001, budget_s=0.100)
