@@ -2,11 +2,13 @@
 #   make demo  - build .venv, run the whole path on a small synthetic dataset, serve on 127.0.0.1:8000
 #   make test  - build .venv the same way, lint (ruff, mypy), run the whole test suite
 PYTHON ?= python3.11
+# the port `make demo` serves on: `make demo PORT=8001`
+PORT ?= 8000
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo demo-port test lint bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -17,8 +19,12 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
-demo: $(STAMP)
-	$(BIN)/python scripts/demo.py
+# demo-port first (make builds prerequisites left to right): a busy port fails before any install.
+demo: demo-port $(STAMP)
+	$(BIN)/python scripts/demo.py --port $(PORT)
+
+demo-port:
+	@$(PYTHON) scripts/port_free.py $(PORT)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

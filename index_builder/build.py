@@ -193,6 +193,7 @@ def load_bundle_vectors(bundle: Path) -> tuple[dict[str, Any], np.ndarray]:
         raise BundleError(f"{manifest_path}: missing; run `unimatch export` first") from None
     except json.JSONDecodeError as exc:
         raise BundleError(f"{manifest_path}: invalid JSON ({exc})") from None
+    _verify_bundle(bundle, manifest)
     space = manifest.get("vector_space") or {}
     rel = space.get("file", VECTORS_FILE)
     path = bundle / rel
@@ -214,6 +215,22 @@ def load_bundle_vectors(bundle: Path) -> tuple[dict[str, Any], np.ndarray]:
         if ids.shape[0] != n:
             raise BundleError(f"{external}: {ids.shape[0]} ids for {n} vectors")
     return manifest, vectors
+
+
+def _verify_bundle(bundle: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a bundle the service would refuse, before minutes of graph building: every path inside it,
+    every listed file present with its recorded sha256 (a truncated pair_scorer.onnx exited 0 here before).
+
+    The old graph's files are not checked: this build replaces them.
+    """
+    from service.bundle_checks import BundleCheckError, check_containment, onnx_files_of, verify_checksums
+
+    without_graph = {k: v for k, v in manifest.items() if k != "graph"}
+    try:
+        verify_checksums(bundle, dict(manifest.get("files") or {}))  # each path is checked to be inside first
+        check_containment(bundle, without_graph, onnx_files_of(without_graph))
+    except BundleCheckError as exc:
+        raise BundleError(str(exc)) from None
 
 
 def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:

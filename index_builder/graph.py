@@ -106,12 +106,24 @@ def write_graph_arrays(graph: Graph, graph_dir: Path) -> dict[str, dict[str, obj
 
 
 def validate_graph(graph: Graph) -> None:
-    """Cheap structural checks (dtypes, shapes, monotone offsets, ids in range); O(E + nnz) at most once."""
+    """Structural checks that make every walk of the graph safe; O(E x layers + nnz), once per load.
+
+    dtypes and shapes; per layer, offsets that start at 0, never decrease and end at nnz; neighbour ids
+    in ``[0, E)``; levels in ``[0, layers)``, a node's row empty on every layer above its level and its
+    neighbours on layer ``l`` all on level ``l`` or higher (the HNSW nesting); entry points on the top
+    layer. A graph failing any of these would raise (or read out of bounds) inside a request: issue 20
+    found a reload accepting out-of-range ids that then failed every k >= 500 search.
+    """
     n = graph.num_nodes
     if graph.levels.dtype != np.int8 or graph.levels.ndim != 1:
         raise GraphFormatError(f"levels: expected (E,) int8, got {graph.levels.shape} {graph.levels.dtype}")
     if len(graph.neighbors) != graph.num_layers or graph.num_layers == 0:
         raise GraphFormatError("graph: offsets and neighbors must have one array per layer")
+    levels = np.asarray(graph.levels)
+    if n and (int(levels.min()) < 0 or int(levels.max()) >= graph.num_layers):
+        raise GraphFormatError(
+            f"{LEVELS_FILE}: levels must be in [0, {graph.num_layers}), got {int(levels.min())}..{int(levels.max())}"
+        )
     for layer, (off, nbr) in enumerate(zip(graph.offsets, graph.neighbors, strict=True)):
         if off.dtype != np.int64 or off.shape != (n + 1,):
             raise GraphFormatError(f"{offsets_file(layer)}: expected ({n + 1},) int64, got {off.shape} {off.dtype}")
@@ -121,6 +133,33 @@ def validate_graph(graph: Graph) -> None:
             raise GraphFormatError(
                 f"{offsets_file(layer)}: offsets must start at 0 and end at nnz={nbr.shape[0]}, "
                 f"got {int(off[0])}..{int(off[-1])}"
+            )
+        degrees = np.diff(np.asarray(off))
+        if degrees.size and int(degrees.min()) < 0:
+            first = int(np.argmax(degrees < 0))
+            raise GraphFormatError(f"{offsets_file(layer)}: offsets decrease at node {first} (must be monotone)")
+        if nbr.shape[0] == 0:
+            continue
+        ids = np.asarray(nbr)
+        lo, hi = int(ids.min()), int(ids.max())
+        if lo < 0 or hi >= n:
+            bad = int(np.argmax((ids < 0) | (ids >= n)))
+            raise GraphFormatError(
+                f"{neighbors_file(layer)}: neighbour id {int(ids[bad])} at position {bad} outside [0, {n})"
+            )
+        if layer == 0:
+            continue  # every node is on layer 0: nothing more to check there
+        below = levels < layer
+        if np.any(degrees[below] != 0):
+            node = int(np.flatnonzero(below & (degrees != 0))[0])
+            raise GraphFormatError(
+                f"{offsets_file(layer)}: node {node} has level {int(levels[node])} but neighbours on layer {layer}"
+            )
+        if np.any(below[ids]):
+            bad = int(np.argmax(below[ids]))
+            raise GraphFormatError(
+                f"{neighbors_file(layer)}: neighbour {int(ids[bad])} (level {int(levels[ids[bad]])}) "
+                f"is not on layer {layer}"
             )
     ep = graph.entry_points
     if ep.dtype != np.int32 or ep.ndim != 1 or ep.shape[0] == 0:

@@ -85,7 +85,11 @@ def register(cli: CommandRegistry) -> None:
         handler=_export,
     )
     x.add_argument("--run", type=Path, required=True)
-    x.add_argument("--out", type=Path, required=True, help="bundle directory (replaced atomically)")
+    x.add_argument(
+        "--out", type=Path, required=True,
+        help="bundle directory to write (atomically); must be missing, empty, or (with --force) an earlier bundle",
+    )
+    x.add_argument("--force", action="store_true", help="replace an existing bundle in --out (never a foreign directory)")
     x.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     x.add_argument("--opset", type=int, default=17)
     x.add_argument("--first-layer-split", action="store_true",
@@ -95,6 +99,8 @@ def register(cli: CommandRegistry) -> None:
 def _train(args: argparse.Namespace) -> int:
     from model.config import ConfigError, LossConfig, ModelConfig, NegativeSampler, method_config
     from model.train import train
+
+    _check_run_dir(args.out)
 
     loss = LossConfig()
     if args.negatives is not None:
@@ -169,6 +175,23 @@ def summary_line(summary: dict[str, Any], out: Path) -> str:
     return f"{line} -> {out}"
 
 
+def _check_run_dir(out: Path) -> None:
+    """A run directory is resumed in place, so it must be missing, empty, or one of our runs.
+
+    Training writes config.json, schema.json, log.jsonl ... straight into it (no atomic swap, as a
+    run resumes from its checkpoint), so a foreign directory would have those files overwritten.
+    """
+    from model.data.io import OutputDirError
+
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise OutputDirError(f"{out}: not a directory; give a run directory as --out")
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise OutputDirError(
+            f"{out}: not empty and not a unimatch run (no config.json); training would write over its files: "
+            "choose another --out"
+        )
+
+
 def _eval(args: argparse.Namespace) -> int:
     from model.evaluate import EvalConfig, evaluate, markdown_table
 
@@ -199,7 +222,10 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
+    from model.data.io import check_output_dir
     from model.export import ExportConfig, export
+
+    check_output_dir(args.out, marker="manifest.json", force=args.force)  # before loading torch and the run
 
     report = export(
         ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset, first_layer_split=args.first_layer_split)

@@ -338,7 +338,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         scorer_module = SplitBackboneScorer(model, schema.num_domains)
     example_ent = tuple(torch.from_numpy(ents[n][:3]) for n in ent_names)
     scorer_args = (*(u_out[n] for n in user_names), torch.zeros(1, dtype=torch.long), *example_ent)
-    with atomic_directory(Path(cfg.out)) as tmp:
+    with atomic_directory(Path(cfg.out), marker="manifest.json") as tmp:  # never replaces a foreign directory
         (tmp / "entities").mkdir()
         user_path, scorer_path = tmp / "user_encoder.onnx", tmp / "pair_scorer.onnx"
         _export_onnx(

@@ -3,7 +3,7 @@
 Steps (each one a `unimatch` command an operator could type): synthesise a dataset -> train the
 Backbone&RRL model -> evaluate Recall-all@N -> export the serving bundle -> build the 4-layer HNSW
 graph -> load user features into Redis (or fall back to the embedded store when no Redis answers) ->
-serve on http://127.0.0.1:8000. Artefacts go under ./demo/ (git-ignored); re-running reuses finished
+serve on http://127.0.0.1:8000 (--port; `make demo PORT=8001`). Artefacts go under ./demo/ (git-ignored); re-running reuses finished
 steps unless --fresh is given.
 """
 
@@ -47,6 +47,13 @@ def main() -> int:
     parser.add_argument("--fresh", action="store_true", help="redo every step")
     parser.add_argument("--no-serve", action="store_true", help="stop after preparing the bundle and features")
     args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from port_free import port_free
+
+    if not str(args.port).isdigit() or not port_free(int(args.port)):
+        # before any step: finding a busy port after the training would waste minutes
+        print(f"demo: port {args.port} on 127.0.0.1 is busy or invalid; pass --port (make demo PORT=8001)", file=sys.stderr)
+        return 2
 
     out: Path = args.out
     if args.fresh and out.exists():
@@ -63,7 +70,7 @@ def main() -> int:
         run("eval", "--run", str(run_dir), "--data", str(data), "--n", "50,200", "--users", args.eval_users,
             "--json", str(out / "eval.json"))
     if not (bundle / "graph_health.json").is_file():
-        run("export", "--run", str(run_dir), "--out", str(bundle))
+        run("export", "--run", str(run_dir), "--out", str(bundle), "--force")  # ours: a bundle left without its graph
         run("index", "build", "--bundle", str(bundle))
 
     serve_args = ["serve", "--bundle", str(bundle), "--port", args.port]

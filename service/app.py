@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from service.config import Settings, get_settings
 from service.errors import EdgeMiddleware, install_error_handlers
 from service.lifespan import lifespan
+from service.openapi import install_openapi
 from service.routes import admin, health, match
 
 
@@ -28,5 +29,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     if settings.admin_token is not None:  # admin routes exist only with a token (else 404)
         app.include_router(admin.router)
-    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(EdgeMiddleware, max_body_bytes=settings.max_body_bytes, body_timeout_s=settings.body_timeout_s)
+    install_openapi(app)
     return app

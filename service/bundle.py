@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 
 from model.data.schema import FeatureSchema, SchemaError
+from service.bundle_checks import BundleCheckError, check_containment, onnx_files_of
+from service.bundle_checks import verify_checksums as _verify_checksums
 from service.calibration import Calibration, CalibrationError, graph_fingerprint, load_calibration
 from service.search import HnswGraph
 
@@ -141,13 +143,12 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     cal_meta = manifest.get("calibration") if "graph" in manifest else None
     if cal_meta:
         listed[str(cal_meta.get("file", "calibration.json"))] = {"sha256": cal_meta.get("sha256")}
-    if verify_checksums:
-        for rel, meta in listed.items():
-            p = root / rel
-            if not p.is_file():
-                raise BundleError(f"{root}: {rel} missing (listed in manifest.json)")
-            if meta.get("sha256") and _sha256(p) != meta["sha256"]:
-                raise BundleError(f"{root}: {rel} checksum mismatch (file changed or corrupted)")
+    try:  # every path stays inside the bundle (service/bundle_checks.py), checked before any file is opened
+        if verify_checksums:  # first: "checksum mismatch" is the clearest word for a truncated file
+            _verify_checksums(root, listed)
+        check_containment(root, manifest, onnx_files_of(manifest, ("user_encoder.onnx", "pair_scorer.onnx")))
+    except BundleCheckError as exc:
+        raise BundleError(str(exc)) from None
     ids = _load_npy(root / "entities/external_id.npy", "entities/external_id.npy")
     etype = _load_npy(root / "entities/entity_type.npy", "entities/entity_type.npy")
     dmask = _load_npy(root / "entities/domain_mask.npy", "entities/domain_mask.npy")

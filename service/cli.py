@@ -133,8 +133,13 @@ def _serve(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(f"invalid UNIMATCH_* setting: {' '.join(str(exc).splitlines()[:3])}") from None
     _configure_logging(settings.log_level)
+    _check_bundle(bundle, settings)
     try:
-        _run_uvicorn(uvicorn, args, settings.log_level)
+        _run_uvicorn(uvicorn, args, settings)
+    except SystemExit as exc:
+        if exc.code == 3:  # uvicorn's "startup failed"; the one-line reason is in the log above
+            raise CliError("the service did not start (reason logged above)") from None
+        raise
     finally:
         import shutil
 
@@ -143,7 +148,37 @@ def _serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, log_level: str) -> None:
+def _check_bundle(bundle: Path, settings: Any) -> None:
+    """Load and validate the bundle here, before uvicorn: a bad bundle is one line and exit 2, not a
+    lifespan traceback and exit 3. The service loads it again (memory maps are cheap; the checksum
+    pass is paid twice at start, seconds on a 1M bundle)."""
+    from service.bundle import load_bundle
+
+    load_bundle(bundle, verify_checksums=settings.verify_checksums)  # BundleError is a ValueError: exit 2
+
+
+class _OneLineStartupError:
+    """A logging filter: a lifespan failure reaches uvicorn as a whole traceback; keep its last line.
+
+    Below ``debug`` level only; ``UNIMATCH_LOG_LEVEL=debug`` keeps the traceback for a bug report.
+    """
+
+    def filter(self, record: Any) -> bool:
+        message = record.getMessage()
+        if message.startswith("Traceback (most recent call last)"):
+            last = [line for line in message.strip().splitlines() if line.strip()][-1]
+            record.msg, record.args = f"startup failed: {last}", None
+        return True
+
+
+def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, settings: Any) -> None:
+    import logging
+
+    from service.http_guard import GuardedHttpToolsProtocol
+
+    log_level = settings.log_level
+    if log_level != "debug":
+        logging.getLogger("uvicorn.error").addFilter(_OneLineStartupError())
     uvicorn.run(
         "service.app:create_app",
         factory=True,
@@ -152,6 +187,10 @@ def _run_uvicorn(uvicorn: Any, args: argparse.Namespace, log_level: str) -> None
         workers=args.workers,
         log_level=log_level,
         timeout_graceful_shutdown=args.graceful_timeout,
+        # Slow and idle clients (docs/service.md "Connections"): header timeout and connection cap in the
+        # protocol, body timeout in the edge middleware, idle keep-alive closed by uvicorn.
+        http=GuardedHttpToolsProtocol,
+        timeout_keep_alive=settings.keep_alive_timeout_s,
         # Our /metrics and access counters cover requests; uvicorn's access log would double the I/O.
         access_log=False,
     )

@@ -58,12 +58,26 @@ class Settings(BaseSettings):
     max_exclude: int = Field(default=10_000, ge=0, description="largest `exclude` list")
     # 1 MiB holds a batch of 64 requests with 10k excluded ids each; anything bigger is a mistake.
     max_body_bytes: int = Field(default=1 << 20, ge=1024)
+    # ---- HTTP connections (uvicorn; service/http_guard.py) ----------------------------------------------
+    # A client must finish sending its request line and headers this long after connecting (or after
+    # starting the next request on a kept-alive connection); idle and slowloris sockets are closed.
+    header_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # The whole body must arrive this long after the headers; beyond it 408 and the connection closes.
+    body_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    # An idle kept-alive connection is closed after this long (uvicorn's timeout_keep_alive).
+    keep_alive_timeout_s: float = Field(default=5.0, gt=0, le=600)
+    # Open connections per worker beyond which new ones are closed at once; under the usual 1024 open
+    # files limit, so the process never runs out of descriptors (for Redis, bundle files, logs).
+    max_connections: int = Field(default=900, ge=1, le=1_000_000)
     # ---- latency and load ------------------------------------------------------------------------
     # Per-request budget for encoding + search; beyond it the best results so far are returned, flagged.
     deadline_ms: float = Field(default=100.0, gt=0, le=60_000)
     # Requests in flight per worker beyond which we answer 503 + Retry-After immediately.
     max_concurrency: int = Field(default=64, ge=1)
     retry_after_s: int = Field(default=1, ge=0, le=3600)
+    # A /match/batch holds one slot per entry, but at most this share of max_concurrency, and runs its
+    # entries on at most half the scoring threads: single requests keep being served beside it.
+    batch_share: float = Field(default=0.25, gt=0, le=1)
     # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")

@@ -32,15 +32,22 @@ def get_serving(state: StateDep) -> Serving:
 ServingDep = Annotated[Serving, Depends(get_serving)]
 
 
+def is_admin(request: Request, state: ServiceState) -> bool:
+    """True when the request carries the configured admin bearer token (False when none is configured)."""
+    token = state.settings.admin_token
+    if token is None:
+        return False
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
+    # compare_digest: the time taken does not reveal how much of the token matched.
+    return scheme.lower() == "bearer" and secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode())
+
+
 def require_admin(request: Request, state: StateDep) -> None:
     """Bearer-token check of /admin/*; without a configured token the routes do not exist (404)."""
     token = state.settings.admin_token
     if token is None:
         raise HTTPException(status_code=404, detail="Not Found")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    # compare_digest: the time taken does not reveal how much of the token matched.
-    if scheme.lower() != "bearer" or not secrets.compare_digest(given.strip().encode(), token.get_secret_value().encode()):
+    if not is_admin(request, state):
         raise Unauthorized("admin routes need 'Authorization: Bearer <UNIMATCH_ADMIN_TOKEN>'", headers={"WWW-Authenticate": "Bearer"})
 
 

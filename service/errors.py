@@ -7,7 +7,9 @@ into ``{"error": {"kind", "message"}}`` with a 4xx/503 status, counts them in
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -85,12 +87,22 @@ def install_error_handlers(app: FastAPI) -> None:
         metrics.ERRORS.labels(kind="validation").inc()
         errors = exc.errors()
         # pydantic error dicts may hold the offending input (bytes, huge strings): keep only safe fields.
-        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))} for e in errors]
-        return JSONResponse({"detail": detail}, status_code=422)
+        detail = [
+            {"loc": [p if isinstance(p, int) else str(p) for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in errors[:50]
+        ]
+        # The documented ErrorResponse shape (/openapi.json), with pydantic's issues under `detail`.
+        first = detail[0] if detail else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        more = f" (+{len(errors) - 1} more)" if len(errors) > 1 else ""
+        body = {"error": {"kind": "validation", "message": f"{where}: {first['msg']}{more}", "detail": detail}}
+        return JSONResponse(body, status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        kind = {404: "not_found", 405: "method_not_allowed", 413: "body_too_large"}.get(exc.status_code, "http")
+        kind = {404: "not_found", 405: "method_not_allowed", 408: "body_timeout", 413: "body_too_large"}.get(
+            exc.status_code, "http"
+        )
         metrics.ERRORS.labels(kind=kind).inc()
         return error_response(exc.status_code, kind, str(exc.detail), dict(exc.headers or {}))
 
@@ -102,26 +114,35 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(500, "internal", "internal error (logged)")
 
 
+# ASGI scope key under which the edge middleware stamps each request's arrival (time.monotonic()).
+ARRIVED_KEY = "unimatch.arrived"
+
+
 class EdgeMiddleware:
-    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) and counts answers per route.
+    """Pure ASGI middleware: refuses bodies over ``max_body_bytes`` (413) or slower than ``body_timeout_s``
+    (408), and counts answers per route.
 
     The body is checked against Content-Length up front and counted while streaming (chunked uploads
-    have no length), so an oversized body is never buffered whole. Routes are labelled by their
-    template, unknown paths as "other", so no caller-chosen string becomes a label value.
+    have no length), so an oversized body is never buffered whole. The body timeout bounds the whole
+    read from the moment the headers are in (a slow-body client holds a slot at most that long; the
+    headers themselves are bounded in ``service.http_guard``). Routes are labelled by their template, unknown
+    paths as "other", so no caller-chosen string becomes a label value.
     """
 
     ROUTES = frozenset(
         {"/match", "/match/batch", "/healthz", "/readyz", "/metrics", "/v1/info", "/admin/reload", "/openapi.json", "/docs"}
     )
 
-    def __init__(self, app: Any, max_body_bytes: int) -> None:
+    def __init__(self, app: Any, max_body_bytes: int, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        scope[ARRIVED_KEY] = time.monotonic()
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         status_holder = {"status": 500, "started": False}
 
@@ -142,12 +163,22 @@ class EdgeMiddleware:
             await self._reject(counting_send)
         else:
             received = 0
+            body_done = False
+            loop = asyncio.get_running_loop()
+            read_by = None if self.body_timeout_s is None else loop.time() + self.body_timeout_s
 
             async def limited_receive() -> dict[str, Any]:
-                nonlocal received
-                message = await receive()
+                nonlocal received, body_done
+                if body_done or read_by is None:  # after the body, receive() waits for a disconnect: no limit
+                    message = await receive()
+                else:
+                    try:
+                        message = await asyncio.wait_for(receive(), timeout=max(0.0, read_by - loop.time()))
+                    except TimeoutError:
+                        raise _BodyTimeout(self.body_timeout_s or 0.0) from None
                 if message["type"] == "http.request":
                     received += len(message.get("body", b""))
+                    body_done = not message.get("more_body", False)
                     if received > self.max_body_bytes:
                         # An HTTPException: FastAPI re-raises it from body parsing (other errors become 400).
                         raise _BodyTooLarge(self.max_body_bytes)
@@ -159,7 +190,16 @@ class EdgeMiddleware:
                 if status_holder["started"]:
                     raise
                 await self._reject(counting_send)
+            except _BodyTimeout as exc:
+                if status_holder["started"]:
+                    raise
+                await self._reject_slow(counting_send, str(exc.detail))
         metrics.HTTP_REQUESTS.labels(route=route, status=str(status_holder["status"])).inc()
+
+    async def _reject_slow(self, send: Any, message: str) -> None:
+        metrics.ERRORS.labels(kind="body_timeout").inc()
+        response = error_response(408, "body_timeout", message, {"Connection": "close"})
+        await response({"type": "http"}, _empty_receive, send)
 
     async def _reject(self, send: Any) -> None:
         metrics.ERRORS.labels(kind="body_too_large").inc()
@@ -170,6 +210,11 @@ class EdgeMiddleware:
 class _BodyTooLarge(StarletteHTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body over {limit} bytes (UNIMATCH_MAX_BODY_BYTES)")
+
+
+class _BodyTimeout(StarletteHTTPException):
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"request body not received within {seconds:g} s (UNIMATCH_BODY_TIMEOUT_S)", {"Connection": "close"})
 
 
 async def _empty_receive() -> dict[str, Any]:

@@ -15,6 +15,12 @@ Key layout (format version 1), documented in docs/service.md::
 
     {prefix}:v1:{schema_fingerprint}:u:{user_id}   one user's features, a compact binary value
     {prefix}:v1:{schema_fingerprint}:meta          hash: users, dataset, entity_space, loaded_at, schema
+    {prefix}:v1:{schema_fingerprint}:sentinel      string, written last: JSON {format_version, entity_space, users, loaded_at}
+
+The sentinel is read in the same ``MGET`` as the user, so every answer knows whether the keyspace it
+read is a complete load: a Redis restarted empty, or another Redis behind the same address, makes
+every user look unknown, and without it those answers were silent cold starts (issue 20). Its absence
+flags the answer ``degraded`` (error ``empty_store``), counted and shown in ``/readyz``.
 
 The schema fingerprint in every key means a bundle trained on a different schema can never read
 features encoded for another one: it sees an empty keyspace (cold start) instead of wrong codes.
@@ -32,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -72,7 +79,9 @@ class Lookup:
     features: StoredFeatures | None
     source: str  # "redis" | "embedded"
     degraded: bool = False  # the store failed; cold-start features used instead
-    error: str | None = None  # kind of failure when degraded ("timeout", "connection", "decode", "skipped")
+    # kind of failure when degraded: "timeout" (slow), "connection"/"redis" (down), "skipped" (breaker
+    # open), "decode", "empty_store" (no sentinel: Redis empty or not the one features were loaded into)
+    error: str | None = None
     seconds: float = 0.0  # time spent in the store
 
 
@@ -88,6 +97,10 @@ def user_key(prefix: str, schema_fingerprint: str, user_id: str) -> bytes:
 
 def meta_key(prefix: str, schema_fingerprint: str) -> str:
     return f"{keyspace(prefix, schema_fingerprint)}:meta"
+
+
+def sentinel_key(prefix: str, schema_fingerprint: str) -> bytes:
+    return f"{keyspace(prefix, schema_fingerprint)}:sentinel".encode()
 
 
 def entity_space_fingerprint(entity_ids: np.ndarray) -> str:
@@ -172,9 +185,15 @@ class RedisFeatureStore:
     # Called with (outcome, seconds) after every Redis call: metrics live in service.metrics.
     on_result: OnRedisResult | None = None
     kind: str = "redis"
+    # Consecutive timeouts before the breaker opens: one slow answer on a CPU-starved host is not an
+    # outage (issue 20: each lone 50 ms timeout skipped Redis for a second). Connection errors trip at once.
+    slow_trip_after: int = 3
     _client: redis.asyncio.Redis | None = field(default=None, init=False, repr=False)
     _skip_until: float = field(default=0.0, init=False, repr=False)
     _last_error: str | None = field(default=None, init=False, repr=False)
+    _timeouts: int = field(default=0, init=False, repr=False)
+    # schema fingerprint -> (legacy meta present, checked at): loads older than the sentinel have meta only
+    _legacy: dict[str, tuple[bool, float]] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         import redis.asyncio as aioredis
@@ -210,44 +229,85 @@ class RedisFeatureStore:
         if now < self._skip_until:
             return None, "skipped", 0.0
         t0 = time.perf_counter()
-        try:
-            # wait_for bounds the whole call (pool wait + connect + read) even if a socket option is missed.
-            result = await asyncio.wait_for(coro_factory(), timeout=self.timeout_s * 2)
-        except (TimeoutError, rexc.TimeoutError):
-            err = "timeout"
-        except (rexc.ConnectionError, OSError):
-            err = "connection"
-        except rexc.RedisError:
-            err = "redis"
-        else:
-            dt = time.perf_counter() - t0
-            self._record("ok", dt)
-            if self._last_error is not None:
-                log.info("redis feature store recovered after %s", self._last_error)
-                self._last_error = None
-            return result, None, dt
+        err: str | None = None
+        for attempt in (0, 1):
+            try:
+                # wait_for bounds the whole call (pool wait + connect + read) even if a socket option is missed.
+                result = await asyncio.wait_for(coro_factory(), timeout=self.timeout_s * 2)
+            except (TimeoutError, rexc.TimeoutError):
+                err = "timeout"
+            except (rexc.ConnectionError, OSError):
+                err = "connection"
+                # After a Redis restart every pooled socket is dead and fails once: drop them all now,
+                # and retry once on a fresh connection if time is left (issue 20: two more bursts of
+                # degraded answers came from stale connections after Redis was back).
+                await self._drop_connections()
+                if attempt == 0 and time.perf_counter() - t0 < self.timeout_s:
+                    continue
+            except rexc.RedisError:
+                err = "redis"
+            else:
+                dt = time.perf_counter() - t0
+                self._record("ok", dt)
+                self._timeouts = 0
+                if self._last_error is not None:
+                    log.info("redis feature store recovered after %s", self._last_error)
+                    self._last_error = None
+                return result, None, dt
+            break
+        assert err is not None  # the loop only falls through after an error
         dt = time.perf_counter() - t0
         self._record(err, dt)
+        if err == "timeout":
+            self._timeouts += 1
+            if self._timeouts < self.slow_trip_after:
+                return None, err, dt  # slow, not down: this request is degraded, the next one tries again
         if self._last_error is None:
             log.warning("redis feature store unavailable (%s); serving cold-start features, flagged degraded", err)
         self._last_error = err
+        self._timeouts = 0
         self._skip_until = time.monotonic() + self.retry_interval_s
+        await self._drop_connections()  # the breaker opens: whatever is pooled may be stale when it closes
         return None, err, dt
 
+    async def _drop_connections(self) -> None:
+        """Close the idle pooled connections; the next command on each opens a fresh one."""
+        import contextlib
+
+        with contextlib.suppress(Exception):
+            # idle ones only: a connection in use belongs to a command in flight, which fails (and is
+            # dropped by redis-py) by itself if it is stale; closing it would break a healthy command
+            await self.client.connection_pool.disconnect(inuse_connections=False)
+
     async def get(self, user_id: str, schema: FeatureSchema) -> Lookup:
-        key = user_key(self.prefix, schema.fingerprint(), user_id)
-        value, err, dt = await self._call(lambda: self.client.get(key))
-        return self._lookup(value, err, dt, schema)
+        return (await self.get_many([user_id], schema))[0]
 
     async def get_many(self, user_ids: Sequence[str], schema: FeatureSchema) -> list[Lookup]:
         if not user_ids:
             return []
         fp = schema.fingerprint()
         keys = [user_key(self.prefix, fp, uid) for uid in user_ids]
+        keys.append(sentinel_key(self.prefix, fp))  # same round trip: is this keyspace a complete load?
         values, err, dt = await self._call(lambda: self.client.mget(keys))  # one round trip for the batch
         if err is not None:
             return [self._lookup(None, err, dt, schema) for _ in user_ids]
-        return [self._lookup(v, None, dt, schema) for v in values]
+        *users, sentinel = values
+        if sentinel is None and not await self._legacy_load(fp):
+            return [Lookup(None, self.kind, degraded=True, error="empty_store", seconds=dt) for _ in user_ids]
+        return [self._lookup(v, None, dt, schema) for v in users]
+
+    async def _legacy_load(self, fp: str) -> bool:
+        """A keyspace loaded before the sentinel existed has its meta hash. A hit is trusted for a second;
+        a miss (Redis empty) is asked again next time, one more round trip on answers flagged anyway."""
+        seen = self._legacy.get(fp)
+        now = time.monotonic()
+        if seen is not None and now - seen[1] < 1.0:
+            return seen[0]
+        found, err, _ = await self._call(lambda: self.client.exists(meta_key(self.prefix, fp)))
+        present = bool(found) if err is None else False
+        if present:
+            self._legacy[fp] = (present, now)
+        return present
 
     def _lookup(self, value: bytes | None, err: str | None, dt: float, schema: FeatureSchema) -> Lookup:
         if err is not None:
@@ -276,10 +336,17 @@ class RedisFeatureStore:
             out["error"] = err
             return out
         meta = await self.meta(schema)
+        sentinel, _, _ = await self._call(lambda: self.client.get(sentinel_key(self.prefix, schema.fingerprint())))
         out["users"] = int(meta["users"]) if meta else 0
         out["loaded"] = meta is not None
+        out["sentinel"] = sentinel is not None
         if meta:
             out["entity_space"] = meta.get("entity_space")
+        else:
+            # Redis answers but holds no load for this schema (restarted empty, or another Redis):
+            # every answer is flagged degraded (error empty_store) until `unimatch features load` runs.
+            out["status"] = "empty"
+            out["degraded"] = True
         return out
 
     def describe(self) -> dict[str, Any]:
@@ -375,8 +442,8 @@ def load_features(
     """Write every user's features of dataset ``data`` into Redis; idempotent (re-runs overwrite).
 
     Each chunk of users is one ``MSET`` (one round trip, no per-key command overhead); values are
-    packed for the whole chunk with numpy. The meta hash is written last, so its presence means the
-    keyspace is complete.
+    packed for the whole chunk with numpy. The meta hash and then the sentinel are written last, so
+    their presence means the keyspace is complete.
     """
     import redis
 
@@ -407,6 +474,7 @@ def load_features(
             client.execute_command("MSET", *args)
             if progress is not None:
                 progress(stop, n)
+        meta = {"format_version": FEATURE_FORMAT_VERSION, "entity_space": entity_space, "users": n}
         client.hset(
             meta_key(prefix, fp),
             mapping={
@@ -418,6 +486,9 @@ def load_features(
                 "schema": schema.model_dump_json(),
             },
         )
+        # Last: its presence is what the service reads, with every user, to know the load is complete.
+        meta["loaded_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        client.set(sentinel_key(prefix, fp), json.dumps(meta))
     finally:
         client.close()
     return LoadReport(users=n, bytes=total_bytes, seconds=time.perf_counter() - t0, keyspace=keyspace(prefix, fp))

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 
 from service import bundle_watch, metrics
+from service.admission import Admission
 from service.config import Settings
 from service.cpus import cpu_budget
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
@@ -62,6 +63,7 @@ class Serving:
     engine: MatchEngine
     entity_space: str
     loaded_at: float
+    warm_times: dict[int, float] = field(default_factory=dict)  # k -> seconds of one warm-up search
 
     @property
     def version(self) -> str:
@@ -87,10 +89,17 @@ class ConcurrencyLimiter:
     retry_after_s: int
     in_flight: int = 0
 
+    batch_share: float = 0.25  # the most of the limit one batch may hold
+
+    @property
+    def fair_share(self) -> int:
+        """Slots one /match/batch may hold at most, so single requests keep being admitted beside it."""
+        return max(1, int(self.limit * self.batch_share))
+
     @contextlib.contextmanager
     def slot(self, n: int = 1) -> Iterator[None]:
-        """Hold ``n`` slots (a batch holds one per user, capped at the limit so it can ever be admitted)."""
-        n = max(1, min(n, self.limit))
+        """Hold ``n`` slots (a batch holds one per user, capped at its fair share of the limit)."""
+        n = max(1, min(n, self.fair_share if n > 1 else self.limit))
         if self.in_flight + n > self.limit:
             raise Overloaded(
                 f"{self.in_flight} requests in flight (limit {self.limit}); retry later",
@@ -122,6 +131,7 @@ class ServiceState:
     store: FeatureStore
     executor: ThreadPoolExecutor
     limiter: ConcurrencyLimiter
+    admission: Admission
     serving: Serving | None = None
     shadow: ShadowMonitor | None = None  # live search-quality monitor (UNIMATCH_SHADOW_RATE > 0)
     reload: ReloadState = field(default_factory=ReloadState)
@@ -162,6 +172,7 @@ class ServiceState:
         else:
             old = self.serving
             self.serving = new  # the atomic swap: new requests see the new bundle from here on
+            seed_admission(self.admission, new)
             previous = (old.version, old.method) if old is not None else None
             metrics.set_bundle(new.version, new.method, previous)
             metrics.RELOADS.labels(outcome="succeeded").inc()
@@ -281,9 +292,15 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         use_calibration=settings.search_calibration and params is None,
     )
     log_calibration(engine)
+    t_warm = time.perf_counter()
     engine.warmup()
+    warm_times = {10: (time.perf_counter() - t_warm) / max(1, len(bundle.schema.domains))}
+    warm_times.update(warm_at_max_k(engine, settings.max_k))
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
-    serving = Serving(bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time())
+    serving = Serving(
+        bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time(),
+        warm_times=warm_times,
+    )
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
 
@@ -295,7 +312,12 @@ def log_calibration(engine: MatchEngine) -> None:
     if cal is None:
         log.info("search: %s; default parameters %s", info["calibration_note"], info["search_params"])
         return
+    from service.shadow import k_bucket
+
     for domain, points in cal.domains.items():
+        for p in points:  # the live monitor's yardstick, there from start-up for the alert rule
+            if p.mode == "graph":
+                metrics.CALIBRATED_COVERAGE.labels(domain=domain, k_bucket=k_bucket(p.k)).set(p.coverage)
         parts = [
             f"k<={p.k} {p.mode}" + (f" ef={'/'.join(map(str, p.ef))} T={'/'.join(map(str, p.steps))}"
                                     f"{' +history' if p.seed_history else ''}" if p.mode == "graph" else "")
@@ -303,6 +325,33 @@ def log_calibration(engine: MatchEngine) -> None:
             for p in points
         ]
         log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
+
+
+def seed_admission(admission: Admission, serving: Serving) -> None:
+    """Start the admission's service-time estimate from the warm-up searches (where nothing was measured)."""
+    for k, seconds in serving.warm_times.items():
+        admission.seed(k, seconds)
+
+
+def warm_at_max_k(engine: MatchEngine, max_k: int) -> dict[int, float]:
+    """One cold-start search per domain at the largest k a request may ask for, with no deadline.
+
+    The engine's own warm-up uses k=10, which walks only the graph near the entry points: a bundle that
+    fails only on wide searches (corrupted neighbour lists once broke every k >= 500) passed it and
+    then failed live traffic. An exception here refuses the bundle at load and reload.
+    """
+    from service.engine import UserFeatures
+
+    user = UserFeatures.cold_start(engine.bundle.schema)
+    eligible: dict[str, int] = engine.info()["eligible_per_domain"]
+    times: dict[int, float] = {}
+    for d, name in enumerate(engine.bundle.schema.domains):
+        k = min(max_k, int(eligible.get(name, 0)))
+        if k > 0:
+            t0 = time.perf_counter()
+            engine.match(user, d, k)
+            times[k] = max(times.get(k, 0.0), time.perf_counter() - t0)
+    return times  # k -> seconds of the slowest domain: seeds the admission estimate
 
 
 async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
@@ -322,7 +371,7 @@ async def check_store_matches(store: FeatureStore, serving: Serving, *, startup:
         if problem:
             raise ReloadFailed(f"embedded feature store ({store.root}): {problem}")
         return
-    if store.kind != "redis" or health.get("status") != "ok":
+    if store.kind != "redis" or health.get("status") not in ("ok", "empty"):
         return
     if not health.get("loaded"):
         problem = f"no features loaded in Redis for schema {serving.schema.fingerprint()} (run `unimatch features load`)"
@@ -389,7 +438,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         settings=settings,
         store=store,
         executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
-        limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s),
+        limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s, batch_share=settings.batch_share),
+        admission=Admission(threads=settings.effective_scoring_threads, retry_after_s=settings.retry_after_s),
         shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
                              cpu_share=settings.shadow_cpu_share) if settings.shadow_rate > 0 else None,
     )
@@ -404,6 +454,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await state.aclose()
         raise
     state.serving = serving
+    seed_admission(state.admission, serving)
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())

@@ -72,6 +72,14 @@ CALIBRATED_COVERAGE = Gauge(
     multiprocess_mode="livemax",
 )
 SHADOW_DROPPED = Counter("unimatch_search_shadow_dropped_total", "Shadow samples dropped because the monitor's queue was full")
+# Connection guards (service/http_guard.py) and admission control (service/admission.py)
+CONNECTIONS_CLOSED = Counter("unimatch_connections_closed_total", "Connections closed by a server guard", ["reason"])
+SHED = Counter("unimatch_requests_shed_total", "Requests answered 503 at admission, by reason", ["reason"])
+DEGRADED = Counter(
+    "unimatch_degraded_answers_total",
+    "Answers flagged degraded, by cause: slow (Redis timeout), down (connection), breaker_open, decode, empty_store",
+    ["cause"],
+)
 
 
 def observe_redis(outcome: str, seconds: float) -> None:

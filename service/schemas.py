@@ -4,6 +4,9 @@ Paper section IV-C: the ranking stage sends a user and a business domain and rec
 entities of the unified entity space, best first. Limits here are the hard ceilings of the schema;
 the configurable ones (``UNIMATCH_MAX_K`` ...) are checked in the route and answered with the same
 422 shape.
+
+Request models are strict: JSON types are taken as they are, so ``"k": "10"`` and ``"k": true`` are a 422
+rather than silently 10 and 1 (an int is still accepted where a float is asked for).
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from service.config import HARD_MAX_BATCH, HARD_MAX_K
 class FeatureOverrides(BaseModel):
     """Real-time features that override the stored ones for this request only."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     categorical: dict[str, int] = Field(
         default_factory=dict, max_length=256, description="profile field name -> code (0 = unknown)"
@@ -41,6 +44,7 @@ class MatchRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
+        strict=True,
         json_schema_extra={"examples": [{"user_id": "u000042", "domain": "domain_0", "k": 10}]},
     )
 
@@ -94,7 +98,7 @@ class MatchResponse(BaseModel):
 
 
 class BatchRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     requests: list[MatchRequest] = Field(min_length=1, max_length=HARD_MAX_BATCH, description="at most UNIMATCH_MAX_BATCH")
 
@@ -103,11 +107,20 @@ class BatchResponse(BaseModel):
     results: list[MatchResponse] = Field(description="in request order")
 
 
+class ValidationIssue(BaseModel):
+    """One schema violation: where (``loc``, e.g. ``["body", "k"]``), what (``msg``) and pydantic's ``type``."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
 class ErrorBody(BaseModel):
-    """Every non-validation error: a stable ``kind`` and a human message."""
+    """Every error: a stable ``kind`` and a human message; schema violations also list ``detail``."""
 
     kind: str
     message: str
+    detail: list[ValidationIssue] | None = Field(default=None, description="kind `validation` only")
 
 
 class ErrorResponse(BaseModel):
@@ -115,7 +128,7 @@ class ErrorResponse(BaseModel):
 
 
 class ReloadRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     bundle: str | None = Field(default=None, max_length=4096, description="bundle directory; default the current one")
 
@@ -157,5 +170,5 @@ class Info(BaseModel):
     provider: str
     feature_store: dict[str, Any]
     limits: dict[str, Any]
-    bundle_path: str
+    bundle_path: str | None = Field(default=None, description="only with the admin bearer token")
     entity_space: str = Field(description="hash of the entity ids in row order (must match the feature store's)")

@@ -23,7 +23,11 @@ def register(cli: CommandRegistry) -> None:
         handler=_synth,
         group_help=GROUP_HELP,
     )
-    p.add_argument("--out", type=Path, required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument(
+        "--out", type=Path, required=True,
+        help="dataset directory to write (atomically); must be missing, empty, or (with --force) an earlier dataset",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing dataset in --out (never a foreign directory)")
     p.add_argument("--preset", choices=["tiny", "small", "100k", "1m"], default="small", help="dataset size")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed and preset give the same dataset")
     p.add_argument("--domains", type=int, default=None, help="number of domains (default: the preset's, 4)")
@@ -43,7 +47,11 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument(
         "source", nargs="?", choices=IMPORT_SOURCES, metavar="SOURCE", help=f"one of {', '.join(IMPORT_SOURCES)}"
     )
-    p.add_argument("--out", type=Path, required=True, help="dataset directory to write (replaced atomically)")
+    p.add_argument(
+        "--out", type=Path, required=True,
+        help="dataset directory to write (atomically); must be missing, empty, or (with --force) an earlier dataset",
+    )
+    p.add_argument("--force", action="store_true", help="replace an existing dataset in --out (never a foreign directory)")
     p.add_argument(
         "--mapping", type=Path, default=None, help="JSON (or YAML) mapping file for your own CSV/Parquet data"
     )
@@ -76,6 +84,10 @@ def register(cli: CommandRegistry) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
+    from model.data.io import check_output_dir
+
+    check_output_dir(args.out, marker="dataset.json", force=args.force)  # before any work: refusing costs nothing
+
     from rich.progress import Progress
 
     from model.data.synth import generate, preset
@@ -101,6 +113,9 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError(f"give exactly one of SOURCE ({', '.join(IMPORT_SOURCES)}) or --mapping FILE")
     if not 1 <= args.max_seq_len <= 1024:
         raise ValueError(f"--max-seq-len must be in 1..1024, got {args.max_seq_len}")
+    from model.data.io import check_output_dir
+
+    check_output_dir(args.out, marker="dataset.json", force=args.force)
     from rich.console import Console
 
     t0 = time.perf_counter()

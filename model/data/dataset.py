@@ -188,7 +188,7 @@ def write_dataset(
         },
         "files": {},
     }
-    with atomic_directory(out) as tmp:
+    with atomic_directory(out, marker="dataset.json") as tmp:  # never replaces a foreign directory
         for key, (rel, _) in _FILES.items():
             path = tmp / rel
             path.parent.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,9 @@
 """Atomic writes and checksums shared by every writer of datasets, runs and bundles.
 
 Contract (../shared/CONTRACT.md): outputs are written to a temporary path and renamed into place,
-so a crash never leaves a half-written directory that looks complete.
+so a crash never leaves a half-written directory that looks complete. Nothing here deletes a directory
+unimatch did not write: replacing an existing output needs that output's manifest (the "marker" file,
+e.g. ``dataset.json`` or ``manifest.json``) to be there and to be ours (``check_output_dir``).
 """
 
 from __future__ import annotations
@@ -17,18 +19,74 @@ from pathlib import Path
 from typing import Any
 
 
+class OutputDirError(FileExistsError):
+    """``--out`` names a directory that holds files unimatch did not write (or ours, without ``--force``)."""
+
+
+def is_ours(directory: Path, marker: str) -> bool:
+    """True when ``directory/marker`` is a manifest unimatch wrote: a JSON object with ``format_version``.
+
+    The test is deliberately narrow: a user's own ``manifest.json`` (any JSON without our key, or not
+    JSON at all) does not make their directory ours to delete.
+    """
+    path = Path(directory) / marker
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(doc, dict) and "format_version" in doc
+
+
+def check_output_dir(final: Path, *, marker: str, force: bool) -> None:
+    """Refuse an output directory we could only fill by deleting someone else's files.
+
+    Missing or empty: fine. Holding a previous output of ours (``marker`` is our manifest): replaced
+    only with ``force``. Anything else (a file, a symlink, a directory with other files): refused,
+    ``force`` or not. Called by the CLI before any work starts, so a refusal costs nothing.
+
+    Raises:
+        OutputDirError: with a one-line reason that names the way out.
+    """
+    final = Path(final)
+    if final.is_symlink():
+        raise OutputDirError(f"{final}: is a symbolic link; give the real directory as --out")
+    if not final.exists():
+        return
+    if not final.is_dir():
+        raise OutputDirError(f"{final}: exists and is not a directory; choose another --out")
+    if not any(final.iterdir()):
+        return
+    if not is_ours(final, marker):
+        raise OutputDirError(
+            f"{final}: not empty and not written by unimatch (no {marker}); refusing to replace it, "
+            "even with --force: choose another --out or empty it yourself"
+        )
+    if not force:
+        raise OutputDirError(f"{final}: holds an earlier unimatch output; pass --force to replace it")
+
+
 @contextmanager
-def atomic_directory(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
+def atomic_directory(final: Path, *, overwrite: bool = True, marker: str | None = None) -> Iterator[Path]:
     """Yield a temporary directory beside ``final``; on success rename it to ``final``.
 
     On an exception the temporary directory is removed and ``final`` is left untouched. An existing
     ``final`` is replaced only after the new one is complete (rename old aside, rename new in,
     delete old), so readers never see a mix of old and new files.
+
+    Args:
+        final: the directory to create or replace.
+        overwrite: False refuses any existing ``final``.
+        marker: our manifest's file name; when given, a non-empty ``final`` without it (see ``is_ours``)
+            is never replaced: checked before the work and again just before the swap.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     if final.exists() and not overwrite:
         raise FileExistsError(f"{final} already exists")
+    if marker is not None:
+        check_output_dir(final, marker=marker, force=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
     # mkdtemp makes the directory 0700; a bundle or dataset must be readable by the service's user.
     os.chmod(tmp, 0o777 & ~_umask())
@@ -38,6 +96,12 @@ def atomic_directory(final: Path, *, overwrite: bool = True) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old: Path | None = None
+    if marker is not None:
+        try:  # someone may have put files there while we worked
+            check_output_dir(final, marker=marker, force=True)
+        except OutputDirError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     if final.exists():
         old = final.parent / f".{final.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)

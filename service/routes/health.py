@@ -8,7 +8,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service import metrics
-from service.deps import ServingDep, StateDep
+from service.deps import ServingDep, StateDep, is_admin
 from service.schemas import Health, Info, Readiness, ReloadStatus
 
 router = APIRouter(tags=["health"])
@@ -53,8 +53,20 @@ async def prometheus_metrics() -> Response:
     return Response(content=data, media_type=content_type)
 
 
-@router.get("/v1/info", response_model=Info, summary="Bundle, schema, search parameters, provider, feature store")
-async def info(state: StateDep, serving: ServingDep) -> Info:
+# Keys of the feature store's description that name a host or a path: shown to the admin token only.
+_PRIVATE_STORE_KEYS = frozenset({"redis", "data", "url", "path", "host"})
+
+
+@router.get(
+    "/v1/info",
+    response_model=Info,
+    summary="Bundle, schema, search parameters, provider, feature store (paths and hosts: admin token only)",
+)
+async def info(request: Request, state: StateDep, serving: ServingDep) -> Info:
+    admin = is_admin(request, state)
+    store = state.store.describe()
+    if not admin:  # no filesystem path or Redis host to an anonymous caller
+        store = {k: v for k, v in store.items() if k not in _PRIVATE_STORE_KEYS}
     engine_info = serving.engine.info()
     manifest = serving.bundle.manifest
     settings = state.settings
@@ -70,7 +82,7 @@ async def info(state: StateDep, serving: ServingDep) -> Info:
         graph={k: v for k, v in manifest["graph"].items() if k != "files"} if "graph" in manifest else None,
         search=engine_info,
         provider=serving.engine.provider,
-        feature_store=state.store.describe(),
+        feature_store=store,
         limits={
             "max_k": settings.max_k,
             "max_batch": settings.max_batch,
@@ -82,6 +94,6 @@ async def info(state: StateDep, serving: ServingDep) -> Info:
             "scoring_threads": settings.effective_scoring_threads,
             "intra_op_threads": settings.intra_op_threads,
         },
-        bundle_path=str(serving.bundle.path),
+        bundle_path=str(serving.bundle.path) if admin else None,
         entity_space=serving.entity_space,
     )

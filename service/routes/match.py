@@ -10,6 +10,7 @@ throughout, so a hot reload never mixes two bundles in one answer.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 import uuid
@@ -17,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
 from service import metrics
 from service.deps import ServingDep, StateDep
-from service.errors import InvalidRequest
+from service.errors import ARRIVED_KEY, InvalidRequest
 from service.features import PAD, Lookup
 from service.lifespan import ServiceState, Serving
 from service.schemas import (
@@ -46,6 +47,17 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+# Lookup.error -> the cause label of unimatch_degraded_answers_total: "slow" and "down" apart (issue 20).
+_DEGRADED_CAUSE = {
+    "timeout": "slow",
+    "connection": "down",
+    "redis": "down",
+    "skipped": "breaker_open",
+    "decode": "decode",
+    "empty_store": "empty_store",
+}
+
+
 @dataclass(frozen=True)
 class Prepared:
     """A request checked against the bundle, ready for the engine."""
@@ -57,6 +69,7 @@ class Prepared:
     exclude_rows: np.ndarray | None
     entity_types: list[int] | None
     deadline: float  # time.monotonic() by which the search must stop
+    probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -155,7 +168,6 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     """Encode + search in the scoring pool, then build the response and record metrics."""
     features, unknown_ids = user_features(prep, lookup, serving)
     engine = serving.engine
-    loop = asyncio.get_running_loop()
 
     def _search() -> MatchResult:
         return engine.match(
@@ -170,7 +182,9 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     from service.engine import SearchError
 
     try:
-        result = await loop.run_in_executor(state.executor, _search)
+        # through admission: the unit counts as pending work, and is refused in the pool thread when its
+        # wait for a thread left less of the deadline than a search takes (service/admission.py)
+        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=prep.deadline, probe=prep.probe)
     except SearchError as exc:
         raise InvalidRequest(str(exc)) from None
     total_s = time.monotonic() - arrived
@@ -217,6 +231,8 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     for flag, on in (("cold_start", cold_start), ("partial", bool(result.partial)), ("degraded", lookup.degraded)):
         if on:
             metrics.FLAGGED.labels(flag=flag).inc()
+    if lookup.degraded:
+        metrics.DEGRADED.labels(cause=_DEGRADED_CAUSE.get(lookup.error or "", "other")).inc()
     return MatchResponse(
         request_id=prep.request_id,
         bundle_version=serving.version,
@@ -230,28 +246,57 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     )
 
 
+def arrival(request: Request) -> float:
+    """When the request reached the service (the edge middleware's stamp), so time spent before the
+    route runs (accept, body read, event-loop lag under load) counts inside the deadline too."""
+    stamp = request.scope.get(ARRIVED_KEY)
+    return float(stamp) if isinstance(stamp, float) else time.monotonic()
+
+
 @router.post("/match", response_model=MatchResponse, responses=_ERRORS, summary="Top-k entities for one user")
-async def match(body: MatchRequest, state: StateDep, serving: ServingDep) -> MatchResponse:
-    arrived = time.monotonic()
+async def match(request: Request, body: MatchRequest, state: StateDep, serving: ServingDep) -> MatchResponse:
+    arrived = arrival(request)
     with state.limiter.slot():
         prep = prepare(body, serving, state, arrived)
+        # 503 now rather than a cut-short answer later
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=prep.deadline - arrived)
+        prep = dataclasses.replace(prep, probe=probe)
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
 
 @router.post("/match/batch", response_model=BatchResponse, responses=_ERRORS, summary="Top-k for several users")
-async def match_batch(body: BatchRequest, state: StateDep, serving: ServingDep) -> BatchResponse:
-    """Several requests in one call: features in one round trip (MGET), searches run concurrently."""
-    arrived = time.monotonic()
-    if len(body.requests) > state.settings.max_batch:
-        raise InvalidRequest(f"{len(body.requests)} requests; at most {state.settings.max_batch} (UNIMATCH_MAX_BATCH)")
-    with state.limiter.slot(len(body.requests)):
+async def match_batch(request: Request, body: BatchRequest, state: StateDep, serving: ServingDep) -> BatchResponse:
+    """Several requests in one call: features in one round trip (MGET), then the searches.
+
+    A batch holds one concurrency slot per entry up to its fair share of the limit, and runs its
+    entries on at most half the scoring threads, so single requests are still served beside it. Each
+    entry has its own deadline, counted from when that entry starts, so entries queued behind their
+    siblings are not cut short; the whole batch takes about entries / (threads / 2) search times.
+    """
+    arrived = arrival(request)
+    n = len(body.requests)
+    if n > state.settings.max_batch:
+        raise InvalidRequest(f"{n} requests; at most {state.settings.max_batch} (UNIMATCH_MAX_BATCH)")
+    with state.limiter.slot(n):
         preps = []
         for i, req in enumerate(body.requests):
             try:
                 preps.append(prepare(req, serving, state, arrived))
             except InvalidRequest as exc:
                 raise InvalidRequest(f"requests[{i}]: {exc.message}") from None
+        # the first entry must be able to start in time; later ones are checked as they start
+        first = min(preps, key=lambda p: p.deadline)
+        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=first.deadline - arrived)
+        preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
-        results = await asyncio.gather(*(run_match(state, serving, p, lk, arrived) for p, lk in zip(preps, lookups, strict=True)))
+        gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
+
+        async def one(prep: Prepared, lookup: Lookup) -> MatchResponse:
+            async with gate:
+                started = time.monotonic()
+                own = dataclasses.replace(prep, deadline=started + (prep.deadline - arrived))
+                return await run_match(state, serving, own, lookup, started)
+
+        results = await asyncio.gather(*(one(p, lk) for p, lk in zip(preps, lookups, strict=True)))
         return BatchResponse(results=list(results))

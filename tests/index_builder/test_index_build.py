@@ -275,7 +275,7 @@ def test_mismatched_dimension_and_missing_vectors(tmp_path) -> None:
     with pytest.raises(BundleError, match="dimension 8, manifest vector_space.dim is 16"):
         build_index(bundle=bundle, cfg=FAST)
     (bundle / "entities/vectors.npy").unlink()
-    with pytest.raises(BundleError, match="no entity vectors"):
+    with pytest.raises(BundleError, match="vectors.npy missing"):
         build_index(bundle=bundle, cfg=FAST)
     with pytest.raises(BundleError, match="does not exist"):
         build_index(bundle=tmp_path / "nowhere", cfg=FAST)

@@ -115,7 +115,7 @@ def test_loader_writes_every_user_idempotently(dataset_dir: Path, redis_prefix: 
     assert int(meta[b"users"]) == len(ds.users)
     again = load_features(dataset_dir, REDIS_URL, prefix=redis_prefix)
     assert again.users == report.users
-    assert len(set(client.scan_iter(match=f"{redis_prefix}:*", count=1000))) == len(ds.users) + 1
+    assert len(set(client.scan_iter(match=f"{redis_prefix}:*", count=1000))) == len(ds.users) + 2  # users, meta, sentinel
     client.close()
 
 

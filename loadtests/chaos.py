@@ -1,0 +1,563 @@
+"""Bounded chaos suite: faults under load against a service and a Redis it starts itself, on loopback.
+
+    python -m loadtests.chaos --bundle BUNDLE --data DATASET [--seconds 4] [--out docs/reliability.md]
+
+Starts ``redis-server`` (a private port and directory) and ``unimatch serve`` (a private port, admin
+token, Redis features loaded with ``features load``) on 127.0.0.1, then runs open-loop Poisson load
+(an asyncio + httpx generator: the arrival times do not wait for answers) through each scenario:
+
+    baseline, redis-stop (back with its data), redis-restart-empty, redis-hang (SIGSTOP),
+    reload-good, reload-corrupted (neighbour ids out of range, checksums recomputed), overload-5x,
+    batch-mix (batches of 16 beside singles), slow-clients (idle + slowloris sockets), sigterm-drain
+
+and writes a markdown table (scenario | load | fault | answered | failed | flagged | accepted p99 |
+recovery) into ``--out`` (between its chaos markers, keeping the text around them). Every phase has a fixed length, every request a client timeout, every process
+it started is stopped at the end (also on Ctrl-C); it touches no other Redis and no other port.
+"answered" = HTTP 200; "shed" = 503 (with Retry-After); "failed" = anything else (a 5xx other than a
+503, a connection error, a client timeout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ADMIN = "chaos-token"
+HEADER_TIMEOUT_S = 2.0  # the service's UNIMATCH_HEADER_TIMEOUT_S in the run (default 5): slow sockets die sooner
+
+
+# ---- processes ------------------------------------------------------------------------------------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisProcess:
+    """A private redis-server on loopback whose data lives in ``workdir`` (RDB, saved on stop)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.dir = workdir
+        self.port = free_port()
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            raise SystemExit("chaos: redis-server is not on PATH")
+        self.proc = subprocess.Popen(
+            [exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir), "--dbfilename", "chaos.rdb",
+             "--save", "", "--appendonly", "no", "--protected-mode", "yes"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        for _ in range(200):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", self.port), timeout=0.2) as s:
+                s.sendall(b"PING\r\n")
+                if s.recv(16).startswith(b"+PONG"):
+                    return
+            time.sleep(0.05)
+        raise SystemExit("chaos: redis-server did not start")
+
+    def command(self, *args: str) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.port), timeout=5) as s:
+            parts = [f"*{len(args)}\r\n".encode()] + [f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args]
+            s.sendall(b"".join(parts))
+            return s.recv(4096)
+
+    def stop(self, *, save: bool) -> None:
+        if self.proc is None:
+            return
+        with contextlib.suppress(OSError):
+            self.command("SHUTDOWN", "SAVE" if save else "NOSAVE")
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(5)
+        self.proc = None
+
+    def signal(self, sig: int) -> None:
+        if self.proc is not None:
+            self.proc.send_signal(sig)
+
+
+class ServiceProcess:
+    """``unimatch serve`` on a private loopback port; its log goes to ``log``."""
+
+    def __init__(self, bundle: Path, redis_url: str, log: Path, env: dict[str, str]) -> None:
+        self.port = free_port()
+        self.bundle, self.redis_url, self.log, self.extra_env = bundle, redis_url, log, env
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        env = {**os.environ, "UNIMATCH_ADMIN_TOKEN": ADMIN, "UNIMATCH_LOG_LEVEL": "warning", **self.extra_env}
+        with open(self.log, "ab") as fh:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "unimatch.cli", "serve", "--bundle", str(self.bundle), "--port", str(self.port),
+                 "--redis-url", self.redis_url, "--graceful-timeout", "5"],
+                stdout=fh, stderr=subprocess.STDOUT, env=env,
+            )
+        import httpx
+
+        for _ in range(600):
+            if self.proc.poll() is not None:
+                raise SystemExit(f"chaos: the service exited with {self.proc.returncode}; see {self.log}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base + "/readyz", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.1)
+        raise SystemExit("chaos: the service did not become ready")
+
+    def terminate(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float) -> int | None:
+        if self.proc is None:
+            return None
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+
+# ---- load -----------------------------------------------------------------------------------------
+@dataclass
+class Answer:
+    sent: float  # seconds since the phase started
+    status: int  # 0 = no HTTP answer (connection error, client timeout)
+    latency: float
+    partial: bool = False
+    degraded: bool = False
+    short: bool = False  # fewer items than asked
+    version: str | None = None
+    server_s: float = 0.0  # the service's own total (stats.total_ms, from its edge), slowest entry of a batch
+
+
+@dataclass
+class Phase:
+    answers: list[Answer] = field(default_factory=list)
+    dropped: int = 0  # arrivals the generator skipped: it already had max_outstanding requests open
+
+    def count(self, pred: Any) -> int:
+        return sum(1 for a in self.answers if pred(a))
+
+    @property
+    def answered(self) -> int:
+        return self.count(lambda a: a.status == 200)
+
+    @property
+    def shed(self) -> int:
+        return self.count(lambda a: a.status == 503)
+
+    @property
+    def failed(self) -> int:
+        return self.count(lambda a: a.status not in (200, 503))
+
+    @property
+    def flagged(self) -> int:
+        return self.count(lambda a: a.status == 200 and (a.partial or a.degraded))
+
+    def p99_ms(self, since: float = 0.0, until: float = float("inf"), *, server: bool = False) -> float | None:
+        lat = [a.server_s if server else a.latency for a in self.answers if a.status == 200 and since <= a.sent < until]
+        return float(np.percentile(lat, 99)) * 1e3 if lat else None
+
+    @property
+    def sent_rate(self) -> float:
+        """Requests the generator actually sent per second (below the offered rate when it saturates)."""
+        if len(self.answers) < 2:
+            return 0.0
+        span = max(a.sent for a in self.answers) - min(a.sent for a in self.answers)
+        return len(self.answers) / span if span > 0 else 0.0
+
+
+async def _one(client: Any, path: str, body: dict[str, Any], t0: float, phase: Phase, k: int) -> None:
+    import httpx
+
+    sent = time.perf_counter()
+    try:
+        r = await client.post(path, json=body)
+    except httpx.HTTPError:
+        phase.answers.append(Answer(sent - t0, 0, time.perf_counter() - sent))
+        return
+    latency = time.perf_counter() - sent
+    a = Answer(sent - t0, r.status_code, latency)
+    if r.status_code == 200:
+        data = r.json()
+        results = data["results"] if "results" in data else [data]
+        a.partial = any(x["partial"] for x in results)
+        a.degraded = any(x["degraded"] for x in results)
+        a.short = any(len(x["items"]) < k for x in results)
+        a.version = results[0]["bundle_version"]
+        a.server_s = max(float(x["stats"]["total_ms"]) for x in results) / 1e3
+    phase.answers.append(a)
+
+
+async def open_loop(
+    base: str, users: list[str], domains: list[str], *, rate: float, seconds: float, k: int = 10,
+    batch_every: int = 0, batch_size: int = 16, during: Any = None, seed: int = 0, max_outstanding: int = 300,
+) -> Phase:
+    """Poisson arrivals at ``rate`` per second for ``seconds``; ``during(t0)`` runs beside them.
+
+    At most ``max_outstanding`` requests are open at once: an arrival beyond that is counted in
+    ``dropped`` and not sent, so a generator that cannot keep up (one Python process on the cores it
+    shares with the service) sheds its own load instead of piling up thousands of waiting requests.
+    """
+    import httpx
+
+    rng = random.Random(seed)
+    phase = Phase()
+    limits = httpx.Limits(max_connections=400, max_keepalive_connections=400)
+    async with httpx.AsyncClient(base_url=base, timeout=5.0, limits=limits) as client:
+        tasks: set[asyncio.Task[None]] = set()
+        t0 = time.perf_counter()
+        side = asyncio.create_task(during(t0)) if during is not None else None
+        next_at, i = 0.0, 0
+        while next_at < seconds:
+            delay = t0 + next_at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            i += 1
+            if len(tasks) >= max_outstanding:
+                phase.dropped += 1
+                next_at += rng.expovariate(rate)
+                continue
+            if batch_every and i % batch_every == 0:
+                reqs = [{"user_id": rng.choice(users), "domain": rng.choice(domains), "k": k} for _ in range(batch_size)]
+                coro = _one(client, "/match/batch", {"requests": reqs}, t0, phase, k)
+            else:
+                body = {"user_id": rng.choice(users), "domain": rng.choice(domains), "k": k}
+                coro = _one(client, "/match", body, t0, phase, k)
+            task = asyncio.create_task(coro)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            next_at += rng.expovariate(rate)
+        if tasks:
+            await asyncio.gather(*tasks)
+        if side is not None:
+            await side
+    return phase
+
+
+async def capacity(base: str, users: list[str], domains: list[str], seconds: float, k: int = 10) -> float:
+    """Closed-loop throughput with 8 clients at ``k``: the service's saturation rate (answers per second)."""
+    import httpx
+
+    done = 0
+    async with httpx.AsyncClient(base_url=base, timeout=5.0) as client:
+        stop = time.perf_counter() + seconds
+
+        async def worker(j: int) -> None:
+            nonlocal done
+            rng = random.Random(j)
+            while time.perf_counter() < stop:
+                r = await client.post("/match", json={"user_id": rng.choice(users), "domain": rng.choice(domains), "k": k})
+                done += r.status_code == 200
+
+        await asyncio.gather(*(worker(j) for j in range(8)))
+    return done / seconds
+
+
+# ---- bundle corruption ----------------------------------------------------------------------------
+def corrupted_copy(bundle: Path, dst: Path) -> Path:
+    """A copy whose layer-0 neighbour list holds an out-of-range id, with every checksum recomputed."""
+    shutil.copytree(bundle, dst)
+    rel = "graph/layer0_neighbors.npy"
+    nbr = np.load(dst / rel).copy()
+    nbr[len(nbr) // 2] = int(np.load(dst / "graph/levels.npy").shape[0]) + 7
+    np.save(dst / rel, nbr, allow_pickle=False)
+    manifest = json.loads((dst / "manifest.json").read_text())
+    for section in (manifest.get("files", {}), manifest.get("graph", {}).get("files", {})):
+        for name, meta in section.items():
+            meta["sha256"] = hashlib.sha256((dst / name).read_bytes()).hexdigest()
+            meta["bytes"] = (dst / name).stat().st_size
+    manifest["bundle_version"] = str(manifest.get("bundle_version", "")) + "-corrupted"
+    (dst / "manifest.json").write_text(json.dumps(manifest, indent=2))
+    return dst
+
+
+# ---- scenarios ------------------------------------------------------------------------------------
+@dataclass
+class Row:
+    scenario: str
+    load: str
+    fault: str
+    phase: Phase
+    recovery: str
+    sent: int = 0
+
+    def cells(self) -> list[str]:
+        p = self.phase
+        p99, p99_server = p.p99_ms(), p.p99_ms(server=True)
+        complete = p.count(lambda a: a.status == 200 and not a.partial and not a.short)
+        latency = f"{p99_server:.0f} / {p99:.0f} ms" if p99 is not None and p99_server is not None else "-"
+        return [
+            self.scenario, f"{self.load}; sent {p.sent_rate:.0f}/s" + (f", {p.dropped:,} not sent" if p.dropped else ""), self.fault, f"{p.answered:,} ({complete:,} complete)",
+            f"{p.failed:,}", f"{p.flagged:,}", latency, f"{p.shed:,}", self.recovery,
+        ]
+
+
+def _last_degraded(phase: Phase) -> float | None:
+    times = [a.sent for a in phase.answers if a.status == 200 and a.degraded]
+    return max(times) if times else None
+
+
+async def run_chaos(args: argparse.Namespace) -> list[Row]:
+    from service.features import load_features
+
+    work = Path(tempfile.mkdtemp(prefix="unimatch-chaos-"))
+    redis = RedisProcess(work)
+    rows: list[Row] = []
+    service: ServiceProcess | None = None
+    try:
+        redis.start()
+        load_features(args.data, redis.url)
+        schema = json.loads((args.bundle / "schema.json").read_text())
+        domains = list(schema["domains"])
+        users = [str(u) for u in np.load(args.data / "users/external_id.npy")[: args.users].tolist()]
+        env = {"UNIMATCH_DEADLINE_MS": str(args.deadline_ms), "UNIMATCH_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S)}
+        service = ServiceProcess(args.bundle, redis.url, work / "service.log", env)
+        service.start()
+        base, T = service.base, args.seconds
+        mu = await capacity(base, users, domains, min(3.0, T))
+        rate = max(1.0, 0.3 * mu)
+        load = f"{rate:.0f}/s (0.3 x capacity {mu:.0f}/s)"
+        print(f"chaos: capacity ~{mu:.1f} answers/s; baseline load {rate:.1f}/s, {T:g} s per phase", flush=True)
+
+        async def loop(**kw: Any) -> Phase:
+            return await open_loop(base, users, domains, rate=kw.pop("rate", rate), seconds=kw.pop("seconds", T), **kw)
+
+        base_phase = await loop()
+        base_p99 = base_phase.p99_ms() or 0.0
+        rows.append(Row("baseline", load, "none", base_phase, "-"))
+
+        # Redis stop, back with its data after 1/3 of the phase
+        back_at: dict[str, float] = {}
+
+        async def stop_and_back(t0: float) -> None:
+            await asyncio.sleep(T / 3)
+            await asyncio.to_thread(redis.stop, save=True)
+            await asyncio.sleep(T / 3)
+            await asyncio.to_thread(redis.start)
+            back_at["t"] = time.perf_counter() - t0
+
+        ph = await loop(during=stop_and_back)
+        last = _last_degraded(ph)
+        late = ph.count(lambda a: a.status == 200 and a.degraded and a.sent > back_at["t"] + 1.0)
+        rows.append(Row("redis-stop", load, f"Redis stopped {T / 3:.1f} s, back with its data", ph,
+                        f"last degraded {max(0.0, (last or 0) - back_at['t']):.2f} s after Redis was back; {late} later than 1 s"))
+
+        # Redis restarted empty: every answer must be flagged
+        await asyncio.to_thread(redis.stop, save=False)
+        with contextlib.suppress(FileNotFoundError):
+            (work / "chaos.rdb").unlink()
+        await asyncio.to_thread(redis.start)
+        await asyncio.sleep(0.5)
+        ph = await loop(seconds=T / 2)
+        unflagged = ph.count(lambda a: a.status == 200 and not a.degraded)
+        rows.append(Row("redis-restart-empty", load, "Redis back with no data", ph,
+                        f"{ph.answered - unflagged}/{ph.answered} answers flagged degraded"))
+        await asyncio.to_thread(load_features, args.data, redis.url)
+        await asyncio.sleep(1.0)
+
+        # Redis hang (SIGSTOP) then SIGCONT
+        cont_at: dict[str, float] = {}
+
+        async def hang(t0: float) -> None:
+            await asyncio.sleep(T / 3)
+            redis.signal(signal.SIGSTOP)
+            await asyncio.sleep(T / 3)
+            redis.signal(signal.SIGCONT)
+            cont_at["t"] = time.perf_counter() - t0
+
+        ph = await loop(during=hang)
+        last = _last_degraded(ph)
+        rows.append(Row("redis-hang", load, f"SIGSTOP {T / 3:.1f} s", ph,
+                        f"last degraded {max(0.0, (last or 0) - cont_at['t']):.2f} s after SIGCONT"))
+
+        # reloads: a good one and a corrupted one
+        import httpx
+
+        corrupt = corrupted_copy(args.bundle, work / "corrupted")
+        reload_out: dict[str, Any] = {}
+
+        async def reloads(t0: float) -> None:
+            async with httpx.AsyncClient(base_url=base, timeout=60, headers={"Authorization": f"Bearer {ADMIN}"}) as c:
+                await asyncio.sleep(T / 4)
+                good = await c.post("/admin/reload", params={"wait": "true"}, json={"bundle": str(args.bundle)})
+                bad = await c.post("/admin/reload", params={"wait": "true"}, json={"bundle": str(corrupt)})
+                reload_out.update(good=good.status_code, bad=bad.status_code)
+
+        ph = await loop(during=reloads)
+        versions = {a.version for a in ph.answers if a.version}
+        rows.append(Row("reload", load, "reload good, then corrupted", ph,
+                        f"good {reload_out.get('good')}, corrupted {reload_out.get('bad')} (refused); "
+                        f"versions served: {len(versions)}, corrupted served: {any('corrupted' in v for v in versions)}"))
+
+        # 5x overload at a larger k (each request costs the service more, the generator the same: one
+        # Python generator on shared cores cannot send 5 x the k=10 capacity), then the baseline again
+        ko = args.overload_k
+        mu_k = await capacity(base, users, domains, min(3.0, T), k=ko)
+        over = await loop(rate=5 * mu_k, k=ko, max_outstanding=2000)
+        complete = over.count(lambda a: a.status == 200 and not a.partial and not a.short)
+        after = await loop(seconds=T)
+        p99_after = after.p99_ms(since=2.0)
+        rows.append(Row("overload-5x", f"{5 * mu_k:.0f}/s at k={ko} (5 x capacity {mu_k:.0f}/s)", "offered 5 x capacity", over,
+                        f"{complete / max(1, over.answered):.1%} of answers complete; baseline p99 {base_p99:.0f} ms, "
+                        f"{p99_after or float('nan'):.0f} ms from 2 s after the burst (client side)"))
+
+        # batches beside singles
+        ph = await loop(batch_every=10, batch_size=16)
+        rows.append(Row("batch-mix", load + ", every 10th a batch of 16", "none", ph, "-"))
+
+        # slow clients: idle sockets and slowloris beside the load
+        closed: dict[str, int] = {}
+
+        async def slow_clients(t0: float) -> None:
+            socks = []
+            for _ in range(args.slow_sockets):
+                with contextlib.suppress(OSError):
+                    s = socket.create_connection(("127.0.0.1", service.port), timeout=1)  # type: ignore[union-attr]
+                    s.setblocking(False)
+                    socks.append(s)
+            for s in socks[: len(socks) // 2]:
+                with contextlib.suppress(OSError):
+                    s.send(b"POST /match HTTP/1.1\r\nHost: x\r\n")  # never finished
+            await asyncio.sleep(HEADER_TIMEOUT_S + 1.0)  # the server's header timeout, and a second of slack
+            n = 0
+            for s in socks:
+                try:
+                    n += s.recv(1) == b""
+                except BlockingIOError:
+                    pass
+                except OSError:
+                    n += 1
+                s.close()
+            closed.update(sockets=len(socks), closed=n)
+
+        ph = await loop(during=slow_clients)
+        rows.append(Row("slow-clients", load, f"{closed.get('sockets', 0)} idle/slowloris sockets", ph,
+                        f"{closed.get('closed', 0)}/{closed.get('sockets', 0)} closed by the server within {HEADER_TIMEOUT_S + 1:.0f} s"))
+
+        # SIGTERM drain: requests sent before the signal must be answered
+        term_at: dict[str, float] = {}
+
+        async def sigterm(t0: float) -> None:
+            await asyncio.sleep(T / 2)
+            term_at["t"] = time.perf_counter() - t0
+            service.terminate()  # type: ignore[union-attr]
+
+        ph = await loop(during=sigterm)
+        before = Phase([a for a in ph.answers if a.sent < term_at["t"]])
+        rc = await asyncio.to_thread(service.wait, 15)
+        rows.append(Row("sigterm-drain", load, "SIGTERM mid-load", before,
+                        f"exit {rc}; {ph.count(lambda a: a.sent >= term_at['t'])} sent after SIGTERM not counted"))
+        service = None
+    finally:
+        if service is not None:
+            service.terminate()
+            service.wait(15)
+        redis.stop(save=False)
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def render(rows: list[Row], args: argparse.Namespace) -> str:
+    head = ["scenario", "load", "fault", "answered", "failed", "flagged", "accepted p99 server / client", "shed (503)", "recovery"]
+    lines = [
+        "answered = HTTP 200 (complete = not partial and k items); failed = any answer other than 200/503, a",
+        "connection error or a 5 s client timeout; flagged = answered `partial` or `degraded`; accepted p99 = p99",
+        "latency of the 200s as the service measured it (from its edge, `stats.total_ms`) / as the client saw it",
+        "(includes the load generator's own queueing when it saturates); shed = 503 with Retry-After (admission",
+        "control); load = the offered rate, what the generator really sent, and arrivals it did not send because",
+        "300 of its requests were already open. Open-loop Poisson load; the",
+        "service's own loopback Redis.",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
+    lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    cmd = (f"python -m loadtests.chaos --bundle {args.bundle} --data {args.data} --seconds {args.seconds:g} "
+           f"--overload-k {args.overload_k}")
+    return "\n".join(lines) + f"\n\nCommand: `{cmd}` (deadline {args.deadline_ms:g} ms).\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--bundle", type=Path, required=True, help="a bundle with a graph (unimatch index build)")
+    p.add_argument("--data", type=Path, required=True, help="the dataset whose users' features are loaded")
+    p.add_argument("--seconds", type=float, default=6.0, help="length of each phase (the run takes ~12 phases)")
+    p.add_argument("--deadline-ms", type=float, default=100.0, help="UNIMATCH_DEADLINE_MS of the service")
+    p.add_argument("--users", type=int, default=2000, help="distinct users drawn from the dataset")
+    p.add_argument("--overload-k", type=int, default=500, help="k of the overload phase (its capacity is measured at it)")
+    p.add_argument("--slow-sockets", type=int, default=200, help="idle and slowloris sockets in slow-clients")
+    p.add_argument("--out", type=Path, default=None, help="write the table here (markdown) as well as printing it")
+    args = p.parse_args(argv)
+    if not 0.5 <= args.seconds <= 120:
+        print("chaos: --seconds must be in 0.5..120", file=sys.stderr)
+        return 2
+    for path, what in ((args.bundle / "manifest.json", "bundle"), (args.data / "dataset.json", "dataset")):
+        if not path.is_file():
+            print(f"chaos: {path.parent} is not a {what}", file=sys.stderr)
+            return 2
+    def _terminate(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # runs the finally blocks: the service and Redis are stopped
+
+    signal.signal(signal.SIGTERM, _terminate)
+    rows = asyncio.run(run_chaos(args))
+    table = render(rows, args)
+    print(table)
+    if args.out is not None:
+        write_table(args.out, table)
+    return 0
+
+
+BEGIN, END = "<!-- chaos:begin (generated by loadtests/chaos.py) -->", "<!-- chaos:end -->"
+
+
+def write_table(out: Path, table: str) -> None:
+    """Replace the generated block of ``out`` (between the chaos markers), or write the file with one.
+
+    The text around the markers (the analysis in docs/reliability.md) is kept; written atomically.
+    """
+    block = f"{BEGIN}\n{table.rstrip()}\n{END}"
+    old = out.read_text() if out.is_file() else ""
+    if BEGIN in old and END in old:
+        head, rest = old.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = (old.rstrip() + "\n\n" if old else "") + block + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, out)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,47 @@
+"""The chaos suite's short version (loadtests/chaos.py): its own Redis and service on loopback, ~30 s.
+
+Asserts what must hold on any machine (no failed request outside the overload phase, an empty Redis
+flagged on every answer, a corrupted bundle refused and never served, slow sockets closed); the
+latency and completeness numbers are for docs/reliability.md, not asserted here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(300),
+    pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs redis-server on PATH"),
+]
+
+
+def test_short_chaos_run(tmp_path: Path) -> None:
+    from loadtests.chaos import render, run_chaos
+
+    bundle = make_fake_bundle(tmp_path / "bundle", num_entities=2000)
+    data = make_fake_dataset(tmp_path / "data", bundle, num_users=300)
+    args = argparse.Namespace(bundle=bundle, data=data, seconds=1.0, deadline_ms=100.0, users=300, slow_sockets=20, out=None,
+                              overload_k=200)
+    rows = {r.scenario: r for r in asyncio.run(run_chaos(args))}
+    assert set(rows) == {
+        "baseline", "redis-stop", "redis-restart-empty", "redis-hang", "reload", "overload-5x", "batch-mix",
+        "slow-clients", "sigterm-drain",
+    }
+    for name, row in rows.items():
+        if name != "overload-5x":  # a saturated client on 2 shared cores may time out its own requests
+            assert row.phase.failed == 0, (name, [a.status for a in row.phase.answers if a.status not in (200, 503)])
+        assert row.phase.count(lambda a: a.status not in (0, 200, 503)) == 0, name  # never a 500
+    empty = rows["redis-restart-empty"].phase
+    assert empty.answered > 0 and empty.count(lambda a: a.status == 200 and not a.degraded) == 0
+    assert "corrupted 422" in rows["reload"].recovery and "corrupted served: False" in rows["reload"].recovery
+    assert rows["slow-clients"].recovery.startswith("20/20 closed")
+    table = render(list(rows.values()), args)
+    assert table.count("\n| ") == len(rows) + 1  # header + one row per scenario

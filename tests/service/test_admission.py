@@ -1,0 +1,286 @@
+"""Admission control (service/admission.py): deterministic, with fake clocks, fake service times and
+an executor that runs in the calling thread; no test times anything."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, Future
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from service.admission import Admission, ServiceTimes, k_bucket
+from service.app import create_app
+from service.config import Settings
+from service.errors import Overloaded
+
+
+class InlineExecutor(Executor):
+    """Runs each submitted call at once in the caller's thread (deterministic order)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+        f: Future = Future()
+        try:
+            f.set_result(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting coroutine
+            f.set_exception(exc)
+        return f
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_service_times_ewma_and_conservative_guess() -> None:
+    st = ServiceTimes(alpha=0.5)
+    assert st.estimate(10) is None
+    st.observe(10, 0.010)
+    st.observe(10, 0.020)
+    assert st.estimate(5) == pytest.approx(0.015)
+    assert st.estimate(1000) == pytest.approx(0.015 * 1000 / 10)  # scaled up from the smaller bucket
+    st.observe(1000, 0.030)
+    assert st.estimate(100) == pytest.approx(0.030)  # a larger measured bucket is not scaled down
+    assert [k_bucket(k) for k in (1, 10, 11, 100, 1000, 5000)] == [0, 0, 1, 1, 2, 3]
+
+
+def test_a_search_longer_than_its_budget_is_refused_but_probed_once_a_second() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock, probe_interval_s=1.0)
+    adm.seed(10, 0.500)  # a search takes longer than the whole budget
+    adm.pending, adm.pending_s = 1, 0.5  # one of the two threads is free
+    assert adm.admit(10, clock.t + 0.100) is True  # the probe: keeps the estimate measured
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)  # refused: it could not finish in time
+    clock.t += 1.0
+    assert adm.admit(10, clock.t + 0.100) is True  # the next probe, a second later
+    adm.pending = 2  # no free thread: no probe either
+    clock.t += 5.0
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)
+    assert adm.admit(10, clock.t + 1.0) is False  # fits: an ordinary admission
+
+
+def test_decisions_use_the_upper_estimate() -> None:
+    st = ServiceTimes(alpha=0.5)
+    for x in (0.010, 0.030, 0.010, 0.030):
+        st.observe(10, x)
+    mean, upper = st.estimate(10), st.estimate(10, upper=True)
+    assert mean is not None and upper is not None and upper > mean + 0.02  # mean + 3 x deviation
+
+
+def test_sheds_when_the_queue_wait_would_pass_the_deadline() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=2, retry_after_s=1, clock=clock)
+    adm.seed(10, 0.020)
+    adm.pending, adm.pending_s = 4, 0.160  # both threads busy, 160 ms of work: ~80 ms wait per thread
+    assert adm.admit(10, clock.t + 0.101) is False  # 80 + 20 = 100 ms <= 101: admitted
+    with pytest.raises(Overloaded) as exc:
+        adm.admit(10, clock.t + 0.099)
+    assert exc.value.headers["Retry-After"] == "1" and "would finish in ~100 ms" in exc.value.message
+    adm.pending, adm.pending_s = 400, 16.0  # 8 s to drain: Retry-After says so
+    with pytest.raises(Overloaded) as exc:
+        adm.admit(10, clock.t + 0.1)
+    assert exc.value.headers["Retry-After"] == "8"
+
+
+def test_batch_estimate_counts_its_size() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.010)
+    adm.pending, adm.pending_s = 2, 0.020
+    assert adm.finish_estimate(10, units=1) == pytest.approx(0.010 + 0.010)
+    assert adm.finish_estimate(10, units=8) == pytest.approx(0.010 + 4 * 0.010)
+
+
+def test_run_refuses_in_the_thread_when_the_wait_ate_the_budget() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=1, clock=clock)
+    adm.seed(10, 0.020)
+    called: list[int] = []
+
+    class LateExecutor(InlineExecutor):
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+            clock.t += 0.090  # the unit waited 90 ms for a thread
+            return super().submit(fn, *args, **kwargs)
+
+    deadline = clock.t + 0.100
+    with pytest.raises(Overloaded) as exc:
+        asyncio.run(adm.run(LateExecutor(), lambda: called.append(1), k=10, deadline=deadline))
+    assert not called and "ms of the deadline were left" in exc.value.message
+    assert adm.pending == 0 and adm.pending_s == 0.0
+    # a probe runs even when it cannot finish in time (it keeps the estimate measured)
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(2), k=10, deadline=clock.t + 0.001, probe=True))
+    assert called == [2]
+
+
+def test_run_measures_the_service_time_in_the_thread() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=1, clock=clock)
+
+    def work() -> str:
+        clock.t += 0.040
+        return "done"
+
+    assert asyncio.run(adm.run(InlineExecutor(), work, k=100, deadline=clock.t + 1)) == "done"
+    assert adm.times.estimate(100) == pytest.approx(0.040)
+    assert adm.pending == 0
+
+
+# ---- through the HTTP routes ----------------------------------------------------------------------
+REQ = {"user_id": "user-0007", "domain": "domain_0", "k": 10}
+
+
+async def _with_app(settings: Settings, body):
+    app = create_app(settings)
+    async with app.router.lifespan_context(app):
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://unimatch") as client:
+            return await body(app, client)
+
+
+@pytest.fixture
+def engine_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
+    """Record every MatchEngine.match call (its k and deadline) made after start-up."""
+    from service.engine import MatchEngine
+
+    calls: list[dict[str, Any]] = []
+    real = MatchEngine.match
+
+    def match(self, user, domain, k, **kw):
+        calls.append({"k": k, "deadline": kw.get("deadline"), "thread": threading.get_ident()})
+        return real(self, user, domain, k, **kw)
+
+    monkeypatch.setattr(MatchEngine, "match", match)
+    yield calls
+
+
+def test_overloaded_request_is_refused_before_any_work(bundle_dir: Path, dataset_dir: Path, engine_calls: list) -> None:
+    async def body(app, client: httpx.AsyncClient):
+        adm = app.state.unimatch.admission
+        engine_calls.clear()
+        adm.times = ServiceTimes()
+        adm.seed(10, 0.050)
+        adm.pending, adm.pending_s = 8, 0.400  # 200 ms of queued work per thread
+        shed = await client.post("/match", json=REQ)
+        batch = await client.post("/match/batch", json={"requests": [REQ, REQ]})
+        calls_while_busy = len(engine_calls)
+        adm.pending, adm.pending_s = 0, 0.0
+        ok = await client.post("/match", json=REQ)
+        metrics = (await client.get("/metrics")).text
+        return shed, batch, calls_while_busy, ok, metrics
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2, deadline_ms=100)
+    shed, batch, calls_while_busy, ok, metrics = asyncio.run(_with_app(settings, body))
+    assert shed.status_code == 503 and shed.json()["error"]["kind"] == "overloaded"
+    assert int(shed.headers["retry-after"]) >= 1
+    assert batch.status_code == 503
+    assert calls_while_busy == 0  # nothing was searched for the refused requests
+    assert ok.status_code == 200 and ok.json()["partial"] is False
+    assert 'unimatch_requests_shed_total{reason="deadline"}' in metrics
+
+
+def test_batch_holds_its_fair_share_and_singles_are_served_beside_it(
+    bundle_dir: Path, dataset_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine import MatchEngine
+
+    release = threading.Event()
+    batch_started = threading.Event()
+    real = MatchEngine.match
+
+    def match(self, user, domain, k, **kw):
+        if k == 7:  # the batch's entries block until the single request has been answered
+            batch_started.set()
+            assert release.wait(30), "the single request was not served while the batch ran"
+        return real(self, user, domain, k, **kw)
+
+    async def body(app, client: httpx.AsyncClient):
+        state = app.state.unimatch
+        monkeypatch.setattr(MatchEngine, "match", match)
+        entries = [{**REQ, "k": 7, "user_id": f"user-{i:04d}"} for i in range(6)]
+        batch = asyncio.create_task(client.post("/match/batch", json={"requests": entries}))
+        while not batch_started.is_set():
+            await asyncio.sleep(0.001)
+        held = state.limiter.in_flight
+        single = await client.post("/match", json=REQ)  # a free thread and free slots: served now
+        release.set()
+        return held, single, await batch
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2, max_concurrency=8, batch_share=0.25,
+                        deadline_ms=60_000)
+    held, single, batch = asyncio.run(_with_app(settings, body))
+    assert held == 2  # a batch of 6 holds its fair share, 8 x 0.25 slots
+    assert single.status_code == 200
+    assert batch.status_code == 200
+    results = batch.json()["results"]
+    assert [len(r["items"]) for r in results] == [7] * 6 and not any(r["partial"] for r in results)
+
+
+def test_each_batch_entry_keeps_its_own_deadline(
+    bundle_dir: Path, dataset_dir: Path, engine_calls: list, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Entries run one after another (half of 2 threads); each gets its whole budget from its own start.
+
+    A fake clock in the route advances 5 s per entry: with one shared deadline the later entries
+    would start past it.
+    """
+    import time as real_time
+
+    from service.routes import match as match_route
+
+    fake = {"t": real_time.monotonic()}
+
+    class FakeTime:
+        @staticmethod
+        def monotonic() -> float:
+            fake["t"] += 5.0
+            return fake["t"]
+
+    async def body(app, client: httpx.AsyncClient):
+        app.state.unimatch.admission.clock = lambda: fake["t"]  # reads the route's clock, does not advance it
+        monkeypatch.setattr(match_route, "time", FakeTime)
+        engine_calls.clear()
+        entries = [{**REQ, "user_id": f"user-{i:04d}", "deadline_ms": 8000} for i in range(4)]
+        return await client.post("/match/batch", json={"requests": entries})
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2, deadline_ms=8000)
+    r = asyncio.run(_with_app(settings, body))
+    assert r.status_code == 200, r.text
+    deadlines = [c["deadline"] for c in engine_calls]
+    assert len(deadlines) == 4 and len(set(deadlines)) == 4  # not one shared deadline
+    gaps = [b - a for a, b in zip(deadlines, deadlines[1:], strict=False)]
+    assert all(g > 0 for g in gaps)
+    assert all(not x["partial"] for x in r.json()["results"])
+
+
+def test_with_a_free_thread_the_mean_decides_not_the_upper_estimate() -> None:
+    """Nothing queued: a noisy measurement (large deviation) must not refuse a search whose mean fits."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    for x in (0.010, 0.090, 0.010, 0.090):
+        adm.times.observe(10, x, now=clock.t)
+    assert (adm.times.estimate(10, upper=True) or 0) > 0.1 > (adm.times.estimate(10) or 1)
+    assert adm.admit(10, clock.t + 0.100) is False  # admitted on the mean, not as a probe
+    adm.pending, adm.pending_s = 2, 0.010  # both threads busy: the upper estimate decides
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100)
+
+
+def test_a_deadline_shorter_than_any_search_is_answered_not_shed() -> None:
+    """Asking for 1 ms when a search takes 20 ms is the caller's choice, not overload: run (partial)."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # no probe due
+    assert adm.admit(10, clock.t + 0.001, budget_s=0.001) is True  # runs whatever its deadline
+    # the same search with a 100 ms budget of which only 1 ms is left (lost waiting): refused
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.001, budget_s=0.100)
