@@ -83,7 +83,7 @@ def plot(runs: list[tuple[str, dict[str, Any]]], path: Path) -> None:
     ax.set_xlabel("share of the catalogue scored (%, log scale)")
     ax.set_ylabel("coverage@200 of the model's own top-200")
     ax.axhline(0.99, color="grey", lw=0.8, ls="--")
-    ax.set_title("Graph search on real and synthetic catalogues")
+    ax.set_title("Calibrated graph search: coverage against share scored")
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
