@@ -75,7 +75,7 @@ def trace(bundle_dir: Path, data: Path, *, k: int, queries: int, seed: int, spli
     from service.bench.search_bench import held_out_queries
     from service.bundle import load_bundle
     from service.engine import MatchEngine, SearchParams, _TimedScore
-    from service.search import VisitedSet, entry, search_layer
+    from service.search import VisitedSet, best_first, entry, search_layer
 
     bundle = load_bundle(bundle_dir)
     graph = bundle.graph
@@ -110,8 +110,6 @@ def trace(bundle_dir: Path, data: Path, *, k: int, queries: int, seed: int, spli
             per_layer_w[i] += np.isin(exact, w).sum() / k
             scored.append(s_rows)
             ok = keep(s_rows)
-            from service.search import best_first
-
             results.append(best_first(s_rows[ok], s_scores[ok], p.top_n[i]))
             ep = w
         got = np.unique(np.concatenate([r for r, _ in results]))

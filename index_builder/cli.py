@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unimatch.cli import CommandRegistry
+from unimatch.cli import CommandRegistry, int_list
 
 GROUP_HELP = "build the HNSW graph the service searches"
 
@@ -77,14 +77,14 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--calibration-json", type=Path, default=None, help="also write the calibration to this file")
 
 
+def _check_json_out(out: Path | None) -> None:
+    """Refuse an unwritable --calibration-json before minutes of building and calibrating, not after."""
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise ValueError(f"--calibration-json {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
+
+
 def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
+    return int_list(text, positive=True)
 
 
 def _run_calibration(args: argparse.Namespace, console: Any) -> int:
@@ -95,6 +95,7 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
 
     cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
                           max_exhaustive_pairs=args.max_exhaustive_pairs)
+    _check_json_out(args.calibration_json)
     with _progress(console) as progress:
         cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))
     print_calibration(cal, console)
@@ -186,6 +187,7 @@ def _build(args: argparse.Namespace) -> int:
     from index_builder.config import IndexConfig
     from model.data.io import atomic_write_json
 
+    _check_json_out(args.calibration_json)
     cfg = IndexConfig(
         layers=args.layers,
         M=args.M,

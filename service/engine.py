@@ -84,14 +84,15 @@ class SearchParams:
     # (docs/search-benchmark.md, "Current state").
     whole_top_layer_up_to: int = 4096
     # Add the user's own history rows to the bottom layer's entry set (``search(seeds=...)``): up to
-    # max_seq_len extra pairs that start the beam in every region the user's entities sit in. Off by
-    # default; `unimatch index calibrate` turns it on per domain where it is the cheaper way to the target.
+    # max_seq_len extra entry nodes, more pairs scored from each. Off by default (on amazon phone/electronic
+    # it cost 2.2-2.5x the pairs for little coverage); `unimatch index calibrate` turns it on per domain
+    # where it is the cheaper way to the target.
     seed_history: bool = False
     # Rank the request's returnable rows (its domain, types, exclusions) first in the bottom layer's beam,
     # so a beam of ef holds ef returnable candidates (``search_layer(prefer=...)``), as hnswlib's filtered
     # search keeps only accepted elements in its result list. On amazon phone/electronic (two domains in
     # one graph) it took coverage@200 from 0.855 to 0.998 for 23% more pairs (docs/search-benchmark.md,
-    # "Why the beam stalls"); where every entity is returnable it changes nothing.
+    # "Why the beam stalled, and the fix"); where every entity is returnable it changes nothing.
     filter_beam: bool = True
 
     def __post_init__(self) -> None:

@@ -61,6 +61,19 @@ class CommandRegistry:
         return parser
 
 
+def int_list(text: str, *, positive: bool = False) -> tuple[int, ...]:
+    """argparse ``type`` for comma-separated integers ("50,200,1000"); ``positive`` refuses values <= 0."""
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    if positive and min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
 class CliError(Exception):
     """Bad input detected by a handler: printed as one line, exit status 2."""
 

@@ -6,17 +6,11 @@ import argparse
 import shlex
 from pathlib import Path
 
-from unimatch.cli import CommandRegistry
+from unimatch.cli import CommandRegistry, int_list
 
 
 def _ints(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values:
-        raise argparse.ArgumentTypeError("expected at least one integer")
-    return values
+    return int_list(text)
 
 
 def _labelled(text: str) -> tuple[str, Path]:

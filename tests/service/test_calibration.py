@@ -200,6 +200,12 @@ def test_cli_calibrates_a_bundle_and_answers_bad_input_in_one_line(calibrated, t
     assert main(["index", "calibrate", "--bundle", str(copy), "--data", str(calibrated[1]), "--target", "2"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == "unimatch: error: --target must be in (0, 1], got 2.0"
+    before = (copy / "manifest.json").read_text()
+    for flag in (["--calibration-json", str(tmp_path)], ["--calibration-json", str(tmp_path / "no" / "c.json")]):
+        assert main(["index", "calibrate", "--bundle", str(copy), "--data", str(calibrated[1]), *flag]) == 2
+        assert main(["index", "build", "--bundle", str(copy), "--data", str(calibrated[1]), *flag]) == 2
+    assert (copy / "manifest.json").read_text() == before  # refused before any work: nothing rewritten
+    assert "--calibration-json" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_screening_decides_on_the_full_set(monkeypatch: pytest.MonkeyPatch) -> None:
