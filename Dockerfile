@@ -34,12 +34,11 @@ COPY pyproject.toml README.md ./
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" serve > /tmp/requirements.txt \
  && if [ -f /extra/ca.pem ]; then export PIP_CERT=/extra/ca.pem; fi \
  && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
+# The serving side only: the command-line dispatcher, the contracts and the service (model/ and
+# index_builder/ are offline steps; tests/service/test_no_torch.py keeps the service free of them).
 COPY unimatch ./unimatch
-COPY model ./model
-COPY index_builder ./index_builder
+COPY contracts ./contracts
 COPY service ./service
-COPY loadtests ./loadtests
-COPY experiments ./experiments
 RUN if [ -f /extra/ca.pem ]; then export PIP_CERT=/extra/ca.pem; fi \
  && /opt/venv/bin/pip install --no-cache-dir ".[serve]" \
  && /opt/venv/bin/python -c "import importlib.util as u, sys; sys.exit(u.find_spec('torch') is not None)"
@@ -76,6 +75,11 @@ RUN apt-get update \
 # default CUDA build (several GB of nvidia-* wheels an offline CPU job never uses). Empty = no extra
 # index (the wheel comes from deploy/docker/extra/ instead).
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+# The offline steps join the serving side copied by build-serve.
+COPY model ./model
+COPY index_builder ./index_builder
+COPY loadtests ./loadtests
+COPY experiments ./experiments
 RUN python -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" train serve > /tmp/requirements-train.txt \
  && if [ -f /extra/ca.pem ]; then export PIP_CERT=/extra/ca.pem; fi \
  && /opt/venv/bin/pip install --no-cache-dir ${TORCH_INDEX_URL:+--extra-index-url "$TORCH_INDEX_URL"} -r /tmp/requirements-train.txt \
@@ -114,11 +118,8 @@ COPY pyproject.toml README.md ./
 RUN python3 -c "import sys, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; print('\\n'.join(p['dependencies'] + [d for e in sys.argv[1:] for d in p['optional-dependencies'][e]]))" gpu > /tmp/requirements.txt \
  && /opt/venv/bin/pip install --no-cache-dir -r /tmp/requirements.txt
 COPY unimatch ./unimatch
-COPY model ./model
-COPY index_builder ./index_builder
+COPY contracts ./contracts
 COPY service ./service
-COPY loadtests ./loadtests
-COPY experiments ./experiments
 RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 FROM ${CUDA_IMAGE} AS gpu

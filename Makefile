@@ -28,7 +28,7 @@ demo-port:
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/mypy model index_builder service unimatch experiments loadtests
+	$(BIN)/mypy contracts model index_builder service unimatch experiments loadtests
 
 test: $(STAMP) lint
 	@# pytest exits 5 when it collected no test: that is a failure too.

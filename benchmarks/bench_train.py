@@ -139,7 +139,7 @@ def scorer_latency(args: argparse.Namespace) -> int:
 
 def _save(path: str | None, obj: dict) -> None:
     if path:
-        from model.data.io import atomic_write_json
+        from contracts.io import atomic_write_json
 
         atomic_write_json(Path(path), obj)
 

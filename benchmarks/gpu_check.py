@@ -244,7 +244,7 @@ def _pct(x: list[float], q: float) -> float:
 
 
 def _queries(bundle: Any, n: int, seed: int) -> list[Any]:
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     rng = np.random.default_rng(seed)
     s = bundle.schema
@@ -438,7 +438,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
 
     bundle = load_bundle(args.bundle, verify_checksums=False)
     providers = ort.get_available_providers()

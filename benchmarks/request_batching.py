@@ -24,8 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
-from service.bundle import load_bundle
 from service.engine import MatchEngine
 from service.scorer import CPU, CUDA, BatchingScorer
 

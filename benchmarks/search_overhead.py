@@ -18,8 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
-from service.bundle import load_bundle
 from service.engine import MatchEngine
 
 KEYS = ("total_ms", "scorer_ms", "user_encode_ms", "gather_ms", "pair_evaluations", "steps", "scorer_calls")

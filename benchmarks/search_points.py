@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
+from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
-from service.bundle import load_bundle
 from service.engine import MatchEngine, SearchParams
 
 

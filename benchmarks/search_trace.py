@@ -72,8 +72,8 @@ def _regions(graph: Any, rows: np.ndarray) -> int:
 
 def trace(bundle_dir: Path, data: Path, *, k: int, queries: int, seed: int, split: str = "test",
           overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    from contracts.bundle import load_bundle
     from service.bench.search_bench import held_out_queries
-    from service.bundle import load_bundle
     from service.engine import MatchEngine, SearchParams, _TimedScore
     from service.search import VisitedSet, best_first, entry, search_layer
 

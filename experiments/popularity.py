@@ -29,7 +29,7 @@ def popularity_recall(
     (``numpy.random.default_rng(seed).choice`` over the sorted distinct test users, without
     replacement); ``None`` = every test user.
     """
-    from model.data.dataset import TEST, load_dataset
+    from contracts.dataset import TEST, load_dataset
     from model.evaluate import average_over_domains, sample_users
     from model.evaluate import popularity_recall as _popularity
 

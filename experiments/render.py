@@ -21,9 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from contracts.io import atomic_write_json, atomic_write_text
 from experiments.config import ExperimentConfig, method_label
 from experiments.runner import load_saved_configs, result_path, select_lr, tune_path
-from model.data.io import atomic_write_json, atomic_write_text
 
 
 @dataclass(frozen=True)

@@ -31,8 +31,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
+from contracts.io import atomic_write_json
 from experiments.config import DatasetSpec, ExperimentConfig, ExperimentConfigError, parse_config
-from model.data.io import atomic_write_json
 
 Log = Callable[[str], None]
 RecallAll = dict[str, dict[str, float]]  # {"<domain>" | "average": {"<N>": recall}}
@@ -364,7 +364,7 @@ def validation_view(data: Path, out: Path) -> Path:
     """
     import numpy as np
 
-    from model.data.dataset import TEST, VALID, Interactions, load_dataset, write_dataset
+    from contracts.dataset import TEST, VALID, Interactions, load_dataset, write_dataset
 
     ds = load_dataset(data, mmap=False)
     split = np.asarray(ds.interactions.split)

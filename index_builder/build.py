@@ -9,7 +9,6 @@ all through temporary files and renames, arrays before the manifest that names t
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 import time
@@ -20,8 +19,11 @@ from typing import Any
 
 import numpy as np
 
+from contracts.checks import check_containment, onnx_files_of, verify_checksums
+from contracts.graph import GRAPH_DIR, HEALTH_FILE, Graph, write_graph_arrays
+from contracts.io import atomic_directory, atomic_write_json, sha256_file
+from contracts.manifest import BundleError, read_manifest, write_manifest
 from index_builder.config import IndexConfig
-from index_builder.graph import GRAPH_DIR, HEALTH_FILE, Graph, write_graph_arrays
 from index_builder.health import recall_report, structure_report
 from index_builder.hnsw import (
     IndexBuildError,
@@ -34,7 +36,6 @@ from index_builder.hnsw import (
     repair_reachability,
     sort_neighbours_nearest_first,
 )
-from model.data.io import atomic_directory, atomic_write_json, sha256_file
 
 VECTORS_FILE = "entities/vectors.npy"
 # If the random level draw leaves the top layer empty (tiny catalogues), retry with mL scaled by this.
@@ -42,10 +43,6 @@ _MULT_RETRY_FACTOR = 1.5
 _MULT_RETRIES = 4
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
-
-
-class BundleError(ValueError):
-    """The bundle is missing, or its entity vectors are absent or unusable for the graph."""
 
 
 @dataclass(frozen=True)
@@ -184,15 +181,9 @@ def build_graph(
 def load_bundle_vectors(bundle: Path) -> tuple[dict[str, Any], np.ndarray]:
     """The manifest and the memory-mapped entity vectors of a bundle, checked against each other."""
     bundle = Path(bundle)
-    manifest_path = bundle / "manifest.json"
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: bundle directory does not exist")
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except FileNotFoundError:
-        raise BundleError(f"{manifest_path}: missing; run `unimatch export` first") from None
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{manifest_path}: invalid JSON ({exc})") from None
+    manifest = read_manifest(bundle, check_version=False)
     _verify_bundle(bundle, manifest)
     space = manifest.get("vector_space") or {}
     rel = space.get("file", VECTORS_FILE)
@@ -223,14 +214,9 @@ def _verify_bundle(bundle: Path, manifest: dict[str, Any]) -> None:
 
     The old graph's files are not checked: this build replaces them.
     """
-    from service.bundle_checks import BundleCheckError, check_containment, onnx_files_of, verify_checksums
-
     without_graph = {k: v for k, v in manifest.items() if k != "graph"}
-    try:
-        verify_checksums(bundle, dict(manifest.get("files") or {}))  # each path is checked to be inside first
-        check_containment(bundle, without_graph, onnx_files_of(without_graph))
-    except BundleCheckError as exc:
-        raise BundleError(str(exc)) from None
+    verify_checksums(bundle, dict(manifest.get("files") or {}))  # each path is checked to be inside first
+    check_containment(bundle, without_graph, onnx_files_of(without_graph))
 
 
 def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
@@ -268,6 +254,5 @@ def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = N
     # A calibration measured the old graph; the new one must be calibrated again (the engine would
     # ignore the stale one anyway: its graph fingerprint no longer matches).
     manifest.pop("calibration", None)
-    atomic_write_json(bundle / "manifest.json", manifest)
-    (bundle / "manifest.json").chmod(file_mode)
+    write_manifest(bundle, manifest)
     return report

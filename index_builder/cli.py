@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unimatch.cli import CommandRegistry, int_list
+from unimatch.cli import CommandRegistry, check_out_file, int_list, wide_console
 
 GROUP_HELP = "build the HNSW graph the service searches"
 
@@ -44,133 +44,20 @@ def register(cli: CommandRegistry) -> None:
                    help="the dataset the bundle was trained on: calibrate the search on its validation users after "
                         "the build (same as `unimatch index calibrate`; without it the bundle serves the default "
                         "search point, uncalibrated)")
-    _calibration_args(p)
-    c = cli.group_command(
-        "index",
-        "calibrate",
-        help="measure per domain and k the cheapest search point that finds the model's own top-k",
-        description="On held-out (user, domain) queries of the validation split, score every query exhaustively, "
-        "then search a grid of operating points (bottom-layer ef as a multiple of k, upper-layer ef, bottom T, "
-        "seeding the beam with the user's history) and store per domain and k bucket the cheapest point whose "
-        "mean coverage@k reaches --target, or exhaustive mode where the graph cannot do it faster than scoring "
-        "the domain whole. Written into the bundle (calibration.json, checksummed in manifest.json); the "
-        "service uses it unless UNIMATCH_SEARCH_* are set.",
-        handler=_calibrate,
-        group_help=GROUP_HELP,
-    )
-    c.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
-    c.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
-    _calibration_args(c)
+    # The calibration's own flags, passed on to `unimatch index calibrate` when given (its --help has the
+    # defaults): the build stays free of the service, which the calibration runs.
+    for flag, kind, what in (("--target", float, "mean coverage@k to reach"),
+                             ("--queries", int, "held-out (user, domain) queries in all"),
+                             ("--k", _k_buckets, "comma-separated k buckets"),
+                             ("--max-exhaustive-pairs", float, "bound on the exhaustive reference's pairs"),
+                             ("--calibration-json", Path, "also write the calibration to this file")):
+        p.add_argument(flag, type=kind, default=None, help=f"with --data: {what} (as `unimatch index calibrate`)")
 
 
-def _calibration_args(p: argparse.ArgumentParser) -> None:
-    from service.calibration import CalibrateConfig  # numpy + json only: cheap at start-up
-
-    d = CalibrateConfig()
-    p.add_argument("--target", type=float, default=d.target, help="mean coverage@k of the model's own top-k to reach")
-    p.add_argument("--queries", type=int, default=d.queries,
-                   help="held-out (user, domain) queries in all, split evenly over domains (all if fewer)")
-    p.add_argument("--k", dest="ks", type=_ints, default=d.ks,
-                   help="comma-separated k buckets; a request uses the smallest bucket >= its k")
-    p.add_argument("--max-exhaustive-pairs", type=float, default=d.max_exhaustive_pairs,
-                   help="bound on the exhaustive reference's pair evaluations (caps queries on large catalogues)")
-    p.add_argument("--calibration-json", type=Path, default=None, help="also write the calibration to this file")
-
-
-def _check_json_out(out: Path | None) -> None:
-    """Refuse an unwritable --calibration-json before minutes of building and calibrating, not after."""
-    if out is not None and (out.is_dir() or not out.parent.is_dir()):
-        raise ValueError(f"--calibration-json {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return int_list(text, positive=True)
-
-
-def _run_calibration(args: argparse.Namespace, console: Any) -> int:
-    """Calibrate ``args.bundle`` on ``args.data``, print the table; 0 when every domain was calibrated."""
-    from model.data.io import atomic_write_json
-    from service.calibrate import calibrate_bundle
-    from service.calibration import CalibrateConfig
-
-    cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
-                          max_exhaustive_pairs=args.max_exhaustive_pairs)
-    _check_json_out(args.calibration_json)
-    with _progress(console) as progress:
-        cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))
-    print_calibration(cal, console)
-    if args.calibration_json is not None:
-        atomic_write_json(args.calibration_json, cal.to_json())
-    console.print(f"wrote {args.bundle}/calibration.json ({cal.seconds:.0f} s); manifest updated")
-    return 0
-
-
-def _console() -> Any:
-    import sys
-
-    from rich.console import Console
-
-    # Off a terminal rich assumes 80 columns and folds the tables into unreadable cells: log lines are wide.
-    return Console(width=None if sys.stdout.isatty() else 200)
-
-
-def _calibrate(args: argparse.Namespace) -> int:
-    return _run_calibration(args, _console())
-
-
-def print_calibration(cal: Any, console: Any) -> None:
-    from rich.table import Table
-
-    table = Table(title=f"search calibration: target coverage {cal.target}, {cal.queries} {cal.split} queries")
-    for col in ("domain", "k", "mode", "coverage ± 95% CI", "pairs", "share of exhaustive", "p50 ms",
-                "exhaustive p50 ms", "ef (top first)", "T", "history seeds"):
-        table.add_column(col, justify="right")
-    for name, points in cal.domains.items():
-        for p in points:
-            table.add_row(
-                name, str(p.k), p.mode, f"{p.coverage:.4f} ± {p.coverage_ci95:.4f}", f"{p.pairs:,.0f}",
-                f"{p.pairs / p.exhaustive_pairs:.1%}", f"{p.latency_ms_p50:.2f}", f"{p.exhaustive_ms_p50:.2f}",
-                "/".join(map(str, p.ef)) if p.mode == "graph" else "-",
-                "/".join(map(str, p.steps)) if p.mode == "graph" else "-",
-                ("yes" if p.seed_history else "no") if p.mode == "graph" else "-",
-            )
-    console.print(table)
-
-
-class _LineProgress:
-    """Progress as log lines when stderr is not a terminal: one line every ``every_s`` seconds."""
-
-    def __init__(self, console: Any, every_s: float = 10.0) -> None:
-        import time
-
-        self.console, self.every_s, self._time = console, every_s, time.monotonic
-        self._last = 0.0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = self._time()
-        if now - self._last >= self.every_s or (total and done == total):
-            self._last = now
-            self.console.print(f"{stage}: {done:,}" + (f"/{total:,}" if total else ""))
-
-
-def _progress(console: Any) -> Any:
-    """A context manager yielding a ``(stage, done, total)`` callback: a bar on a terminal, else log lines."""
-    import contextlib
-    import sys
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not sys.stderr.isatty() or not console.is_terminal:
-        return contextlib.nullcontext(_LineProgress(console))
-
-    @contextlib.contextmanager
-    def bar_ctx() -> Any:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("calibrating", total=None)
-            yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total or None)
-
-    return bar_ctx()
+def _k_buckets(text: str) -> str:
+    """``--k`` checked now (not after minutes of building), passed on as the user wrote it."""
+    int_list(text, positive=True)
+    return text
 
 
 def _build(args: argparse.Namespace) -> int:
@@ -183,11 +70,11 @@ def _build(args: argparse.Namespace) -> int:
         TimeRemainingColumn,
     )
 
+    from contracts.io import atomic_write_json
     from index_builder.build import build_index
     from index_builder.config import IndexConfig
-    from model.data.io import atomic_write_json
 
-    _check_json_out(args.calibration_json)
+    check_out_file(args.calibration_json, "--calibration-json")
     cfg = IndexConfig(
         layers=args.layers,
         M=args.M,
@@ -198,7 +85,7 @@ def _build(args: argparse.Namespace) -> int:
         health_ef=args.health_ef,
         sort_neighbours=args.sort_neighbours,
     )
-    console = _console()
+    console = wide_console()
     columns = (
         TextColumn("{task.description}"),
         BarColumn(),
@@ -222,8 +109,20 @@ def _build(args: argparse.Namespace) -> int:
         console.print("search not calibrated: the service will use the default search point; run "
                       f"`unimatch index calibrate --bundle {args.bundle} --data DATASET` to measure this catalogue's")
         return 0 if healthy else 1
-    rc = _run_calibration(args, console)
+    rc = _calibrate_after_build(args)
     return rc if healthy else 1
+
+
+def _calibrate_after_build(args: argparse.Namespace) -> int:
+    """`unimatch index calibrate` on the bundle just built, with the calibration flags the user gave."""
+    from unimatch.cli import main as unimatch_main
+
+    argv = ["index", "calibrate", "--bundle", str(args.bundle), "--data", str(args.data)]
+    for flag in ("target", "queries", "k", "max_exhaustive_pairs", "calibration_json"):
+        value = getattr(args, flag)
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return unimatch_main(argv)
 
 
 def print_report(report: dict[str, Any], console: Any) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from index_builder.graph import Graph
+from contracts.graph import Graph
 
 
 def sq_l2(vectors: np.ndarray, rows: np.ndarray, q: np.ndarray) -> np.ndarray:

@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
+from contracts.graph import Graph
 from index_builder.config import IndexConfig
-from index_builder.graph import Graph
 
 # <offsetLevel0, max_elements, cur_element_count, size_data_per_element, label_offset, offsetData>
 # <maxlevel (int), enterpoint_node (uint32)> <maxM, maxM0, M> <mult (double)> <ef_construction>

@@ -265,10 +265,11 @@ def measure_engine(
     """The workload's draws on ``MatchEngine`` in-process: latency on one thread, throughput on ``threads``."""
     import numpy as np
 
+    from contracts.bundle import load_bundle
+    from contracts.dataset import load_dataset, serving_sequences
+    from contracts.features import UserFeatures
     from loadtests.workload import Workload, parse_mix
-    from model.data.dataset import load_dataset, serving_sequences
-    from service.bundle import load_bundle
-    from service.engine import MatchEngine, UserFeatures
+    from service.engine import MatchEngine
 
     b = load_bundle(bundle)
     engine = MatchEngine(b, intra_op_threads=1)

@@ -1,4 +1,5 @@
-"""Offline side of UniMatch: data layer (numpy only), training, evaluation and export (PyTorch).
+"""Offline side of UniMatch: data import and synthesis, training, evaluation and export (PyTorch).
 
-Importing this package must stay free of torch: the service imports ``model.data`` for the schema.
+The formats these steps write (schema, dataset, bundle) live in the torch-free ``contracts`` package,
+which the service reads; the service imports nothing from here.
 """

@@ -19,8 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from contracts.schema import FeatureSchema
 from model.config import Architecture, ModelConfig
-from model.data.schema import FeatureSchema
 from model.embeddings import ENTITY_TENSORS, USER_OUTPUTS, EntityTable, FeatureEncoder
 from model.experts import DomainExperts, DomainGate, DomainTowers, SharedExpert, concat_fusion
 from model.layers import Domains, PairInputs, PairMLP, SplitLinear, StackedPairMLP, StackedSplitLinear, mlp

@@ -19,9 +19,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from contracts.dataset import Dataset, load_dataset
+from contracts.schema import FeatureSchema
 from model.config import METHODS, TrainConfig
-from model.data.dataset import Dataset, load_dataset
-from model.data.schema import FeatureSchema
 
 if TYPE_CHECKING:
     from model.backbones import MatchingModel

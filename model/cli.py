@@ -181,7 +181,7 @@ def _check_run_dir(out: Path) -> None:
     Training writes config.json, schema.json, log.jsonl ... straight into it (no atomic swap, as a
     run resumes from its checkpoint), so a foreign directory would have those files overwritten.
     """
-    from model.data.io import OutputDirError
+    from contracts.io import OutputDirError
 
     if out.is_symlink() or (out.exists() and not out.is_dir()):
         raise OutputDirError(f"{out}: not a directory; give a run directory as --out")
@@ -222,7 +222,7 @@ def _eval(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from model.data.io import check_output_dir
+    from contracts.io import check_output_dir
     from model.export import ExportConfig, export
 
     check_output_dir(args.out, marker="manifest.json", force=args.force)  # before loading torch and the run

@@ -18,8 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contracts.schema import FeatureSchema
 from model.config import ModelConfig
-from model.data.schema import FeatureSchema
 from model.layers import PairInputs, TargetAttention, TransformerBlock, mlp
 
 USER_OUTPUTS = ("seq_keys", "seq_vals", "seq_mask", "user_repr")

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from contracts.dataset import TEST, TRAIN, Dataset, history_windows, serving_sequences
+from contracts.io import atomic_write_json, atomic_write_text
 from model.checkpoint import load_run
-from model.data.dataset import TEST, TRAIN, Dataset, history_windows, serving_sequences
-from model.data.io import atomic_write_json, atomic_write_text
 from model.export import entity_tensors
 
 if TYPE_CHECKING:
@@ -261,7 +261,7 @@ def evaluate_baseline(
     data: Path, baseline: str, *, ns: tuple[int, ...], max_users: int, seed: int, json: Path | None = None
 ) -> dict[str, Any]:
     """``unimatch eval --baseline popularity``: the model-free yardstick, on the users a model's eval draws."""
-    from model.data.dataset import load_dataset
+    from contracts.dataset import load_dataset
 
     if baseline != "popularity":
         raise ValueError(f"unknown baseline {baseline!r}; expected popularity")

@@ -28,10 +28,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contracts.dataset import TEST, Dataset, serving_sequences
+from contracts.io import atomic_directory, atomic_write_json, sha256_file
 from model.backbones import Backbone, DeepMatchingModel, MatchingModel
 from model.checkpoint import load_run
-from model.data.dataset import TEST, Dataset, serving_sequences
-from model.data.io import atomic_directory, atomic_write_json, sha256_file
 from model.experts import concat_fusion
 from model.layers import Domains
 

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from contracts.dataset import TEST, TRAIN, VALID, Dataset, history_windows, load_dataset
+from contracts.io import atomic_write_json
 from model.backbones import MatchingModel, build_model
 from model.checkpoint import (
     BEST_CHECKPOINT,
@@ -37,8 +39,6 @@ from model.checkpoint import (
     save_checkpoint,
 )
 from model.config import METHODS, TrainConfig
-from model.data.dataset import TEST, TRAIN, VALID, Dataset, history_windows, load_dataset
-from model.data.io import atomic_write_json
 from model.embeddings import EntityTable
 from model.losses import Candidates, CandidateSampler, SampledSoftmaxLoss
 from model.rrl.adversarial import fgsm_kl

@@ -32,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from contracts.bundle import Bundle, load_bundle
+from contracts.calibration import CALIBRATION_FILE, CalibrateConfig, CalibratedPoint, Calibration, graph_fingerprint
 from service.bench.search_bench import BenchError, Queries, held_out_queries
-from service.bundle import Bundle, load_bundle
-from service.calibration import CALIBRATION_FILE, CalibrateConfig, CalibratedPoint, Calibration, graph_fingerprint
 from service.engine import MatchEngine, SearchParams
 
 Progress = Callable[[str, int, int], None]  # (description, done, total); total 0 = unknown
@@ -330,21 +330,18 @@ def calibrate(bundle: Bundle, data: Path, cfg: CalibrateConfig, *, progress: Pro
 
 def write_calibration(bundle_dir: Path, cal: Calibration) -> Path:
     """Write ``calibration.json`` and name it (with its sha256) in the manifest: file first, manifest last."""
-    import json
-
-    from model.data.io import atomic_write_json, sha256_file
+    from contracts.io import atomic_write_json, sha256_file
+    from contracts.manifest import MANIFEST_FILE, read_manifest, write_manifest
 
     bundle_dir = Path(bundle_dir)
     path = bundle_dir / CALIBRATION_FILE
-    manifest_path = bundle_dir / "manifest.json"
-    mode = manifest_path.stat().st_mode & 0o777
+    mode = (bundle_dir / MANIFEST_FILE).stat().st_mode & 0o777
     atomic_write_json(path, cal.to_json())
     path.chmod(mode)
-    manifest = json.loads(manifest_path.read_text())
+    manifest = read_manifest(bundle_dir)
     manifest["calibration"] = {"file": CALIBRATION_FILE, "sha256": sha256_file(path), "graph": cal.graph,
                                "target": cal.target}
-    atomic_write_json(manifest_path, manifest)
-    manifest_path.chmod(mode)
+    write_manifest(bundle_dir, manifest)
     return path
 
 

@@ -152,7 +152,7 @@ def _check_bundle(bundle: Path, settings: Any) -> None:
     """Load and validate the bundle here, before uvicorn: a bad bundle is one line and exit 2, not a
     lifespan traceback and exit 3. The service loads it again (memory maps are cheap; the checksum
     pass is paid twice at start, seconds on a 1M bundle)."""
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
 
     load_bundle(bundle, verify_checksums=settings.verify_checksums)  # BundleError is a ValueError: exit 2
 

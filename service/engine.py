@@ -1,7 +1,7 @@
 """The retrieval engine: one user, one domain, k -> the top-k entities of the deep model (paper IV-B).
 
 ``MatchEngine`` ties the pieces together for the service and the benchmark: the bundle
-(``service.bundle``), the onnxruntime scorer (``service.scorer``: user encoder once per request, pair
+(``contracts.bundle``), the onnxruntime scorer (``service.scorer``: user encoder once per request, pair
 scorer once per expansion step) and NANN's beam search over the 4-layer HNSW graph
 (``service.search``). Small eligible catalogues are scored exhaustively instead (cheaper than a search
 that would visit most of them anyway, and exact), chosen per request by ``exhaustive_threshold``.
@@ -20,9 +20,10 @@ from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 
-from model.data.schema import FeatureSchema
-from service.bundle import Bundle
-from service.calibration import CalibratedPoint
+from contracts.bundle import Bundle
+from contracts.calibration import CalibratedPoint
+from contracts.dataset import PAD
+from contracts.features import UserFeatures
 from service.scorer import HostGatherScorer, UserContext, make_scorer
 from service.search import VisitedSet, best_first, search
 
@@ -33,24 +34,6 @@ MODES = ("graph", "exhaustive")
 
 class SearchError(ValueError):
     """A match request the engine cannot answer: bad k, unknown domain, bad filters or features."""
-
-
-@dataclass(frozen=True)
-class UserFeatures:
-    """One user's online features, encoded as the dataset stores them (docs/bundle-format.md)."""
-
-    cat: np.ndarray  # (Cu,) int64 categorical codes (0 = unknown)
-    num: np.ndarray  # (Cn,) float32
-    seq: np.ndarray  # (L,) int64 entity rows, most recent last, left-padded with -1
-
-    @classmethod
-    def cold_start(cls, schema: FeatureSchema) -> UserFeatures:
-        """A user with no profile and no history: the schema's declared defaults, an empty sequence."""
-        return cls(
-            cat=np.array([c.default for c in schema.user_categorical], dtype=np.int64),
-            num=np.array([c.default for c in schema.user_numeric], dtype=np.float32),
-            seq=np.full(schema.max_seq_len, -1, dtype=np.int64),
-        )
 
 
 @dataclass(frozen=True)
@@ -239,8 +222,8 @@ class MatchEngine:
                 f"{np.shape(user.cat)}, {np.shape(user.num)}, {np.shape(user.seq)}"
             )
         seq = np.asarray(user.seq)
-        if seq.size and (seq.min() < -1 or seq.max() >= self.bundle.num_entities):
-            raise SearchError(f"user sequence rows must be -1 (padding) or in 0..{self.bundle.num_entities - 1}")
+        if seq.size and (seq.min() < PAD or seq.max() >= self.bundle.num_entities):
+            raise SearchError(f"user sequence rows must be {PAD} (padding) or in 0..{self.bundle.num_entities - 1}")
         return types, excl
 
     def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):

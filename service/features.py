@@ -9,7 +9,7 @@ numeric fields and behaviour sequence (entity rows, most recent last) per reques
   ``degraded``; after a failure Redis is skipped for ``redis_retry_interval_s`` and then probed again,
   so the service recovers by itself.
 * **Embedded** (quick start, no server): the same features computed from a dataset directory on disk
-  at start-up (``model.data.dataset.serving_sequences``).
+  at start-up (``contracts.dataset.serving_sequences``).
 
 Key layout (format version 1), documented in docs/service.md::
 
@@ -48,7 +48,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from model.data.schema import FeatureSchema
+from contracts.dataset import PAD
+from contracts.features import UserFeatures
+from contracts.schema import FeatureSchema
 
 if TYPE_CHECKING:  # redis is imported lazily: the embedded store and the CLI help need no client.
     import redis.asyncio
@@ -56,7 +58,6 @@ if TYPE_CHECKING:  # redis is imported lazily: the embedded store and the CLI he
 log = logging.getLogger("unimatch.features")
 
 FEATURE_FORMAT_VERSION = 1
-PAD = -1
 
 
 class FeatureFormatError(ValueError):
@@ -64,19 +65,10 @@ class FeatureFormatError(ValueError):
 
 
 @dataclass(frozen=True)
-class StoredFeatures:
-    """One user's features exactly as the model consumes them (see docs/bundle-format.md)."""
-
-    cat: np.ndarray  # (Cu,) int64
-    num: np.ndarray  # (Cn,) float32
-    seq: np.ndarray  # (L,) int64 entity rows, most recent last, left-padded with -1
-
-
-@dataclass(frozen=True)
 class Lookup:
     """Outcome of one feature read: ``features`` None means cold start (unknown user or fallback)."""
 
-    features: StoredFeatures | None
+    features: UserFeatures | None
     source: str  # "redis" | "embedded"
     degraded: bool = False  # the store failed; cold-start features used instead
     # kind of failure when degraded: "timeout" (slow), "connection"/"redis" (down), "skipped" (breaker
@@ -134,7 +126,7 @@ def encode_user(cat: np.ndarray, num: np.ndarray, seq: np.ndarray) -> bytes:
     return records[0, starts[0] :].tobytes()
 
 
-def decode_user(value: bytes, schema: FeatureSchema) -> StoredFeatures:
+def decode_user(value: bytes, schema: FeatureSchema) -> UserFeatures:
     """Inverse of :func:`encode_user` for one stored value; raises FeatureFormatError on any mismatch."""
     cu, cn, seq_len = len(schema.user_categorical), len(schema.user_numeric), schema.max_seq_len
     fixed = 4 * (cu + cn)
@@ -150,7 +142,7 @@ def decode_user(value: bytes, schema: FeatureSchema) -> StoredFeatures:
         seq[seq_len - n :] = tail
     if (tail < 0).any() or not np.isfinite(num).all():
         raise FeatureFormatError("value holds negative entity rows or non-finite numerics")
-    return StoredFeatures(cat=cat, num=num, seq=seq)
+    return UserFeatures(cat=cat, num=num, seq=seq)
 
 
 # ---- stores ---------------------------------------------------------------------------------------
@@ -374,7 +366,7 @@ class EmbeddedFeatureStore:
     kind = "embedded"
 
     def __init__(self, data: Path) -> None:
-        from model.data.dataset import load_dataset, serving_sequences
+        from contracts.dataset import load_dataset, serving_sequences
 
         ds = load_dataset(data)
         self.root = Path(data)
@@ -394,7 +386,7 @@ class EmbeddedFeatureStore:
         row = self._row.get(user_id)
         if row is None or schema.fingerprint() != self.fingerprint:
             return Lookup(None, self.kind)
-        return Lookup(StoredFeatures(self._cat[row], self._num[row], self._seq[row]), self.kind)
+        return Lookup(UserFeatures(self._cat[row], self._num[row], self._seq[row]), self.kind)
 
     async def get(self, user_id: str, schema: FeatureSchema) -> Lookup:
         return self.lookup_now(user_id, schema)
@@ -447,7 +439,7 @@ def load_features(
     """
     import redis
 
-    from model.data.dataset import load_dataset, serving_sequences
+    from contracts.dataset import load_dataset, serving_sequences
 
     ds = load_dataset(data)
     schema = ds.schema

@@ -48,8 +48,8 @@ from service.features import (
 from service.shadow import ShadowMonitor
 
 if TYPE_CHECKING:
-    from model.data.schema import FeatureSchema
-    from service.bundle import Bundle
+    from contracts.bundle import Bundle
+    from contracts.schema import FeatureSchema
     from service.engine import MatchEngine, SearchParams
 
 log = logging.getLogger("unimatch.service")
@@ -277,7 +277,7 @@ def providers(settings: Settings) -> list[str] | None:
 
 def build_serving(path: Path, settings: Settings) -> Serving:
     """Load (memory-mapped), verify, and warm a bundle. Blocking: call it from a thread."""
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
     from service.engine import MatchEngine
 
     t0 = time.perf_counter()
@@ -340,7 +340,7 @@ def warm_at_max_k(engine: MatchEngine, max_k: int) -> dict[int, float]:
     fails only on wide searches (corrupted neighbour lists once broke every k >= 500) passed it and
     then failed live traffic. An exception here refuses the bundle at load and reload.
     """
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     user = UserFeatures.cold_start(engine.bundle.schema)
     eligible: dict[str, int] = engine.info()["eligible_per_domain"]

@@ -163,7 +163,7 @@ class Info(BaseModel):
     domains: list[str]
     entity_types: list[str]
     schema_fingerprint: str
-    feature_schema: dict[str, Any] = Field(description="FeatureSchema of the bundle (model/data/schema.py)")
+    feature_schema: dict[str, Any] = Field(description="FeatureSchema of the bundle (contracts/schema.py)")
     num_entities: int
     graph: dict[str, Any] | None
     search: dict[str, Any]

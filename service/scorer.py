@@ -29,7 +29,8 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle import Bundle, BundleError
+from contracts.bundle import Bundle
+from contracts.manifest import BundleError
 
 log = logging.getLogger("unimatch.scorer")
 

@@ -28,45 +28,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import cached_property
 
 import numpy as np
 
+from contracts.graph import Graph
+
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) float32 scores, one model call
 KeepFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) bool: may this row be returned?
-
-
-@dataclass(frozen=True)
-class HnswGraph:
-    """The per-layer CSR adjacency of docs/bundle-format.md; node id == entity row, layer 0 = bottom."""
-
-    levels: np.ndarray  # (E,) int8: node i is present in layers 0..levels[i]
-    offsets: tuple[np.ndarray, ...]  # per layer l: (E+1,) int64, neighbours of i = neighbors[l][off[i]:off[i+1]]
-    neighbors: tuple[np.ndarray, ...]  # per layer l: (nnz_l,) int32
-    entry_points: np.ndarray  # (n,) int32, all on the top layer
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.offsets)
-
-    @property
-    def num_nodes(self) -> int:
-        return int(self.levels.shape[0])
-
-    def nodes_per_layer(self) -> list[int]:
-        """Node count of each layer, bottom (layer 0) first."""
-        lv = np.asarray(self.levels)
-        return [int((lv >= layer).sum()) for layer in range(self.num_layers)]
-
-    def layer_nodes(self, layer: int) -> np.ndarray:
-        """(n,) int64 rows present in ``layer``, ascending."""
-        return np.flatnonzero(np.asarray(self.levels) >= layer).astype(np.int64)
-
-    @cached_property
-    def top_layer_nodes(self) -> np.ndarray:
-        """The top layer's rows, computed once per graph: a scan of ``levels`` is O(catalogue), and the
-        entry set needs it on every request (0.37 ms of an 11 ms query at 1M before it was cached)."""
-        return self.layer_nodes(self.num_layers - 1)
 
 
 class VisitedSet:
@@ -156,7 +124,7 @@ def best_first(rows: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray
     return rows[order], scores[order]
 
 
-def entry(graph: HnswGraph, *, whole_top_layer_up_to: int) -> np.ndarray:
+def entry(graph: Graph, *, whole_top_layer_up_to: int) -> np.ndarray:
     """Entry set of the top layer, ascending rows.
 
     NANN scores the whole top layer as the entry set when it is small: with ``whole_top_layer_up_to``
@@ -168,7 +136,7 @@ def entry(graph: HnswGraph, *, whole_top_layer_up_to: int) -> np.ndarray:
     return np.unique(np.asarray(graph.entry_points, dtype=np.int64))
 
 
-def expand(graph: HnswGraph, layer: int, frontier: np.ndarray, max_degree: int = 0) -> np.ndarray:
+def expand(graph: Graph, layer: int, frontier: np.ndarray, max_degree: int = 0) -> np.ndarray:
     """Concatenated layer-``layer`` neighbour lists of ``frontier`` (frontier order, then adjacency order).
 
     Vectorised CSR gather: one ``np.repeat`` + ``arange`` builds every index, no loop over nodes.
@@ -190,7 +158,7 @@ def expand(graph: HnswGraph, layer: int, frontier: np.ndarray, max_degree: int =
 
 
 def search_layer(
-    graph: HnswGraph,
+    graph: Graph,
     layer: int,
     ep_rows: np.ndarray,
     *,
@@ -275,7 +243,7 @@ def merge(per_layer: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.nd
 
 
 def search(
-    graph: HnswGraph,
+    graph: Graph,
     score: ScoreFn,
     *,
     k: int,

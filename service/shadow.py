@@ -1,6 +1,6 @@
 """Live search-quality monitor: a sampled share of requests re-scored exhaustively, off the request path.
 
-The calibration (``service.calibration``) says how much of the model's own top-k the search finds on
+The calibration (``contracts.calibration``) says how much of the model's own top-k the search finds on
 held-out users when the bundle was built. Live traffic can drift from that (other users, other
 domains' mix, a catalogue that changed), so a share ``rate`` of answered graph-mode requests is queued
 here and a single low-priority thread scores the same (user, domain, k, filters) exhaustively and
@@ -30,7 +30,8 @@ import numpy as np
 from service import metrics
 
 if TYPE_CHECKING:
-    from service.engine import MatchEngine, MatchResult, UserFeatures
+    from contracts.features import UserFeatures
+    from service.engine import MatchEngine, MatchResult
 
 log = logging.getLogger("unimatch.shadow")
 

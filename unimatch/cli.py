@@ -16,19 +16,23 @@ import tempfile
 import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from unimatch import __version__
 
-# Modules that contribute commands, in help order. A module that is absent from this install is
-# skipped (e.g. an experiments module in a slim serving image).
-COMMAND_MODULES = (
-    "model.data.cli",
-    "model.cli",
-    "index_builder.cli",
-    "service.cli",
-    "service.bench.cli",
-    "loadtests.cli",
-    "experiments.cli",
+# Modules that contribute commands, in help order, with the top-level commands each one adds. A module
+# that is absent from this install is skipped (the slim serving image has no model/ or index_builder/).
+# A command line naming a command imports only the modules that add it, so `unimatch serve` loads the
+# service and the contracts alone; `unimatch --help` imports them all to list every command.
+COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("model.data.cli", ("data",)),
+    ("model.cli", ("train", "eval", "export")),
+    ("index_builder.cli", ("index",)),
+    ("service.calibrate_cli", ("index",)),
+    ("service.cli", ("serve", "features")),
+    ("service.bench.cli", ("bench",)),
+    ("loadtests.cli", ("loadtest",)),
+    ("experiments.cli", ("experiment",)),
 )
 
 Handler = Callable[[argparse.Namespace], int | None]
@@ -74,11 +78,33 @@ def int_list(text: str, *, positive: bool = False) -> tuple[int, ...]:
     return values
 
 
+def check_out_file(out: Path | None, flag: str) -> None:
+    """Refuse an unwritable output file before minutes of work, not after (one line, exit 2)."""
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise CliError(f"{flag} {out}: {'is a directory' if out.is_dir() else 'its folder does not exist'}")
+
+
+def wide_console() -> Any:
+    """A rich console; off a terminal rich assumes 80 columns and folds tables into unreadable cells, so
+    log lines are wide there."""
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 200)
+
+
 class CliError(Exception):
     """Bad input detected by a handler: printed as one line, exit status 2."""
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _modules_for(argv: Sequence[str] | None) -> list[str]:
+    """The command modules a command line needs: those adding its command, or all of them."""
+    words = [a for a in (argv or ()) if not a.startswith("-")]
+    wanted = [m for m, commands in COMMAND_MODULES if words and words[0] in commands]
+    return wanted or [m for m, _ in COMMAND_MODULES]
+
+
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``unimatch`` parser with the commands ``argv`` needs (every command when None or unknown)."""
     parser = argparse.ArgumentParser(
         prog="unimatch",
         description="UniMatch: user in, top-k ads out. Data, training, export, index, search benchmark and service.",
@@ -86,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"unimatch {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     registry = CommandRegistry(sub)
-    for module_name in COMMAND_MODULES:
+    for module_name in _modules_for(argv):
         try:
             module = importlib.import_module(module_name)
         except ModuleNotFoundError as exc:
@@ -98,7 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    if argv is None:
+        argv = sys.argv[1:]
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     try:
         rc = args.handler(args)

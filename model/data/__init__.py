@@ -1,4 +1,6 @@
-"""Unified entity-space data layer (paper section IV-A, UMES): schema, on-disk format, loaders.
+"""Making datasets in the unified entity space (paper section IV-A, UMES): importers, the synthetic
+generator, splits and filters, ``unimatch data describe``.
 
-numpy + pydantic only, so the serving side can read schemas and datasets without torch.
+They write the dataset format of ``contracts.dataset`` (schema in ``contracts.schema``); numpy and
+pydantic only.
 """

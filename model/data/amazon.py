@@ -28,9 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.dataset import TEST, TRAIN, VALID, DatasetError, Entities, Interactions, Users, write_dataset
+from contracts.dataset import TEST, TRAIN, VALID, DatasetError, Entities, Interactions, Users, write_dataset
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.mapping import train_log_popularity
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
 
 

@@ -84,7 +84,7 @@ def register(cli: CommandRegistry) -> None:
 def _synth(args: argparse.Namespace) -> int:
     from dataclasses import replace
 
-    from model.data.io import check_output_dir
+    from contracts.io import check_output_dir
 
     check_output_dir(args.out, marker="dataset.json", force=args.force)  # before any work: refusing costs nothing
 
@@ -113,7 +113,7 @@ def _import(args: argparse.Namespace) -> int:
         raise ValueError(f"give exactly one of SOURCE ({', '.join(IMPORT_SOURCES)}) or --mapping FILE")
     if not 1 <= args.max_seq_len <= 1024:
         raise ValueError(f"--max-seq-len must be in 1..1024, got {args.max_seq_len}")
-    from model.data.io import check_output_dir
+    from contracts.io import check_output_dir
 
     check_output_dir(args.out, marker="dataset.json", force=args.force)
     from rich.console import Console
@@ -140,7 +140,7 @@ def _import(args: argparse.Namespace) -> int:
     import json
     import sys
 
-    from model.data.dataset import load_dataset
+    from contracts.dataset import load_dataset
     from model.data.describe import dataset_split_report, print_split_warnings, split_table
 
     counts = json.loads((out / "dataset.json").read_text())["counts"]
@@ -156,8 +156,8 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _describe(args: argparse.Namespace) -> int:
+    from contracts.io import atomic_write_json
     from model.data.describe import describe_dataset, render
-    from model.data.io import atomic_write_json
 
     summary = describe_dataset(args.dir)
     render(summary)

@@ -16,8 +16,8 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from model.data.dataset import SPLIT_NAMES, TEST, TRAIN, VALID, Dataset, load_dataset, serving_sequences
-from model.data.schema import cat_slices
+from contracts.dataset import SPLIT_NAMES, TEST, TRAIN, VALID, Dataset, load_dataset, serving_sequences
+from contracts.schema import cat_slices
 from model.data.split import split_report
 
 PERCENTILES = (0, 25, 50, 75, 90, 99, 100)

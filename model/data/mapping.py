@@ -55,7 +55,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from model.data.dataset import (
+from contracts.dataset import (
     MAX_DOMAINS,
     TEST,
     TRAIN,
@@ -66,8 +66,8 @@ from model.data.dataset import (
     Users,
     write_dataset,
 )
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.filters import FilterError, columns_of, evaluate_filter, parse_filter
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
 from model.data.tables import TIME_KINDS, Table, time_feature
 

@@ -34,9 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.dataset import DatasetError, Entities, Interactions, Users, write_dataset
+from contracts.dataset import DatasetError, Entities, Interactions, Users, write_dataset
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.mapping import standardise, train_log_popularity
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
 
 RECBOLE_REQUIREMENT = "recbole==1.2.1"

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from model.data.dataset import SPLIT_NAMES, TEST, TRAIN, VALID
+from contracts.dataset import SPLIT_NAMES, TEST, TRAIN, VALID
 
 
 def leave_last_out(

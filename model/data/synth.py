@@ -26,8 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.dataset import Entities, Interactions, Users, write_dataset
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
+from contracts.dataset import Entities, Interactions, Users, write_dataset
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.split import leave_last_out
 
 

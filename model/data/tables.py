@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from model.data.dataset import DatasetError
+from contracts.dataset import DatasetError
 
 if TYPE_CHECKING:
     from model.data.mapping import FileSpec

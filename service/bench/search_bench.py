@@ -35,8 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from service.bundle import Bundle, load_bundle
-from service.engine import MatchEngine, SearchParams, UserFeatures
+from contracts.bundle import Bundle, load_bundle
+from contracts.features import UserFeatures
+from service.engine import MatchEngine, SearchParams
 
 
 class BenchError(ValueError):
@@ -77,7 +78,7 @@ def held_out_queries(data: Path, bundle: Bundle, n: int, seed: int, *, split: st
     ``per_domain``: ``n`` is split evenly over the domains that have such pairs (all of a domain's pairs
     when it has fewer), so that a small domain is not left with a handful of queries.
     """
-    from model.data.dataset import SPLIT_NAMES, load_dataset, serving_sequences
+    from contracts.dataset import SPLIT_NAMES, load_dataset, serving_sequences
 
     codes = {name: code for code, name in SPLIT_NAMES.items()}
     if split not in codes:
@@ -493,7 +494,7 @@ def render_plot(res: dict[str, Any], path: Path) -> None:
 
 
 def write_outputs(res: dict[str, Any], *, json_path: Path | None, md_path: Path | None, plot_path: Path | None, command: str) -> None:
-    from model.data.io import atomic_write_json, atomic_write_text
+    from contracts.io import atomic_write_json, atomic_write_text
 
     if plot_path is not None and "sweep" in res:
         render_plot(res, plot_path)

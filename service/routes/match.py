@@ -36,7 +36,8 @@ from service.schemas import (
 )
 
 if TYPE_CHECKING:
-    from service.engine import MatchResult, UserFeatures
+    from contracts.features import UserFeatures
+    from service.engine import MatchResult
 
 router = APIRouter(tags=["match"])
 
@@ -111,7 +112,7 @@ def user_features(prep: Prepared, lookup: Lookup, serving: Serving) -> tuple[Use
 
     Returns the features and the number of override entity ids that are not in the catalogue (dropped).
     """
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     schema = serving.schema
     if lookup.features is None:

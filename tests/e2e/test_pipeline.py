@@ -70,9 +70,10 @@ def test_bench_search_writes_the_contract_json(pipeline: dict[str, Path]) -> Non
 
 
 def _engine_reference(pipeline: dict[str, Path], user_row: int, domain: int, k: int):
-    from model.data.dataset import load_dataset, serving_sequences
-    from service.bundle import load_bundle
-    from service.engine import MatchEngine, UserFeatures
+    from contracts.bundle import load_bundle
+    from contracts.dataset import load_dataset, serving_sequences
+    from contracts.features import UserFeatures
+    from service.engine import MatchEngine
 
     ds = load_dataset(pipeline["data"])
     seq = serving_sequences(ds)[user_row]

@@ -12,7 +12,7 @@ from experiments.popularity import main, popularity_recall
 
 
 def test_matches_brute_force(tmp_path: Path) -> None:
-    from model.data.dataset import TEST, TRAIN, load_dataset
+    from contracts.dataset import TEST, TRAIN, load_dataset
     from model.data.synth import generate, preset
 
     ds = load_dataset(generate(preset("tiny"), tmp_path / "d"))
@@ -41,7 +41,7 @@ def test_bad_input(tmp_path: Path) -> None:
 
 def test_user_sample_matches_brute_force(tmp_path: Path) -> None:
     """--users/--seed score only the users model.evaluate would draw for that seed."""
-    from model.data.dataset import TEST, TRAIN, load_dataset
+    from contracts.dataset import TEST, TRAIN, load_dataset
     from model.data.synth import generate, preset
 
     ds = load_dataset(generate(preset("tiny"), tmp_path / "d"))

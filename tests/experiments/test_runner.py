@@ -309,7 +309,7 @@ def test_cli_render_and_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[
 def test_validation_view_moves_validation_to_test(tmp_path: Path) -> None:
     import numpy as np
 
-    from model.data.dataset import TEST, TRAIN, VALID, load_dataset
+    from contracts.dataset import TEST, TRAIN, VALID, load_dataset
     from model.data.synth import generate, preset
 
     src = load_dataset(generate(preset("tiny"), tmp_path / "d"))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from model.data.io import sha256_file
+from contracts.io import sha256_file
 
 
 def clustered_vectors(n: int, dim: int = 16, *, clusters: int = 32, seed: int = 0) -> np.ndarray:

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from rich.console import Console
 
-from model.data.dataset import TEST, TRAIN, VALID, Entities, Interactions, Users, write_dataset
+from contracts.dataset import TEST, TRAIN, VALID, Entities, Interactions, Users, write_dataset
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.describe import describe_dataset, render
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from unimatch.cli import main
 
 
@@ -113,7 +113,7 @@ def test_cli_json_and_errors(handmade: Path, tmp_path: Path, capsys: pytest.Capt
 
 
 def test_split_report_counts_queries_and_warns_on_small_test_sets() -> None:
-    from model.data.dataset import TEST, TRAIN, VALID
+    from contracts.dataset import TEST, TRAIN, VALID
     from model.data.split import leave_last_out, split_report
 
     # domain a: 300 users with 3 interactions each (one test query each, no warning);

@@ -15,8 +15,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from contracts.dataset import TEST, TRAIN, VALID, DatasetError, load_dataset
 from model.data.amazon import default_shared_data_dir, import_amazon, read_pairs_file
-from model.data.dataset import TEST, TRAIN, VALID, DatasetError, load_dataset
 from model.data.movielens import FILES, WHEEL_PREFIX, fetch_movielens_100k, import_movielens
 from model.data.split import leave_last_out
 from model.data.synth import generate, preset
@@ -362,8 +362,9 @@ def test_synth_cli_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
 def test_amazon_without_user_features_trains_and_exports(amazon_dir: Path, tmp_path: Path) -> None:
     """amazon-cdr has no user features: the exported user encoder has no `user_cat` input, and the
     export's parity check (and serving) must feed only the inputs the graph kept."""
-    from service.bundle import load_bundle
-    from service.engine import MatchEngine, UserFeatures
+    from contracts.bundle import load_bundle
+    from contracts.features import UserFeatures
+    from service.engine import MatchEngine
     from unimatch.cli import main
 
     data = import_amazon("amazon-phone-electronic", tmp_path / "data", source_dir=amazon_dir)

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.data.dataset import TEST, TRAIN, VALID, DatasetError, load_dataset
+from contracts.dataset import TEST, TRAIN, VALID, DatasetError, load_dataset
 from model.data.mapping import import_mapping, load_mapping
 from unimatch.cli import main
 

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from model.data.dataset import DatasetError, load_dataset
+from contracts.dataset import DatasetError, load_dataset
 from model.data.filters import FilterError, evaluate_filter, parse_filter
 from model.data.mapping import import_mapping
 from model.data.tables import time_feature
@@ -295,8 +295,9 @@ def test_impressions_example_imports_trains_exports_and_serves(tmp_path: Path) -
     import shutil
     import sys
 
-    from service.bundle import load_bundle
-    from service.engine import MatchEngine, UserFeatures
+    from contracts.bundle import load_bundle
+    from contracts.features import UserFeatures
+    from service.engine import MatchEngine
 
     example = Path(__file__).resolve().parents[2] / "examples" / "impressions"
     sys.path.insert(0, str(example))

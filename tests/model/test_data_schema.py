@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pydantic import ValidationError
 
-from model.data.dataset import (
+from contracts.dataset import (
     TEST,
     TRAIN,
     DatasetError,
@@ -22,7 +22,7 @@ from model.data.dataset import (
     validate_arrays,
     write_dataset,
 )
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature, SchemaError
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature, SchemaError
 
 
 def small_schema(**over: object) -> FeatureSchema:
@@ -264,7 +264,7 @@ def test_atomic_outputs_get_umask_modes_not_private_ones(tmp_path: Path) -> None
     import os
     import stat
 
-    from model.data.io import atomic_directory, atomic_write_text
+    from contracts.io import atomic_directory, atomic_write_text
 
     old = os.umask(0o022)
     try:

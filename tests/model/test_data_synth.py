@@ -5,7 +5,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data.dataset import TEST, TRAIN, VALID, load_dataset, serving_sequences
+from contracts.dataset import TEST, TRAIN, VALID, load_dataset, serving_sequences
 from model.data.synth import generate, preset
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data.dataset import TEST, TRAIN, load_dataset
+from contracts.dataset import TEST, TRAIN, load_dataset
 from model.data.synth import SynthConfig, generate
 from model.evaluate import popularity_recall, sample_users
 from unimatch.cli import main
@@ -68,7 +68,7 @@ def test_cli_baseline_errors(args: list[str], message: str, capsys: pytest.Captu
 
 
 def test_validation_users_are_capped_by_the_pair_budget(data: Path) -> None:
-    from model.data.dataset import VALID
+    from contracts.dataset import VALID
     from model.evaluate import sample_users_within
 
     ds = load_dataset(data)

@@ -10,8 +10,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
+from contracts.io import sha256_file
 from model.checkpoint import CheckpointError, load_run
-from model.data.io import sha256_file
 from model.data.synth import SynthConfig, generate
 from model.evaluate import EvalConfig, evaluate, markdown_table
 from model.export import ExportConfig, export
@@ -218,7 +218,7 @@ def test_serving_batches_concurrent_requests_on_an_exported_bundle(deep_bundle: 
     different frontier sizes) give every request the scores it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
     from service.scorer import CPU, BatchingScorer, HostGatherScorer
 
     bundle = load_bundle(deep_bundle)

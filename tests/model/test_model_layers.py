@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
+from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.backbones import build_model, smooth_step
 from model.config import Architecture, ModelConfig
-from model.data.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.embeddings import EntityTable
 from model.layers import (
     Domains,

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from model.data.io import OutputDirError, atomic_directory, check_output_dir, is_ours
+from contracts.io import OutputDirError, atomic_directory, check_output_dir, is_ours
 from unimatch.cli import main
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from model.data.dataset import Entities, Interactions, Users, write_dataset
+from contracts.dataset import Entities, Interactions, Users, write_dataset
 from tests.fixtures.fake_bundle import fake_schema, make_fake_bundle
 
 REDIS_URL = os.environ.get("UNIMATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")

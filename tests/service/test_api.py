@@ -27,14 +27,14 @@ def client(bundle_dir: Path, dataset_dir: Path) -> Iterator[TestClient]:
 
 @pytest.fixture
 def engine(bundle_dir: Path):
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
     from service.engine import MatchEngine
 
     return MatchEngine(load_bundle(bundle_dir))
 
 
 def stored(dataset_dir: Path, user_id: str):
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
     from service.features import EmbeddedFeatureStore
 
     f = EmbeddedFeatureStore(dataset_dir).lookup_now(user_id, EmbeddedFeatureStore(dataset_dir).schema).features
@@ -66,7 +66,7 @@ def test_match_equals_the_engines_direct_output(client: TestClient, engine, data
 
 
 def test_unknown_user_is_cold_start(client: TestClient, engine) -> None:
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     r = client.post("/match", json={"user_id": "never-seen-ü", "domain": "domain_1", "k": 5})
     assert r.status_code == 200, r.text
@@ -78,7 +78,7 @@ def test_unknown_user_is_cold_start(client: TestClient, engine) -> None:
 
 
 def test_filters_exclude_and_overrides(client: TestClient, engine, dataset_dir: Path) -> None:
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     first = client.post("/match", json={"user_id": "user-0002", "domain": "domain_0", "k": 10}).json()
     drop = [it["entity_id"] for it in first["items"][:4]]

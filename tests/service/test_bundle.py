@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import BundleError, load_bundle
+from contracts.bundle import load_bundle
+from contracts.manifest import BundleError
 from tests.fixtures.fake_bundle import make_fake_bundle
 
 

@@ -16,9 +16,10 @@ import httpx
 import numpy as np
 import pytest
 
+from contracts.bundle import load_bundle
+from contracts.checks import check_containment, manifest_paths, onnx_external_locations
+from contracts.manifest import BundleError
 from service.app import create_app
-from service.bundle import BundleError, load_bundle
-from service.bundle_checks import BundleCheckError, check_containment, manifest_paths, onnx_external_locations
 from service.config import Settings
 from tests.fixtures.fake_bundle import make_fake_bundle
 from unimatch.cli import main
@@ -186,7 +187,7 @@ def test_the_real_onnx_files_have_no_external_data_and_truncation_is_caught(smal
     data = (small_bundle / "pair_scorer.onnx").read_bytes()
     cut = tmp_path / "cut.onnx"
     cut.write_bytes(data[: len(data) - 37])
-    with pytest.raises(BundleCheckError, match="not a readable ONNX model"):
+    with pytest.raises(BundleError, match="not a readable ONNX model"):
         onnx_external_locations(cut)
 
 

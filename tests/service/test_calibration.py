@@ -1,4 +1,4 @@
-"""Search calibration (service.calibrate / service.calibration): measured points, fallback, storage, use."""
+"""Search calibration (service.calibrate / contracts.calibration): measured points, fallback, storage, use."""
 
 from __future__ import annotations
 
@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from contracts.bundle import load_bundle
+from contracts.calibration import CalibrateConfig, CalibratedPoint, Calibration, graph_fingerprint
+from contracts.manifest import BundleError
 from service import calibrate as cal_mod
 from service.bench.search_bench import held_out_queries
-from service.bundle import BundleError, load_bundle
 from service.calibrate import PointResult, calibrate_bundle, calibrate_domain, write_calibration
-from service.calibration import CalibrateConfig, CalibratedPoint, Calibration, graph_fingerprint
 from service.engine import MatchEngine, SearchParams
 from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
 
@@ -170,7 +171,7 @@ def test_engine_serves_exhaustive_where_calibrated_so(calibrated) -> None:
     points = {name: tuple(replace(p, mode="exhaustive") for p in pts) for name, pts in bundle.calibration.domains.items()}
     b = replace(bundle, calibration=replace(bundle.calibration, domains=points))
     engine = MatchEngine(b, providers=["CPUExecutionProvider"])
-    from service.engine import UserFeatures
+    from contracts.features import UserFeatures
 
     res = engine.match(UserFeatures.cold_start(b.schema), 0, 10)
     assert res.mode == "exhaustive" and res.stats["pair_evaluations"] == engine.eligible_count(0)

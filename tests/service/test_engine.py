@@ -9,8 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import Bundle, load_bundle
-from service.engine import MatchEngine, SearchError, SearchParams, UserFeatures
+from contracts.bundle import Bundle, load_bundle
+from contracts.features import UserFeatures
+from service.engine import MatchEngine, SearchError, SearchParams
 from service.scorer import CPU, CUDA, DeviceGatherScorer, HostGatherScorer, choose_provider
 from tests.fixtures.fake_bundle import make_fake_bundle
 

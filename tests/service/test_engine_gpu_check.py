@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
+from contracts.bundle import load_bundle
 from service.scorer import HostGatherScorer
 from tests.fixtures.fake_bundle import make_fake_bundle
 

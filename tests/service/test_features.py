@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from model.data.dataset import load_dataset, serving_sequences
+from contracts.dataset import load_dataset, serving_sequences
 from service.features import (
     EmbeddedFeatureStore,
     FeatureFormatError,

@@ -18,8 +18,9 @@ REQ = {"user_id": "user-0007", "domain": "domain_0", "k": 10}
 
 
 def reference_ids(bundle: Path, dataset: Path) -> list[str]:
-    from service.bundle import load_bundle
-    from service.engine import MatchEngine, UserFeatures
+    from contracts.bundle import load_bundle
+    from contracts.features import UserFeatures
+    from service.engine import MatchEngine
     from service.features import EmbeddedFeatureStore
 
     store = EmbeddedFeatureStore(dataset)

@@ -7,15 +7,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.bundle import load_bundle
-from service.search import HnswGraph, VisitedSet, best_first, entry, expand, merge, search
+from contracts.bundle import load_bundle
+from contracts.graph import Graph
+from service.search import VisitedSet, best_first, entry, expand, merge, search
 from tests.fixtures.fake_bundle import make_fake_bundle
 
 E = 1500
 
 
 @pytest.fixture(scope="module")
-def graph_and_vectors(tmp_path_factory: pytest.TempPathFactory) -> tuple[HnswGraph, np.ndarray]:
+def graph_and_vectors(tmp_path_factory: pytest.TempPathFactory) -> tuple[Graph, np.ndarray]:
     b = load_bundle(make_fake_bundle(tmp_path_factory.mktemp("s") / "b", num_entities=E, dim=16, seed=3))
     assert b.graph is not None and b.vectors is not None
     return b.graph, np.asarray(b.vectors)
@@ -42,7 +43,7 @@ def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndar
     return best_first(np.arange(len(s), dtype=np.int64), s, k)
 
 
-def run(graph: HnswGraph, score, k: int, *, ef=(16, 32, 64, 128), steps=(1, 1, 1, 3), top_n=(0, 0, 50, 50), **kw):
+def run(graph: Graph, score, k: int, *, ef=(16, 32, 64, 128), steps=(1, 1, 1, 3), top_n=(0, 0, 50, 50), **kw):
     return search(graph, score, k=k, ef=ef, steps=steps, top_n=top_n, visited=VisitedSet(graph.num_nodes), **kw)
 
 

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 from prometheus_client import REGISTRY
 
+from contracts.bundle import load_bundle
+from contracts.features import UserFeatures
 from service.bench.search_bench import held_out_queries
-from service.bundle import load_bundle
-from service.engine import MatchEngine, SearchParams, UserFeatures
+from service.engine import MatchEngine, SearchParams
 from service.search import VisitedSet, search, search_layer
 from service.shadow import ShadowMonitor, coverage, k_bucket
 from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset

@@ -20,7 +20,7 @@ def _parser_raising(exc: BaseException) -> argparse.ArgumentParser:
 
 
 def test_bad_input_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_raising(ValueError("--k must be > 0")))
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: _parser_raising(ValueError("--k must be > 0")))
     assert cli.main([]) == 2
     assert capsys.readouterr().err == "unimatch: error: --k must be > 0\n"
 
@@ -30,7 +30,7 @@ def test_unexpected_error_is_one_line_with_the_traceback_saved(
 ) -> None:
     monkeypatch.setattr(cli.tempfile, "tempdir", str(tmp_path))
     monkeypatch.delenv("UNIMATCH_DEBUG", raising=False)
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_raising(RuntimeError("onnxruntime said no")))
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: _parser_raising(RuntimeError("onnxruntime said no")))
     assert cli.main([]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "Traceback" not in err
@@ -43,6 +43,6 @@ def test_unexpected_error_is_one_line_with_the_traceback_saved(
 
 def test_debug_lets_the_exception_through(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("UNIMATCH_DEBUG", "1")
-    monkeypatch.setattr(cli, "build_parser", lambda: _parser_raising(RuntimeError("boom")))
+    monkeypatch.setattr(cli, "build_parser", lambda argv=None: _parser_raising(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         cli.main([])

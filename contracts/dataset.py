@@ -7,7 +7,7 @@ service's embedded feature store) wants whole columns as arrays, and ``.npy`` fi
 
 Layout of a dataset directory::
 
-    schema.json                      FeatureSchema (model.data.schema)
+    schema.json                      FeatureSchema (contracts.schema)
     dataset.json                     manifest: name, source, counts, per-file sha256, split policy
     users/external_id.npy            (U,)  str   the user ids callers use
     users/cat.npy                    (U, Cu) int32 categorical profile codes (0 = unknown)
@@ -35,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from model.data.io import atomic_directory, atomic_write_json, sha256_file
-from model.data.schema import FeatureSchema, SchemaError, cat_slices
+from contracts.io import atomic_directory, atomic_write_json, sha256_file
+from contracts.schema import FeatureSchema, SchemaError, cat_slices
 
 DATASET_FORMAT_VERSION = 1
 TRAIN, VALID, TEST = 0, 1, 2

@@ -3,7 +3,7 @@
 A bundle is data the service memory-maps and hands to onnxruntime, so a manifest entry such as
 ``../../etc/x.npy`` or ``/data/other/vectors.npy``, a symlink that points out of the bundle, or an ONNX
 initializer whose external data lives elsewhere would make a replica read files nobody shipped with
-the bundle (issue 20: such paths were followed). These checks refuse that with a one-line reason.
+the bundle (an earlier release followed such paths). These checks refuse that with a one-line reason.
 
 stdlib only (no onnx package on the serving side): ONNX external-data locations are read with a
 minimal protobuf wire-format walk over the fields of onnx.proto that can hold a TensorProto.
@@ -16,9 +16,8 @@ from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-
-class BundleCheckError(ValueError):
-    """A bundle names a file outside its directory, links out of it, or has an unreadable ONNX file."""
+from contracts.io import sha256_file
+from contracts.manifest import BundleError
 
 
 # ---- manifest paths ------------------------------------------------------------------------------
@@ -49,12 +48,12 @@ def check_inside(root: Path, rel: str, *, what: str = "manifest.json names") -> 
     """``root/rel`` if ``rel`` is a plain relative path that resolves (links followed) inside ``root``."""
     pure = PurePosixPath(rel)
     if not rel or pure.is_absolute() or Path(rel).is_absolute() or ".." in pure.parts or "\\" in rel:
-        raise BundleCheckError(f"{root}: {what} {rel!r}: only plain paths inside the bundle are allowed")
+        raise BundleError(f"{root}: {what} {rel!r}: only plain paths inside the bundle are allowed")
     path = root / rel
     real_root = root.resolve()
     resolved = path.resolve()
     if resolved != real_root and real_root not in resolved.parents:
-        raise BundleCheckError(f"{root}: {what} {rel!r}, which resolves outside the bundle ({resolved})")
+        raise BundleError(f"{root}: {what} {rel!r}, which resolves outside the bundle ({resolved})")
     return path
 
 
@@ -67,7 +66,7 @@ def check_no_link_out(root: Path) -> None:
             if path.is_symlink():
                 target = path.resolve()
                 if target != real_root and real_root not in target.parents:
-                    raise BundleCheckError(f"{root}: {path.relative_to(root)} is a symlink out of the bundle ({target})")
+                    raise BundleError(f"{root}: {path.relative_to(root)} is a symlink out of the bundle ({target})")
 
 
 def check_containment(root: Path, manifest: dict[str, Any], onnx_files: list[str]) -> None:
@@ -81,7 +80,7 @@ def check_containment(root: Path, manifest: dict[str, Any], onnx_files: list[str
             continue  # absence is reported by the caller, with the file's role
         for location in onnx_external_locations(path):
             if PurePosixPath(location).is_absolute() or Path(location).is_absolute():
-                raise BundleCheckError(f"{root}: {rel}: external data {location!r} is an absolute path")
+                raise BundleError(f"{root}: {rel}: external data {location!r} is an absolute path")
             # onnxruntime reads a location relative to the model file's directory
             check_inside(root, str(PurePosixPath(rel).parent / location), what=f"{rel}: external data")
 
@@ -102,7 +101,7 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         if pos >= len(buf) or shift > 63:
-            raise BundleCheckError("truncated varint")
+            raise BundleError("truncated varint")
         byte = buf[pos]
         pos += 1
         result |= (byte & 0x7F) << shift
@@ -129,13 +128,13 @@ def _fields(buf: memoryview) -> Iterator[tuple[int, memoryview | None]]:
         elif wire == 2:
             size, pos = _varint(buf, pos)
             if pos + size > len(buf):
-                raise BundleCheckError("truncated field")
+                raise BundleError("truncated field")
             yield field, buf[pos : pos + size]
             pos += size
         else:
-            raise BundleCheckError(f"unsupported wire type {wire}")
+            raise BundleError(f"unsupported wire type {wire}")
         if pos > len(buf):
-            raise BundleCheckError("truncated field")
+            raise BundleError("truncated field")
 
 
 def _tensor(buf: memoryview, out: list[str]) -> None:
@@ -188,14 +187,14 @@ def onnx_external_locations(path: Path) -> list[str]:
     """The ``location`` of every external-data tensor in the ONNX model at ``path`` (usually none).
 
     Raises:
-        BundleCheckError: the file is not a parseable ONNX protobuf (e.g. truncated).
+        BundleError: the file is not a parseable ONNX protobuf (e.g. truncated).
     """
     buf = memoryview(Path(path).read_bytes())
     out: list[str] = []
     try:
         fields = list(_fields(buf))
         if not any(field == _MODEL_GRAPH for field, _ in fields):
-            raise BundleCheckError("no graph")
+            raise BundleError("no graph")
         for field, payload in fields:
             if payload is None:
                 continue
@@ -205,32 +204,26 @@ def onnx_external_locations(path: Path) -> list[str]:
                 for f, p in _fields(payload):
                     if p is not None and f == _FUNCTION_NODE:
                         _node(p, out)
-    except BundleCheckError as exc:
-        raise BundleCheckError(f"{path}: not a readable ONNX model ({exc}; truncated or corrupted?)") from None
+    except BundleError as exc:
+        raise BundleError(f"{path}: not a readable ONNX model ({exc}; truncated or corrupted?)") from None
     return out
 
 
 # ---- checksums -----------------------------------------------------------------------------------
 def verify_checksums(root: Path, listed: dict[str, Any]) -> None:
     """Each listed file exists and, where the manifest records one, has that sha256 (reads every byte)."""
-    import hashlib
-
     for rel, meta in listed.items():
         path = check_inside(root, rel)
         if not path.is_file():
-            raise BundleCheckError(f"{root}: {rel} missing (listed in manifest.json)")
+            raise BundleError(f"{root}: {rel} missing (listed in manifest.json)")
         expected = meta.get("sha256") if isinstance(meta, dict) else None
         if not expected:
             continue
-        h = hashlib.sha256()
-        with open(path, "rb") as fh:
-            while block := fh.read(1 << 22):
-                h.update(block)
-        if h.hexdigest() != expected:
+        if sha256_file(path) != expected:
             size = path.stat().st_size
             recorded = meta.get("bytes")
             hint = f" ({size} bytes, manifest says {recorded})" if isinstance(recorded, int) and recorded != size else ""
-            raise BundleCheckError(f"{root}: {rel} checksum mismatch{hint} (file changed, truncated or corrupted)")
+            raise BundleError(f"{root}: {rel} checksum mismatch{hint} (file changed, truncated or corrupted)")
 
 
 def onnx_files_of(manifest: dict[str, Any], required: tuple[str, ...] = ()) -> list[str]:

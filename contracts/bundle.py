@@ -11,8 +11,6 @@ numpy + json only: no onnxruntime, no torch. The ONNX sessions are opened by ``s
 
 from __future__ import annotations
 
-import hashlib
-import json
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,26 +18,14 @@ from typing import Any
 
 import numpy as np
 
-from model.data.schema import FeatureSchema, SchemaError
-from service.bundle_checks import BundleCheckError, check_containment, onnx_files_of
-from service.bundle_checks import verify_checksums as _verify_checksums
-from service.calibration import Calibration, CalibrationError, graph_fingerprint, load_calibration
-from service.search import HnswGraph
+from contracts.calibration import Calibration, CalibrationError, graph_fingerprint, load_calibration
+from contracts.checks import check_containment, onnx_files_of
+from contracts.checks import verify_checksums as _verify_checksums
+from contracts.graph import Graph, load_graph
+from contracts.manifest import BundleError, read_manifest
+from contracts.schema import FeatureSchema, SchemaError
 
-BUNDLE_FORMAT_VERSION = 1
 REQUIRED_FILES = ("manifest.json", "schema.json", "user_encoder.onnx", "pair_scorer.onnx")
-
-
-class BundleError(ValueError):
-    """The bundle is missing a file, fails a checksum, or does not match its schema or manifest."""
-
-
-def _sha256(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -55,7 +41,7 @@ class Bundle:
     domain_mask: np.ndarray  # (E,) uint64
     entity_tensors: dict[str, np.ndarray] = field(default_factory=dict)  # name -> (E, ...) float32
     vectors: np.ndarray | None = None  # (E, D) float32, the L2 space of the graph
-    graph: HnswGraph | None = None
+    graph: Graph | None = None
     # Search calibration (`unimatch index calibrate`); None when absent or measured on another graph,
     # with the reason in ``calibration_note``.
     calibration: Calibration | None = None
@@ -97,24 +83,6 @@ def _load_npy(path: Path, rel: str) -> np.ndarray:
         raise BundleError(f"{path}: cannot load ({exc})") from None
 
 
-def _load_graph(root: Path) -> HnswGraph:
-    """Memory-map the per-layer CSR arrays through the index builder's own (numpy-only) reader."""
-    from index_builder.graph import GraphFormatError, load_graph
-
-    try:
-        g = load_graph(root)  # checksums were verified above, with every other file
-    except GraphFormatError as exc:
-        raise BundleError(str(exc)) from None
-    # np.asarray: plain ndarray views of the same maps; indexing an np.memmap subclass costs ~10 us per
-    # call in __array_finalize__, and the search indexes these arrays a few dozen times per request.
-    return HnswGraph(
-        levels=np.asarray(g.levels),
-        offsets=tuple(np.asarray(o) for o in g.offsets),
-        neighbors=tuple(np.asarray(n) for n in g.neighbors),
-        entry_points=np.asarray(g.entry_points),
-    )
-
-
 def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     """Open and validate the bundle at ``path``; raises ``BundleError`` with a one-line reason."""
     root = Path(path)
@@ -123,12 +91,7 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     for rel in REQUIRED_FILES:
         if not (root / rel).is_file():
             raise BundleError(f"{root}: {rel} missing")
-    try:
-        manifest = json.loads((root / "manifest.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise BundleError(f"{root}/manifest.json: invalid JSON ({exc})") from None
-    if manifest.get("format_version") != BUNDLE_FORMAT_VERSION:
-        raise BundleError(f"{root}: bundle format_version {manifest.get('format_version')} is not {BUNDLE_FORMAT_VERSION}")
+    manifest = read_manifest(root)
     try:
         schema = FeatureSchema.load(root / "schema.json")
     except SchemaError as exc:
@@ -143,12 +106,10 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
     cal_meta = manifest.get("calibration") if "graph" in manifest else None
     if cal_meta:
         listed[str(cal_meta.get("file", "calibration.json"))] = {"sha256": cal_meta.get("sha256")}
-    try:  # every path stays inside the bundle (service/bundle_checks.py), checked before any file is opened
-        if verify_checksums:  # first: "checksum mismatch" is the clearest word for a truncated file
-            _verify_checksums(root, listed)
-        check_containment(root, manifest, onnx_files_of(manifest, ("user_encoder.onnx", "pair_scorer.onnx")))
-    except BundleCheckError as exc:
-        raise BundleError(str(exc)) from None
+    # every path stays inside the bundle (contracts/checks.py), checked before any file is opened
+    if verify_checksums:  # first: "checksum mismatch" is the clearest word for a truncated file
+        _verify_checksums(root, listed)
+    check_containment(root, manifest, onnx_files_of(manifest, ("user_encoder.onnx", "pair_scorer.onnx")))
     ids = _load_npy(root / "entities/external_id.npy", "entities/external_id.npy")
     etype = _load_npy(root / "entities/entity_type.npy", "entities/entity_type.npy")
     dmask = _load_npy(root / "entities/domain_mask.npy", "entities/domain_mask.npy")
@@ -172,7 +133,7 @@ def load_bundle(path: Path, *, verify_checksums: bool = True) -> Bundle:
         vectors = _load_npy(root / vs["file"], vs["file"])
         if vectors.shape[0] != n:
             raise BundleError(f"{root}: {vs['file']} has {vectors.shape[0]} rows, expected {n}")
-    graph = _load_graph(root) if "graph" in manifest else None
+    graph = load_graph(root, manifest=manifest) if "graph" in manifest else None  # checksums were verified above
     calibration, note = _load_calibration(root, manifest, cal_meta)
     return Bundle(
         path=root,

@@ -1,0 +1,134 @@
+"""`unimatch index calibrate`: measure the cheapest search point per domain and k (service.calibrate).
+
+The command sits in the ``index`` group beside `index build` (it completes the bundle the build wrote),
+but it is the service's measurement: it runs the engine itself on held-out users. `unimatch index build
+--data D` runs this command after the build through the command line, so the index builder never
+imports the service.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from unimatch.cli import CommandRegistry, check_out_file, int_list, wide_console
+
+GROUP_HELP = "build the HNSW graph the service searches"
+
+
+def register(cli: CommandRegistry) -> None:
+    c = cli.group_command(
+        "index",
+        "calibrate",
+        help="measure per domain and k the cheapest search point that finds the model's own top-k",
+        description="On held-out (user, domain) queries of the validation split, score every query exhaustively, "
+        "then search a grid of operating points (bottom-layer ef as a multiple of k, upper-layer ef, bottom T, "
+        "seeding the beam with the user's history) and store per domain and k bucket the cheapest point whose "
+        "mean coverage@k reaches --target, or exhaustive mode where the graph cannot do it faster than scoring "
+        "the domain whole. Written into the bundle (calibration.json, checksummed in manifest.json); the "
+        "service uses it unless UNIMATCH_SEARCH_* are set.",
+        handler=_calibrate,
+        group_help=GROUP_HELP,
+    )
+    c.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
+    c.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
+    _calibration_args(c)
+
+
+
+def _calibration_args(p: argparse.ArgumentParser) -> None:
+    from contracts.calibration import CalibrateConfig  # numpy + json only: cheap at start-up
+
+    d = CalibrateConfig()
+    p.add_argument("--target", type=float, default=d.target, help="mean coverage@k of the model's own top-k to reach")
+    p.add_argument("--queries", type=int, default=d.queries,
+                   help="held-out (user, domain) queries in all, split evenly over domains (all if fewer)")
+    p.add_argument("--k", dest="ks", type=_ints, default=d.ks,
+                   help="comma-separated k buckets; a request uses the smallest bucket >= its k")
+    p.add_argument("--max-exhaustive-pairs", type=float, default=d.max_exhaustive_pairs,
+                   help="bound on the exhaustive reference's pair evaluations (caps queries on large catalogues)")
+    p.add_argument("--calibration-json", type=Path, default=None, help="also write the calibration to this file")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return int_list(text, positive=True)
+
+
+def _run_calibration(args: argparse.Namespace, console: Any) -> int:
+    """Calibrate ``args.bundle`` on ``args.data``, print the table; 0 when every domain was calibrated."""
+    from contracts.calibration import CalibrateConfig
+    from contracts.io import atomic_write_json
+    from service.calibrate import calibrate_bundle
+
+    cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
+                          max_exhaustive_pairs=args.max_exhaustive_pairs)
+    check_out_file(args.calibration_json, "--calibration-json")
+    with _progress(console) as progress:
+        cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))
+    print_calibration(cal, console)
+    if args.calibration_json is not None:
+        atomic_write_json(args.calibration_json, cal.to_json())
+    console.print(f"wrote {args.bundle}/calibration.json ({cal.seconds:.0f} s); manifest updated")
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    return _run_calibration(args, wide_console())
+
+
+def print_calibration(cal: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"search calibration: target coverage {cal.target}, {cal.queries} {cal.split} queries")
+    for col in ("domain", "k", "mode", "coverage ± 95% CI", "pairs", "share of exhaustive", "p50 ms",
+                "exhaustive p50 ms", "ef (top first)", "T", "history seeds"):
+        table.add_column(col, justify="right")
+    for name, points in cal.domains.items():
+        for p in points:
+            table.add_row(
+                name, str(p.k), p.mode, f"{p.coverage:.4f} ± {p.coverage_ci95:.4f}", f"{p.pairs:,.0f}",
+                f"{p.pairs / p.exhaustive_pairs:.1%}", f"{p.latency_ms_p50:.2f}", f"{p.exhaustive_ms_p50:.2f}",
+                "/".join(map(str, p.ef)) if p.mode == "graph" else "-",
+                "/".join(map(str, p.steps)) if p.mode == "graph" else "-",
+                ("yes" if p.seed_history else "no") if p.mode == "graph" else "-",
+            )
+    console.print(table)
+
+
+class _LineProgress:
+    """Progress as log lines when stderr is not a terminal: one line every ``every_s`` seconds."""
+
+    def __init__(self, console: Any, every_s: float = 10.0) -> None:
+        import time
+
+        self.console, self.every_s, self._time = console, every_s, time.monotonic
+        self._last = 0.0
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        now = self._time()
+        if now - self._last >= self.every_s or (total and done == total):
+            self._last = now
+            self.console.print(f"{stage}: {done:,}" + (f"/{total:,}" if total else ""))
+
+
+def _progress(console: Any) -> Any:
+    """A context manager yielding a ``(stage, done, total)`` callback: a bar on a terminal, else log lines."""
+    import contextlib
+    import sys
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    if not sys.stderr.isatty() or not console.is_terminal:
+        return contextlib.nullcontext(_LineProgress(console))
+
+    @contextlib.contextmanager
+    def bar_ctx() -> Any:
+        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("calibrating", total=None)
+            yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total or None)
+
+    return bar_ctx()
+
+
