@@ -285,7 +285,7 @@ def ort_cuda_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) ->
         res[key] = {"scorer": type(eng.scorer).__name__, "provider": eng.provider, "runs": []}
         for threads in args.threads:
             def one(i: int, eng: MatchEngine = eng) -> float:
-                return eng.match(queries[i % len(queries)], i % bundle.schema.num_domains, args.k).stats["total_ms"]
+                return eng.match(queries[i % len(queries)], i % bundle.schema.num_domains, args.k).stats.total_ms
 
             r = _concurrency(one, args.queries, threads)
             res[key]["runs"].append(r)

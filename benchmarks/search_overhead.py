@@ -34,7 +34,7 @@ def measure(engine: MatchEngine, queries: list, k: int, repeats: int) -> dict[st
         for _ in range(repeats):
             r = engine.match(u, int(d), k, mode="graph")
             for key in KEYS:
-                sums[key] += r.stats[key]
+                sums[key] += getattr(r.stats, key)
             n += 1
     out = {key: v / n for key, v in sums.items()}
     total = sums["total_ms"]

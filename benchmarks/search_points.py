@@ -65,8 +65,8 @@ def main() -> None:
         for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True)):
             r = engine.match(u, int(d), args.k, mode="graph", params=params)
             cov.append(len(np.intersect1d(r.rows, exact[i])) / args.k)
-            pairs.append(r.stats["pair_evaluations"])
-            ms.append(r.stats["total_ms"])
+            pairs.append(r.stats.pair_evaluations)
+            ms.append(r.stats.total_ms)
         print(f"| `{text}` | {np.mean(cov):.4f} ({np.min(cov):.3f}) | {np.mean(pairs) / bundle.num_entities:.2%} | "
               f"{np.mean(pairs):.0f} | {np.mean(ms):.1f} |")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    PrivateAttr,
     SerializerFunctionWrapHandler,
     field_validator,
     model_serializer,
@@ -106,6 +108,9 @@ class FeatureSchema(BaseModel):
     entity_numeric: list[NumericFeature] = Field(default_factory=list)
     # 50 covers the recent history the paper's transformer sees while keeping attention cheap on CPU.
     max_seq_len: int = Field(default=50, ge=1, le=1024)
+    # The fingerprint, computed once at construction (the schema is frozen): the feature store keys every
+    # read with it, and hashing the schema's JSON per request cost more than the Redis key it names.
+    _fingerprint: str = PrivateAttr(default="")
 
     @field_validator("domains", "entity_types")
     @classmethod
@@ -167,9 +172,17 @@ class FeatureSchema(BaseModel):
         except ValueError:
             raise SchemaError(f"unknown entity type {name!r}; expected one of {self.entity_types}") from None
 
+    def model_post_init(self, context: Any, /) -> None:
+        self._fingerprint = hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+
+    def model_copy(self, *, update: Mapping[str, Any] | None = None, deep: bool = False) -> FeatureSchema:
+        """A copy with ``update`` applied, validated and fingerprinted anew (pydantic's own copy keeps
+        the old fingerprint and skips validation)."""
+        return FeatureSchema.model_validate({**self.model_dump(), **(update or {})})
+
     def fingerprint(self) -> str:
         """Stable hash of the schema: bundles, checkpoints and Redis keys carry it to detect mismatch."""
-        return hashlib.sha256(self.model_dump_json().encode()).hexdigest()[:16]
+        return self._fingerprint
 
     # ---- persistence ---------------------------------------------------------------------------
     def save(self, path: Path) -> None:

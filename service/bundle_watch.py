@@ -37,7 +37,7 @@ log = logging.getLogger("unimatch.bundle_watch")
 
 
 class Reloadable(Protocol):
-    """The part of ``service.lifespan.ServiceState`` the watcher uses."""
+    """The part of ``service.state.ServiceState`` the watcher uses."""
 
     @property
     def serving_version(self) -> str | None: ...

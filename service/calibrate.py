@@ -70,8 +70,8 @@ def evaluate_point(engine: MatchEngine, q: Queries, idx: np.ndarray, k: int, ref
     for j, i in enumerate(idx):
         res = engine.match(q.features[i], int(q.domains[i]), k, mode="graph", params=params)
         cov[j] = np.intersect1d(res.rows, ref[i][:k]).size / k
-        pairs[j] = res.stats["pair_evaluations"]
-        lat[j] = res.stats["total_ms"]
+        pairs[j] = res.stats.pair_evaluations
+        lat[j] = res.stats.total_ms
     return PointResult(params.for_k(k), float(cov.mean()), _ci95(cov), float(pairs.mean()),
                        float(np.percentile(lat, 50)), float(np.percentile(lat, 99)))
 
@@ -211,8 +211,8 @@ def paired_timing(engine: MatchEngine, q: Queries, idx: np.ndarray, k: int, poin
     """(point with its p50 re-measured, exhaustive p50), graph and exhaustive run alternately per query."""
     g, e = [], []
     for i in idx:
-        g.append(engine.match(q.features[i], int(q.domains[i]), k, mode="graph", params=point.params).stats["total_ms"])
-        e.append(engine.match(q.features[i], int(q.domains[i]), k, mode="exhaustive").stats["total_ms"])
+        g.append(engine.match(q.features[i], int(q.domains[i]), k, mode="graph", params=point.params).stats.total_ms)
+        e.append(engine.match(q.features[i], int(q.domains[i]), k, mode="exhaustive").stats.total_ms)
     return replace(point, ms_p50=float(np.median(g)), ms_p99=float(np.percentile(g, 99))), float(np.median(e))
 
 
@@ -289,8 +289,8 @@ def calibrate(bundle: Bundle, data: Path, cfg: CalibrateConfig, *, progress: Pro
         for i in idx:
             r = engine.match(q.features[i], d, kmax, mode="exhaustive")
             ref[i] = r.rows
-            lat.append(r.stats["total_ms"])
-            pairs.append(r.stats["pair_evaluations"])
+            lat.append(r.stats.total_ms)
+            pairs.append(r.stats.pair_evaluations)
             done += 1
             if progress is not None:
                 progress("exhaustive reference", done, total_q)

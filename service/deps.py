@@ -8,7 +8,8 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request
 
 from service.errors import NotReady, Unauthorized
-from service.lifespan import ServiceState, Serving
+from service.loading import Serving
+from service.state import ServiceState
 
 
 def get_state(request: Request) -> ServiceState:

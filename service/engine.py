@@ -12,11 +12,12 @@ the GIL) and each worker thread keeps its own generation-stamped visited set. Ne
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -25,7 +26,7 @@ from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
 from service.scorer import HostGatherScorer, UserContext, make_scorer
-from service.search import VisitedSet, best_first, search
+from service.search import LayerStats, VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")
 
@@ -102,13 +103,49 @@ class SearchParams:
         )
 
 
+@functools.lru_cache(maxsize=4096)
+def params_for_k(params: SearchParams, k: int) -> SearchParams:
+    """``params.for_k(k)``, built once per (params, k) rather than as a new dataclass on every request."""
+    return params.for_k(k)
+
+
+@dataclass(frozen=True)
+class SearchStats:
+    """Where one match's time went and how much the model scored (``MatchResult.stats``)."""
+
+    pair_evaluations: int  # pair-scorer rows evaluated
+    scorer_calls: int
+    steps: int  # search expansion steps (exhaustive: scorer batches)
+    eligible: int  # entities the request could return (domain and type filter)
+    user_encode_ms: float
+    search_ms: float
+    scorer_ms: float  # inside onnxruntime calls
+    gather_ms: float  # entity-tensor gathers on the host (zero when gathered inside the graph)
+    total_ms: float
+    layers: tuple[LayerStats, ...] = ()  # graph mode: per layer, top first
+
+
 @dataclass
 class MatchResult:
     rows: np.ndarray  # (k',) int64 entity rows, best first (k' <= k when filters leave fewer)
     scores: np.ndarray  # (k',) float32
     mode: str  # "graph" | "exhaustive"
     partial: bool  # the deadline stopped the search: best found so far
-    stats: dict[str, float] = field(default_factory=dict)
+    stats: SearchStats
+
+
+@dataclass(frozen=True)
+class MatchQuery:
+    """One validated request, built by ``MatchEngine.query`` (the only validation a request goes
+    through) and run by ``MatchEngine.run``."""
+
+    user: UserFeatures
+    domain: int
+    k: int
+    entity_types: np.ndarray | None  # unique int64 type indices, or None for all
+    exclude_rows: np.ndarray | None  # unique int64 rows, or None
+    eligible: int  # entities this query may return before exclusions
+    deadline: float | None = None  # absolute time.monotonic(); past it the search stops at the next step
 
 
 class _TimedScore:
@@ -179,6 +216,7 @@ class MatchEngine:
         self._type_counts = counts
         # Per domain: (bucket k, mode, params) from the calibration, resolved once here, not per request.
         self._calibrated: list[list[tuple[int, str, SearchParams, CalibratedPoint]]] = [[] for _ in range(self._num_domains)]
+        self._above_buckets: dict[tuple[int, int], tuple[str, SearchParams]] = {}  # k above every bucket
         if self.calibration is not None:
             for d, name in enumerate(bundle.schema.domains):
                 for pt in self.calibration.domains.get(name, ()):
@@ -192,10 +230,23 @@ class MatchEngine:
             self._local.visited = v
         return v
 
-    # ---- validation --------------------------------------------------------------------------------
-    def _check(
-        self, user: UserFeatures, domain: int, k: int, exclude_rows: np.ndarray | None, entity_types: Sequence[int] | None
-    ) -> tuple[np.ndarray | None, np.ndarray | None]:
+    # ---- the request -------------------------------------------------------------------------------
+    def query(
+        self,
+        user: UserFeatures,
+        domain: int,
+        k: int,
+        *,
+        exclude_rows: np.ndarray | None = None,
+        entity_types: Sequence[int] | None = None,
+        deadline: float | None = None,
+    ) -> MatchQuery:
+        """Validate one request against the bundle; raises ``SearchError`` with a one-line reason.
+
+        ``exclude_rows`` and ``entity_types`` filter what is returned (the search still walks through
+        filtered nodes). ``deadline`` is an absolute ``time.monotonic()``: past it the search stops at the
+        next step and returns the best so far with ``partial=True``.
+        """
         schema = self.bundle.schema
         if isinstance(domain, bool) or not isinstance(domain, int | np.integer) or not 0 <= domain < self._num_domains:
             raise SearchError(f"unknown domain index {domain!r}; expected 0..{self._num_domains - 1} ({schema.domains})")
@@ -224,7 +275,10 @@ class MatchEngine:
         seq = np.asarray(user.seq)
         if seq.size and (seq.min() < PAD or seq.max() >= self.bundle.num_entities):
             raise SearchError(f"user sequence rows must be {PAD} (padding) or in 0..{self.bundle.num_entities - 1}")
-        return types, excl
+        counts = self._type_counts[domain]
+        eligible = int(counts.sum() if types is None else counts[types].sum())
+        return MatchQuery(user=user, domain=int(domain), k=int(k), entity_types=types, exclude_rows=excl,
+                          eligible=eligible, deadline=deadline)
 
     def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
         bit = np.uint64(1 << domain)
@@ -240,7 +294,6 @@ class MatchEngine:
 
         return keep
 
-    # ---- the request -------------------------------------------------------------------------------
     def match(
         self,
         user: UserFeatures,
@@ -253,66 +306,65 @@ class MatchEngine:
         mode: str | None = None,
         params: SearchParams | None = None,
     ) -> MatchResult:
-        """Top-``k`` entity rows of ``domain`` for ``user``, best first (score desc, then row asc).
+        """Top-``k`` entity rows of ``domain`` for ``user``, best first (score desc, then row asc):
+        ``run(query(...))``, for callers that hold no query yet (benchmarks, the calibration)."""
+        q = self.query(user, domain, k, exclude_rows=exclude_rows, entity_types=entity_types, deadline=deadline)
+        return self.run(q, mode=mode, params=params)
 
-        ``exclude_rows`` and ``entity_types`` filter what is returned (the search still walks through
-        filtered nodes). ``deadline`` is an absolute ``time.monotonic()``: past it the search stops at the
-        next step and returns the best so far with ``partial=True``. ``mode`` forces "graph" or
-        "exhaustive" (benchmarks); by default it is chosen by ``params.exhaustive_threshold``.
-        """
+    def run(self, q: MatchQuery, *, mode: str | None = None, params: SearchParams | None = None) -> MatchResult:
+        """Answer a validated query. ``mode`` forces "graph" or "exhaustive" (benchmarks); by default the
+        bundle's calibration chooses mode and operating point, else ``params.exhaustive_threshold``."""
         t_start = time.perf_counter()
-        types, excl = self._check(user, domain, k, exclude_rows, entity_types)
         if mode is not None and mode not in MODES:
             raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
-        eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
-        point = self.calibrated(int(domain), int(k)) if params is None else None
+        user, domain, k = q.user, q.domain, q.k
+        point = self.calibrated(domain, k) if params is None else None
         if point is not None:
             cal_mode, p = point
             mode = mode or cal_mode
         else:
-            p = (params or self.params).for_k(int(k))
+            p = params_for_k(params or self.params, k)
             if mode is None:
-                mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
+                mode = "exhaustive" if self.bundle.graph is None or q.eligible <= p.exhaustive_threshold else "graph"
         graph = self.bundle.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
-        ctx = self.scorer.encode(user.cat, user.num, user.seq, int(domain))
+        ctx = self.scorer.encode(user.cat, user.num, user.seq, domain)
         t_enc = time.perf_counter()
         scorer = _TimedScore(self.scorer, ctx)
-        stats: dict[str, float] = {}
+        layers: tuple[LayerStats, ...] = ()
         if mode == "graph" and graph is not None:
             out = search(
                 graph,
                 scorer,
-                k=int(k),
+                k=k,
                 ef=p.ef,
                 steps=p.steps,
                 top_n=p.top_n,
                 max_degree=p.max_degree,
                 whole_top_layer_up_to=p.whole_top_layer_up_to,
                 visited=self._visited(),
-                keep=self._keep_fn(int(domain), types, excl),
-                deadline=deadline,
+                keep=self._keep_fn(domain, q.entity_types, q.exclude_rows),
+                deadline=q.deadline,
                 seeds=self._seeds(user) if p.seed_history else None,
                 filter_beam=p.filter_beam,
             )
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
-            for ls in out.layers:
-                stats[f"layer{ls.layer}_ms"] = ls.ms
-                stats[f"layer{ls.layer}_steps"] = float(ls.steps)
+            layers = tuple(out.layers)
         else:
-            rows, scores, partial, steps = self._exhaustive(scorer, int(domain), int(k), types, excl, deadline)
+            rows, scores, partial, steps = self._exhaustive(scorer, domain, k, q.entity_types, q.exclude_rows, q.deadline)
         t_end = time.perf_counter()
-        stats.update(
-            pair_evaluations=float(scorer.pairs),
-            scorer_calls=float(scorer.calls),
-            steps=float(steps),
-            eligible=float(eligible),
+        stats = SearchStats(
+            pair_evaluations=scorer.pairs,
+            scorer_calls=scorer.calls,
+            steps=int(steps),
+            eligible=q.eligible,
             user_encode_ms=(t_enc - t_start) * 1e3,
             search_ms=(t_end - t_enc) * 1e3,
             scorer_ms=scorer.seconds * 1e3,
             gather_ms=scorer.gather_seconds * 1e3,
             total_ms=(t_end - t_start) * 1e3,
+            layers=layers,
         )
         return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
 
@@ -328,9 +380,13 @@ class MatchEngine:
                 return mode, params
         if not buckets or self.calibration is None:
             return None
-        _, mode, params, pt = buckets[-1]
-        _, ef_bottom = self.calibration.lookup(self.bundle.schema.domains[domain], k) or (pt, k)
-        return mode, replace(params, ef=(*params.ef[:-1], max(ef_bottom, k))).for_k(k)
+        cached = self._above_buckets.get((domain, k))
+        if cached is None:  # once per (domain, k): k is bounded by the service's max_k
+            _, mode, params, pt = buckets[-1]
+            _, ef_bottom = self.calibration.lookup(self.bundle.schema.domains[domain], k) or (pt, k)
+            cached = mode, replace(params, ef=(*params.ef[:-1], max(ef_bottom, k))).for_k(k)
+            self._above_buckets[(domain, k)] = cached
+        return cached
 
     def calibrated_point(self, domain: int, k: int) -> CalibratedPoint | None:
         """The stored calibration point that serves (domain, k): its measured coverage is the yardstick."""

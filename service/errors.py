@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service import metrics
+from service.engine import SearchError
 
 log = logging.getLogger("unimatch.service")
 
@@ -81,6 +82,12 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _service_error(request: Request, exc: ServiceError) -> JSONResponse:
         metrics.ERRORS.labels(kind=exc.kind).inc()
         return error_response(exc.status, exc.kind, exc.message, exc.headers)
+
+    @app.exception_handler(SearchError)
+    async def _search_error(request: Request, exc: SearchError) -> JSONResponse:
+        # the engine's validation of a request (k above what the domain holds, bad filters ...)
+        metrics.ERRORS.labels(kind=InvalidRequest.kind).inc()
+        return error_response(InvalidRequest.status, InvalidRequest.kind, str(exc))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -12,6 +12,7 @@ Exposure share per entity type (the paper's fairness concern, Table VI) is
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,10 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+
+if TYPE_CHECKING:
+    from service.features import Lookup
+    from service.schemas import MatchResponse
 
 # Latency buckets from 0.25 ms (a warm Redis GET) to 2.5 s (a pathological deadline).
 _LATENCY = (0.00025, 0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256, 0.512, 1.0, 2.5)
@@ -116,3 +121,36 @@ def mark_process_dead(pid: int) -> None:
         from prometheus_client import multiprocess
 
         multiprocess.mark_process_dead(pid)
+
+
+# Lookup.error -> the cause label of unimatch_degraded_answers_total: "slow" and "down" apart.
+_DEGRADED_CAUSE = {
+    "timeout": "slow",
+    "connection": "down",
+    "redis": "down",
+    "skipped": "breaker_open",
+    "decode": "decode",
+    "empty_store": "empty_store",
+}
+
+
+def record_match(response: MatchResponse, lookup: Lookup, total_s: float) -> None:
+    """Every metric of one answered match: latency per stage, pairs scored, exposure, flags."""
+    stats = response.stats
+    REQUEST_DURATION.labels(domain=response.domain).observe(total_s)
+    STAGE_DURATION.labels(stage="features").observe(lookup.seconds)
+    STAGE_DURATION.labels(stage="user_encoding").observe(stats.user_encode_ms / 1e3)
+    STAGE_DURATION.labels(stage="search").observe(stats.search_ms / 1e3)
+    STAGE_DURATION.labels(stage="scorer").observe(stats.scorer_ms / 1e3)
+    STAGE_DURATION.labels(stage="total").observe(total_s)
+    PAIR_EVALUATIONS.observe(stats.pair_evaluations)
+    per_type: dict[str, int] = {}
+    for item in response.items:
+        per_type[item.entity_type] = per_type.get(item.entity_type, 0) + 1
+    for entity_type, count in per_type.items():
+        RESULTS.labels(entity_type=entity_type).inc(count)
+    for flag, on in (("cold_start", response.cold_start), ("partial", response.partial), ("degraded", response.degraded)):
+        if on:
+            FLAGGED.labels(flag=flag).inc()
+    if lookup.degraded:
+        DEGRADED.labels(cause=_DEGRADED_CAUSE.get(lookup.error or "", "other")).inc()

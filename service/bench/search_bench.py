@@ -208,15 +208,15 @@ def _eval_k(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.nda
         cov.append(len(np.intersect1d(res.rows, ex)) / k)
         r_all.append(_recall(ex, q.truth[i]))
         r_ret.append(_recall(res.rows, q.truth[i]))
-        frac.append(res.stats["pair_evaluations"] / engine.bundle.num_entities)
-        elig.append(res.stats["pair_evaluations"] / res.stats["eligible"])
-        lat.append(res.stats["total_ms"])
-        scorer_ms.append(res.stats["scorer_ms"])
-        total_ms.append(res.stats["total_ms"])
-        pairs.append(res.stats["pair_evaluations"])
-        steps.append(res.stats["steps"])
-        enc.append(res.stats["user_encode_ms"])
-        gather_ms.append(res.stats["gather_ms"])
+        frac.append(res.stats.pair_evaluations / engine.bundle.num_entities)
+        elig.append(res.stats.pair_evaluations / res.stats.eligible)
+        lat.append(res.stats.total_ms)
+        scorer_ms.append(res.stats.scorer_ms)
+        total_ms.append(res.stats.total_ms)
+        pairs.append(res.stats.pair_evaluations)
+        steps.append(res.stats.steps)
+        enc.append(res.stats.user_encode_ms)
+        gather_ms.append(res.stats.gather_ms)
     ra, rr = float(np.mean(r_all)), float(np.mean(r_ret))
     return {
         "coverage": float(np.mean(cov)),
@@ -294,8 +294,8 @@ def _sweep(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.ndar
         for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True)):
             res = engine.match(u, int(d), k, mode="graph", params=p)
             cov.append(len(np.intersect1d(res.rows, exhaustive_top[i][:k])) / k)
-            frac.append(res.stats["pair_evaluations"] / engine.bundle.num_entities)
-            lat.append(res.stats["total_ms"])
+            frac.append(res.stats.pair_evaluations / engine.bundle.num_entities)
+            lat.append(res.stats.total_ms)
         out.append({"label": label, "ef": list(p.for_k(k).ef), "steps": list(p.steps), "coverage": float(np.mean(cov)),
                     "scored_fraction": float(np.mean(frac)), "latency_ms_p50": _pct(lat, 50)})
     return out
@@ -330,8 +330,8 @@ def run_search_bench(cfg: BenchConfig, *, log: Callable[[str], None] = print) ->
     for u, d in zip(q.features, q.domains, strict=True):
         r = engine.match(u, int(d), kmax, mode="exhaustive")
         ex_top.append(r.rows)
-        ex_lat.append(r.stats["total_ms"])
-        ex_pairs.append(r.stats["pair_evaluations"])
+        ex_lat.append(r.stats.total_ms)
+        ex_pairs.append(r.stats.pair_evaluations)
     log(f"exhaustive: {len(ex_top)} queries in {time.perf_counter() - t0:.1f} s, p50 {_pct(ex_lat, 50):.1f} ms")
     result: dict[str, Any] = {
         "catalogue_size": bundle.num_entities,

@@ -1,17 +1,18 @@
 """``POST /match`` and ``POST /match/batch``: user in, top-k entities out (paper section IV-C).
 
-One request, in order: validate against the loaded bundle (domain, k, entity types, excluded ids) ->
-fetch the user's features (one Redis round trip, or the embedded store) and apply inline overrides ->
-run the engine (user encoder + beam search with the pair scorer) in the scoring thread pool, never on
-the event loop -> map rows to entity ids, record metrics. The ``Serving`` taken at the start is used
-throughout, so a hot reload never mixes two bundles in one answer.
+HTTP in and out, nothing else; one request reads in one direction:
+names -> indices through the bundle's vocabulary (``prepare``) -> admission -> the user's features (one
+Redis round trip, or the embedded store) with the request's overrides (``service.overrides``) ->
+``engine.query`` (the one validation, ``SearchError`` -> 422 at the edge) -> ``engine.run`` in the
+scoring pool, never on the event loop -> rows -> entity ids (``answer``), metrics
+(``metrics.record_match``). The ``Serving`` taken at the start is used throughout, so a hot reload
+never mixes two bundles in one answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import math
 import time
 import uuid
 from dataclasses import dataclass
@@ -20,11 +21,13 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from fastapi import APIRouter, Request
 
+from contracts.features import UserFeatures
 from service import metrics
 from service.deps import ServingDep, StateDep
 from service.errors import ARRIVED_KEY, InvalidRequest
-from service.features import PAD, Lookup
-from service.lifespan import ServiceState, Serving
+from service.features import Lookup
+from service.loading import Serving
+from service.overrides import apply_overrides
 from service.schemas import (
     BatchRequest,
     BatchResponse,
@@ -34,9 +37,10 @@ from service.schemas import (
     MatchResponse,
     MatchStats,
 )
+from service.state import ServiceState
+from service.vocabulary import rows_of
 
 if TYPE_CHECKING:
-    from contracts.features import UserFeatures
     from service.engine import MatchResult
 
 router = APIRouter(tags=["match"])
@@ -48,20 +52,9 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
-# Lookup.error -> the cause label of unimatch_degraded_answers_total: "slow" and "down" apart (issue 20).
-_DEGRADED_CAUSE = {
-    "timeout": "slow",
-    "connection": "down",
-    "redis": "down",
-    "skipped": "breaker_open",
-    "decode": "decode",
-    "empty_store": "empty_store",
-}
-
-
 @dataclass(frozen=True)
 class Prepared:
-    """A request checked against the bundle, ready for the engine."""
+    """A request's names resolved against the bundle (the engine validates the rest, once)."""
 
     body: MatchRequest
     request_id: str
@@ -74,166 +67,84 @@ class Prepared:
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
-    """Check a request against the limits and the bundle; raises InvalidRequest with a clear message."""
+    """The service's limits and the bundle's names; raises InvalidRequest with a clear message."""
     settings = state.settings
-    schema = serving.schema
+    vocab = serving.vocab
     if body.k > settings.max_k:
         raise InvalidRequest(f"k={body.k} exceeds the maximum {settings.max_k} (UNIMATCH_MAX_K)")
-    if body.domain not in schema.domains:
-        raise InvalidRequest(f"unknown domain {body.domain!r}; expected one of {schema.domains}")
+    domain = vocab.domains.get(body.domain)
+    if domain is None:
+        raise InvalidRequest(f"unknown domain {body.domain!r}; expected one of {list(vocab.domains)}")
     if len(body.exclude) > settings.max_exclude:
         raise InvalidRequest(f"exclude has {len(body.exclude)} ids; at most {settings.max_exclude}")
     types: list[int] | None = None
     if body.entity_types is not None:
-        unknown = sorted(set(body.entity_types) - set(schema.entity_types))
+        unknown = sorted(set(body.entity_types) - set(vocab.entity_types))
         if unknown:
-            raise InvalidRequest(f"unknown entity types {unknown}; expected a subset of {schema.entity_types}")
-        types = sorted({schema.entity_types.index(t) for t in body.entity_types})
-        if not types:
-            raise InvalidRequest("entity_types is empty: nothing could be returned")
-    rows = [r for r in (serving.bundle.row_of(e) for e in body.exclude) if r is not None]  # unknown ids: nothing to drop
-    exclude = np.asarray(rows, dtype=np.int64) if rows else None
+            raise InvalidRequest(f"unknown entity types {unknown}; expected a subset of {list(vocab.entity_types)}")
+        types = [vocab.entity_types[t] for t in body.entity_types]
+    rows, _ = rows_of(serving.bundle, body.exclude)  # unknown ids: nothing to drop
     budget_s = settings.deadline_ms / 1e3
     if body.deadline_ms is not None:
         budget_s = min(budget_s, body.deadline_ms / 1e3)
     return Prepared(
         body=body,
         request_id=body.request_id or uuid.uuid4().hex,
-        domain=schema.domains.index(body.domain),
+        domain=domain,
         k=body.k,
-        exclude_rows=exclude,
+        exclude_rows=rows if rows.size else None,
         entity_types=types,
         deadline=arrived + budget_s,
     )
 
 
-def user_features(prep: Prepared, lookup: Lookup, serving: Serving) -> tuple[UserFeatures, int]:
-    """Stored features (or cold-start defaults) with the request's overrides applied.
-
-    Returns the features and the number of override entity ids that are not in the catalogue (dropped).
-    """
-    from contracts.features import UserFeatures
-
-    schema = serving.schema
-    if lookup.features is None:
-        base = UserFeatures.cold_start(schema)
-        cat, num, seq = base.cat, base.num, base.seq
-    else:
-        cat, num, seq = lookup.features.cat, lookup.features.num, lookup.features.seq
-    over = prep.body.features
-    unknown_ids = 0
-    if over is not None:
-        if over.categorical:
-            cat = cat.copy()
-            names = [c.name for c in schema.user_categorical]
-            for name, code in over.categorical.items():
-                if name not in names:
-                    raise InvalidRequest(f"unknown categorical feature {name!r}; expected one of {names}")
-                col = schema.user_categorical[names.index(name)]
-                if not 0 <= code < col.cardinality:
-                    raise InvalidRequest(f"feature {name!r}: code {code} outside [0, {col.cardinality})")
-                cat[names.index(name)] = code
-        if over.numeric:
-            num = num.copy()
-            names = [c.name for c in schema.user_numeric]
-            for name, value in over.numeric.items():
-                if name not in names:
-                    raise InvalidRequest(f"unknown numeric feature {name!r}; expected one of {names}")
-                if not math.isfinite(value):
-                    raise InvalidRequest(f"feature {name!r}: value must be finite")
-                num[names.index(name)] = value
-        if over.sequence is not None or over.recent:
-            history = seq[seq != PAD].tolist()
-            if over.sequence is not None:
-                history = []
-                for e in over.sequence:
-                    r = serving.bundle.row_of(e)
-                    if r is None:
-                        unknown_ids += 1
-                    else:
-                        history.append(r)
-            for e in over.recent:
-                r = serving.bundle.row_of(e)
-                if r is None:
-                    unknown_ids += 1
-                else:
-                    history.append(r)
-            history = history[-schema.max_seq_len :]
-            seq = np.full(schema.max_seq_len, PAD, dtype=np.int64)
-            if history:
-                seq[schema.max_seq_len - len(history) :] = history
-    return UserFeatures(cat=np.asarray(cat, dtype=np.int64), num=np.asarray(num, dtype=np.float32), seq=seq), unknown_ids
-
-
 async def run_match(state: ServiceState, serving: Serving, prep: Prepared, lookup: Lookup, arrived: float) -> MatchResponse:
-    """Encode + search in the scoring pool, then build the response and record metrics."""
-    features, unknown_ids = user_features(prep, lookup, serving)
+    """Features with overrides -> validated query -> search in the scoring pool -> the HTTP answer."""
     engine = serving.engine
-
-    def _search() -> MatchResult:
-        return engine.match(
-            features,
-            prep.domain,
-            prep.k,
-            exclude_rows=prep.exclude_rows,
-            entity_types=prep.entity_types,
-            deadline=prep.deadline,
-        )
-
-    from service.engine import SearchError
-
-    try:
-        # through admission: the unit counts as pending work, and is refused in the pool thread when its
-        # wait for a thread left less of the deadline than a search takes (service/admission.py)
-        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=prep.deadline, probe=prep.probe)
-    except SearchError as exc:
-        raise InvalidRequest(str(exc)) from None
+    stored = lookup.features if lookup.features is not None else UserFeatures.cold_start(serving.schema)
+    features, unknown_ids = apply_overrides(stored, prep.body.features, serving.vocab, serving.bundle)
+    query = engine.query(features, prep.domain, prep.k, exclude_rows=prep.exclude_rows,
+                         entity_types=prep.entity_types, deadline=prep.deadline)
+    # through admission: the unit counts as pending work, and is refused in the pool thread when its
+    # wait for a thread left less of the deadline than a search takes (service/admission.py)
+    result = await state.admission.run(state.executor, lambda: engine.run(query), k=prep.k, deadline=prep.deadline,
+                                       probe=prep.probe)
     total_s = time.monotonic() - arrived
     if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
         state.shadow.offer(engine, prep.domain, prep.k, features, result, exclude_rows=prep.exclude_rows,
                            entity_types=prep.entity_types)
+    response = answer(prep, serving, lookup, result, total_s=total_s, unknown_ids=unknown_ids)
+    metrics.record_match(response, lookup, total_s)
+    return response
+
+
+def answer(
+    prep: Prepared, serving: Serving, lookup: Lookup, result: MatchResult, *, total_s: float, unknown_ids: int
+) -> MatchResponse:
+    """The engine's rows and stats as the HTTP answer: entity ids and type names, best first."""
     bundle = serving.bundle
     rows = np.asarray(result.rows, dtype=np.int64)
-    type_codes = np.asarray(bundle.entity_type[rows]) if rows.size else np.empty(0, np.int16)
+    type_codes = np.asarray(bundle.entity_type[rows]).tolist() if rows.size else []
     ids = np.asarray(bundle.entity_ids[rows]).tolist() if rows.size else []
-    type_names = serving.schema.entity_types
+    type_names = serving.vocab.type_names
     items = [
         MatchItem(entity_id=str(eid), entity_type=type_names[int(t)], score=float(s))
-        for eid, t, s in zip(ids, type_codes.tolist(), np.asarray(result.scores).tolist(), strict=True)
+        for eid, t, s in zip(ids, type_codes, np.asarray(result.scores).tolist(), strict=True)
     ]
     st = result.stats
     cold_start = lookup.features is None
-    source = lookup.source if lookup.features is not None else "cold_start"
     stats = MatchStats(
-        pair_evaluations=int(st.get("pair_evaluations", 0)),
+        pair_evaluations=st.pair_evaluations,
         mode=str(result.mode),
-        feature_source=source,
+        feature_source=lookup.source if not cold_start else "cold_start",
         features_ms=round(lookup.seconds * 1e3, 3),
-        user_encode_ms=round(float(st.get("user_encode_ms", 0.0)), 3),
-        search_ms=round(float(st.get("search_ms", 0.0)), 3),
-        scorer_ms=round(float(st.get("scorer_ms", 0.0)), 3),
+        user_encode_ms=round(st.user_encode_ms, 3),
+        search_ms=round(st.search_ms, 3),
+        scorer_ms=round(st.scorer_ms, 3),
         total_ms=round(total_s * 1e3, 3),
-        steps=int(st.get("steps", 0)),
+        steps=st.steps,
         unknown_override_ids=unknown_ids,
     )
-    # ---- metrics -------------------------------------------------------------------------------
-    metrics.REQUEST_DURATION.labels(domain=prep.body.domain).observe(total_s)
-    metrics.STAGE_DURATION.labels(stage="features").observe(lookup.seconds)
-    metrics.STAGE_DURATION.labels(stage="user_encoding").observe(stats.user_encode_ms / 1e3)
-    metrics.STAGE_DURATION.labels(stage="search").observe(stats.search_ms / 1e3)
-    metrics.STAGE_DURATION.labels(stage="scorer").observe(stats.scorer_ms / 1e3)
-    metrics.STAGE_DURATION.labels(stage="total").observe(total_s)
-    metrics.PAIR_EVALUATIONS.observe(stats.pair_evaluations)
-    if type_codes.size:
-        counts = np.bincount(type_codes.astype(np.int64), minlength=len(type_names))
-        for t, c in enumerate(counts.tolist()):
-            if c:
-                metrics.RESULTS.labels(entity_type=type_names[t]).inc(c)
-    for flag, on in (("cold_start", cold_start), ("partial", bool(result.partial)), ("degraded", lookup.degraded)):
-        if on:
-            metrics.FLAGGED.labels(flag=flag).inc()
-    if lookup.degraded:
-        metrics.DEGRADED.labels(cause=_DEGRADED_CAUSE.get(lookup.error or "", "other")).inc()
     return MatchResponse(
         request_id=prep.request_id,
         bundle_version=serving.version,

@@ -275,3 +275,16 @@ def test_atomic_outputs_get_umask_modes_not_private_ones(tmp_path: Path) -> None
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
     assert stat.S_IMODE((tmp_path / "f.json").stat().st_mode) == 0o644
+
+
+def test_fingerprint_is_computed_once_and_follows_copies() -> None:
+    import hashlib
+
+    from contracts.schema import FeatureSchema
+
+    s = FeatureSchema(domains=["a", "b"], entity_types=["item"])
+    assert s.fingerprint() == hashlib.sha256(s.model_dump_json().encode()).hexdigest()[:16]
+    assert s == FeatureSchema.model_validate_json(s.model_dump_json())
+    changed = s.model_copy(update={"max_seq_len": 7})
+    assert changed.max_seq_len == 7 and changed.fingerprint() != s.fingerprint()
+    assert changed.fingerprint() == hashlib.sha256(changed.model_dump_json().encode()).hexdigest()[:16]

@@ -174,7 +174,7 @@ def test_engine_serves_exhaustive_where_calibrated_so(calibrated) -> None:
     from contracts.features import UserFeatures
 
     res = engine.match(UserFeatures.cold_start(b.schema), 0, 10)
-    assert res.mode == "exhaustive" and res.stats["pair_evaluations"] == engine.eligible_count(0)
+    assert res.mode == "exhaustive" and res.stats.pair_evaluations == engine.eligible_count(0)
 
 
 def test_bad_config_is_refused() -> None:

@@ -59,7 +59,7 @@ def test_narrow_search_covers_exhaustive_top_k(engine: MatchEngine) -> None:
         g = engine.match(u, 0, 20, params=narrow)
         x = engine.match(u, 0, 20, mode="exhaustive")
         covs.append(len(set(g.rows.tolist()) & set(x.rows.tolist())) / 20)
-        share.append(g.stats["pair_evaluations"] / E)
+        share.append(g.stats.pair_evaluations / E)
     assert np.mean(covs) >= 0.9, np.mean(covs)
     assert np.mean(share) < 0.6, np.mean(share)
 
@@ -69,10 +69,11 @@ def test_result_invariants_and_stats(engine: MatchEngine, bundle: Bundle) -> Non
     assert r.rows.dtype == np.int64 and r.scores.dtype == np.float32 and len(r.rows) == 40
     assert np.unique(r.rows).size == 40 and np.all(np.diff(r.scores) <= 0)
     assert np.all((np.asarray(bundle.domain_mask)[r.rows] & np.uint64(2)) != 0)  # eligible in domain 1
-    for key in ("pair_evaluations", "steps", "user_encode_ms", "search_ms", "scorer_ms", "total_ms"):
-        assert key in r.stats
-    assert 0 < r.stats["scorer_ms"] <= r.stats["total_ms"]
-    assert r.stats["pair_evaluations"] <= E
+    st = r.stats
+    assert st.steps > 0 and st.scorer_calls > 0 and st.eligible == int(np.count_nonzero(np.asarray(bundle.domain_mask) & np.uint64(2)))
+    assert 0 < st.user_encode_ms and 0 < st.search_ms <= st.total_ms and [ls.layer for ls in st.layers] == [3, 2, 1, 0]
+    assert 0 < r.stats.scorer_ms <= r.stats.total_ms
+    assert r.stats.pair_evaluations <= E
 
 
 def test_pair_evaluations_count_unique_rows(bundle: Bundle) -> None:
@@ -87,7 +88,7 @@ def test_pair_evaluations_count_unique_rows(bundle: Bundle) -> None:
     eng.scorer.score_timed = spy  # type: ignore[method-assign]
     r = eng.match(users(1, seed=9)[0], 0, 25, params=SearchParams(ef=(32, 64, 128, 256), steps=(2, 2, 2, 5), top_n=(0, 0, 0, 25), exhaustive_threshold=0))
     allrows = np.concatenate(seen)
-    assert allrows.size == np.unique(allrows).size == r.stats["pair_evaluations"]
+    assert allrows.size == np.unique(allrows).size == r.stats.pair_evaluations
 
 
 def test_filters(engine: MatchEngine, bundle: Bundle) -> None:
@@ -118,7 +119,7 @@ def test_bundle_without_graph_is_exhaustive(tmp_path: Path) -> None:
     b = load_bundle(make_fake_bundle(tmp_path / "b", num_entities=300, dim=8, with_graph=False))
     eng = MatchEngine(b, providers=[CPU])
     r = eng.match(UserFeatures.cold_start(b.schema), 0, 7)
-    assert r.mode == "exhaustive" and len(r.rows) == 7 and r.stats["pair_evaluations"] == 300
+    assert r.mode == "exhaustive" and len(r.rows) == 7 and r.stats.pair_evaluations == 300
     with pytest.raises(SearchError, match="no graph"):
         eng.match(UserFeatures.cold_start(b.schema), 0, 7, mode="graph")
 

@@ -128,7 +128,7 @@ def test_filtered_beam_is_identical_when_every_row_is_returnable(setup) -> None:
     u = UserFeatures.cold_start(engine.bundle.schema)
     on = engine.match(u, 0, 20, mode="graph", params=SearchParams(filter_beam=True))  # domain 0 holds everything
     off = engine.match(u, 0, 20, mode="graph", params=SearchParams(filter_beam=False))
-    assert np.array_equal(on.rows, off.rows) and on.stats["pair_evaluations"] == off.stats["pair_evaluations"]
+    assert np.array_equal(on.rows, off.rows) and on.stats.pair_evaluations == off.stats.pair_evaluations
 
 
 def test_history_seeds_are_scored_in_the_bottom_layer(setup) -> None:

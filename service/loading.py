@@ -1,0 +1,190 @@
+"""Loading one bundle into a ``Serving``: verified, engine built, warmed, ready to swap in.
+
+Used at start-up (``service.lifespan``) and by every hot reload (``service.state.ServiceState``); all
+of it is per-bundle work done once, off the request path: the memory maps and checksums, the engine and
+its calibrated operating points, the warm-up at the largest k, the request vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service import metrics
+from service.admission import Admission
+from service.config import Settings
+from service.errors import ReloadFailed
+from service.features import EmbeddedFeatureStore, FeatureStore, entity_space_fingerprint
+from service.vocabulary import Vocabulary
+
+if TYPE_CHECKING:
+    from contracts.bundle import Bundle
+    from contracts.schema import FeatureSchema
+    from service.engine import MatchEngine, SearchParams
+
+log = logging.getLogger("unimatch.service")
+
+
+@dataclass(frozen=True)
+class Serving:
+    """One loaded, verified and warmed bundle. Immutable: a reload builds a new one and swaps it in."""
+
+    bundle: Bundle
+    engine: MatchEngine
+    entity_space: str
+    loaded_at: float
+    vocab: Vocabulary  # the request names of this bundle, resolved to indices once
+    warm_times: dict[int, float] = field(default_factory=dict)  # k -> seconds of one warm-up search
+
+    @property
+    def version(self) -> str:
+        return self.bundle.version
+
+    @property
+    def schema(self) -> FeatureSchema:
+        return self.bundle.schema
+
+    @property
+    def method(self) -> str:
+        return str(self.bundle.manifest.get("method", "unknown"))
+
+
+def search_params(settings: Settings) -> SearchParams | None:
+    """Engine search parameters from settings; None keeps the engine's defaults."""
+    from service.engine import SearchParams
+
+    given: dict[str, Any] = {
+        "ef": settings.search_ef,
+        "steps": settings.search_steps,
+        "top_n": settings.search_top_n,
+        "max_degree": settings.search_max_degree,
+        "exhaustive_threshold": settings.search_exhaustive_threshold,
+        "whole_top_layer_up_to": settings.search_whole_top_layer_up_to,
+    }
+    given = {name: v for name, v in given.items() if v is not None}
+    if not given:
+        return None
+    return dataclasses.replace(SearchParams(), **given)
+
+
+def providers(settings: Settings) -> list[str] | None:
+    return {
+        "cpu": ["CPUExecutionProvider"],
+        "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
+        "auto": None,
+    }[settings.providers]
+
+
+def build_serving(path: Path, settings: Settings) -> Serving:
+    """Load (memory-mapped), verify, and warm a bundle. Blocking: call it from a thread."""
+    from contracts.bundle import load_bundle
+    from service.engine import MatchEngine
+
+    t0 = time.perf_counter()
+    bundle = load_bundle(Path(path), verify_checksums=settings.verify_checksums)
+    params = search_params(settings)
+    engine = MatchEngine(
+        bundle,
+        params=params,
+        intra_op_threads=settings.intra_op_threads,
+        providers=providers(settings),
+        batch_requests=settings.batch_requests,
+        use_calibration=settings.search_calibration and params is None,
+    )
+    log_calibration(engine)
+    t_warm = time.perf_counter()
+    engine.warmup()
+    warm_times = {10: (time.perf_counter() - t_warm) / max(1, len(bundle.schema.domains))}
+    warm_times.update(warm_at_max_k(engine, settings.max_k))
+    bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
+    serving = Serving(
+        bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time(),
+        vocab=Vocabulary.of(bundle), warm_times=warm_times,
+    )
+    log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
+    return serving
+
+
+def log_calibration(engine: MatchEngine) -> None:
+    """Say at start-up which search each domain gets and how well it was measured to do."""
+    info = engine.info()
+    cal = engine.calibration
+    if cal is None:
+        log.info("search: %s; default parameters %s", info["calibration_note"], info["search_params"])
+        return
+    from service.shadow import k_bucket
+
+    for domain, points in cal.domains.items():
+        for p in points:  # the live monitor's yardstick, there from start-up for the alert rule
+            if p.mode == "graph":
+                metrics.CALIBRATED_COVERAGE.labels(domain=domain, k_bucket=k_bucket(p.k)).set(p.coverage)
+        parts = [
+            f"k<={p.k} {p.mode}" + (f" ef={'/'.join(map(str, p.ef))} T={'/'.join(map(str, p.steps))}"
+                                    f"{' +history' if p.seed_history else ''}" if p.mode == "graph" else "")
+            + f" coverage {p.coverage:.4f}±{p.coverage_ci95:.4f} {p.pairs:.0f} pairs"
+            for p in points
+        ]
+        log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
+
+
+def seed_admission(admission: Admission, serving: Serving) -> None:
+    """Start the admission's service-time estimate from the warm-up searches (where nothing was measured)."""
+    for k, seconds in serving.warm_times.items():
+        admission.seed(k, seconds)
+
+
+def warm_at_max_k(engine: MatchEngine, max_k: int) -> dict[int, float]:
+    """One cold-start search per domain at the largest k a request may ask for, with no deadline.
+
+    The engine's own warm-up uses k=10, which walks only the graph near the entry points: a bundle that
+    fails only on wide searches (corrupted neighbour lists once broke every k >= 500) passed it and
+    then failed live traffic. An exception here refuses the bundle at load and reload.
+    """
+    from contracts.features import UserFeatures
+
+    user = UserFeatures.cold_start(engine.bundle.schema)
+    eligible: dict[str, int] = engine.info()["eligible_per_domain"]
+    times: dict[int, float] = {}
+    for d, name in enumerate(engine.bundle.schema.domains):
+        k = min(max_k, int(eligible.get(name, 0)))
+        if k > 0:
+            t0 = time.perf_counter()
+            engine.match(user, d, k)
+            times[k] = max(times.get(k, 0.0), time.perf_counter() - t0)
+    return times  # k -> seconds of the slowest domain: seeds the admission estimate
+
+
+async def check_store_matches(store: FeatureStore, serving: Serving, *, startup: bool) -> None:
+    """The store's features must be encoded for this bundle's schema and entity rows.
+
+    Embedded store: a mismatch is always fatal (it can only ever serve its dataset). Redis: a schema
+    nobody loaded features for, or features loaded against another entity order, is refused on
+    reload; at start-up it is logged (features may be loaded after the service starts).
+    """
+    health = await store.health(serving.schema)
+    problem: str | None = None
+    if isinstance(store, EmbeddedFeatureStore):
+        if store.fingerprint != serving.schema.fingerprint():
+            problem = f"dataset schema {store.fingerprint} differs from the bundle's {serving.schema.fingerprint()}"
+        elif store.entity_space != serving.entity_space:
+            problem = "the dataset's entities are not in the bundle's row order"
+        if problem:
+            raise ReloadFailed(f"embedded feature store ({store.root}): {problem}")
+        return
+    if store.kind != "redis" or health.get("status") not in ("ok", "empty"):
+        return
+    if not health.get("loaded"):
+        problem = f"no features loaded in Redis for schema {serving.schema.fingerprint()} (run `unimatch features load`)"
+    elif health.get("entity_space") != serving.entity_space:
+        problem = "Redis features were loaded against another entity row order"
+    if problem:
+        if startup:
+            log.warning("feature store: %s", problem)
+        else:
+            raise ReloadFailed(problem)
+
+
