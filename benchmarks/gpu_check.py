@@ -297,7 +297,7 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
     import torch
 
     from service.engine import SearchParams
-    from service.scorer import HostGatherScorer
+    from service.scoring.host import HostGatherScorer
     from service.search import VisitedSet, search
 
     if args.torch_device == "cuda" and not torch.cuda.is_available():

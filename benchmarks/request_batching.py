@@ -27,7 +27,8 @@ import numpy as np
 from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
 from service.engine import MatchEngine
-from service.scorer import CPU, CUDA, BatchingScorer
+from service.scoring.batching import BatchingScorer
+from service.scoring.host import CPU, CUDA
 
 
 def run(engine: MatchEngine, work: list[tuple[Any, int]], k: int, clients: int) -> tuple[float, list[np.ndarray]]:

@@ -6,7 +6,7 @@ memory-maps read-only (paper section IV-B/C: the deep model and its 4-layer HNSW
 missing files, checksum mismatches, a schema that is not the one the model was exported with, arrays
 whose shapes disagree with the manifest — and reports it as a one-line ``BundleError``.
 
-numpy + json only: no onnxruntime, no torch. The ONNX sessions are opened by ``service.scorer``.
+numpy + json only: no onnxruntime, no torch. The ONNX sessions are opened by ``service.scoring``.
 """
 
 from __future__ import annotations

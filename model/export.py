@@ -96,7 +96,7 @@ class BatchedPairScorerGraph(nn.Module):
 
     Each of U users scores its own C candidates (``model.layers.PairInputs`` with per-user entities):
     what a serving process needs to merge the expansion steps of concurrent requests into one call
-    (``service.scorer.BatchingScorer``), at U x C pairs instead of the U x (U C) of stacking users on
+    (``service.scoring.batching.BatchingScorer``), at U x C pairs instead of the U x (U C) of stacking users on
     ``pair_scorer.onnx``'s cross product. Shorter candidate lists are padded by the caller.
     """
 
@@ -363,7 +363,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             raise ExportError(f"ONNX and PyTorch disagree: max abs difference {worst:.3g} > {cfg.atol:g}")
         batched: dict[str, Any] | None = None
         if isinstance(model, DeepMatchingModel) and not cfg.first_layer_split:
-            # The scorer for merged concurrent requests (service.scorer.BatchingScorer): U users x C own candidates.
+            # The scorer for merged concurrent requests (service.scoring.batching.BatchingScorer): U users x C own candidates.
             batched_path = tmp / "pair_scorer_batched.onnx"
             b_args = (*(u_out[n].expand(2, *u_out[n].shape[1:]) for n in user_names), torch.zeros(2, dtype=torch.long),
                       *(t.unsqueeze(0).expand(2, *t.shape) for t in example_ent))

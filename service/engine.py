@@ -1,7 +1,7 @@
 """The retrieval engine: one user, one domain, k -> the top-k entities of the deep model (paper IV-B).
 
 ``MatchEngine`` ties the pieces together for the service and the benchmark: the bundle
-(``contracts.bundle``), the onnxruntime scorer (``service.scorer``: user encoder once per request, pair
+(``contracts.bundle``), the onnxruntime scorer (``service.scoring``: user encoder once per request, pair
 scorer once per expansion step) and NANN's beam search over the 4-layer HNSW graph
 (``service.search``). Small eligible catalogues are scored exhaustively instead (cheaper than a search
 that would visit most of them anyway, and exact), chosen per request by ``exhaustive_threshold``.
@@ -25,7 +25,8 @@ from contracts.bundle import Bundle
 from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
-from service.scorer import HostGatherScorer, UserContext, make_scorer
+from service.scoring import make_scorer
+from service.scoring.host import HostGatherScorer, UserContext
 from service.search import LayerStats, VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")

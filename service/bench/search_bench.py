@@ -143,7 +143,7 @@ class TwoTower:
         import hnswlib
         import onnxruntime as ort
 
-        from service.scorer import session_options
+        from service.scoring.host import session_options
 
         self.bundle = load_bundle(path)
         if self.bundle.kind != "two-tower":

@@ -214,12 +214,13 @@ def test_batched_scorer_scores_each_user_against_its_own_candidates(deep_bundle:
 
 
 def test_serving_batches_concurrent_requests_on_an_exported_bundle(deep_bundle: Path) -> None:
-    """service.scorer.BatchingScorer on a real export: merged calls of several users (different domains,
+    """service.scoring.batching.BatchingScorer on a real export: merged calls of several users (different domains,
     different frontier sizes) give every request the scores it gets alone."""
     from concurrent.futures import ThreadPoolExecutor
 
     from contracts.bundle import load_bundle
-    from service.scorer import CPU, BatchingScorer, HostGatherScorer
+    from service.scoring.batching import BatchingScorer
+    from service.scoring.host import CPU, HostGatherScorer
 
     bundle = load_bundle(deep_bundle)
     host = HostGatherScorer(bundle)

@@ -12,7 +12,8 @@ import pytest
 from contracts.bundle import Bundle, load_bundle
 from contracts.features import UserFeatures
 from service.engine import MatchEngine, SearchError, SearchParams
-from service.scorer import CPU, CUDA, DeviceGatherScorer, HostGatherScorer, choose_provider
+from service.scoring.device import DeviceGatherScorer
+from service.scoring.host import CPU, CUDA, HostGatherScorer, choose_provider
 from tests.fixtures.fake_bundle import make_fake_bundle
 
 E = 1200
@@ -241,7 +242,7 @@ def test_cuda_engine_matches_cpu(bundle: Bundle) -> None:
 
 
 def test_batching_scorer_merges_concurrent_requests(bundle: Bundle) -> None:
-    from service.scorer import BatchingScorer
+    from service.scoring.batching import BatchingScorer
 
     host = HostGatherScorer(bundle)
     batcher = BatchingScorer(bundle, provider=CPU)  # the GPU batching code path, on host memory

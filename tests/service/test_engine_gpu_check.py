@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from contracts.bundle import load_bundle
-from service.scorer import HostGatherScorer
+from service.scoring.host import HostGatherScorer
 from tests.fixtures.fake_bundle import make_fake_bundle
 
 torch = pytest.importorskip("torch")
