@@ -209,6 +209,26 @@ def test_cli_calibrates_a_bundle_and_answers_bad_input_in_one_line(calibrated, t
     assert "--calibration-json" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
+def test_index_build_with_data_calibrates_through_the_cli(calibrated, tmp_path: Path) -> None:
+    """`index build --data` runs `index calibrate` on the new graph with the calibration flags it was given."""
+    from unimatch.cli import main
+
+    copy = tmp_path / "b"
+    shutil.copytree(calibrated[0], copy)
+    out = tmp_path / "cal.json"
+    rc = main(["index", "build", "--bundle", str(copy), "--M", "8", "--ef-construction", "40", "--health-queries", "10",
+               "--data", str(calibrated[1]), "--queries", "20", "--k", "10", "--target", "0.9",
+               "--calibration-json", str(out)])
+    assert rc == 0
+    cal = load_bundle(copy).calibration
+    assert cal is not None and cal.target == 0.9 and cal.queries <= 20
+    assert {p.k for pts in cal.domains.values() for p in pts} == {10}
+    assert json.loads(out.read_text())["target"] == 0.9
+    with pytest.raises(SystemExit) as bad:  # a bad --k is refused by argparse before the build starts
+        main(["index", "build", "--bundle", str(copy), "--data", str(calibrated[1]), "--k", "10,x"])
+    assert bad.value.code == 2
+
+
 def test_screening_decides_on_the_full_set(monkeypatch: pytest.MonkeyPatch) -> None:
     """A combination that looks good on the screening quarter is re-measured on every query."""
     asked: list[tuple[int, int]] = []
