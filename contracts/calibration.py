@@ -53,6 +53,10 @@ class CalibrateConfig:
     finalists: int = 2
     seed: int = 0
     intra_op_threads: int = 1
+    # Threads scoring the exhaustive reference (0 = the CPUs this process may use); its first
+    # timed_reference_queries queries per domain run alone, as their latency is the cost to beat.
+    workers: int = 0
+    timed_reference_queries: int = 20
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -61,6 +65,8 @@ class CalibrateConfig:
             raise ValueError(f"--queries must be positive, got {self.queries}")
         if not self.ks or min(self.ks) <= 0:
             raise ValueError(f"--k values must be positive, got {self.ks}")
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0 (0 = every CPU), got {self.workers}")
 
 
 class CalibrationError(ValueError):

@@ -48,6 +48,8 @@ def _calibration_args(p: argparse.ArgumentParser) -> None:
                    help="comma-separated k buckets; a request uses the smallest bucket >= its k")
     p.add_argument("--max-exhaustive-pairs", type=float, default=d.max_exhaustive_pairs,
                    help="bound on the exhaustive reference's pair evaluations (caps queries on large catalogues)")
+    p.add_argument("--workers", type=int, default=d.workers,
+                   help="threads scoring the exhaustive reference (0 = every CPU this process may use)")
     p.add_argument("--calibration-json", type=Path, default=None, help="also write the calibration to this file")
 
 
@@ -62,7 +64,7 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
     from service.calibrate import calibrate_bundle
 
     cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
-                          max_exhaustive_pairs=args.max_exhaustive_pairs)
+                          max_exhaustive_pairs=args.max_exhaustive_pairs, workers=args.workers)
     check_out_file(args.calibration_json, "--calibration-json")
     with _progress(console) as progress:
         cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))

@@ -15,7 +15,7 @@ from contracts.calibration import CalibrateConfig, CalibratedPoint, Calibration,
 from contracts.manifest import BundleError
 from service import calibrate as cal_mod
 from service.bench.search_bench import held_out_queries
-from service.calibrate import PointResult, calibrate_bundle, calibrate_domain, write_calibration
+from service.calibrate import PointResult, calibrate, calibrate_bundle, calibrate_domain, write_calibration
 from service.engine import MatchEngine, SearchParams
 from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
 
@@ -277,3 +277,36 @@ def test_paired_timing_measures_both_modes_on_the_same_queries(calibrated) -> No
     timed, ex_p50 = paired_timing(engine, q, idx, 10, point)
     assert timed.coverage == point.coverage and timed.pairs == point.pairs  # only the latencies are re-measured
     assert timed.ms_p50 > 0 and ex_p50 > 0
+
+
+def test_reference_on_several_threads_keeps_order_and_times_the_first_alone() -> None:
+    from service.calibrate import _map_ordered
+
+    active, seen, peak = [0], [], [0]
+
+    def fn(i: int):
+        import time as _t
+
+        active[0] += 1
+        peak[0] = max(peak[0], active[0]) if i >= 3 else peak[0]
+        if i < 3:
+            assert active[0] == 1, "a timed query ran beside another"
+        _t.sleep(0.01)
+        active[0] -= 1
+        seen.append(i)
+        return i * 10
+
+    out = list(_map_ordered(fn, np.arange(12), 4, sequential=3))
+    assert out == [i * 10 for i in range(12)] and seen[:3] == [0, 1, 2]
+    assert peak[0] > 1  # the untimed rest did run concurrently
+
+
+def test_calibration_is_the_same_on_one_or_several_threads(calibrated) -> None:
+    bundle, data, _ = calibrated
+    cfg = dict(target=0.99, queries=40, ks=(10,), **FAST)
+    one = calibrate(load_bundle(bundle), data, CalibrateConfig(**cfg, workers=1, timed_reference_queries=5), log=lambda m: None)
+    two = calibrate(load_bundle(bundle), data, CalibrateConfig(**cfg, workers=2, timed_reference_queries=5), log=lambda m: None)
+    for name, points in one.domains.items():
+        for a, b in zip(points, two.domains[name], strict=True):
+            # the graph point found depends on the reference rows only (the mode also on timings)
+            assert (a.k, a.graph_coverage, a.graph_pairs, a.queries) == (b.k, b.graph_coverage, b.graph_pairs, b.queries)
