@@ -34,9 +34,25 @@ pytestmark = [
 ]
 
 
+def _stage_copies(stage: str) -> list[str]:
+    """The sources of a stage's plain ``COPY src dst`` lines (not ``--from``): what its build sees."""
+    text = (ROOT / "Dockerfile").read_text()
+    body = text[text.index(f"AS {stage}\n") :]
+    body = body[: body.index("\nFROM ")] if "\nFROM " in body else body
+    out: list[str] = []
+    for line in body.splitlines():
+        m = re.match(r"COPY\s+(?!--from)(.+)\s+\S+$", line.strip())
+        if m:
+            out += [src.rstrip("/") for src in m.group(1).split()]
+    return out
+
+
 def _build_context(dst: Path) -> Path:
-    """The Docker build context: only the paths .dockerignore lets in."""
-    allowed = [line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")]
+    """What the ``build-serve`` stage copies, of the paths .dockerignore lets in: the serving image must
+    work with those alone (no model/ or index_builder/)."""
+    whitelist = {line[1:].rstrip("/") for line in (ROOT / ".dockerignore").read_text().splitlines() if line.startswith("!")}
+    allowed = [name for name in _stage_copies("build-serve") if name in whitelist]
+    assert "model" not in allowed and "index_builder" not in allowed and "contracts" in allowed
     dst.mkdir(parents=True)
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info")
     for name in allowed:
@@ -95,6 +111,9 @@ def test_serve_install_runs_the_image_commands(tmp_path: Path) -> None:
     no_torch = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('torch'))"], capture_output=True, text=True)
     assert no_torch.stdout.strip() == "None", "torch must not be in the serving install"
     assert subprocess.run([str(py), "-c", "import onnxruntime, fastapi, redis, uvicorn"]).returncode == 0
+    offline = subprocess.run([str(py), "-c", "import importlib.util as u; print(u.find_spec('model'), u.find_spec('index_builder'))"],
+                             capture_output=True, text=True, cwd=tmp_path)
+    assert offline.stdout.strip() == "None None", "the serving install must not carry the offline packages"
 
     # The image's ENTRYPOINT + CMD on a small bundle (embedded feature store: no Redis in this test).
     from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
