@@ -15,7 +15,7 @@ EARLY_STOP_EPOCHS = 100
 
 
 def register(cli: CommandRegistry) -> None:
-    from model.config import METHODS
+    from model.config import DEVICES, METHODS
 
     p = cli.command(
         "train",
@@ -49,7 +49,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--adv-epsilon", type=float, default=None, help="FGSM epsilon of the adversarial option")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN has a checkpoint")
@@ -74,7 +74,7 @@ def register(cli: CommandRegistry) -> None:
     e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
     e.add_argument("--json", type=Path, default=None, help="write the JSON here (also RUN/eval.json)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--device", default="cpu", choices=DEVICES, help="cpu or cuda")
     e.add_argument("--no-progress", action="store_true")
 
     x = cli.command(

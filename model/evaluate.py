@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -23,6 +23,7 @@ import torch
 from contracts.dataset import TEST, TRAIN, Dataset, history_windows, serving_sequences
 from contracts.io import atomic_write_json, atomic_write_text
 from model.checkpoint import load_run
+from model.config import Device
 from model.export import entity_tensors
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class EvalConfig:
     progress: bool = True
     # pairs scored per forward pass: bounds activation memory (pairs x 256 floats per expert layer)
     pair_budget: int = 32768
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 def history_sequences(ds: Dataset, target_split: int) -> np.ndarray:
@@ -257,8 +258,12 @@ def popularity_recall(
     return per_domain, counts, micro_avg
 
 
+# the model-free yardsticks of `unimatch eval --baseline`
+Baseline = Literal["popularity"]
+
+
 def evaluate_baseline(
-    data: Path, baseline: str, *, ns: tuple[int, ...], max_users: int, seed: int, json: Path | None = None
+    data: Path, baseline: Baseline, *, ns: tuple[int, ...], max_users: int, seed: int, json: Path | None = None
 ) -> dict[str, Any]:
     """``unimatch eval --baseline popularity``: the model-free yardstick, on the users a model's eval draws."""
     from contracts.dataset import load_dataset

@@ -174,7 +174,7 @@ class Trainer:
         self.distributed = self.world > 1
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = cfg.device
+        device: str = cfg.device  # "cuda" becomes "cuda:LOCAL_RANK" under torchrun
         if self.distributed:
             import torch.distributed as dist
 
