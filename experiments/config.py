@@ -16,6 +16,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from model.data import ImportSource, SynthPreset
+
 # Paper names of the methods (section V-A2, V-C), in the order the paper's tables list them.
 METHOD_LABELS: dict[str, str] = {
     "dnn": "DNN",
@@ -51,10 +53,10 @@ class DatasetSpec(_Frozen):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # also a directory name
     source: Literal["synth", "import", "path"]
-    preset: str | None = None
+    preset: SynthPreset | None = None
     seed: int = 0
     domains: int | None = None  # synth only: number of domains (default: the preset's)
-    importer: str | None = None
+    importer: ImportSource | None = None
     path: Path | None = None
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ import numpy as np
 
 from contracts.dataset import Entities, Interactions, Users, write_dataset
 from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
+from model.data import SynthPreset
 from model.data.split import leave_last_out
 
 
@@ -67,7 +68,7 @@ class SynthConfig:
         return [f"domain_{k}" for k in range(self.num_domains)]
 
 
-PRESETS: dict[str, SynthConfig] = {
+PRESETS: dict[SynthPreset, SynthConfig] = {
     # seconds; for unit tests
     "tiny": SynthConfig(num_users=300, num_entities=2_000, num_interactions=15_000),
     # about a minute end to end; for the demo
