@@ -136,9 +136,10 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "bundle", "data", "control_dir", mode="before")
     @classmethod
-    def _empty_url_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
+        # UNIMATCH_BUNDLE="" is unset, not the current directory (Path("") is ".").
         if isinstance(value, str) and not value.strip():
             return None
         return value
