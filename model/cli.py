@@ -98,7 +98,7 @@ def register(cli: CommandRegistry) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from model.config import ConfigError, LossConfig, ModelConfig, NegativeSampler, method_config
-    from model.train import train
+    from model.train import dist_env, train
 
     _check_run_dir(args.out)
 
@@ -142,9 +142,8 @@ def _train(args: argparse.Namespace) -> int:
         raise
     out = train(cfg)
     import json
-    import os
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if dist_env()[1] != 0:
         return 0  # under torchrun only rank 0 reports
 
     print(summary_line(json.loads((out / "run.json").read_text()), out))

@@ -61,8 +61,8 @@ def register(cli: CommandRegistry) -> None:
         "--source-dir",
         type=Path,
         default=None,
-        help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA or ../shared/data "
-        "beside the repo); movielens: a folder with ml-100k.inter/.user/.item (ml-1m.* for movielens-1m; default: download into --cache-dir)",
+        help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA, else shared/data "
+        "next to the repository checkout); movielens: a folder with ml-100k.inter/.user/.item (ml-1m.* for movielens-1m; default: download into --cache-dir)",
     )
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="movielens download cache (default: ~/.cache/unimatch/movielens)"
