@@ -2,8 +2,8 @@
 
 One file per table (``experiments/configs/table3_*.json``, ``table4_*.json``, ``ci_tiny.json``).
 The same budget and the same learning-rate grid apply to every method of a table, so tuning effort
-is equal by construction (issue 8: "learning rate chosen on the validation split, the same tuning
-effort for all"). Unknown keys are refused, so a typo in a config fails loudly instead of silently
+is equal by construction: the learning rate is chosen on the validation split with the same tuning
+effort for all, so no method wins by having been tuned harder. Unknown keys are refused, so a typo in a config fails loudly instead of silently
 running the default.
 """
 
