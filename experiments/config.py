@@ -36,6 +36,10 @@ METHOD_LABELS: dict[str, str] = {
 }
 
 
+# How the runner trains: in-process library calls or the operator-facing CLI (experiments/backends.py).
+BackendName = Literal["library", "cli"]
+
+
 class ExperimentConfigError(ValueError):
     """An experiment config file is missing, malformed or inconsistent."""
 
@@ -132,7 +136,7 @@ class ExperimentConfig(_Frozen):
     train: TrainSpec = Field(default_factory=TrainSpec)
     tuning: TuningSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    backend: Literal["library", "cli"] = "library"
+    backend: BackendName = "library"
     # The method whose per-step training log feeds the Fig. 5 analog (UWL weights); None = no plot.
     uwl_method: str | None = "backbone-rrl"
 

@@ -15,7 +15,7 @@ EARLY_STOP_EPOCHS = 100
 
 
 def register(cli: CommandRegistry) -> None:
-    from model.config import DEVICES, METHODS
+    from model.config import BASELINES, DEVICES, METHODS, NegativeSampler
 
     p = cli.command(
         "train",
@@ -45,7 +45,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
-    p.add_argument("--sampler", choices=["popularity", "uniform"], default=None)
+    p.add_argument("--sampler", choices=sorted(s.value for s in NegativeSampler), default=None)
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--adv-epsilon", type=float, default=None, help="FGSM epsilon of the adversarial option")
     p.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,7 @@ def register(cli: CommandRegistry) -> None:
         handler=_eval,
     )
     e.add_argument("--run", type=Path, default=None, help="run directory (uses RUN/best.pt when --early-stop kept one)")
-    e.add_argument("--baseline", choices=["popularity"], default=None,
+    e.add_argument("--baseline", choices=BASELINES, default=None,
                    help="evaluate a model-free baseline on --data instead of a run")
     e.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     e.add_argument("--n", default="50,200", help="comma-separated N values")

@@ -54,6 +54,9 @@ class OrthoMode(enum.Enum):
 # Where training and evaluation run: torch's device type; under torchrun "cuda" becomes each rank's GPU.
 Device = Literal["cpu", "cuda"]
 DEVICES: tuple[str, ...] = get_args(Device)
+# The model-free yardsticks of `unimatch eval --baseline`.
+Baseline = Literal["popularity"]
+BASELINES: tuple[str, ...] = get_args(Baseline)
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -23,7 +23,7 @@ import torch
 from contracts.dataset import TEST, TRAIN, Dataset, history_windows, serving_sequences
 from contracts.io import atomic_write_json, atomic_write_text
 from model.checkpoint import load_run
-from model.config import Device
+from model.config import Baseline, Device
 from model.export import entity_tensors
 
 if TYPE_CHECKING:
@@ -256,10 +256,6 @@ def popularity_recall(
         counts[name] = int(uniq.size)
     micro_avg = {str(n): float(np.concatenate(micro[n]).mean()) if micro[n] else 0.0 for n in ns}
     return per_domain, counts, micro_avg
-
-
-# the model-free yardsticks of `unimatch eval --baseline`
-Baseline = Literal["popularity"]
 
 
 def evaluate_baseline(

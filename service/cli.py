@@ -11,7 +11,7 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from unimatch.cli import CliError, CommandRegistry
 
@@ -23,6 +23,8 @@ DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
 
 
 def register(cli: CommandRegistry) -> None:
+    from service.config import LogLevel
+
     p = cli.command(
         "serve",
         help="serve POST /match over HTTP (uvicorn)",
@@ -36,7 +38,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (metrics switch to multiprocess mode)")
     p.add_argument("--data", type=Path, default=None, help="dataset for the embedded feature store (when no Redis)")
     p.add_argument("--redis-url", default=None, help="Redis holding user features; when omitted, UNIMATCH_REDIS_URL")
-    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=list(get_args(LogLevel)))
     p.add_argument(
         "--graceful-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on SIGTERM"
     )
