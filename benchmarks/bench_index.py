@@ -1,6 +1,6 @@
 """Index build benchmark: build time, peak memory, on-disk size and L2 recall@100 of the 4-layer graph.
 
-Issue 4's scale targets (paper section IV-B builds a 4-layer HNSW over L2): 1M entities x 64 dims within
+The scale targets (paper section IV-B builds a 4-layer HNSW over L2): 1M entities x 64 dims within
 5 minutes and 3 GB on 2 cores; 5.56M (the paper's largest entity type, Table II) within 1 hour and 16 GB.
 
 Each (size, library) runs in its own subprocess so that its peak RSS (``ru_maxrss``) is its own. The
@@ -228,7 +228,7 @@ def render(results: list[dict[str, Any]], meta: dict[str, Any]) -> str:
         "in the JSON (`timings_s`). faiss's time is `add` only. On disk: the graph arrays (hnswlib row) without "
         "the vectors, which the bundle already holds; faiss's file includes the vectors.",
         "",
-        "## Scale targets (issue 4)",
+        "## Scale targets",
         "",
     ]
     targets = {1_000_000: (300, 3), 5_560_000: (3600, 16)}

@@ -1,7 +1,7 @@
 """Where a graph query's time goes: pair scorer, user encoder, and everything outside onnxruntime.
 
-Issue 5 bounds the work outside the scorer's onnxruntime calls (gathers, visited set, top-n, Python)
-at 20% of the query time. `unimatch bench search` reports the same split, but only after an exhaustive
+The target bounds the work outside the scorer's onnxruntime calls (gathers, visited set, top-n, Python)
+at 20% of the query time: beyond it the search code, not the model, would set the latency. `unimatch bench search` reports the same split, but only after an exhaustive
 pass over every query (seconds per query at 1M); this script runs the graph searches alone, so the
 split can be re-measured in a minute after a change to the search code. No coverage numbers here.
 

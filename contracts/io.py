@@ -1,6 +1,6 @@
 """Atomic writes and checksums shared by every writer of datasets, runs and bundles.
 
-Contract (../shared/CONTRACT.md): outputs are written to a temporary path and renamed into place,
+The operator-facing contract: outputs are written to a temporary path and renamed into place,
 so a crash never leaves a half-written directory that looks complete. Nothing here deletes a directory
 unimatch did not write: replacing an existing output needs that output's manifest (the "marker" file,
 e.g. ``dataset.json`` or ``manifest.json``) to be there and to be ours (``check_output_dir``).

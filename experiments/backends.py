@@ -18,11 +18,11 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from experiments.config import DatasetSpec
+from experiments.config import BackendName, DatasetSpec
 from experiments.runner import Backend, RecallAll
 
 
-def make_backend(name: str) -> Backend:
+def make_backend(name: BackendName) -> Backend:
     if name == "library":
         return LibraryBackend()
     if name == "cli":

@@ -6,7 +6,7 @@ import argparse
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from unimatch.cli import CommandRegistry
 
@@ -14,6 +14,8 @@ GROUP_HELP = "reproduce the paper's comparison (Table III) and ablation (Table I
 
 
 def register(cli: CommandRegistry) -> None:
+    from experiments.config import BackendName
+
     p = cli.group_command(
         "experiment",
         "run",
@@ -31,7 +33,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--dataset", action="append", default=None, help="only this dataset (repeatable)")
     p.add_argument("--method", action="append", default=None, help="only this method (repeatable)")
     p.add_argument("--seed", action="append", type=int, default=None, help="only this seed (repeatable)")
-    p.add_argument("--backend", choices=["library", "cli"], default=None, help="override the config's backend")
+    p.add_argument("--backend", choices=list(get_args(BackendName)), default=None, help="override the config's backend")
     p.add_argument("--keep-going", action="store_true", help="log a failed run and go on with the others")
     p.add_argument("--plan", action="store_true", help="only print the run counts and measured cost, run nothing")
     p.add_argument("--no-render", action="store_true", help="do not render tables and plots at the end")

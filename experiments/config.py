@@ -2,8 +2,8 @@
 
 One file per table (``experiments/configs/table3_*.json``, ``table4_*.json``, ``ci_tiny.json``).
 The same budget and the same learning-rate grid apply to every method of a table, so tuning effort
-is equal by construction (issue 8: "learning rate chosen on the validation split, the same tuning
-effort for all"). Unknown keys are refused, so a typo in a config fails loudly instead of silently
+is equal by construction: the learning rate is chosen on the validation split with the same tuning
+effort for all, so no method wins by having been tuned harder. Unknown keys are refused, so a typo in a config fails loudly instead of silently
 running the default.
 """
 
@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from model.data import ImportSource, SynthPreset
 
 # Paper names of the methods (section V-A2, V-C), in the order the paper's tables list them.
 METHOD_LABELS: dict[str, str] = {
@@ -34,6 +36,10 @@ METHOD_LABELS: dict[str, str] = {
 }
 
 
+# How the runner trains: in-process library calls or the operator-facing CLI (experiments/backends.py).
+BackendName = Literal["library", "cli"]
+
+
 class ExperimentConfigError(ValueError):
     """An experiment config file is missing, malformed or inconsistent."""
 
@@ -51,10 +57,10 @@ class DatasetSpec(_Frozen):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")  # also a directory name
     source: Literal["synth", "import", "path"]
-    preset: str | None = None
+    preset: SynthPreset | None = None
     seed: int = 0
     domains: int | None = None  # synth only: number of domains (default: the preset's)
-    importer: str | None = None
+    importer: ImportSource | None = None
     path: Path | None = None
 
     @model_validator(mode="after")
@@ -130,7 +136,7 @@ class ExperimentConfig(_Frozen):
     train: TrainSpec = Field(default_factory=TrainSpec)
     tuning: TuningSpec
     eval: EvalSpec = Field(default_factory=EvalSpec)
-    backend: Literal["library", "cli"] = "library"
+    backend: BackendName = "library"
     # The method whose per-step training log feeds the Fig. 5 analog (UWL weights); None = no plot.
     uwl_method: str | None = "backbone-rrl"
 

@@ -1,4 +1,4 @@
-"""Locust workload for UniMatch: ``POST /match`` as the ranking stage calls it (issue 7).
+"""Locust workload for UniMatch: ``POST /match`` as the ranking stage calls it.
 
 Self-contained (locust + stdlib only) so that it also runs in the stock ``locustio/locust`` image.
 Configured by environment variables:

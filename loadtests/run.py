@@ -110,7 +110,7 @@ def parse_history(history_csv: Path, schedule: dict[str, Any]) -> list[StepResul
 
 
 def summarize(steps: list[StepResult], engine: dict[str, Any] | None) -> dict[str, Any]:
-    """Saturation, the latency at 70% of it, and the ratios against the engine alone (issue 7 targets)."""
+    """Saturation, the latency at 70% of it, and the ratios against the engine alone (the figures the load targets are stated in)."""
     if not steps:
         return {}
     sat = max(steps, key=lambda s: s.throughput_rps)

@@ -14,7 +14,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 import numpy as np
 import torch
@@ -27,9 +27,11 @@ if TYPE_CHECKING:
     from model.backbones import MatchingModel
 
 CHECKPOINT_FORMAT_VERSION = 1
-CHECKPOINT = "checkpoint.pt"
+# The two checkpoint files of a run directory (eval and run.json report which one a model came from).
+CheckpointName = Literal["checkpoint.pt", "best.pt"]
+CHECKPOINT: Final = "checkpoint.pt"
 # Written by ``train --early-stop``: the weights of the best validation check. load_run prefers it.
-BEST_CHECKPOINT = "best.pt"
+BEST_CHECKPOINT: Final = "best.pt"
 
 
 class CheckpointError(ValueError):
@@ -85,7 +87,7 @@ class LoadedRun:
     dataset: Dataset
     model: MatchingModel
     state: dict[str, Any]
-    checkpoint: str = CHECKPOINT  # file name of the checkpoint the model came from
+    checkpoint: CheckpointName = CHECKPOINT  # file name of the checkpoint the model came from
 
 
 def read_config(run: Path) -> TrainConfig:
@@ -107,7 +109,7 @@ def load_run(run: Path, *, data: Path | None = None) -> LoadedRun:
     run = Path(run)
     cfg = read_config(run)
     # an early-stopped run's best weights, not its last ones (the trainer removes a stale best.pt)
-    name = BEST_CHECKPOINT if (run / BEST_CHECKPOINT).is_file() else CHECKPOINT
+    name: CheckpointName = BEST_CHECKPOINT if (run / BEST_CHECKPOINT).is_file() else CHECKPOINT
     state = load_checkpoint(run / name)
     ds = load_dataset(data if data is not None else cfg.data)
     check_schema(state, ds.schema, where=str(run))

@@ -15,7 +15,7 @@ EARLY_STOP_EPOCHS = 100
 
 
 def register(cli: CommandRegistry) -> None:
-    from model.config import METHODS
+    from model.config import BASELINES, DEVICES, METHODS, NegativeSampler
 
     p = cli.command(
         "train",
@@ -45,11 +45,11 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
-    p.add_argument("--sampler", choices=["popularity", "uniform"], default=None)
+    p.add_argument("--sampler", choices=sorted(s.value for s in NegativeSampler), default=None)
     p.add_argument("--embed-dim", type=int, default=None)
     p.add_argument("--adv-epsilon", type=float, default=None, help="FGSM epsilon of the adversarial option")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--device", default="cpu", choices=DEVICES, help="cpu or cuda")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--no-resume", action="store_true", help="start over even if RUN has a checkpoint")
@@ -67,14 +67,14 @@ def register(cli: CommandRegistry) -> None:
         handler=_eval,
     )
     e.add_argument("--run", type=Path, default=None, help="run directory (uses RUN/best.pt when --early-stop kept one)")
-    e.add_argument("--baseline", choices=["popularity"], default=None,
+    e.add_argument("--baseline", choices=BASELINES, default=None,
                    help="evaluate a model-free baseline on --data instead of a run")
     e.add_argument("--data", type=Path, default=None, help="dataset (default: the one the run was trained on)")
     e.add_argument("--n", default="50,200", help="comma-separated N values")
     e.add_argument("--users", type=int, default=2000, help="test users evaluated (random, seeded)")
     e.add_argument("--json", type=Path, default=None, help="write the JSON here (also RUN/eval.json)")
     e.add_argument("--seed", type=int, default=0)
-    e.add_argument("--device", default="cpu", help="cpu or cuda")
+    e.add_argument("--device", default="cpu", choices=DEVICES, help="cpu or cuda")
     e.add_argument("--no-progress", action="store_true")
 
     x = cli.command(
@@ -98,7 +98,7 @@ def register(cli: CommandRegistry) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from model.config import ConfigError, LossConfig, ModelConfig, NegativeSampler, method_config
-    from model.train import train
+    from model.train import dist_env, train
 
     _check_run_dir(args.out)
 
@@ -142,9 +142,8 @@ def _train(args: argparse.Namespace) -> int:
         raise
     out = train(cfg)
     import json
-    import os
 
-    if int(os.environ.get("RANK", "0")) != 0:
+    if dist_env()[1] != 0:
         return 0  # under torchrun only rank 0 reports
 
     print(summary_line(json.loads((out / "run.json").read_text()), out))

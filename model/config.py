@@ -1,7 +1,7 @@
 """Configuration of the matching model, its auxiliary losses and its training (paper V-A3 sizes).
 
 One frozen dataclass per part. ``METHODS`` maps every operator-facing method name of
-``unimatch train --method`` (../shared/CONTRACT.md) to an architecture plus an RRL configuration, so
+``unimatch train --method`` (the operator-facing names, kept stable for scripts) to an architecture plus an RRL configuration, so
 the ablations of the paper's Table IV (Backbone, +DAL, +DAL&UWL, +MVWDL, +RRL) are configurations of
 one model, never forks of it.
 """
@@ -12,7 +12,7 @@ import dataclasses
 import enum
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 
 class ConfigError(ValueError):
@@ -42,6 +42,21 @@ class NegativeSampler(enum.Enum):
 
     UNIFORM = "uniform"
     POPULARITY = "popularity"
+
+
+class OrthoMode(enum.Enum):
+    """Which orthogonality loss of paper Eq. 24 the RRL module adds (model/rrl/orthogonal.py says why both)."""
+
+    PAPER = "paper"  # ||E_s^T E_d - I||_F^2, Eq. 24 as printed
+    DIFFERENCE = "difference"  # ||E_s^T E_d||_F^2, the soft orthogonality of domain separation networks
+
+
+# Where training and evaluation run: torch's device type; under torchrun "cuda" becomes each rank's GPU.
+Device = Literal["cpu", "cuda"]
+DEVICES: tuple[str, ...] = get_args(Device)
+# The model-free yardsticks of `unimatch eval --baseline`.
+Baseline = Literal["popularity"]
+BASELINES: tuple[str, ...] = get_args(Baseline)
 
 
 @dataclass(frozen=True)
@@ -95,7 +110,8 @@ class RRLConfig:
     grl_lambda: float = 1.0
     # Eq. 24 as printed, ||E_s^T E_d - I||_F^2 ("paper"), or the soft orthogonality ||E_s^T E_d||_F^2
     # of domain separation networks ("difference"), which is what the text says it wants.
-    ortho_mode: str = "paper"
+    # A string ("paper", as config.json and experiment options spell it) is accepted and converted.
+    ortho_mode: OrthoMode = OrthoMode.PAPER
     # UWL's log sigma^2 is clamped: the adversarial terms can be negative, and 1/(2 sigma^2) L + log sigma
     # has no minimum in sigma for L < 0, so an unclamped sigma would run to 0 and its weight to infinity.
     uwl_log_var_range: tuple[float, float] = (-4.0, 6.0)
@@ -103,6 +119,16 @@ class RRLConfig:
     adversarial: bool = False
     adv_epsilon: float = 0.05
     adv_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.ortho_mode, OrthoMode):
+            try:
+                mode = OrthoMode(self.ortho_mode)
+            except ValueError:
+                raise ConfigError(
+                    f"rrl.ortho_mode must be 'paper' or 'difference', got {self.ortho_mode!r}"
+                ) from None
+            object.__setattr__(self, "ortho_mode", mode)  # frozen: the one normalisation at construction
 
     @property
     def any_aux(self) -> bool:
@@ -149,7 +175,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 0.0
     seed: int = 0
-    device: str = "cpu"
+    device: Device = "cpu"
     log_every: int = 1  # JSONL line every N steps
     checkpoint_every: int = 200  # steps; a checkpoint is also written at the end
     resume: bool = True  # continue from RUN/checkpoint.pt when it exists
@@ -184,8 +210,8 @@ class TrainConfig:
             raise ConfigError(f"loss.num_sampled must be >= 0, got {self.loss.num_sampled}")
         if not self.loss.in_batch and self.loss.num_sampled == 0:
             raise ConfigError("with in_batch off, loss.num_sampled must be > 0 (no negatives otherwise)")
-        if self.rrl.ortho_mode not in ("paper", "difference"):
-            raise ConfigError(f"rrl.ortho_mode must be 'paper' or 'difference', got {self.rrl.ortho_mode!r}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         arch = METHODS[self.method].architecture
         if (self.rrl.any_aux or self.rrl.uwl) and arch is not Architecture.BACKBONE:
             raise ConfigError(f"RRL needs the backbone's shared/specific experts; method {self.method!r} has none")

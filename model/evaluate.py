@@ -23,6 +23,7 @@ import torch
 from contracts.dataset import TEST, TRAIN, Dataset, history_windows, serving_sequences
 from contracts.io import atomic_write_json, atomic_write_text
 from model.checkpoint import load_run
+from model.config import Baseline, Device
 from model.export import entity_tensors
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class EvalConfig:
     progress: bool = True
     # pairs scored per forward pass: bounds activation memory (pairs x 256 floats per expert layer)
     pair_budget: int = 32768
-    device: str = "cpu"
+    device: Device = "cpu"
 
 
 def history_sequences(ds: Dataset, target_split: int) -> np.ndarray:
@@ -258,7 +259,7 @@ def popularity_recall(
 
 
 def evaluate_baseline(
-    data: Path, baseline: str, *, ns: tuple[int, ...], max_users: int, seed: int, json: Path | None = None
+    data: Path, baseline: Baseline, *, ns: tuple[int, ...], max_users: int, seed: int, json: Path | None = None
 ) -> dict[str, Any]:
     """``unimatch eval --baseline popularity``: the model-free yardstick, on the users a model's eval draws."""
     from contracts.dataset import load_dataset

@@ -48,7 +48,9 @@ class ExportConfig:
     out: Path
     data: Path | None = None  # default: the dataset the run was trained on
     opset: int = 17
-    atol: float = 1e-4  # issue 3: ONNX vs PyTorch max abs difference in float32
+    # largest |ONNX - PyTorch| accepted in float32: above it the export is refused, since the served
+    # scores would no longer be the trained model's
+    atol: float = 1e-4
     entity_batch: int = 8192
     parity_users: int = 8  # random + real users checked per domain
     parity_candidates: int = 257  # odd on purpose: exercises the dynamic batch dim

@@ -157,7 +157,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _dist_env() -> tuple[int, int, int]:
+def dist_env() -> tuple[int, int, int]:  # torchrun's RANK/WORLD_SIZE/LOCAL_RANK, read only here
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", str(rank)))
@@ -170,11 +170,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         cfg.validate()
         self.cfg = cfg
-        self.world, self.rank, local = _dist_env()
+        self.world, self.rank, local = dist_env()
         self.distributed = self.world > 1
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
-        device = cfg.device
+        device: str = cfg.device  # "cuda" becomes "cuda:LOCAL_RANK" under torchrun
         if self.distributed:
             import torch.distributed as dist
 

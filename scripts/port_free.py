@@ -1,7 +1,8 @@
 """Exit 0 when TCP PORT on HOST (default 127.0.0.1) can be bound, else print one line and exit 2.
 
 `make demo` runs this first, with the system Python and the standard library only, so a busy port is
-reported before minutes of installing and training (issue 20: it was found after 16 minutes).
+reported before minutes of installing and training (when the port was checked last, a busy one
+surfaced only after 16 minutes).
 """
 
 from __future__ import annotations

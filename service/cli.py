@@ -1,4 +1,8 @@
-"""`unimatch serve` (uvicorn) and `unimatch features load` (user features into Redis)."""
+"""`unimatch serve` (uvicorn) and `unimatch features load` (user features into Redis).
+
+Both read the ``UNIMATCH_*`` environment only through ``service.config.Settings``, as the service
+does; a flag given on the command line wins over its setting.
+"""
 
 from __future__ import annotations
 
@@ -7,12 +11,20 @@ import os
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 from unimatch.cli import CliError, CommandRegistry
 
+if TYPE_CHECKING:
+    from service.config import Settings
+
+# `unimatch features load` without --redis-url or UNIMATCH_REDIS_URL: a Redis on this machine
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
 
 def register(cli: CommandRegistry) -> None:
+    from service.config import LogLevel
+
     p = cli.command(
         "serve",
         help="serve POST /match over HTTP (uvicorn)",
@@ -26,7 +38,7 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--workers", type=int, default=1, help="uvicorn worker processes (metrics switch to multiprocess mode)")
     p.add_argument("--data", type=Path, default=None, help="dataset for the embedded feature store (when no Redis)")
     p.add_argument("--redis-url", default=None, help="Redis holding user features; when omitted, UNIMATCH_REDIS_URL")
-    p.add_argument("--log-level", default=None, choices=["debug", "info", "warning", "error"])
+    p.add_argument("--log-level", default=None, choices=list(get_args(LogLevel)))
     p.add_argument(
         "--graceful-timeout", type=float, default=10.0, help="seconds to finish in-flight requests on SIGTERM"
     )
@@ -42,16 +54,20 @@ def register(cli: CommandRegistry) -> None:
         handler=_features_load,
     )
     f.add_argument("--data", type=Path, required=True, help="dataset directory")
-    f.add_argument("--redis-url", default=None, help="Redis URL; when omitted, UNIMATCH_REDIS_URL, else redis://127.0.0.1:6379/0")
+    f.add_argument("--redis-url", default=None, help=f"Redis URL; when omitted, UNIMATCH_REDIS_URL, else {DEFAULT_REDIS_URL}")
     f.add_argument("--prefix", default=None, help="key prefix; when omitted, UNIMATCH_REDIS_KEY_PREFIX, else 'unimatch'")
     f.add_argument("--chunk", type=int, default=5000, help="users per MSET round trip")
 
 
-def _env_or(value: str | None, name: str, default: str) -> str:
-    """The flag if given, else the environment variable if set and non-empty, else the default."""
-    if value:
-        return value
-    return os.environ.get(name) or default
+def _settings(**flags: Any) -> Settings:
+    """The ``UNIMATCH_*`` settings as the service reads them, ``flags`` winning; an invalid one is a
+    one-line error (exit 2)."""
+    from service.config import Settings
+
+    try:
+        return Settings(**flags)
+    except ValueError as exc:
+        raise CliError(f"invalid UNIMATCH_* setting: {' '.join(str(exc).splitlines()[:3])}") from None
 
 
 def _without_password(url: str) -> str:
@@ -69,8 +85,9 @@ def _features_load(args: argparse.Namespace) -> int:
 
     from service.features import load_features
 
-    url = _env_or(args.redis_url, "UNIMATCH_REDIS_URL", "redis://127.0.0.1:6379/0")
-    prefix = _env_or(args.prefix, "UNIMATCH_REDIS_KEY_PREFIX", "unimatch")
+    settings = _settings()
+    url = args.redis_url or settings.redis_url or DEFAULT_REDIS_URL
+    prefix = args.prefix or settings.redis_key_prefix
     if args.chunk < 1:
         raise CliError(f"--chunk must be positive, got {args.chunk}")
     import redis
@@ -100,14 +117,19 @@ def _features_load(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    bundle = args.bundle or (Path(os.environ["UNIMATCH_BUNDLE"]) if os.environ.get("UNIMATCH_BUNDLE") else None)
+    if args.workers < 1:
+        raise CliError(f"--workers must be >= 1, got {args.workers}")
+    flags = {"bundle": args.bundle, "workers": args.workers, "data": args.data, "redis_url": args.redis_url,
+             "log_level": args.log_level}
+    given = _settings(**{name: value for name, value in flags.items() if value is not None})
+    bundle = given.bundle
     if bundle is None:
         raise CliError("no bundle: pass --bundle BUNDLE or set UNIMATCH_BUNDLE")
     if not (bundle / "manifest.json").is_file():
         raise CliError(f"{bundle}: not a bundle (no manifest.json); run `unimatch export` and `unimatch index build`")
-    if args.workers < 1:
-        raise CliError(f"--workers must be >= 1, got {args.workers}")
-    # Settings travel to the worker processes through the environment (uvicorn re-imports the app).
+    # Settings travel to the worker processes through the environment: uvicorn re-imports the app in
+    # each worker, which builds its own Settings from UNIMATCH_*, so the flags are written there (this
+    # command writes the environment; it reads it only through Settings).
     # Absolute, but symlinks kept: /bundles/current must stay the pointer UNIMATCH_BUNDLE_WATCH follows.
     os.environ["UNIMATCH_BUNDLE"] = os.path.abspath(bundle)
     os.environ["UNIMATCH_WORKERS"] = str(args.workers)
@@ -120,18 +142,14 @@ def _serve(args: argparse.Namespace) -> int:
     created: list[str] = []  # temporary directories this command made, removed when it exits
     if args.workers > 1:
         # prometheus_client multiprocess mode must be on before any worker imports service.metrics.
+        # PROMETHEUS_MULTIPROC_DIR is prometheus_client's own variable, not a UNIMATCH_ setting.
         if not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
             os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="unimatch-prom-")
             created.append(os.environ["PROMETHEUS_MULTIPROC_DIR"])
-        if not os.environ.get("UNIMATCH_CONTROL_DIR"):
+        if given.control_dir is None:
             os.environ["UNIMATCH_CONTROL_DIR"] = tempfile.mkdtemp(prefix="unimatch-control-")
             created.append(os.environ["UNIMATCH_CONTROL_DIR"])
-    from service.config import Settings
-
-    try:
-        settings = Settings()
-    except ValueError as exc:
-        raise CliError(f"invalid UNIMATCH_* setting: {' '.join(str(exc).splitlines()[:3])}") from None
+    settings = _settings()  # again: now with what the flags wrote, as each worker will read it
     _configure_logging(settings.log_level)
     _check_bundle(bundle, settings)
     try:

@@ -27,6 +27,8 @@ def _cores() -> int:
 
 
 IntTuple = Annotated[tuple[int, ...] | None, NoDecode]
+# uvicorn's and the service's log level (`unimatch serve --log-level`, UNIMATCH_LOG_LEVEL)
+LogLevel = Literal["debug", "info", "warning", "error"]
 
 
 class Settings(BaseSettings):
@@ -116,7 +118,7 @@ class Settings(BaseSettings):
     # Each worker waits a random share of this before reloading, so replicas do not all spend their
     # CPU on load + verify + warm-up at the same moment.
     bundle_watch_stagger_s: float = Field(default=10.0, ge=0, le=3600)
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_level: LogLevel = "info"
 
     @field_validator("search_ef", "search_steps", "search_top_n", "search_max_degree", mode="before")
     @classmethod
@@ -136,9 +138,10 @@ class Settings(BaseSettings):
             return None
         return value
 
-    @field_validator("redis_url", mode="before")
+    @field_validator("redis_url", "bundle", "data", "control_dir", mode="before")
     @classmethod
-    def _empty_url_is_none(cls, value: object) -> object:
+    def _empty_is_none(cls, value: object) -> object:
+        # UNIMATCH_BUNDLE="" is unset, not the current directory (Path("") is ".").
         if isinstance(value, str) and not value.strip():
             return None
         return value

@@ -19,7 +19,7 @@ Key layout (format version 1), documented in docs/service.md::
 
 The sentinel is read in the same ``MGET`` as the user, so every answer knows whether the keyspace it
 read is a complete load: a Redis restarted empty, or another Redis behind the same address, makes
-every user look unknown, and without it those answers were silent cold starts (issue 20). Its absence
+every user look unknown, and without it those answers would be silent cold starts. Its absence
 flags the answer ``degraded`` (error ``empty_store``), counted and shown in ``/readyz``.
 
 The schema fingerprint in every key means a bundle trained on a different schema can never read
@@ -37,6 +37,7 @@ About ``4 * (n + Cu + Cn)`` bytes, e.g. 224 bytes for a 50-long history and 6 pr
 from __future__ import annotations
 
 import asyncio
+import enum
 import hashlib
 import json
 import logging
@@ -44,7 +45,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 
@@ -64,16 +65,29 @@ class FeatureFormatError(ValueError):
     """A stored feature value does not decode under the expected schema."""
 
 
+class FeatureSource(enum.StrEnum):
+    """Which store a service reads user features from; its value is what /readyz, /v1/info and the
+    ``feature_source`` of an answer say (a StrEnum: it compares, formats and serialises as that string)."""
+
+    REDIS = "redis"
+    EMBEDDED = "embedded"  # a dataset directory held in memory
+    NONE = "none"  # no store configured: every user is a cold start
+
+
+# Why a Redis read was degraded: "timeout" (slow), "connection"/"redis" (down), "skipped" (breaker
+# open), "decode" (a value that does not fit the schema), "empty_store" (no sentinel: Redis empty or
+# not the one features were loaded into). Also the label of unimatch_redis_failures_total.
+StoreError = Literal["timeout", "connection", "redis", "skipped", "decode", "empty_store"]
+
+
 @dataclass(frozen=True)
 class Lookup:
     """Outcome of one feature read: ``features`` None means cold start (unknown user or fallback)."""
 
     features: UserFeatures | None
-    source: str  # "redis" | "embedded"
+    source: FeatureSource
     degraded: bool = False  # the store failed; cold-start features used instead
-    # kind of failure when degraded: "timeout" (slow), "connection"/"redis" (down), "skipped" (breaker
-    # open), "decode", "empty_store" (no sentinel: Redis empty or not the one features were loaded into)
-    error: str | None = None
+    error: StoreError | None = None  # why, when degraded
     seconds: float = 0.0  # time spent in the store
 
 
@@ -149,7 +163,7 @@ def decode_user(value: bytes, schema: FeatureSchema) -> UserFeatures:
 class FeatureStore(Protocol):
     """What the request path needs; both stores implement it."""
 
-    kind: str
+    kind: FeatureSource
 
     async def get(self, user_id: str, schema: FeatureSchema) -> Lookup: ...
 
@@ -176,13 +190,14 @@ class RedisFeatureStore:
     retry_interval_s: float = 1.0
     # Called with (outcome, seconds) after every Redis call: metrics live in service.metrics.
     on_result: OnRedisResult | None = None
-    kind: str = "redis"
+    kind: FeatureSource = FeatureSource.REDIS
     # Consecutive timeouts before the breaker opens: one slow answer on a CPU-starved host is not an
-    # outage (issue 20: each lone 50 ms timeout skipped Redis for a second). Connection errors trip at once.
+    # outage (tripping on every lone 50 ms timeout skipped Redis for a whole second each time).
+    # Connection errors trip at once.
     slow_trip_after: int = 3
     _client: redis.asyncio.Redis | None = field(default=None, init=False, repr=False)
     _skip_until: float = field(default=0.0, init=False, repr=False)
-    _last_error: str | None = field(default=None, init=False, repr=False)
+    _last_error: StoreError | None = field(default=None, init=False, repr=False)
     _timeouts: int = field(default=0, init=False, repr=False)
     # schema fingerprint -> (legacy meta present, checked at): loads older than the sentinel have meta only
     _legacy: dict[str, tuple[bool, float]] = field(default_factory=dict, init=False, repr=False)
@@ -213,7 +228,7 @@ class RedisFeatureStore:
         if self.on_result is not None:
             self.on_result(outcome, seconds)
 
-    async def _call(self, coro_factory: Callable[[], Any]) -> tuple[Any, str | None, float]:
+    async def _call(self, coro_factory: Callable[[], Any]) -> tuple[Any, StoreError | None, float]:
         """Run one Redis command with the circuit breaker: returns (result, error kind or None, seconds)."""
         import redis.exceptions as rexc
 
@@ -221,7 +236,7 @@ class RedisFeatureStore:
         if now < self._skip_until:
             return None, "skipped", 0.0
         t0 = time.perf_counter()
-        err: str | None = None
+        err: StoreError | None = None
         for attempt in (0, 1):
             try:
                 # wait_for bounds the whole call (pool wait + connect + read) even if a socket option is missed.
@@ -231,8 +246,8 @@ class RedisFeatureStore:
             except (rexc.ConnectionError, OSError):
                 err = "connection"
                 # After a Redis restart every pooled socket is dead and fails once: drop them all now,
-                # and retry once on a fresh connection if time is left (issue 20: two more bursts of
-                # degraded answers came from stale connections after Redis was back).
+                # and retry once on a fresh connection if time is left (without it, stale connections
+                # gave two more bursts of degraded answers after Redis was back).
                 await self._drop_connections()
                 if attempt == 0 and time.perf_counter() - t0 < self.timeout_s:
                     continue
@@ -301,7 +316,7 @@ class RedisFeatureStore:
             self._legacy[fp] = (present, now)
         return present
 
-    def _lookup(self, value: bytes | None, err: str | None, dt: float, schema: FeatureSchema) -> Lookup:
+    def _lookup(self, value: bytes | None, err: StoreError | None, dt: float, schema: FeatureSchema) -> Lookup:
         if err is not None:
             return Lookup(None, self.kind, degraded=True, error=err, seconds=dt)
         if value is None:
@@ -363,7 +378,7 @@ class RedisFeatureStore:
 class EmbeddedFeatureStore:
     """Features of every user of a dataset on disk, held in memory: the no-server quick start."""
 
-    kind = "embedded"
+    kind = FeatureSource.EMBEDDED
 
     def __init__(self, data: Path) -> None:
         from contracts.dataset import load_dataset, serving_sequences
@@ -489,7 +504,7 @@ def load_features(
 class NullFeatureStore:
     """No Redis and no dataset configured: every user is served on the cold-start path (logged at start)."""
 
-    kind = "none"
+    kind = FeatureSource.NONE
 
     async def get(self, user_id: str, schema: FeatureSchema) -> Lookup:
         return Lookup(None, self.kind)

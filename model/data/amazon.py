@@ -33,6 +33,10 @@ from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
 from model.data.mapping import train_log_popularity
 from model.data.split import leave_last_out
 
+# The environment variable that, when set, is the default of ``--source-dir`` (read only in
+# default_shared_data_dir): machines that keep the real data elsewhere set it once.
+SHARED_DATA_ENV = "UNIMATCH_SHARED_DATA"
+
 
 @dataclass(frozen=True)
 class AmazonPair:
@@ -49,8 +53,12 @@ PAIRS: dict[str, AmazonPair] = {
 
 
 def default_shared_data_dir() -> Path:
-    """The shared data directory: ``$UNIMATCH_SHARED_DATA`` or ``../shared/data`` beside the repo root."""
-    env = os.environ.get("UNIMATCH_SHARED_DATA", "").strip()
+    """The default of ``unimatch data import --source-dir`` for amazon-cdr.
+
+    ``$UNIMATCH_SHARED_DATA`` when set, else a ``shared/data`` folder next to the repository checkout
+    (where the team's machines keep the real catalogues).
+    """
+    env = os.environ.get(SHARED_DATA_ENV, "").strip()
     if env:
         return Path(env)
     repo_root = Path(__file__).resolve().parents[2]
@@ -64,7 +72,7 @@ def _pair_root(source_dir: Path, pair: AmazonPair) -> Path:
             return root
     raise FileNotFoundError(
         f"{source_dir}: no amazon-cdr folders {list(pair.folders)} found (looked in {source_dir / 'amazon-cdr'} "
-        f"and {source_dir}); pass --source-dir or set UNIMATCH_SHARED_DATA"
+        f"and {source_dir}); pass --source-dir or set {SHARED_DATA_ENV}"
     )
 
 

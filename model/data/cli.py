@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
+from typing import get_args
 
+from model.data import ImportSource, SynthPreset
 from unimatch.cli import CommandRegistry
 
 GROUP_HELP = "create, import and inspect datasets in the unified entity space"
-IMPORT_SOURCES = ("amazon-phone-electronic", "amazon-sport-cloth", "movielens-100k", "movielens-1m")
+IMPORT_SOURCES: tuple[str, ...] = get_args(ImportSource)
 
 
 def register(cli: CommandRegistry) -> None:
@@ -28,7 +30,7 @@ def register(cli: CommandRegistry) -> None:
         help="dataset directory to write (atomically); must be missing, empty, or (with --force) an earlier dataset",
     )
     p.add_argument("--force", action="store_true", help="replace an existing dataset in --out (never a foreign directory)")
-    p.add_argument("--preset", choices=["tiny", "small", "100k", "1m"], default="small", help="dataset size")
+    p.add_argument("--preset", choices=list(get_args(SynthPreset)), default="small", help="dataset size")
     p.add_argument("--seed", type=int, default=0, help="random seed; same seed and preset give the same dataset")
     p.add_argument("--domains", type=int, default=None, help="number of domains (default: the preset's, 4)")
 
@@ -59,8 +61,8 @@ def register(cli: CommandRegistry) -> None:
         "--source-dir",
         type=Path,
         default=None,
-        help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA or ../shared/data "
-        "beside the repo); movielens: a folder with ml-100k.inter/.user/.item (ml-1m.* for movielens-1m; default: download into --cache-dir)",
+        help="amazon: the shared data folder holding amazon-cdr/ (default: $UNIMATCH_SHARED_DATA, else shared/data "
+        "next to the repository checkout); movielens: a folder with ml-100k.inter/.user/.item (ml-1m.* for movielens-1m; default: download into --cache-dir)",
     )
     p.add_argument(
         "--cache-dir", type=Path, default=None, help="movielens download cache (default: ~/.cache/unimatch/movielens)"

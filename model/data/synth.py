@@ -28,6 +28,7 @@ import numpy as np
 
 from contracts.dataset import Entities, Interactions, Users, write_dataset
 from contracts.schema import CategoricalFeature, FeatureSchema, NumericFeature
+from model.data import SynthPreset
 from model.data.split import leave_last_out
 
 
@@ -67,7 +68,7 @@ class SynthConfig:
         return [f"domain_{k}" for k in range(self.num_domains)]
 
 
-PRESETS: dict[str, SynthConfig] = {
+PRESETS: dict[SynthPreset, SynthConfig] = {
     # seconds; for unit tests
     "tiny": SynthConfig(num_users=300, num_entities=2_000, num_interactions=15_000),
     # about a minute end to end; for the demo
@@ -125,23 +126,49 @@ def _type_counts(cfg: SynthConfig) -> np.ndarray:
     return counts
 
 
-def generate(
-    cfg: SynthConfig, out: Path, *, progress: Callable[[int, int], None] | None = None
-) -> Path:
-    """Generate the dataset described by ``cfg`` and write it atomically to ``out``.
+@dataclass(frozen=True)
+class _Catalogue:
+    """The entity side of the generating process: types, clusters, latents and popularity."""
 
-    Args:
-        cfg: sizes, knobs and seed.
-        out: destination dataset directory (replaced atomically if it exists).
-        progress: optional callback ``(users_done, users_total)`` for a progress bar.
-    """
-    if cfg.num_users < 1 or cfg.num_entities < len(cfg.entity_types) or cfg.num_interactions < cfg.num_users:
-        raise ValueError("need >= 1 user, >= 1 entity per type and >= 1 interaction per user")
-    rng = np.random.default_rng(cfg.seed)
-    d, K, n_ent, n_users = cfg.latent_dim, cfg.num_domains, cfg.num_entities, cfg.num_users
-    n_types = len(cfg.entity_types)
+    entity_type: np.ndarray  # (E,) int16
+    entity_cluster: np.ndarray  # (E,) int64, clusters are type-homogeneous
+    cluster_type: np.ndarray  # (C,) entity type of each cluster
+    centroids: np.ndarray  # (C, d) float32
+    latent: np.ndarray  # (E, d) float32: centroid + noise
+    log_pop: np.ndarray  # (E,) float64, log-normal popularity's log
+    # Sampling an entity within a cluster by popularity: entities grouped by cluster, one global cumsum.
+    by_cluster: np.ndarray  # (E,) entity rows sorted by cluster
+    cum: np.ndarray  # (E,) cumulative popularity in by_cluster order
+    cl_begin: np.ndarray  # (C,) first position of each cluster in by_cluster
+    cl_end: np.ndarray  # (C,) one past its last position
+    cum_lo: np.ndarray  # (C,) cum just before the cluster
+    cum_hi: np.ndarray  # (C,) cum at the cluster's last entity
 
-    # ---- entities: types, clusters, latents, popularity --------------------------------------
+    @property
+    def num_clusters(self) -> int:
+        return int(self.centroids.shape[0])
+
+
+@dataclass(frozen=True)
+class _DomainTaste:
+    """Per domain: its share of the interactions, its preference rotation R_k and its cluster bias."""
+
+    shares: np.ndarray  # (K,) float64, sums to 1
+    rotations: np.ndarray  # (K, d, d) float32
+    cluster_bias: np.ndarray  # (K, C) float32
+
+
+@dataclass(frozen=True)
+class _Population:
+    """The users: shared latent preference z_u and the number of interactions of each."""
+
+    z: np.ndarray  # (U, d) float32
+    per_user: np.ndarray  # (U,) int64, sums to cfg.num_interactions
+
+
+def _catalogue(cfg: SynthConfig, rng: np.random.Generator) -> _Catalogue:
+    """Entity types with Table II's skew, type-homogeneous clusters, latents and popularity."""
+    d, n_ent, n_types = cfg.latent_dim, cfg.num_entities, len(cfg.entity_types)
     type_counts = _type_counts(cfg)
     n_clusters = int(np.clip(n_ent // cfg.entities_per_cluster, cfg.min_clusters, cfg.max_clusters))
     n_clusters = max(n_clusters, n_types)
@@ -160,11 +187,10 @@ def generate(
         start += n_t
         cl_start += c_t
     centroids = rng.standard_normal((n_clusters, d)).astype(np.float32) / np.sqrt(d)
-    ent_latent = centroids[entity_cluster] + 0.3 * rng.standard_normal((n_ent, d)).astype(np.float32) / np.sqrt(d)
+    latent = centroids[entity_cluster] + 0.3 * rng.standard_normal((n_ent, d)).astype(np.float32) / np.sqrt(d)
     log_pop = rng.normal(0.0, 1.0, n_ent)
     pop = np.exp(log_pop)
 
-    # sampling an entity within a cluster by popularity: entities grouped by cluster, global cumsum
     by_cluster = np.argsort(entity_cluster, kind="stable")
     cum = np.cumsum(pop[by_cluster])
     cl_sizes = np.bincount(entity_cluster, minlength=n_clusters)
@@ -172,19 +198,41 @@ def generate(
     cl_begin = cl_end - cl_sizes
     cum_lo = np.where(cl_begin > 0, cum[np.maximum(cl_begin - 1, 0)], 0.0)
     cum_hi = cum[cl_end - 1]
-
-    # ---- domains ---------------------------------------------------------------------------
-    dom_shares = np.resize(np.asarray(cfg.domain_shares, dtype=np.float64), K)
-    dom_shares /= dom_shares.sum()
-    rotations = np.stack([np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(K)]).astype(np.float32)
-    type_affinity = rng.normal(0.0, 0.7, (K, n_types)).astype(np.float32)  # per-domain taste for types
-    cluster_bias = type_affinity[:, cluster_type] + 0.3 * rng.standard_normal((K, n_clusters)).astype(np.float32)
-    # popular clusters are popular everywhere: log of the cluster's total popularity
-    cluster_bias += 0.5 * np.log(np.maximum(cum_hi - cum_lo, 1e-9)).astype(np.float32)[None, :] / max(
-        1.0, float(np.log(max(n_ent / n_clusters, 2.0)))
+    return _Catalogue(
+        entity_type=entity_type,
+        entity_cluster=entity_cluster,
+        cluster_type=cluster_type,
+        centroids=centroids,
+        latent=latent,
+        log_pop=log_pop,
+        by_cluster=by_cluster,
+        cum=cum,
+        cl_begin=cl_begin,
+        cl_end=cl_end,
+        cum_lo=cum_lo,
+        cum_hi=cum_hi,
     )
 
-    # ---- users -------------------------------------------------------------------------------
+
+def _domain_taste(cfg: SynthConfig, rng: np.random.Generator, cat: _Catalogue) -> _DomainTaste:
+    """Table II's domain sizes, a random rotation per domain, and each domain's taste for clusters."""
+    d, K, n_types = cfg.latent_dim, cfg.num_domains, len(cfg.entity_types)
+    n_clusters = cat.num_clusters
+    shares = np.resize(np.asarray(cfg.domain_shares, dtype=np.float64), K)
+    shares /= shares.sum()
+    rotations = np.stack([np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(K)]).astype(np.float32)
+    type_affinity = rng.normal(0.0, 0.7, (K, n_types)).astype(np.float32)  # per-domain taste for types
+    cluster_bias = type_affinity[:, cat.cluster_type] + 0.3 * rng.standard_normal((K, n_clusters)).astype(np.float32)
+    # popular clusters are popular everywhere: log of the cluster's total popularity
+    cluster_bias += 0.5 * np.log(np.maximum(cat.cum_hi - cat.cum_lo, 1e-9)).astype(np.float32)[None, :] / max(
+        1.0, float(np.log(max(cfg.num_entities / n_clusters, 2.0)))
+    )
+    return _DomainTaste(shares=shares, rotations=rotations, cluster_bias=cluster_bias)
+
+
+def _population(cfg: SynthConfig, rng: np.random.Generator) -> _Population:
+    """User latents and log-normal activity, turned into exactly ``cfg.num_interactions`` interactions."""
+    d, n_users = cfg.latent_dim, cfg.num_users
     z = rng.standard_normal((n_users, d)).astype(np.float32) / np.sqrt(d) * 3.0
     activity = rng.lognormal(0.0, 0.8, n_users)
     per_user = np.maximum(1, np.floor(activity / activity.sum() * cfg.num_interactions)).astype(np.int64)
@@ -194,18 +242,29 @@ def generate(
     elif deficit < 0:  # only from the floor of 1; trim from the most active users
         for u in np.argsort(-per_user)[: -deficit]:
             per_user[u] -= 1
-    n_int = int(per_user.sum())
+    return _Population(z=z, per_user=per_user)
 
-    inter_user = np.repeat(np.arange(n_users, dtype=np.int32), per_user)
-    inter_domain = rng.choice(K, size=n_int, p=dom_shares).astype(np.int16)
+
+def _preferred_clusters(
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+    cat: _Catalogue,
+    taste: _DomainTaste,
+    people: _Population,
+    inter_user: np.ndarray,
+    inter_domain: np.ndarray,
+    user_first: np.ndarray,
+    progress: Callable[[int, int], None] | None,
+) -> np.ndarray:
+    """(N,) cluster of each interaction from softmax(pref . centroid / tau + bias), chunked by users."""
+    K, n_users, n_clusters = cfg.num_domains, cfg.num_users, cat.num_clusters
+    n_int = inter_user.shape[0]
     inter_cluster = np.empty(n_int, dtype=np.int64)
-    user_first = np.r_[0, np.cumsum(per_user)[:-1]]
-
     for lo in range(0, n_users, cfg.user_chunk):
         hi = min(lo + cfg.user_chunk, n_users)
-        zc = z[lo:hi]  # (b, d)
-        pref = zc[:, None, :] + cfg.domain_specific_strength * np.einsum("bd,kde->bke", zc, rotations)  # (b, K, d)
-        logits = pref @ centroids.T / cfg.temperature + cluster_bias[None, :, :]  # (b, K, C)
+        zc = people.z[lo:hi]  # (b, d)
+        pref = zc[:, None, :] + cfg.domain_specific_strength * np.einsum("bd,kde->bke", zc, taste.rotations)  # (b, K, d)
+        logits = pref @ cat.centroids.T / cfg.temperature + taste.cluster_bias[None, :, :]  # (b, K, C)
         logits -= logits.max(axis=2, keepdims=True)
         probs = np.exp(logits)
         cdf = np.cumsum(probs, axis=2)
@@ -218,6 +277,24 @@ def generate(
         inter_cluster[r0:r1] = np.minimum(pos - rows * n_clusters, n_clusters - 1)
         if progress is not None:
             progress(hi, n_users)
+    return inter_cluster
+
+
+def _interactions(
+    cfg: SynthConfig,
+    rng: np.random.Generator,
+    cat: _Catalogue,
+    taste: _DomainTaste,
+    people: _Population,
+    progress: Callable[[int, int], None] | None,
+) -> Interactions:
+    """The behaviour log: domain, cluster (with sessions), entity by popularity, time and split."""
+    K, n_users, per_user = cfg.num_domains, cfg.num_users, people.per_user
+    n_int = int(per_user.sum())
+    inter_user = np.repeat(np.arange(n_users, dtype=np.int32), per_user)
+    inter_domain = rng.choice(K, size=n_int, p=taste.shares).astype(np.int16)
+    user_first = np.r_[0, np.cumsum(per_user)[:-1]]
+    inter_cluster = _preferred_clusters(cfg, rng, cat, taste, people, inter_user, inter_domain, user_first, progress)
 
     # sessions: with prob `repeat` stay in the previous interaction's cluster (forward fill)
     fresh = rng.random(n_int) >= cfg.repeat
@@ -227,10 +304,10 @@ def generate(
 
     # entity inside the cluster by popularity (inverse CDF on the cluster's slice of the cumsum)
     u01 = rng.random(n_int)
-    target = cum_lo[inter_cluster] + u01 * (cum_hi[inter_cluster] - cum_lo[inter_cluster])
-    pos = np.searchsorted(cum, target, side="left")
-    pos = np.clip(pos, cl_begin[inter_cluster], cl_end[inter_cluster] - 1)
-    inter_entity = by_cluster[pos].astype(np.int32)
+    target = cat.cum_lo[inter_cluster] + u01 * (cat.cum_hi[inter_cluster] - cat.cum_lo[inter_cluster])
+    pos = np.searchsorted(cat.cum, target, side="left")
+    pos = np.clip(pos, cat.cl_begin[inter_cluster], cat.cl_end[inter_cluster] - 1)
+    inter_entity = cat.by_cluster[pos].astype(np.int32)
 
     # timestamps: per user increasing, exponential gaps from a random start (seconds)
     gaps = rng.exponential(3600.0, n_int)
@@ -238,9 +315,12 @@ def generate(
     ts -= np.repeat(ts[user_first] - rng.uniform(0, 86400 * 30, n_users), per_user)
     timestamp = (1_700_000_000 + ts).astype(np.int64)
     split = leave_last_out(inter_user, inter_domain, timestamp, num_domains=K)
+    return Interactions(user=inter_user, entity=inter_entity, domain=inter_domain, timestamp=timestamp, split=split)
 
-    # ---- features ----------------------------------------------------------------------------
-    schema = synth_schema(cfg, n_clusters)
+
+def _users(cfg: SynthConfig, rng: np.random.Generator, people: _Population) -> Users:
+    """User ids and profile features (age, gender from z_u; city; activity; tenure), 10% of codes missing."""
+    z, per_user, n_users = people.z, people.per_user, cfg.num_users
     age = 1 + np.digitize(z[:, 0] + 0.3 * rng.standard_normal(n_users), np.quantile(z[:, 0], [1 / 6, 2 / 6, 3 / 6, 4 / 6, 5 / 6]))
     gender = 1 + (z[:, 1] + 0.5 * rng.standard_normal(n_users) > 0)
     city = 1 + rng.integers(0, 5, n_users)
@@ -250,8 +330,15 @@ def generate(
     user_num = np.stack(
         [(act - act.mean()) / (act.std() + 1e-9), rng.standard_normal(n_users)], axis=1
     ).astype(np.float32)
+    user_ids = np.char.add("u", np.char.zfill(np.arange(n_users).astype(str), len(str(n_users))))
+    return Users(external_id=user_ids, cat=user_cat, num=user_num)
 
-    price_raw = ent_latent[:, 2] * 2.0 + 0.5 * rng.standard_normal(n_ent)
+
+def _entities(cfg: SynthConfig, rng: np.random.Generator, cat: _Catalogue) -> Entities:
+    """Entity ids ("item-0042") and features; the type-specific ones are 0 on the other types."""
+    n_ent, n_types, K = cfg.num_entities, len(cfg.entity_types), cfg.num_domains
+    entity_type, entity_cluster, log_pop = cat.entity_type, cat.entity_cluster, cat.log_pop
+    price_raw = cat.latent[:, 2] * 2.0 + 0.5 * rng.standard_normal(n_ent)
     price_level = 1 + np.digitize(price_raw, np.quantile(price_raw, np.linspace(0.1, 0.9, 9)))
     brand = 1 + entity_cluster * 4 + rng.integers(0, 4, n_ent)
     last_type = n_types - 1
@@ -267,26 +354,47 @@ def generate(
     type_names = np.asarray(cfg.entity_types)
     width = len(str(n_ent))
     ent_ids = np.char.add(np.char.add(type_names[entity_type], "-"), np.char.zfill(np.arange(n_ent).astype(str), width))
-    user_ids = np.char.add("u", np.char.zfill(np.arange(n_users).astype(str), len(str(n_users))))
     all_domains = np.uint64((1 << K) - 1) if K < 64 else np.uint64(np.iinfo(np.uint64).max)
+    return Entities(
+        external_id=ent_ids,
+        entity_type=entity_type,
+        cat=ent_cat,
+        num=ent_num,
+        domain_mask=np.full(n_ent, all_domains, dtype=np.uint64),
+    )
 
+
+def generate(
+    cfg: SynthConfig, out: Path, *, progress: Callable[[int, int], None] | None = None
+) -> Path:
+    """Generate the dataset described by ``cfg`` and write it atomically to ``out``.
+
+    The steps draw from one random generator in a fixed order (catalogue, domains, users,
+    interactions, user features, entity features), so a seed gives the same bytes.
+
+    Args:
+        cfg: sizes, knobs and seed.
+        out: destination dataset directory (replaced atomically if it exists).
+        progress: optional callback ``(users_done, users_total)`` for a progress bar.
+    """
+    if cfg.num_users < 1 or cfg.num_entities < len(cfg.entity_types) or cfg.num_interactions < cfg.num_users:
+        raise ValueError("need >= 1 user, >= 1 entity per type and >= 1 interaction per user")
+    rng = np.random.default_rng(cfg.seed)
+    cat = _catalogue(cfg, rng)
+    taste = _domain_taste(cfg, rng, cat)
+    people = _population(cfg, rng)
+    interactions = _interactions(cfg, rng, cat, taste, people, progress)
+    users = _users(cfg, rng, people)
+    entities = _entities(cfg, rng, cat)
     return write_dataset(
         out,
-        schema=schema,
-        users=Users(external_id=user_ids, cat=user_cat, num=user_num),
-        entities=Entities(
-            external_id=ent_ids,
-            entity_type=entity_type,
-            cat=ent_cat,
-            num=ent_num,
-            domain_mask=np.full(n_ent, all_domains, dtype=np.uint64),
-        ),
-        interactions=Interactions(
-            user=inter_user, entity=inter_entity, domain=inter_domain, timestamp=timestamp, split=split
-        ),
+        schema=synth_schema(cfg, cat.num_clusters),
+        users=users,
+        entities=entities,
+        interactions=interactions,
         meta={
             "source": "synthetic",
             "generator": {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.__dict__.items()},
-            "num_clusters": n_clusters,
+            "num_clusters": cat.num_clusters,
         },
     )

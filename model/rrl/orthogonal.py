@@ -7,7 +7,7 @@ identity (e.g. E_s = E_d = sqrt(n_k) Q with Q's columns orthonormal), and it equ
 representations are mutually orthogonal (E_s^T E_d = 0). The text's stated intent, "E_s and E_d
 orthogonal to each other", is the soft orthogonality ||E_s^T E_d||_F^2 of domain separation networks
 (Bousmalis et al. 2016), which is zero exactly for mutually orthogonal inputs. Both are offered:
-``mode="paper"`` (default, faithful to the equation) and ``mode="difference"``.
+``OrthoMode.PAPER`` (default, faithful to the equation) and ``OrthoMode.DIFFERENCE``.
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from model.config import OrthoMode
+
 
 class OrthogonalityLoss(nn.Module):
     """Inputs: E_s (N, h), E_d (N, h), domain (N,). Output: scalar sum over domains of Eq. 24."""
 
-    def __init__(self, num_domains: int, mode: str = "paper") -> None:
+    def __init__(self, num_domains: int, mode: OrthoMode | str = OrthoMode.PAPER) -> None:
         super().__init__()
-        if mode not in ("paper", "difference"):
-            raise ValueError(f"orthogonality mode must be 'paper' or 'difference', got {mode!r}")
+        try:
+            self.mode = OrthoMode(mode)
+        except ValueError:
+            raise ValueError(f"orthogonality mode must be 'paper' or 'difference', got {mode!r}") from None
         self.num_domains = num_domains
-        self.mode = mode
 
     def forward(self, e_s: Tensor, e_d: Tensor, domain: Tensor) -> Tensor:
         h = e_s.shape[-1]
@@ -38,7 +41,7 @@ class OrthogonalityLoss(nn.Module):
             # the same for any batch size; the raw sum of Eq. 24 grows with n_k^2 and, in a first Adam
             # step, drove every ReLU of the experts dead on the tiny preset (CE stopped moving)
             cross = e_s[sel].t() @ e_d[sel] / sel.sum()  # (h, h)
-            if self.mode == "paper":
+            if self.mode is OrthoMode.PAPER:
                 cross = cross - eye
             total = total + (cross**2).sum()
         return total

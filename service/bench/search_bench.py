@@ -232,7 +232,7 @@ def _eval_k(engine: MatchEngine, q: Queries, k: int, exhaustive_top: list[np.nda
         "latency_ms_p99": _pct(lat, 99),
         "latency_ms_mean": float(np.mean(lat)),
         "scorer_time_share": float(np.sum(scorer_ms) / np.sum(total_ms)),
-        # Issue 5's overhead: everything outside onnxruntime (gathers, visited set, top-n, Python). The
+        # The search's own overhead: everything outside onnxruntime (gathers, visited set, top-n, Python). The
         # user encoder is the model's user-side onnxruntime call, so it counts as model time, not overhead.
         "outside_ort_share": float((np.sum(total_ms) - np.sum(scorer_ms) - np.sum(enc)) / np.sum(total_ms)),
         "gather_share": float(np.sum(gather_ms) / np.sum(total_ms)),

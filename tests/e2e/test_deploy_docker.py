@@ -1,4 +1,4 @@
-"""Dockerfile, .dockerignore and docker-compose.yml, proven without a Docker engine (issue 7).
+"""Dockerfile, .dockerignore and docker-compose.yml, proven without a Docker engine (none on these machines).
 
 hadolint lints the Dockerfile; the compose file is validated against the Compose specification's JSON
 schema (the copy check-jsonschema vendors as ``vendor.compose-spec``, from
@@ -214,7 +214,7 @@ def test_grafana_dashboard_and_prometheus_config() -> None:
     for base in ("unimatch_request_duration_seconds", "unimatch_errors_total", "unimatch_redis_duration_seconds"):
         assert any(m.startswith(base) for m in metrics), base
     # every family the dashboard queries is one service/metrics.py declares
-    declared = declared_metrics()  # service/metrics.py, plus issue 18's coverage metrics until they land
+    declared = declared_metrics()
     families = {re.sub(r"_(bucket|sum|count)$", "", m) if m not in declared else m for m in metrics}
     assert families <= declared, f"dashboard queries metrics the service does not export: {families - declared}"
     ids = [p["id"] for p in dash["panels"]]

@@ -1,7 +1,7 @@
 """The shell scripts of the index-build Job and the PyTorchJob, run for real with fake `unimatch` /
 `torchrun` on PATH and the volume paths moved under ``tmp_path``.
 
-They own the two properties an SRE reading found missing (issue 21): every training job writes a new
+They own the two properties an SRE's review found missing: every training job writes a new
 run directory and never "resumes" a finished one, and a bundle is published by one rename of a symlink
 (no moment without ``/bundles/current``), keeping the versions pods may still map.
 """

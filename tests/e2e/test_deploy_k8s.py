@@ -1,4 +1,4 @@
-"""Kubernetes manifests of k8s/, validated offline (issue 7).
+"""Kubernetes manifests of k8s/, validated offline (no cluster on these machines).
 
 Every kustomization (overlays cpu and gpu, the Jobs, the training job) is rendered by the small
 renderer of ``kustomize_lite`` (cross-checked against ``kubectl kustomize`` where kubectl exists) and

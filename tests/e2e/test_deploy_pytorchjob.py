@@ -1,4 +1,4 @@
-"""The PyTorchJob's container command, run the way the Kubeflow training operator runs it (issue 7).
+"""The PyTorchJob's container command, run the way the Kubeflow training operator runs it (no cluster here).
 
 Two local "nodes": two ``torchrun`` processes with the PET_* variables the operator injects
 (PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, PET_MASTER_PORT) and the manifest's own command and

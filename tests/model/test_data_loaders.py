@@ -164,7 +164,7 @@ REAL = default_shared_data_dir() / "amazon-cdr"
 def test_amazon_real_phone_electronic(tmp_path: Path) -> None:
     ds = load_dataset(import_amazon("amazon-phone-electronic", tmp_path / "amz"))
     it = ds.interactions
-    # the counts of ../shared/data/README.md: 3,325 shared users, 17,709 + 38,706 items
+    # the counts the data's own README gives: 3,325 shared users, 17,709 + 38,706 items
     assert len(ds.users) == 3325 and len(ds.entities) == 17_709 + 38_706
     assert int((it.split != TEST).sum()) == 50_407 + 115_554
     assert int((it.split == TEST).sum()) == 2_559 + 2_560

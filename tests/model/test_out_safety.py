@@ -1,4 +1,4 @@
-"""`--out` never deletes what unimatch did not write (issue 20: a user's file was deleted by `data synth`).
+"""`--out` never deletes what unimatch did not write (`data synth` once deleted a user's file given as --out).
 
 A missing or empty directory is written; an earlier output of ours (its manifest is there) is replaced
 only with ``--force``; a directory with any other files is refused, ``--force`` or not, before any work.

@@ -106,3 +106,45 @@ def test_docs_list_every_setting_and_metric() -> None:
     names = [m._name + ("_total" if m._type == "counter" else "") for m in vars(metrics).values() if isinstance(m, MetricWrapperBase)]
     assert len(names) >= 10
     assert not [n for n in names if f"`{n}`" not in doc], names
+
+
+def test_empty_path_settings_are_unset(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("UNIMATCH_BUNDLE", "UNIMATCH_DATA", "UNIMATCH_CONTROL_DIR"):
+        monkeypatch.setenv(name, "")
+    s = Settings()
+    assert s.bundle is None and s.data is None and s.control_dir is None  # not Path("") == the cwd
+
+
+def test_serve_takes_its_bundle_from_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from unimatch.cli import main
+
+    monkeypatch.setenv("UNIMATCH_BUNDLE", "")
+    assert main(["serve", "--port", "9"]) == 2
+    assert "no bundle: pass --bundle BUNDLE or set UNIMATCH_BUNDLE" in capsys.readouterr().err
+    monkeypatch.setenv("UNIMATCH_BUNDLE", str(tmp_path / "nowhere"))
+    assert main(["serve", "--port", "9"]) == 2
+    assert f"{tmp_path / 'nowhere'}: not a bundle (no manifest.json)" in capsys.readouterr().err
+    monkeypatch.setenv("UNIMATCH_MAX_K", "0")  # one invalid setting: refused before anything starts
+    assert main(["serve", "--bundle", str(tmp_path), "--port", "9"]) == 2
+    assert "invalid UNIMATCH_* setting" in capsys.readouterr().err
+
+
+def test_features_load_reads_redis_url_and_prefix_through_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from model.data.synth import generate, preset
+    from unimatch.cli import main
+
+    data = generate(preset("tiny"), tmp_path / "data")
+    monkeypatch.setenv("UNIMATCH_REDIS_URL", "redis://:secret@127.0.0.1:1/0")  # nothing listens on port 1
+    assert main(["features", "load", "--data", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot reach Redis at redis://***@127.0.0.1:1/0" in err and "secret" not in err
+    # the flag wins over the setting
+    assert main(["features", "load", "--data", str(data), "--redis-url", "redis://127.0.0.1:2/0"]) == 2
+    assert "cannot reach Redis at redis://127.0.0.1:2/0" in capsys.readouterr().err
+    monkeypatch.setenv("UNIMATCH_REDIS_KEY_PREFIX", "x" * 65)  # over the setting's 64-character limit
+    assert main(["features", "load", "--data", str(data)]) == 2
+    assert "invalid UNIMATCH_* setting" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """A corrupted bundle is refused at load, at reload (the old one keeps serving), by `serve` and by `index build`.
 
 Each corruption keeps the manifest's checksums consistent (they are recomputed), as a bad build or a
-hand edit would: the structure checks must catch what the checksums cannot (issue 20).
+hand edit would: the structure checks must catch what the checksums cannot.
 """
 
 from __future__ import annotations

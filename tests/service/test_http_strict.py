@@ -1,4 +1,4 @@
-"""HTTP strictness (issue 20): strict request types, 422s in the documented ErrorResponse shape, an
+"""HTTP strictness: strict request types, 422s in the documented ErrorResponse shape, an
 OpenAPI document that says what the service answers, no paths or hosts in /v1/info without the admin
 token, and the slow-client guards (header timeout, connection cap, body timeout)."""
 

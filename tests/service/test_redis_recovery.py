@@ -1,4 +1,4 @@
-"""Redis recovery (issue 20): stale connections after a restart, an empty or foreign Redis, slow vs down.
+"""Redis recovery: stale connections after a restart, an empty or foreign Redis, slow vs down.
 
 The breaker and retry logic is driven with a fake client (deterministic); the restart and the empty
 Redis use the machine's real Redis (through the test proxy, a fresh key prefix each).
