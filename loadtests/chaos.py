@@ -522,10 +522,13 @@ def main(argv: list[str] | None = None) -> int:
     if not 0.5 <= args.seconds <= 120:
         print("chaos: --seconds must be in 0.5..120", file=sys.stderr)
         return 2
-    for path, what in ((args.bundle / "manifest.json", "bundle"), (args.data / "dataset.json", "dataset")):
-        if not path.is_file():
-            print(f"chaos: {path.parent} is not a {what}", file=sys.stderr)
-            return 2
+    from loadtests.inputs import check_bundle_and_data
+
+    try:  # before Redis and the service start: a bad input is one line, not a service that "did not start"
+        check_bundle_and_data(args.bundle, args.data, require_graph=True)
+    except ValueError as exc:
+        print(f"chaos: error: {exc}", file=sys.stderr)
+        return 2
     def _terminate(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt  # runs the finally blocks: the service and Redis are stopped
 

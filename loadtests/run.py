@@ -396,6 +396,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--bundle and --data go together (the engine-alone run needs both)")
     if args.step_seconds <= args.warmup:
         raise ValueError("--step-seconds must exceed --warmup")
+    if args.bundle is not None:  # before the service is loaded or anything is written
+        from loadtests.inputs import check_bundle_and_data
+
+        check_bundle_and_data(args.bundle, args.data)
     raw = args.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     users_file = args.users_file
