@@ -70,6 +70,7 @@ class Prepared:
     entity_types: list[int] | None
     deadline: float  # time.monotonic() by which the search must stop
     probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
+    admitted: float = 0.0  # time.monotonic() when admission let it in (0: not through admission)
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -168,6 +169,9 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     """Encode + search in the scoring pool, then build the response and record metrics."""
     features, unknown_ids = user_features(prep, lookup, serving)
     engine = serving.engine
+    # The answer is done when the event loop has resumed this request, not when the search returns:
+    # the search stops early enough to leave the usual hand-back time inside the deadline.
+    search_deadline = prep.deadline - state.admission.reserve_s(prep.deadline - arrived)
 
     def _search() -> MatchResult:
         return engine.match(
@@ -176,7 +180,7 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
             prep.k,
             exclude_rows=prep.exclude_rows,
             entity_types=prep.entity_types,
-            deadline=prep.deadline,
+            deadline=search_deadline,
         )
 
     from service.engine import SearchError
@@ -184,10 +188,14 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     try:
         # through admission: the unit counts as pending work, and is refused in the pool thread when its
         # wait for a thread left less of the deadline than a search takes (service/admission.py)
-        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=prep.deadline, probe=prep.probe)
+        timing: dict[str, float] = {}
+        result = await state.admission.run(state.executor, _search, k=prep.k, deadline=search_deadline, probe=prep.probe,
+                                           timing=timing)
     except SearchError as exc:
         raise InvalidRequest(str(exc)) from None
-    total_s = time.monotonic() - arrived
+    resumed = time.monotonic()
+    state.admission.observe_handoff(resumed - timing["ended"])
+    total_s = resumed - arrived
     if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
         state.shadow.offer(engine, prep.domain, prep.k, features, result, exclude_rows=prep.exclude_rows,
                            entity_types=prep.entity_types)
@@ -214,6 +222,10 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
         total_ms=round(total_s * 1e3, 3),
         steps=int(st.get("steps", 0)),
         unknown_override_ids=unknown_ids,
+        admitted_ms=round((prep.admitted - arrived) * 1e3, 3) if prep.admitted else 0.0,
+        submitted_ms=round((timing["submitted"] - arrived) * 1e3, 3),
+        queue_ms=round((timing["started"] - timing["submitted"]) * 1e3, 3),
+        handoff_ms=round((resumed - timing["ended"]) * 1e3, 3),
     )
     # ---- metrics -------------------------------------------------------------------------------
     metrics.REQUEST_DURATION.labels(domain=prep.body.domain).observe(total_s)
@@ -259,8 +271,9 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
     with state.limiter.slot():
         prep = prepare(body, serving, state, arrived)
         # 503 now rather than a cut-short answer later
+        state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
         probe = state.admission.admit(prep.k, prep.deadline, budget_s=prep.deadline - arrived)
-        prep = dataclasses.replace(prep, probe=probe)
+        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic())
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
@@ -287,6 +300,7 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
                 raise InvalidRequest(f"requests[{i}]: {exc.message}") from None
         # the first entry must be able to start in time; later ones are checked as they start
         first = min(preps, key=lambda p: p.deadline)
+        state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
         probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=first.deadline - arrived)
         preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)

@@ -28,7 +28,7 @@ def test_short_chaos_run(tmp_path: Path) -> None:
 
     bundle = make_fake_bundle(tmp_path / "bundle", num_entities=2000)
     data = make_fake_dataset(tmp_path / "data", bundle, num_users=300)
-    args = argparse.Namespace(bundle=bundle, data=data, seconds=1.0, deadline_ms=100.0, users=300, slow_sockets=20, out=None,
+    args = argparse.Namespace(bundle=bundle, data=data, seconds=1.0, deadline_ms=100.0, users=300, slow_sockets=20, out=None, overload_runs=1,
                               overload_k=200)
     rows = {r.scenario: r for r in asyncio.run(run_chaos(args))}
     assert set(rows) == {
