@@ -41,6 +41,8 @@ import numpy as np
 
 ADMIN = "chaos-token"
 HEADER_TIMEOUT_S = 2.0  # the service's UNIMATCH_HEADER_TIMEOUT_S in the run (default 5): slow sockets die sooner
+# the answer's own timings (stats): before admission, Redis, waiting for a thread, in the thread, back to the loop
+STAGES = ("admitted_ms", "features_ms", "queue_ms", "user_encode_ms", "search_ms", "runqueue_ms", "handoff_ms")
 CLIENT_TIMEOUT_S = 5.0  # every request's client timeout: past it the request counts as failed
 
 
@@ -162,6 +164,7 @@ class Answer:
     version: str | None = None
     server_s: float = 0.0  # the service's own total (stats.total_ms, from its edge), slowest entry of a batch
     late: float = 0.0  # how far behind its scheduled arrival the generator sent it (the generator's own lag)
+    stages: dict[str, float] | None = None  # the service's own split of server_s (ms), slowest entry of a batch
 
 
 @dataclass
@@ -309,7 +312,9 @@ async def _one(conn: RawConnection, path: str, body: dict[str, Any], t0: float, 
             a.degraded = any(x["degraded"] for x in results)
             a.short = any(len(x["items"]) < k for x in results)
             a.version = results[0]["bundle_version"]
-            a.server_s = max(float(x["stats"]["total_ms"]) for x in results) / 1e3
+            slowest = max(results, key=lambda x: float(x["stats"]["total_ms"]))["stats"]
+            a.server_s = float(slowest["total_ms"]) / 1e3
+            a.stages = {key: float(slowest.get(key, 0.0)) for key in STAGES}
     phase.answers.append(a)
 
 

@@ -62,6 +62,17 @@ def k_bucket(k: int) -> int:
     return len(K_BUCKETS)
 
 
+def runqueue_s() -> float:
+    """Seconds the calling thread has spent runnable but not running (waiting for a CPU), from
+    ``/proc/thread-self/schedstat`` (Linux; 0.0 elsewhere). The difference over a search says how much
+    of its time the host's scheduler took away: what no admission estimate can foresee."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def quantile(sorted_values: list[float], q: float) -> float:
     """The ``q``-quantile of an ascending list (linear interpolation, as ``numpy.percentile``)."""
     if len(sorted_values) == 1:
@@ -345,10 +356,12 @@ class Admission:
                         f"overloaded: {max(0.0, deadline - started) * 1e3:.0f} ms of the deadline were left when a "
                         f"scoring thread was free, less than the ~{s * 1e3:.0f} ms a search takes; retry later",
                     )
+                waited = runqueue_s() if timing is not None else 0.0
                 result = fn()
                 end = self.clock()
                 if timing is not None:
                     timing["ended"] = end
+                    timing["runqueue"] = runqueue_s() - waited
                 self.times.observe(k, end - started, now=end)
                 return result
             finally:

@@ -88,6 +88,9 @@ class MatchStats(BaseModel):
     )
     submitted_ms: float = Field(default=0.0, description="from arrival until handed to the scoring pool (includes features_ms)")
     queue_ms: float = Field(default=0.0, description="waiting for a scoring thread (admitted, not yet started)")
+    runqueue_ms: float = Field(
+        default=0.0, description="of the scoring thread's time, how long it waited for a CPU (Linux schedstat; 0 elsewhere)"
+    )
     handoff_ms: float = Field(
         default=0.0, description="from the end of the search until the event loop resumed this request (loop lag)"
     )

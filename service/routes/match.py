@@ -226,6 +226,7 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
         submitted_ms=round((timing["submitted"] - arrived) * 1e3, 3),
         queue_ms=round((timing["started"] - timing["submitted"]) * 1e3, 3),
         handoff_ms=round((resumed - timing["ended"]) * 1e3, 3),
+        runqueue_ms=round(timing.get("runqueue", 0.0) * 1e3, 3),
     )
     # ---- metrics -------------------------------------------------------------------------------
     metrics.REQUEST_DURATION.labels(domain=prep.body.domain).observe(total_s)
