@@ -208,6 +208,10 @@ class Phase:
         return len(self.answers) / span if span > 0 else 0.0
 
 
+class _StaleConnection(Exception):
+    """The connection closed before any byte of the answer (the request may be sent again)."""
+
+
 class RawConnection:
     """One kept-alive HTTP/1.1 connection, spoken by hand on asyncio streams.
 
@@ -222,12 +226,27 @@ class RawConnection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def post(self, path: str, body: bytes, timeout: float) -> tuple[int, bytes]:
-        """``(status, body)``; status 0 on a connection error or a client timeout (the connection is closed)."""
-        try:
-            return await asyncio.wait_for(self._post(path, body), timeout)
-        except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
-            self.close()
-            return 0, b""
+        """``(status, body)``; status 0 on a connection error or a client timeout (the connection is closed).
+
+        A kept-alive connection the server closed while it was idle (its keep-alive timeout) fails
+        before any byte of an answer: that request is sent again once on a fresh connection, as
+        every HTTP client does; a failure on a fresh connection is the service's.
+        """
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + timeout
+        for attempt in range(2):
+            reused = self.writer is not None
+            try:
+                return await asyncio.wait_for(self._post(path, body), max(0.0, give_up - loop.time()))
+            except _StaleConnection:
+                self.close()
+                if reused and attempt == 0:
+                    continue
+                return 0, b""
+            except (OSError, asyncio.IncompleteReadError, TimeoutError, ValueError):
+                self.close()
+                return 0, b""
+        return 0, b""
 
     async def _post(self, path: str, body: bytes) -> tuple[int, bytes]:
         if self.writer is None:
@@ -237,9 +256,12 @@ class RawConnection:
             f"POST {path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: application/json\r\n"
             f"Content-Length: {len(body)}\r\n\r\n".encode() + body
         )
-        status_line = await self.reader.readline()
+        try:
+            status_line = await self.reader.readline()
+        except ConnectionResetError:
+            raise _StaleConnection from None
         if not status_line:
-            raise ConnectionResetError("closed by the server")
+            raise _StaleConnection
         status = int(status_line.split(b" ", 2)[1])
         length, close = 0, False
         while True:
