@@ -507,6 +507,15 @@ def recovery(after: list[Answer], burst_end: float, base_server_ms: float, base_
     return out
 
 
+def tail_split(phase: Phase, share: float = 0.01) -> dict[str, float]:
+    """Mean of the service's own stage timings (ms) over the slowest ``share`` of the 200s (server side)."""
+    ok = sorted((a for a in phase.answers if a.status == 200 and a.stages), key=lambda a: a.server_s)
+    tail = ok[-max(1, int(len(ok) * share)):] if ok else []
+    out = {key: float(np.mean([(a.stages or {}).get(key, 0.0) for a in tail])) if tail else 0.0 for key in STAGES}
+    out["total_ms"] = float(np.mean([a.server_s for a in tail])) * 1e3 if tail else 0.0
+    return out
+
+
 def _secs(value: float | None) -> str:
     return "not within the phase" if value is None else f"{value:.1f} s"
 
@@ -633,6 +642,7 @@ async def run_chaos(args: argparse.Namespace, curves: list[dict[str, Any]] | Non
             after = [a for a in whole.answers if a.sent >= T]
             complete = over.count(lambda a: a.status == 200 and not a.partial and not a.short)
             rec = recovery(after, T, base_server, base_p99)
+            tail = tail_split(over)
             curves.append({"run": run + 1, "burst_s": T, "rate": 5 * mu_k, "k": ko, "baseline_server_p99_ms": base_server,
                            "threshold_ms": rec["threshold_ms"], "windows": windows(whole.answers, 0.5)})
             add(Row(
@@ -641,7 +651,9 @@ async def run_chaos(args: argparse.Namespace, curves: list[dict[str, Any]] | Non
                 f"{complete / max(1, over.answered):.1%} of answers complete; server p99 <= {rec['threshold_ms']:.0f} ms "
                 f"(1.5 x baseline) again {_secs(rec['server_s'])} after the burst, client p99 {_secs(rec['client_s'])}; "
                 f"{sum(a.status == 503 for a in after)} of {len(after)} answers 503 after it; generator late p99 "
-                f"{over.late_p99_ms():.0f} ms",
+                f"{over.late_p99_ms():.0f} ms; slowest 1% of the 200s: {tail['total_ms']:.0f} ms, of it before admission "
+                f"{tail['admitted_ms']:.0f}, queue {tail['queue_ms']:.0f}, search {tail['user_encode_ms'] + tail['search_ms']:.0f} "
+                f"(waiting for a CPU {tail['runqueue_ms']:.0f}), hand-back {tail['handoff_ms']:.0f} ms",
             ))
 
         # batches beside singles

@@ -259,6 +259,19 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     )
 
 
+def own_budget(body: MatchRequest, state: ServiceState, prep: Prepared, arrived: float) -> float | None:
+    """The budget the caller chose itself (``deadline_ms`` below the service's), else None.
+
+    Admission answers (``partial``) rather than refuses a request whose *own* short deadline no search
+    could meet: the caller's choice. The service's deadline is not a choice to honour that way: when the
+    host is so starved that the mean search takes longer than it, answering everything would admit
+    requests that waited a second for the event loop and answer them with nothing.
+    """
+    if body.deadline_ms is None or body.deadline_ms >= state.settings.deadline_ms:
+        return None
+    return prep.deadline - arrived
+
+
 def arrival(request: Request) -> float:
     """When the request reached the service (the edge middleware's stamp), so time spent before the
     route runs (accept, body read, event-loop lag under load) counts inside the deadline too."""
@@ -273,7 +286,7 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
         prep = prepare(body, serving, state, arrived)
         # 503 now rather than a cut-short answer later
         state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
-        probe = state.admission.admit(prep.k, prep.deadline, budget_s=prep.deadline - arrived)
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own_budget(body, state, prep, arrived))
         prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic())
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
@@ -302,7 +315,8 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
         # the first entry must be able to start in time; later ones are checked as they start
         first = min(preps, key=lambda p: p.deadline)
         state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
-        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=first.deadline - arrived)
+        probe = state.admission.admit(max(p.k for p in preps), first.deadline,
+                                      budget_s=own_budget(first.body, state, first, arrived))
         preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
