@@ -265,13 +265,17 @@ class Admission:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after())})
 
     # ---- decisions -------------------------------------------------------------------------------
-    def admit(self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None) -> bool:
+    def admit(
+        self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None, whole_s: float | None = None,
+    ) -> bool:
         """Raise Overloaded unless ``units`` searches of size ``k`` are expected to finish by ``deadline``.
 
         Returns True when the request is to run whatever its deadline: a probe (``probe_interval_s``),
         anything before the first measurement, or a request whose own budget (``budget_s``, the whole
         deadline it asked for) is below the mean search time: that deadline could never be met, which
         is the caller's choice and not overload, so it is answered (``partial``) rather than refused.
+        ``whole_s`` is the request's whole budget: a probe is only for a size refused because its
+        estimate exceeds all of it, never for a request refused because it lost its time waiting.
         """
         s_mean = self.times.estimate(k)
         if budget_s is not None and s_mean is not None and budget_s < s_mean:
@@ -291,7 +295,8 @@ class Admission:
         if est <= left:
             return False
         b = k_bucket(k)
-        if wait == 0.0 and now - self.times.seen_at[b] >= self.probe_interval_s:
+        for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
+        if wait == 0.0 and for_size and now - self.times.seen_at[b] >= self.probe_interval_s:
             self.times.seen_at[b] = now  # one probe per interval and bucket
             return True
         raise self._refuse(
@@ -303,16 +308,16 @@ class Admission:
     def edge_refuse(self, budget_s: float) -> Overloaded | None:
         """At the edge, before the body is parsed: the refusal for a request that cannot finish in time.
 
-        With every scoring thread busy, a request arriving now would spend the loop's standing delay
-        before admission, then the queue wait, then a search of the size the last request asked for;
-        if that passes its whole budget, answering 503 here costs the event loop (and the GIL that the
-        searches need) a fraction of parsing, validating and refusing it in the route. None: let it in.
+        A request arriving now would spend the loop's standing delay before admission, then the queue
+        wait, then a search of the size the last request asked for; if that passes its whole budget,
+        answering 503 here costs the event loop (and the GIL that the searches need) a fraction of
+        parsing, validating and refusing it in the route. None: let it in. The standing delay alone
+        can decide, with every thread idle: measured, a loop saturated by refusing requests in the
+        route kept them ~0.6 s before admission while the pool had nothing to do.
         """
         if self._last_k is None:
             return None
         wait = self.wait_s()
-        if wait == 0.0:
-            return None
         s = self.times.estimate(self._last_k)
         if s is None:
             return None

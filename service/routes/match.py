@@ -286,7 +286,8 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
         prep = prepare(body, serving, state, arrived)
         # 503 now rather than a cut-short answer later
         state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
-        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own_budget(body, state, prep, arrived))
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own_budget(body, state, prep, arrived),
+                                      whole_s=prep.deadline - arrived)
         prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic())
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
@@ -316,7 +317,7 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
         first = min(preps, key=lambda p: p.deadline)
         state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
         probe = state.admission.admit(max(p.k for p in preps), first.deadline,
-                                      budget_s=own_budget(first.body, state, first, arrived))
+                                      budget_s=own_budget(first.body, state, first, arrived), whole_s=first.deadline - arrived)
         preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))

@@ -333,7 +333,7 @@ def test_standing_delay_is_the_minimum_of_an_interval_and_is_forgotten() -> None
     assert adm.standing_s() == 0.0
 
 
-def test_edge_refuses_only_with_every_thread_busy_and_no_time_left() -> None:
+def test_edge_refuses_when_loop_delay_queue_and_search_pass_the_budget() -> None:
     clock = FakeClock()
     adm = Admission(threads=2, clock=clock)
     assert adm.edge_refuse(0.100) is None  # nothing seen yet
@@ -341,7 +341,7 @@ def test_edge_refuses_only_with_every_thread_busy_and_no_time_left() -> None:
     adm.observe_sojourn(0.030, k=500)
     clock.t += 0.1
     adm.observe_sojourn(0.030, k=500)  # standing delay of the loop: 30 ms
-    adm.pending, adm.pending_s = 1, 0.030  # a thread is free: never refused at the edge
+    adm.pending, adm.pending_s = 1, 0.030  # a thread is free: the search starts at once, 30 + 30 fits
     assert adm.edge_refuse(0.100) is None
     adm.pending, adm.pending_s = 4, 0.060  # 30 ms of queue per thread: 30 + 30 + 30 <= 100
     assert adm.edge_refuse(0.100) is None
@@ -415,3 +415,25 @@ def test_only_the_callers_own_short_deadline_is_answered_whatever_the_estimate(
     plain, own = asyncio.run(_with_app(settings, body))
     assert plain.status_code == 503 and "retry-after" in plain.headers
     assert own.status_code == 200  # the caller asked for 1 ms: answered (partial), not refused
+
+
+def test_the_loop_delay_alone_refuses_at_the_edge_with_idle_threads() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.005)
+    for _ in range(2):  # two intervals whose every request waited >= 120 ms in the loop
+        adm.observe_sojourn(0.120, k=10)
+        clock.t += 0.1
+    adm.observe_sojourn(0.120, k=10)
+    assert adm.pending == 0 and adm.edge_refuse(0.100) is not None
+
+
+def test_no_probe_for_a_request_that_lost_its_time_waiting() -> None:
+    """A probe re-measures a size whose estimate exceeds the whole budget; a request that simply spent
+    its budget in the event loop before admission is refused, not probed."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)  # fits a 100 ms budget easily
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.005, whole_s=0.100)  # 95 ms lost before admission: 5 ms left
+    assert adm.admit(10, clock.t + 0.005, whole_s=0.010) is True  # 20 ms > its whole 10 ms: probe
