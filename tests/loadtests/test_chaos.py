@@ -65,3 +65,6 @@ def test_recovery_is_read_from_the_services_own_totals_per_window() -> None:
     assert ws[0]["shed"] == 1 and ws[0]["answered"] == 5
     never = recovery([Answer(burst_end + 0.1, 200, 1.0, server_s=1.0)], burst_end, 10.0, 10.0)
     assert never["server_s"] is None
+    # a baseline whose own windows reach 40 ms: the threshold is that, not 1.5 x its p99
+    base = [Answer(i * 0.1, 200, 0.01, server_s=0.040 if i % 5 == 0 else 0.010) for i in range(40)]
+    assert 35.0 < (recovery(after, burst_end, 10.0, 12.0, baseline=base)["threshold_ms"] or 0) <= 40.0
