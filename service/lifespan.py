@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -188,6 +189,8 @@ class ServiceState:
         that started on it are over: a request never outlives its deadline by more than one step."""
         await asyncio.sleep(max(5.0, 2 * self.settings.deadline_ms / 1e3))
         await asyncio.to_thread(old.engine.close)
+        del old
+        freeze_heap()  # the new bundle's objects out of the collector's reach, the old one's collected
 
     async def _check_features(self, new: Serving) -> None:
         """Refuse a bundle whose schema or entity rows do not match the features the store holds."""
@@ -327,6 +330,22 @@ def log_calibration(engine: MatchEngine) -> None:
         log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
 
 
+def freeze_heap() -> None:
+    """Collect once, then move every object alive (the bundle, the ONNX sessions, the imported modules:
+    ~70,000 objects) out of the cyclic collector's reach (``gc.freeze``).
+
+    A full collection walks every tracked object while holding the GIL: measured at 100-140 ms on the
+    shared 2-core machine, a stop of the whole worker, every in-flight search included, each time the
+    allocations of requests (a k=500 answer builds 500 items) trigger one. Frozen, the long-lived
+    objects are never scanned again; requests' garbage is still collected, in young generations. Called
+    after start-up and after a reload has retired the old bundle (the previous freeze is undone first,
+    so the old bundle's objects are collected: one such stop per reload).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def seed_admission(admission: Admission, serving: Serving) -> None:
     """Start the admission's service-time estimate from the warm-up searches (where nothing was measured)."""
     for k, seconds in serving.warm_times.items():
@@ -455,6 +474,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     state.serving = serving
     seed_admission(state.admission, serving)
+    freeze_heap()
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())
