@@ -61,15 +61,6 @@ def _k_buckets(text: str) -> str:
 
 
 def _build(args: argparse.Namespace) -> int:
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from contracts.io import atomic_write_json
     from index_builder.build import build_index
     from index_builder.config import IndexConfig
@@ -85,19 +76,13 @@ def _build(args: argparse.Namespace) -> int:
         health_ef=args.health_ef,
         sort_neighbours=args.sort_neighbours,
     )
+    from unimatch.progress import progress as progress_of
+
     console = wide_console()
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("inserting vectors", total=None)
+    with progress_of("index build") as update:
 
         def progress(stage: str, done: int, total: int) -> None:
-            bar.update(task, description=stage, completed=done, total=total or None)
+            update(done, total or None, stage=stage)
 
         report = build_index(bundle=args.bundle, cfg=cfg, progress=progress)
     print_report(report, console)

@@ -362,11 +362,31 @@ def run_locust(args: argparse.Namespace, users_file: Path, raw: Path) -> tuple[P
         cmd = ["taskset", "-c", args.locust_cpus, *cmd]
     n_steps = len([s for s in args.steps.split(",") if s.strip()])
     budget = n_steps * args.step_seconds + 60
-    proc = subprocess.run(cmd, env=env, timeout=budget, capture_output=True, text=True)
-    (raw / "locust.log").write_text(proc.stdout + proc.stderr)
+    from unimatch.progress import progress
+
+    planned = int(n_steps * args.step_seconds)
+    with open(raw / "locust.log", "w") as log, progress("loadtest: locust", planned, unit="s") as update:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, text=True)
+        started = time.monotonic()
+        try:
+            while True:  # minutes of steps: a line (or a bar on a terminal) with the step being run
+                try:
+                    returncode = proc.wait(timeout=1.0)
+                    break
+                except subprocess.TimeoutExpired:
+                    pass
+                elapsed = time.monotonic() - started
+                if elapsed > budget:
+                    raise subprocess.TimeoutExpired(cmd, budget)
+                step = min(n_steps, int(elapsed // args.step_seconds) + 1)
+                update(min(planned, int(elapsed)), info=f"step {step}/{n_steps}")
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     # Locust exits 1 when any request failed: that is a result to report, not a crash of the run.
-    if proc.returncode not in (0, 1) or not schedule_path.exists():
-        raise RuntimeError(f"locust failed (exit {proc.returncode}); see {raw / 'locust.log'}")
+    if returncode not in (0, 1) or not schedule_path.exists():
+        raise RuntimeError(f"locust failed (exit {returncode}); see {raw / 'locust.log'}")
     return raw / "locust_stats_history.csv", json.loads(schedule_path.read_text())
 
 
@@ -397,6 +417,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--bundle and --data go together (the engine-alone run needs both)")
     if args.step_seconds <= args.warmup:
         raise ValueError("--step-seconds must exceed --warmup")
+    if args.bundle is not None:  # before the service is loaded or anything is written
+        from loadtests.inputs import check_bundle_and_data
+
+        check_bundle_and_data(args.bundle, args.data)
     raw = args.out / "raw"
     raw.mkdir(parents=True, exist_ok=True)
     users_file = args.users_file
@@ -412,6 +436,7 @@ def run(args: argparse.Namespace) -> int:
     if args.bundle is not None:
         from loadtests.workload import read_user_ids
 
+        print(f"loadtest: measuring the engine alone ({2 * args.engine_seconds:g} s) ...", file=sys.stderr, flush=True)
         engine = measure_engine(
             args.bundle, args.data, read_user_ids(str(users_file)), seconds=args.engine_seconds,
             threads=args.engine_threads, seed=args.seed, domains=args.domains, ks=args.k_mix,

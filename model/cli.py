@@ -226,9 +226,13 @@ def _export(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, marker="manifest.json", force=args.force)  # before loading torch and the run
 
-    report = export(
-        ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset, first_layer_split=args.first_layer_split)
-    )
+    from unimatch.progress import working
+
+    with working(f"export: {args.run} -> {args.out}"):  # ONNX export + the torch/onnxruntime comparison
+        report = export(
+            ExportConfig(run=args.run, out=args.out, data=args.data, opset=args.opset,
+                         first_layer_split=args.first_layer_split)
+        )
     print(
         f"exported {report['method']} ({report['kind']}) to {args.out}: {report['num_entities']:,} entities, "
         f"max |onnx - torch| = {report['max_abs_diff']:.2e}"

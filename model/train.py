@@ -414,6 +414,8 @@ class Trainer:
     def run(self) -> Path:
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+        from unimatch.progress import LineProgress
+
         cfg = self.cfg
         is_main = self.rank == 0
         if is_main:
@@ -447,6 +449,9 @@ class Trainer:
                 transient=False,
             ) as bar:
                 task = bar.add_task(f"train {cfg.method}", total=self.total_steps, completed=self.step, info="")
+                # off a terminal rich draws nothing until the end: periodic plain lines instead
+                lines = (LineProgress(f"train {cfg.method}", self.total_steps, unit="steps", initial=self.step)
+                         if cfg.progress and is_main and not bar.console.is_terminal else None)
                 while self.step < self.total_steps and not self.best["stopped"]:
                     epoch, index = divmod(self.step, self.steps_per_epoch)
                     parts = self.train_step(self.batch_rows(epoch, index))
@@ -456,6 +461,8 @@ class Trainer:
                     t_last = now
                     record = _jsonable({"step": self.step, "epoch": epoch, "examples_per_s": ex_per_s, **parts})
                     bar.update(task, advance=1, info=_progress_info(record))
+                    if lines is not None:
+                        lines(self.step, info=_progress_info(record))
                     if log is not None and (self.step % cfg.log_every == 0 or self.step == self.total_steps):
                         log.write(json.dumps(record) + "\n")
                         log.flush()

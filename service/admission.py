@@ -7,17 +7,25 @@ caller than a quick 503 it can retry elsewhere, so this module decides *before* 
 work can finish in time:
 
 * The scoring pool is ``c`` threads. Each unit of work (one search: one /match, or one entry of a
-  /match/batch) is timed in its pool thread; an exponentially weighted mean per k bucket
-  (:class:`ServiceTimes`) is the expected service time of the next unit of that size.
+  /match/batch) is timed in its pool thread; the last 64 times per k bucket (:class:`ServiceTimes`)
+  give the expected service time of the next unit of that size (their mean) and its upper estimate
+  (their 95th percentile: robust to the one search in a few dozen that a shared host deschedules).
 * ``pending_s`` is the expected work of every unit submitted and not finished (queued or running).
   A new unit of expected time ``s`` finishes after about ``pending_s / c + s`` when all ``c`` threads
   are busy, after ``s`` when one is free (Little's-law style: work in flight / service rate).
-* :meth:`Admission.admit` refuses a request whose estimated finish (upper estimate: mean + 3 x
-  deviation) is past its deadline; :meth:`Admission.run` checks again when a pool thread picks the
-  unit up (the real queue wait is then known, and it counts inside the deadline), and refuses it if
-  the remaining budget is below ``s``. A probe per second and k bucket is let through when a thread
-  is free, so a size refused for its estimate alone keeps being measured.
-  Either refusal is :class:`~service.errors.Overloaded` with a ``Retry-After`` of the estimated drain time.
+* :meth:`Admission.admit` refuses a request whose estimated finish is past its deadline;
+  :meth:`Admission.run` checks again when a pool thread picks the unit up (the real queue wait is
+  then known, and it counts inside the deadline), and refuses it if the remaining budget is below
+  ``s``. A probe per second and k bucket is let through when a thread is free, so a size refused for
+  its estimate alone keeps being measured.
+* The deadline counts from the request's arrival at the edge, and an answer is done when the event
+  loop has resumed it: the search's own deadline is moved earlier by the usual hand-back time
+  (:meth:`Admission.reserve_s`), and :meth:`Admission.edge_refuse` answers 503 before the body is
+  even parsed when every thread is busy and the loop's standing delay (CoDel's minimum sojourn over
+  an interval, :meth:`Admission.observe_sojourn`) + the queue wait + a search pass the deadline: at
+  several times capacity, parsing and refusing requests in the route took the event loop (and the
+  GIL the searches need) a large share of the CPU.
+  Every refusal is :class:`~service.errors.Overloaded` with a ``Retry-After`` of the estimated drain time.
 
 The clock is injectable (``clock``), so tests drive every decision with a fake clock and fake service
 times, without timing anything.
@@ -26,9 +34,11 @@ times, without timing anything.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import math
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
@@ -52,41 +62,103 @@ def k_bucket(k: int) -> int:
     return len(K_BUCKETS)
 
 
-@dataclass
-class ServiceTimes:
-    """Exponentially weighted mean and mean absolute deviation of the service time per k bucket (seconds).
+def runqueue_s() -> float:
+    """Seconds the calling thread has spent runnable but not running (waiting for a CPU), from
+    ``/proc/thread-self/schedstat`` (Linux; 0.0 elsewhere). The difference over a search says how much
+    of its time the host's scheduler took away: what no admission estimate can foresee."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as fh:
+            return int(fh.read().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
-    Decisions use the upper estimate ``mean + 3 x deviation``: admitting on the mean would let about
-    half of the admitted searches run past a deadline that leaves just the mean (issue 20's target is
-    >= 99% of accepted answers complete). A bucket never measured borrows the nearest larger measured
-    bucket (an upper bound), else the nearest smaller one scaled up by the ratio of the buckets' k
-    bounds (pessimistic; the warm-up seeds k=10 and the largest k, so every bucket has one above it).
+
+def quantile(sorted_values: list[float], q: float) -> float:
+    """The ``q``-quantile of an ascending list (linear interpolation, as ``numpy.percentile``)."""
+    if len(sorted_values) == 1:
+        return sorted_values[0]
+    pos = q * (len(sorted_values) - 1)
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_values) - 1)
+    return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * (pos - lo)
+
+
+@dataclass
+class Window:
+    """The last ``size`` samples of a duration (seconds), kept sorted as well, for means and quantiles.
+
+    A window and not an exponentially weighted mean + 3 x deviation: on a shared host one search in
+    a few dozen is descheduled for 100+ ms, and with a weight of 0.2 that single sample moved the
+    upper estimate above a 100 ms deadline for the next several decisions, which then refused
+    searches at ~70% load (measured: 204 of 2,649 answers 503 at 0.7 x capacity). In a window of 64
+    it moves the 95th percentile not at all and the mean by 1/64 of itself.
     """
 
-    alpha: float = 0.2  # weight of the newest sample: ~5 samples of memory, adapts within a second of load
-    means: list[float | None] = field(default_factory=lambda: [None] * (len(K_BUCKETS) + 1))
-    devs: list[float] = field(default_factory=lambda: [0.0] * (len(K_BUCKETS) + 1))
+    size: int = 64
+    samples: deque[float] = field(default_factory=deque)
+    ordered: list[float] = field(default_factory=list)
+    total: float = 0.0
+
+    def add(self, seconds: float) -> None:
+        self.samples.append(seconds)
+        bisect.insort(self.ordered, seconds)
+        self.total += seconds
+        if len(self.samples) > self.size:
+            old = self.samples.popleft()
+            del self.ordered[bisect.bisect_left(self.ordered, old)]
+            self.total -= old
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def mean(self) -> float:
+        return max(0.0, self.total / len(self.samples))
+
+    def quantile(self, q: float) -> float:
+        return quantile(self.ordered, q)
+
+
+@dataclass
+class ServiceTimes:
+    """Recent service times per k bucket (seconds): the mean and a high quantile of the last ``window``.
+
+    The mean is the expected work a unit adds to the queue (work in flight is a sum of means); the
+    upper estimate, the ``upper_q`` quantile (0.95), is what a unit must have left of its deadline when
+    it starts after a wait, so that nearly every admitted search finishes whole. A bucket never
+    measured borrows the nearest larger measured bucket (an upper bound), else the nearest smaller one
+    scaled up by the ratio of the buckets' k bounds (pessimistic; the warm-up seeds k=10 and the
+    largest k, so every bucket has one above it).
+    """
+
+    window: int = 64
+    upper_q: float = 0.95
+    windows: list[Window] = field(default_factory=list)
     seen_at: list[float] = field(default_factory=lambda: [float("-inf")] * (len(K_BUCKETS) + 1))
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if not self.windows:
+            self.windows = [Window(self.window) for _ in range(len(K_BUCKETS) + 1)]
 
     def observe(self, k: int, seconds: float, now: float | None = None) -> None:
         b = k_bucket(k)
-        old = self.means[b]
-        if old is None:
-            self.means[b], self.devs[b] = seconds, 0.0
-        else:
-            self.devs[b] = (1 - self.alpha) * self.devs[b] + self.alpha * abs(seconds - old)
-            self.means[b] = (1 - self.alpha) * old + self.alpha * seconds
+        with self._lock:  # pool threads observe while the event loop reads
+            self.windows[b].add(seconds)
         if now is not None:
             self.seen_at[b] = now
 
+    def measured(self, k: int) -> bool:
+        return len(self.windows[k_bucket(k)]) > 0
+
     def estimate(self, k: int, *, upper: bool = False) -> float | None:
-        """The mean service time of a search of size ``k`` (``upper``: mean + 3 x deviation); None = unknown."""
+        """The mean service time of a search of size ``k`` (``upper``: its ``upper_q`` quantile); None = unknown."""
         b = k_bucket(k)
-        chosen: int | None = b if self.means[b] is not None else None
+        n = len(self.windows)
+        chosen: int | None = b if len(self.windows[b]) else None
         scale = 1.0
         if chosen is None:
-            above = [i for i in range(b + 1, len(self.means)) if self.means[i] is not None]
-            below = [i for i in range(b) if self.means[i] is not None]
+            above = [i for i in range(b + 1, n) if len(self.windows[i])]
+            below = [i for i in range(b) if len(self.windows[i])]
             if above:  # the nearest larger bucket measured: an upper bound
                 chosen = above[0]
             elif below:  # the nearest smaller one, scaled up linearly in k (pessimistic)
@@ -95,9 +167,10 @@ class ServiceTimes:
                 scale = bound(b) / bound(chosen)
             else:
                 return None
-        mean = self.means[chosen]
-        assert mean is not None  # chosen only among measured buckets
-        return scale * (mean + 3 * self.devs[chosen] if upper else mean)
+        with self._lock:
+            w = self.windows[chosen]
+            value = w.quantile(self.upper_q) if upper else w.mean()
+        return scale * value
 
 
 @dataclass
@@ -118,6 +191,22 @@ class Admission:
     times: ServiceTimes = field(default_factory=ServiceTimes)
     pending: int = 0
     pending_s: float = 0.0
+    # The hand-back from a pool thread to the event loop (a searched request waits for the loop to
+    # resume it) is part of the answer's time: the search's own deadline is moved earlier by this
+    # quantile of the recent hand-backs, at most ``max_reserve_share`` of the request's budget.
+    reserve_q: float = 0.9
+    max_reserve_share: float = 0.2
+    handoffs: Window = field(default_factory=Window)
+    # CoDel-style standing delay of the event loop: the minimum, over each ``sojourn_interval_s``, of
+    # the time requests spent between arriving at the edge and reaching admission (body read,
+    # validation, waiting for the loop). A minimum, so a burst of arrivals does not count, only a
+    # queue that stays; it is forgotten after two intervals without a request.
+    sojourn_interval_s: float = 0.1
+    _interval_start: float = float("-inf")
+    _interval_min: float = float("inf")
+    _standing: float = 0.0
+    _standing_at: float = float("-inf")
+    _last_k: int | None = None  # k of the last request admission saw: the edge's guess for the next
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- estimates -------------------------------------------------------------------------------
@@ -138,6 +227,35 @@ class Admission:
         # the first waits for the queue; the rest of a batch queue behind it, `threads` at a time
         return self.wait_s() + s * math.ceil(max(1, units) / self.threads)
 
+    def reserve_s(self, budget_s: float) -> float:
+        """Seconds of a request's deadline kept for the hand-back to the event loop (0 before any)."""
+        with self._lock:
+            if not len(self.handoffs):
+                return 0.0
+            q = self.handoffs.quantile(self.reserve_q)
+        return min(q, self.max_reserve_share * budget_s)
+
+    def observe_handoff(self, seconds: float) -> None:
+        with self._lock:
+            self.handoffs.add(max(0.0, seconds))
+
+    def observe_sojourn(self, seconds: float, k: int) -> None:
+        """A request reached admission ``seconds`` after it arrived at the edge (event loop thread only)."""
+        now = self.clock()
+        self._last_k = k
+        if now - self._interval_start >= self.sojourn_interval_s:
+            if self._interval_min != float("inf"):
+                self._standing, self._standing_at = self._interval_min, self._interval_start + self.sojourn_interval_s
+            self._interval_start, self._interval_min = now, seconds
+        else:
+            self._interval_min = min(self._interval_min, seconds)
+
+    def standing_s(self) -> float:
+        """The loop's standing delay before admission (the last whole interval's minimum); 0 when stale."""
+        if self.clock() - self._standing_at > 2 * self.sojourn_interval_s:
+            return 0.0
+        return self._standing
+
     def retry_after(self) -> int:
         """Whole seconds until the work in flight has drained (at least the configured floor)."""
         return max(self.retry_after_s, math.ceil(self.wait_s()))
@@ -147,13 +265,17 @@ class Admission:
         return Overloaded(message, headers={"Retry-After": str(self.retry_after())})
 
     # ---- decisions -------------------------------------------------------------------------------
-    def admit(self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None) -> bool:
+    def admit(
+        self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None, whole_s: float | None = None,
+    ) -> bool:
         """Raise Overloaded unless ``units`` searches of size ``k`` are expected to finish by ``deadline``.
 
         Returns True when the request is to run whatever its deadline: a probe (``probe_interval_s``),
         anything before the first measurement, or a request whose own budget (``budget_s``, the whole
         deadline it asked for) is below the mean search time: that deadline could never be met, which
         is the caller's choice and not overload, so it is answered (``partial``) rather than refused.
+        ``whole_s`` is the request's whole budget: a probe is only for a size refused because its
+        estimate exceeds all of it, never for a request refused because it lost its time waiting.
         """
         s_mean = self.times.estimate(k)
         if budget_s is not None and s_mean is not None and budget_s < s_mean:
@@ -173,7 +295,8 @@ class Admission:
         if est <= left:
             return False
         b = k_bucket(k)
-        if wait == 0.0 and now - self.times.seen_at[b] >= self.probe_interval_s:
+        for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
+        if wait == 0.0 and for_size and now - self.times.seen_at[b] >= self.probe_interval_s:
             self.times.seen_at[b] = now  # one probe per interval and bucket
             return True
         raise self._refuse(
@@ -182,7 +305,34 @@ class Admission:
             f"{max(0.0, left) * 1e3:.0f} ms; retry later",
         )
 
-    async def run(self, executor: Executor, fn: Callable[[], T], *, k: int, deadline: float, probe: bool = False) -> T:
+    def edge_refuse(self, budget_s: float) -> Overloaded | None:
+        """At the edge, before the body is parsed: the refusal for a request that cannot finish in time.
+
+        A request arriving now would spend the loop's standing delay before admission, then the queue
+        wait, then a search of the size the last request asked for; if that passes its whole budget,
+        answering 503 here costs the event loop (and the GIL that the searches need) a fraction of
+        parsing, validating and refusing it in the route. None: let it in. The standing delay alone
+        can decide, with every thread idle: measured, a loop saturated by refusing requests in the
+        route kept them ~0.6 s before admission while the pool had nothing to do.
+        """
+        if self._last_k is None:
+            return None
+        wait = self.wait_s()
+        s = self.times.estimate(self._last_k)
+        if s is None:
+            return None
+        est = self.standing_s() + wait + s
+        if est <= budget_s:
+            return None
+        return self._refuse(
+            "edge", f"overloaded: a request now would finish in ~{est * 1e3:.0f} ms, past its {budget_s * 1e3:.0f} ms "
+            "deadline; retry later",
+        )
+
+    async def run(
+        self, executor: Executor, fn: Callable[[], T], *, k: int, deadline: float, probe: bool = False,
+        timing: dict[str, float] | None = None,
+    ) -> T:
         """Run ``fn`` (one search of size ``k``) in ``executor``; refused in the thread if it starts too late.
 
         The unit counts as pending work from submission to completion; its run time (in the thread,
@@ -191,6 +341,8 @@ class Admission:
         then, instead of being answered cut short.
         """
         cost = self.times.estimate(k) or 0.0
+        if timing is not None:
+            timing["submitted"] = self.clock()
         with self._lock:
             queued = self.pending >= self.threads  # no free thread at submission: this unit waits
             self.pending += 1
@@ -198,6 +350,8 @@ class Admission:
 
         def work() -> T:
             started = self.clock()
+            if timing is not None:
+                timing["started"] = started
             # as in admit(): the upper estimate after a wait, the mean when a thread was free at once
             s = self.times.estimate(k, upper=queued)
             try:
@@ -207,8 +361,12 @@ class Admission:
                         f"overloaded: {max(0.0, deadline - started) * 1e3:.0f} ms of the deadline were left when a "
                         f"scoring thread was free, less than the ~{s * 1e3:.0f} ms a search takes; retry later",
                     )
+                waited = runqueue_s() if timing is not None else 0.0
                 result = fn()
                 end = self.clock()
+                if timing is not None:
+                    timing["ended"] = end
+                    timing["runqueue"] = runqueue_s() - waited
                 self.times.observe(k, end - started, now=end)
                 return result
             finally:
@@ -221,16 +379,25 @@ class Admission:
 
     def seed(self, k: int, seconds: float) -> None:
         """Start the estimate from a measured warm-up search (only where nothing was measured yet)."""
-        if self.times.means[k_bucket(k)] is None:
+        if not self.times.measured(k):
             self.times.observe(k, seconds)
 
     def describe(self) -> dict[str, object]:
+        names = [f"<={b}" for b in K_BUCKETS] + [f">{K_BUCKETS[-1]}"]
+        bounds = [*K_BUCKETS, K_BUCKETS[-1] + 1]
+        by_k: dict[str, float | None] = {}
+        upper_by_k: dict[str, float | None] = {}
+        for name, k in zip(names, bounds, strict=True):
+            measured = self.times.measured(k)
+            mean, upper = self.times.estimate(k), self.times.estimate(k, upper=True)
+            by_k[name] = round(mean * 1e3, 3) if measured and mean is not None else None
+            upper_by_k[name] = round(upper * 1e3, 3) if measured and upper is not None else None
         return {
             "threads": self.threads,
             "pending": self.pending,
             "pending_ms": round(self.pending_s * 1e3, 3),
-            "service_ms_by_k": {
-                (f"<={b}" if i < len(K_BUCKETS) else f">{K_BUCKETS[-1]}"): (None if m is None else round(m * 1e3, 3))
-                for i, (b, m) in enumerate(zip((*K_BUCKETS, K_BUCKETS[-1]), self.times.means, strict=True))
-            },
+            "service_ms_by_k": by_k,
+            f"service_ms_p{self.times.upper_q * 100:g}_by_k": upper_by_k,
+            "standing_delay_ms": round(self.standing_s() * 1e3, 3),
+            "handoff_reserve_ms": round(self.reserve_s(float("inf")) * 1e3, 3),
         }

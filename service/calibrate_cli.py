@@ -66,8 +66,11 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
     cfg = CalibrateConfig(target=args.target, queries=args.queries, ks=args.ks,
                           max_exhaustive_pairs=args.max_exhaustive_pairs, workers=args.workers)
     check_out_file(args.calibration_json, "--calibration-json")
-    with _progress(console) as progress:
-        cal = calibrate_bundle(args.bundle, args.data, cfg, progress=progress, log=lambda m: console.print(m))
+    from unimatch.progress import progress as progress_of
+
+    with progress_of("calibrating", console=console) as update:
+        cal = calibrate_bundle(args.bundle, args.data, cfg, log=lambda m: console.print(m),
+                               progress=lambda stage, done, total: update(done, total or None, stage=stage))
     print_calibration(cal, console)
     if args.calibration_json is not None:
         atomic_write_json(args.calibration_json, cal.to_json())
@@ -96,41 +99,5 @@ def print_calibration(cal: Any, console: Any) -> None:
                 ("yes" if p.seed_history else "no") if p.mode == "graph" else "-",
             )
     console.print(table)
-
-
-class _LineProgress:
-    """Progress as log lines when stderr is not a terminal: one line every ``every_s`` seconds."""
-
-    def __init__(self, console: Any, every_s: float = 10.0) -> None:
-        import time
-
-        self.console, self.every_s, self._time = console, every_s, time.monotonic
-        self._last = 0.0
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        now = self._time()
-        if now - self._last >= self.every_s or (total and done == total):
-            self._last = now
-            self.console.print(f"{stage}: {done:,}" + (f"/{total:,}" if total else ""))
-
-
-def _progress(console: Any) -> Any:
-    """A context manager yielding a ``(stage, done, total)`` callback: a bar on a terminal, else log lines."""
-    import contextlib
-    import sys
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    if not sys.stderr.isatty() or not console.is_terminal:
-        return contextlib.nullcontext(_LineProgress(console))
-
-    @contextlib.contextmanager
-    def bar_ctx() -> Any:
-        with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("calibrating", total=None)
-            yield lambda stage, done, total: bar.update(task, description=stage, completed=done, total=total or None)
-
-    return bar_ctx()
 
 

@@ -81,9 +81,8 @@ def _without_password(url: str) -> str:
 
 
 def _features_load(args: argparse.Namespace) -> int:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
     from service.features import load_features
+    from unimatch.progress import progress
 
     settings = _settings()
     url = args.redis_url or settings.redis_url or DEFAULT_REDIS_URL
@@ -93,16 +92,14 @@ def _features_load(args: argparse.Namespace) -> int:
     import redis
 
     t0 = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     try:
-        with Progress(*columns, transient=True) as bar:
-            task = bar.add_task("features -> redis", total=None)
+        with progress("features load", unit="users") as update:
             report = load_features(
                 args.data,
                 url,
                 prefix=prefix,
                 chunk=args.chunk,
-                progress=lambda done, total: bar.update(task, completed=done, total=total),
+                progress=lambda done, total: update(done, total),
             )
     except redis.exceptions.ConnectionError as exc:
         raise CliError(f"cannot reach Redis at {_without_password(url)}: {exc}") from None

@@ -140,6 +140,8 @@ class EdgeMiddleware:
         {"/match", "/match/batch", "/healthz", "/readyz", "/metrics", "/v1/info", "/admin/reload", "/openapi.json", "/docs"}
     )
 
+    SHED_ROUTES = frozenset({"/match", "/match/batch"})
+
     def __init__(self, app: Any, max_body_bytes: int, body_timeout_s: float | None = None) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
@@ -152,6 +154,12 @@ class EdgeMiddleware:
         scope[ARRIVED_KEY] = time.monotonic()
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         status_holder = {"status": 500, "started": False}
+        if route in self.SHED_ROUTES and scope.get("method") == "POST":
+            refusal = _edge_refusal(scope)
+            if refusal is not None:
+                await self._shed(receive, send, refusal)
+                metrics.HTTP_REQUESTS.labels(route=route, status="503").inc()
+                return
 
         async def counting_send(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
@@ -203,6 +211,26 @@ class EdgeMiddleware:
                 await self._reject_slow(counting_send, str(exc.detail))
         metrics.HTTP_REQUESTS.labels(route=route, status=str(status_holder["status"])).inc()
 
+    async def _shed(self, receive: Any, send: Any, exc: ServiceError) -> None:
+        """A 503 without parsing: the body is read off the connection (bounded as usual) and dropped,
+        so the connection stays usable for the client's next request."""
+        loop = asyncio.get_running_loop()
+        read_by = loop.time() + (self.body_timeout_s or 5.0)
+        received = 0
+        while received <= self.max_body_bytes:
+            try:
+                message = await asyncio.wait_for(receive(), timeout=max(0.0, read_by - loop.time()))
+            except TimeoutError:
+                break
+            if message["type"] != "http.request":
+                return  # the client left
+            received += len(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        metrics.ERRORS.labels(kind=exc.kind).inc()
+        response = error_response(exc.status, exc.kind, exc.message, exc.headers)
+        await response({"type": "http"}, _empty_receive, send)
+
     async def _reject_slow(self, send: Any, message: str) -> None:
         metrics.ERRORS.labels(kind="body_timeout").inc()
         response = error_response(408, "body_timeout", message, {"Connection": "close"})
@@ -212,6 +240,16 @@ class EdgeMiddleware:
         metrics.ERRORS.labels(kind="body_too_large").inc()
         response = error_response(413, "body_too_large", f"request body over {self.max_body_bytes} bytes (UNIMATCH_MAX_BODY_BYTES)")
         await response({"type": "http"}, _empty_receive, send)
+
+
+def _edge_refusal(scope: dict[str, Any]) -> ServiceError | None:
+    """Admission's edge decision for this request (None: let it through to the route)."""
+    app = scope.get("app")
+    state = getattr(getattr(app, "state", None), "unimatch", None)
+    if state is None or not state.settings.edge_shed:
+        return None
+    refusal: ServiceError | None = state.admission.edge_refuse(state.settings.deadline_ms / 1e3)
+    return refusal
 
 
 class _BodyTooLarge(StarletteHTTPException):

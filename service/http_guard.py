@@ -1,4 +1,4 @@
-"""uvicorn's HTTP protocol with a header-read timeout and a connection cap (issue 20: slow clients).
+"""uvicorn's HTTP protocol with a header-read timeout, a connection cap, and shedding before the app.
 
 uvicorn bounds the idle time *between* requests of a kept-alive connection (``timeout_keep_alive``)
 but not a connection that never completes its headers: a socket that connects and sends nothing, or
@@ -6,6 +6,12 @@ a byte every few seconds (slowloris), is held forever. This subclass arms a time
 opens and when each request starts, cancels it when the headers are complete, and closes the socket
 when it fires. Connections beyond ``max_connections`` are closed as soon as they are accepted, so
 the worker never runs out of file descriptors. The body is bounded in ``service.errors.EdgeMiddleware``.
+
+Under overload (admission's edge decision, ``service.admission.Admission.edge_refuse``) a
+``POST /match`` is answered 503 as soon as its headers are parsed, on a two-message ASGI app: none of
+Starlette's stack, no body parsing, no validation. At five times capacity most arrivals are refused,
+and refusing them through the whole stack kept the event loop so busy that the admitted requests
+waited for it (to be resumed after their search) longer than their searches took.
 
 The limits come from the process's settings (``UNIMATCH_HEADER_TIMEOUT_S``,
 ``UNIMATCH_MAX_CONNECTIONS``): uvicorn builds one protocol object per connection and, with several
@@ -65,8 +71,61 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._cancel_header_timer()
-        super().on_headers_complete()
+        refusal = self._edge_refusal()
+        if refusal is None:
+            super().on_headers_complete()
+            return
+        # Shed before any of the ASGI stack runs: uvicorn starts this one request on a two-message app
+        # (as it does for its own limit_concurrency 503) and drops the body as it arrives.
+        app = self.app
+        self.app = _shed_app(refusal)
+        try:
+            super().on_headers_complete()
+        finally:
+            self.app = app
+
+    # ---- shedding at the protocol ----------------------------------------------------------------
+    def _edge_refusal(self) -> Any:
+        """Admission's edge decision for a ``POST /match`` or ``/match/batch`` (None: let it through)."""
+        if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] not in _SHED_PATHS:
+            return None
+        state = self._service_state()
+        if state is None or not state.settings.edge_shed:
+            return None
+        return state.admission.edge_refuse(state.settings.deadline_ms / 1e3)
+
+    def _service_state(self) -> Any:
+        """The app's ``ServiceState`` (set by the lifespan; None before it), found through uvicorn's wrappers."""
+        app: Any = self.app
+        for _ in range(8):
+            state = getattr(getattr(app, "state", None), "unimatch", None)
+            if state is not None:
+                return state
+            app = getattr(app, "app", None)
+            if app is None:
+                return None
+        return None
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
+
+
+_SHED_PATHS = frozenset({b"/match", b"/match/batch"})
+
+
+def _shed_app(refusal: Any) -> Any:
+    """A minimal ASGI app answering ``refusal`` (an Overloaded) as the edge middleware would: same JSON."""
+    import json
+
+    body = json.dumps({"error": {"kind": refusal.kind, "message": refusal.message}}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in refusal.headers.items()]
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        metrics.ERRORS.labels(kind=refusal.kind).inc()
+        metrics.HTTP_REQUESTS.labels(route=scope.get("path", "other"), status=str(refusal.status)).inc()
+        await send({"type": "http.response.start", "status": refusal.status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    return app

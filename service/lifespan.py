@@ -32,7 +32,7 @@ from service.features import (
     NullFeatureStore,
     RedisFeatureStore,
 )
-from service.loading import build_serving, check_store_matches, seed_admission
+from service.loading import build_serving, check_store_matches, freeze_heap, seed_admission
 from service.shadow import ShadowMonitor
 from service.state import ConcurrencyLimiter, ServiceState
 
@@ -110,6 +110,7 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         raise
     state.serving = serving
     seed_admission(state.admission, serving)
+    freeze_heap()
     metrics.set_bundle(serving.version, serving.method)
     app.state.unimatch = state
     state.spawn(state.watch_control())

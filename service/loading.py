@@ -8,6 +8,7 @@ its calibrated operating points, the warm-up at the largest k, the request vocab
 from __future__ import annotations
 
 import dataclasses
+import gc
 import logging
 import time
 from dataclasses import dataclass, field
@@ -129,6 +130,22 @@ def log_calibration(engine: MatchEngine) -> None:
             for p in points
         ]
         log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
+
+
+def freeze_heap() -> None:
+    """Collect once, then move every object alive (the bundle, the ONNX sessions, the imported modules:
+    ~70,000 objects) out of the cyclic collector's reach (``gc.freeze``).
+
+    A full collection walks every tracked object while holding the GIL: measured at 100-140 ms on the
+    shared 2-core machine, a stop of the whole worker, every in-flight search included, each time the
+    allocations of requests (a k=500 answer builds 500 items) trigger one. Frozen, the long-lived
+    objects are never scanned again; requests' garbage is still collected, in young generations. Called
+    after start-up and after a reload has retired the old bundle (the previous freeze is undone first,
+    so the old bundle's objects are collected: one such stop per reload).
+    """
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
 
 
 def seed_admission(admission: Admission, serving: Serving) -> None:

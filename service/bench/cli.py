@@ -114,8 +114,11 @@ def _search(args: argparse.Namespace) -> int:
         sweep=not args.no_sweep, sweep_k=args.sweep_k, sweep_users=args.sweep_users,
         sweep_bundles=tuple(args.sweep_bundle), throughput_threads=args.threads, seed=args.seed,
     )
+    from unimatch.progress import working
+
     console = Console(stderr=True)
-    res = run_search_bench(cfg, log=lambda m: console.print(m))
+    with working("bench search", console=console):  # its own lines per pass, and a heartbeat between them off a terminal
+        res = run_search_bench(cfg, log=lambda m: console.print(m))
     table = Table(title=f"bench search: {res['catalogue_size']:,} entities, {res['queries']} queries")
     for col in ("k", "coverage", "recall-all/query", "recall-retr.", "two-tower r.-retr.", "scored", "p50 ms", "p99 ms", "scorer share", "speed-up"):
         table.add_column(col, justify="right")

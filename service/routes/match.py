@@ -64,6 +64,7 @@ class Prepared:
     entity_types: list[int] | None
     deadline: float  # time.monotonic() by which the search must stop
     probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
+    admitted: float = 0.0  # time.monotonic() when admission let it in (0: not through admission)
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -103,25 +104,35 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     engine = serving.engine
     stored = lookup.features if lookup.features is not None else UserFeatures.cold_start(serving.schema)
     features, unknown_ids = apply_overrides(stored, prep.body.features, serving.vocab, serving.bundle)
+    # The answer is done when the event loop has resumed this request, not when the search returns:
+    # the search stops early enough to leave the usual hand-back time inside the deadline.
+    search_deadline = prep.deadline - state.admission.reserve_s(prep.deadline - arrived)
     query = engine.query(features, prep.domain, prep.k, exclude_rows=prep.exclude_rows,
-                         entity_types=prep.entity_types, deadline=prep.deadline)
+                         entity_types=prep.entity_types, deadline=search_deadline)
     # through admission: the unit counts as pending work, and is refused in the pool thread when its
     # wait for a thread left less of the deadline than a search takes (service/admission.py)
-    result = await state.admission.run(state.executor, lambda: engine.run(query), k=prep.k, deadline=prep.deadline,
-                                       probe=prep.probe)
-    total_s = time.monotonic() - arrived
+    timing: dict[str, float] = {}
+    result = await state.admission.run(state.executor, lambda: engine.run(query), k=prep.k, deadline=search_deadline,
+                                       probe=prep.probe, timing=timing)
+    resumed = time.monotonic()
+    state.admission.observe_handoff(resumed - timing["ended"])
+    timing["resumed"] = resumed
+    total_s = resumed - arrived
     if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
         state.shadow.offer(engine, prep.domain, prep.k, features, result, exclude_rows=prep.exclude_rows,
                            entity_types=prep.entity_types)
-    response = answer(prep, serving, lookup, result, total_s=total_s, unknown_ids=unknown_ids)
+    response = answer(prep, serving, lookup, result, arrived=arrived, timing=timing, unknown_ids=unknown_ids)
     metrics.record_match(response, lookup, total_s)
     return response
 
 
 def answer(
-    prep: Prepared, serving: Serving, lookup: Lookup, result: MatchResult, *, total_s: float, unknown_ids: int
+    prep: Prepared, serving: Serving, lookup: Lookup, result: MatchResult, *, arrived: float, timing: dict[str, float],
+    unknown_ids: int,
 ) -> MatchResponse:
-    """The engine's rows and stats as the HTTP answer: entity ids and type names, best first."""
+    """The engine's rows and stats as the HTTP answer: entity ids and type names, best first, and where
+    the time went (``timing``: admission's submitted/started/ended/runqueue stamps, and resumed)."""
+    total_s = timing["resumed"] - arrived
     bundle = serving.bundle
     rows = np.asarray(result.rows, dtype=np.int64)
     type_codes = np.asarray(bundle.entity_type[rows]).tolist() if rows.size else []
@@ -144,6 +155,11 @@ def answer(
         total_ms=round(total_s * 1e3, 3),
         steps=st.steps,
         unknown_override_ids=unknown_ids,
+        admitted_ms=round((prep.admitted - arrived) * 1e3, 3) if prep.admitted else 0.0,
+        submitted_ms=round((timing["submitted"] - arrived) * 1e3, 3),
+        queue_ms=round((timing["started"] - timing["submitted"]) * 1e3, 3),
+        handoff_ms=round((timing["resumed"] - timing["ended"]) * 1e3, 3),
+        runqueue_ms=round(timing.get("runqueue", 0.0) * 1e3, 3),
     )
     return MatchResponse(
         request_id=prep.request_id,
@@ -156,6 +172,19 @@ def answer(
         partial=bool(result.partial),
         degraded=lookup.degraded,
     )
+
+
+def own_budget(body: MatchRequest, state: ServiceState, prep: Prepared, arrived: float) -> float | None:
+    """The budget the caller chose itself (``deadline_ms`` below the service's), else None.
+
+    Admission answers (``partial``) rather than refuses a request whose *own* short deadline no search
+    could meet: the caller's choice. The service's deadline is not a choice to honour that way: when the
+    host is so starved that the mean search takes longer than it, answering everything would admit
+    requests that waited a second for the event loop and answer them with nothing.
+    """
+    if body.deadline_ms is None or body.deadline_ms >= state.settings.deadline_ms:
+        return None
+    return prep.deadline - arrived
 
 
 def arrival(request: Request) -> float:
@@ -171,8 +200,10 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
     with state.limiter.slot():
         prep = prepare(body, serving, state, arrived)
         # 503 now rather than a cut-short answer later
-        probe = state.admission.admit(prep.k, prep.deadline, budget_s=prep.deadline - arrived)
-        prep = dataclasses.replace(prep, probe=probe)
+        state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own_budget(body, state, prep, arrived),
+                                      whole_s=prep.deadline - arrived)
+        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic())
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
@@ -199,7 +230,9 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
                 raise InvalidRequest(f"requests[{i}]: {exc.message}") from None
         # the first entry must be able to start in time; later ones are checked as they start
         first = min(preps, key=lambda p: p.deadline)
-        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=first.deadline - arrived)
+        state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
+        probe = state.admission.admit(max(p.k for p in preps), first.deadline,
+                                      budget_s=own_budget(first.body, state, first, arrived), whole_s=first.deadline - arrived)
         preps = [dataclasses.replace(p, probe=probe) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))

@@ -28,7 +28,7 @@ def test_short_chaos_run(tmp_path: Path) -> None:
 
     bundle = make_fake_bundle(tmp_path / "bundle", num_entities=2000)
     data = make_fake_dataset(tmp_path / "data", bundle, num_users=300)
-    args = argparse.Namespace(bundle=bundle, data=data, seconds=1.0, deadline_ms=100.0, users=300, slow_sockets=20, out=None,
+    args = argparse.Namespace(bundle=bundle, data=data, seconds=1.0, deadline_ms=100.0, users=300, slow_sockets=20, out=None, overload_runs=1,
                               overload_k=200)
     rows = {r.scenario: r for r in asyncio.run(run_chaos(args))}
     assert set(rows) == {
@@ -45,3 +45,26 @@ def test_short_chaos_run(tmp_path: Path) -> None:
     assert rows["slow-clients"].recovery.startswith("20/20 closed")
     table = render(list(rows.values()), args)
     assert table.count("\n| ") == len(rows) + 1  # header + one row per scenario
+
+
+def test_recovery_is_read_from_the_services_own_totals_per_window() -> None:
+    """Back = the first 0.5 s window after which every window's p99 stays within 1.5 x the baseline's."""
+    from loadtests.chaos import Answer, recovery, windows
+
+    burst_end = 10.0
+    after = []
+    for i in range(40):  # 4 s after the burst, 10 answers per 0.4 s
+        t = burst_end + i * 0.1
+        server = 0.300 if t < burst_end + 1.2 else 0.012  # slow for 1.2 s, then baseline-like
+        after.append(Answer(t, 200, latency=server + 0.002, server_s=server))
+    after.append(Answer(burst_end + 0.05, 503, latency=0.001))
+    rec = recovery(after, burst_end, base_server_ms=10.0, base_client_ms=12.0)
+    assert rec["threshold_ms"] == 20.0  # max(1.5 x 10, 10 + 10)
+    assert rec["server_s"] == 1.5 and rec["client_s"] == 1.5  # the window [1.5, 2.0) is the first all-good one
+    ws = windows([Answer(a.sent - burst_end, a.status, a.latency, server_s=a.server_s) for a in after], 0.5)
+    assert ws[0]["shed"] == 1 and ws[0]["answered"] == 5
+    never = recovery([Answer(burst_end + 0.1, 200, 1.0, server_s=1.0)], burst_end, 10.0, 10.0)
+    assert never["server_s"] is None
+    # a baseline whose own windows reach 40 ms: the threshold is that, not 1.5 x its p99
+    base = [Answer(i * 0.1, 200, 0.01, server_s=0.040 if i % 5 == 0 else 0.010) for i in range(40)]
+    assert 35.0 < (recovery(after, burst_end, 10.0, 12.0, baseline=base)["threshold_ms"] or 0) <= 40.0

@@ -196,3 +196,59 @@ def test_connections_beyond_the_cap_are_closed_at_once(guarded_server: int) -> N
 def test_a_body_slower_than_the_body_timeout_gets_408(guarded_server: int) -> None:
     answer = _request(guarded_server, b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nonly-ten!!")
     assert answer.startswith(b"HTTP/1.1 408"), answer
+
+
+def test_overload_is_shed_at_the_protocol_and_the_connection_stays_usable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Admission's edge rule answered by the protocol itself: the route never runs, the body is dropped
+    unread, and the next request on the same kept-alive connection is served."""
+    import types
+
+    import uvicorn
+
+    from service.errors import Overloaded
+    from service.http_guard import GuardedHttpToolsProtocol
+
+    refuse = {"on": True}
+    calls: list[int] = []
+
+    class FakeAdmission:
+        def edge_refuse(self, budget_s: float) -> Overloaded | None:
+            return Overloaded("overloaded: test", headers={"Retry-After": "3"}) if refuse["on"] else None
+
+    app = FastAPI()
+
+    @app.post("/match")
+    async def match(request: Request) -> dict:
+        calls.append(len(await request.body()))
+        return {"ok": True}
+
+    app.state.unimatch = types.SimpleNamespace(settings=types.SimpleNamespace(edge_shed=True, deadline_ms=100.0),
+                                               admission=FakeAdmission())
+    get_settings.cache_clear()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=GuardedHttpToolsProtocol,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            body = b"{not json at all}"
+            sock.sendall(b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+            first = sock.recv(65536)
+            refuse["on"] = False
+            sock.sendall(b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            second = sock.recv(65536)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        get_settings.cache_clear()
+    assert first.startswith(b"HTTP/1.1 503") and b"retry-after: 3" in first.lower() and b'"overloaded"' in first
+    assert second.startswith(b"HTTP/1.1 200"), second
+    assert calls == [2]  # the route ran for the second request only
