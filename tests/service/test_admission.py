@@ -166,17 +166,17 @@ async def _with_app(settings: Settings, body):
 
 @pytest.fixture
 def engine_calls(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[dict[str, Any]]]:
-    """Record every MatchEngine.match call (its k and deadline) made after start-up."""
+    """Record every search the engine runs (MatchEngine.run: its k and deadline)."""
     from service.engine import MatchEngine
 
     calls: list[dict[str, Any]] = []
-    real = MatchEngine.match
+    real = MatchEngine.run
 
-    def match(self, user, domain, k, **kw):
-        calls.append({"k": k, "deadline": kw.get("deadline"), "thread": threading.get_ident()})
-        return real(self, user, domain, k, **kw)
+    def run(self, q, **kw):
+        calls.append({"k": q.k, "deadline": q.deadline, "thread": threading.get_ident()})
+        return real(self, q, **kw)
 
-    monkeypatch.setattr(MatchEngine, "match", match)
+    monkeypatch.setattr(MatchEngine, "run", run)
     yield calls
 
 
@@ -212,21 +212,24 @@ def test_batch_holds_its_fair_share_and_singles_are_served_beside_it(
 
     release = threading.Event()
     batch_started = threading.Event()
-    real = MatchEngine.match
+    real = MatchEngine.run
 
-    def match(self, user, domain, k, **kw):
-        if k == 7:  # the batch's entries block until the single request has been answered
+    def run(self, q, **kw):
+        if q.k == 7:  # the batch's entries block until the single request has been answered
             batch_started.set()
             assert release.wait(30), "the single request was not served while the batch ran"
-        return real(self, user, domain, k, **kw)
+        return real(self, q, **kw)
 
     async def body(app, client: httpx.AsyncClient):
         state = app.state.unimatch
-        monkeypatch.setattr(MatchEngine, "match", match)
+        monkeypatch.setattr(MatchEngine, "run", run)
         entries = [{**REQ, "k": 7, "user_id": f"user-{i:04d}"} for i in range(6)]
         batch = asyncio.create_task(client.post("/match/batch", json={"requests": entries}))
-        while not batch_started.is_set():
+        for _ in range(30_000):  # bounded: a patch that never fires fails here, not at the 15-min timeout
+            if batch_started.is_set():
+                break
             await asyncio.sleep(0.001)
+        assert batch_started.is_set(), "no batch entry reached the engine"
         held = state.limiter.in_flight
         single = await client.post("/match", json=REQ)  # a free thread and free slots: served now
         release.set()
