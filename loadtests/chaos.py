@@ -796,7 +796,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.out is not None:
         write_table(args.out, table)
     if args.curves_json is not None:
-        from model.data.io import atomic_write_json
+        from contracts.io import atomic_write_json
 
         atomic_write_json(args.curves_json, {"command": " ".join(sys.argv), "runs": curves})
     if args.plot is not None:

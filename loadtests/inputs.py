@@ -14,8 +14,8 @@ from pathlib import Path
 def check_bundle_and_data(bundle: Path, data: Path, *, require_graph: bool = False, verify_checksums: bool = True) -> None:
     """Raise ValueError (one line) unless ``bundle`` loads (manifest, checksums, graph) and ``data`` is
     a dataset with the bundle's schema and entity count."""
-    from model.data.dataset import load_dataset
-    from service.bundle import load_bundle
+    from contracts.bundle import load_bundle
+    from contracts.dataset import load_dataset
 
     b = load_bundle(bundle, verify_checksums=verify_checksums)  # BundleError: a ValueError with the reason
     if require_graph and b.graph is None:
