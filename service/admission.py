@@ -21,7 +21,7 @@ work can finish in time:
 * The deadline counts from the request's arrival at the edge, and an answer is done when the event
   loop has resumed it: the search's own deadline is moved earlier by the usual hand-back time
   (:meth:`Admission.reserve_s`), and :meth:`Admission.edge_refuse` answers 503 before the body is
-  even parsed when every thread is busy and the loop's standing delay (CoDel's minimum sojourn over
+  even parsed when the loop's standing delay (CoDel's minimum sojourn over
   an interval, :meth:`Admission.observe_sojourn`) + the queue wait + a search pass the deadline: at
   several times capacity, parsing and refusing requests in the route took the event loop (and the
   GIL the searches need) a large share of the CPU.
@@ -90,7 +90,7 @@ class Window:
     A window and not an exponentially weighted mean + 3 x deviation: on a shared host one search in
     a few dozen is descheduled for 100+ ms, and with a weight of 0.2 that single sample moved the
     upper estimate above a 100 ms deadline for the next several decisions, which then refused
-    searches at ~70% load (measured: 204 of 2,649 answers 503 at 0.7 x capacity). In a window of 64
+    searches at ~70% load (one cause of the 503s measured there). In a window of 64
     it moves the 95th percentile not at all and the mean by 1/64 of itself.
     """
 
