@@ -202,6 +202,10 @@ class Admission:
     # validation, waiting for the loop). A minimum, so a burst of arrivals does not count, only a
     # queue that stays; it is forgotten after two intervals without a request.
     sojourn_interval_s: float = 0.1
+    # An interval with fewer requests than this gives no reading: at low load its "minimum" would be
+    # one request's own delay (a large body, one collection), not a queue that stays.
+    sojourn_min_samples: int = 4
+    _interval_n: int = 0
     _interval_start: float = float("-inf")
     _interval_min: float = float("inf")
     _standing: float = 0.0
@@ -244,11 +248,12 @@ class Admission:
         now = self.clock()
         self._last_k = k
         if now - self._interval_start >= self.sojourn_interval_s:
-            if self._interval_min != float("inf"):
+            if self._interval_n >= self.sojourn_min_samples:
                 self._standing, self._standing_at = self._interval_min, self._interval_start + self.sojourn_interval_s
-            self._interval_start, self._interval_min = now, seconds
+            self._interval_start, self._interval_min, self._interval_n = now, seconds, 1
         else:
             self._interval_min = min(self._interval_min, seconds)
+            self._interval_n += 1
 
     def standing_s(self) -> float:
         """The loop's standing delay before admission (the last whole interval's minimum); 0 when stale."""
