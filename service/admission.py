@@ -21,7 +21,7 @@ work can finish in time:
 * The deadline counts from the request's arrival at the edge, and an answer is done when the event
   loop has resumed it: the search's own deadline is moved earlier by the usual hand-back time
   (:meth:`Admission.reserve_s`), and :meth:`Admission.edge_refuse` answers 503 before the body is
-  even parsed when every thread is busy and the loop's standing delay (CoDel's minimum sojourn over
+  even parsed when the loop's standing delay (CoDel's minimum sojourn over
   an interval, :meth:`Admission.observe_sojourn`) + the queue wait + a search pass the deadline: at
   several times capacity, parsing and refusing requests in the route took the event loop (and the
   GIL the searches need) a large share of the CPU.
@@ -90,7 +90,7 @@ class Window:
     A window and not an exponentially weighted mean + 3 x deviation: on a shared host one search in
     a few dozen is descheduled for 100+ ms, and with a weight of 0.2 that single sample moved the
     upper estimate above a 100 ms deadline for the next several decisions, which then refused
-    searches at ~70% load (measured: 204 of 2,649 answers 503 at 0.7 x capacity). In a window of 64
+    searches at ~70% load (one cause of the 503s measured there). In a window of 64
     it moves the 95th percentile not at all and the mean by 1/64 of itself.
     """
 
@@ -202,6 +202,10 @@ class Admission:
     # validation, waiting for the loop). A minimum, so a burst of arrivals does not count, only a
     # queue that stays; it is forgotten after two intervals without a request.
     sojourn_interval_s: float = 0.1
+    # An interval with fewer requests than this gives no reading: at low load its "minimum" would be
+    # one request's own delay (a large body, one collection), not a queue that stays.
+    sojourn_min_samples: int = 4
+    _interval_n: int = 0
     _interval_start: float = float("-inf")
     _interval_min: float = float("inf")
     _standing: float = 0.0
@@ -244,11 +248,12 @@ class Admission:
         now = self.clock()
         self._last_k = k
         if now - self._interval_start >= self.sojourn_interval_s:
-            if self._interval_min != float("inf"):
+            if self._interval_n >= self.sojourn_min_samples:
                 self._standing, self._standing_at = self._interval_min, self._interval_start + self.sojourn_interval_s
-            self._interval_start, self._interval_min = now, seconds
+            self._interval_start, self._interval_min, self._interval_n = now, seconds, 1
         else:
             self._interval_min = min(self._interval_min, seconds)
+            self._interval_n += 1
 
     def standing_s(self) -> float:
         """The loop's standing delay before admission (the last whole interval's minimum); 0 when stale."""

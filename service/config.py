@@ -80,8 +80,8 @@ class Settings(BaseSettings):
     # A /match/batch holds one slot per entry, but at most this share of max_concurrency, and runs its
     # entries on at most half the scoring threads: single requests keep being served beside it.
     batch_share: float = Field(default=0.25, gt=0, le=1)
-    # Refuse /match at the edge, before its body is parsed, when every scoring thread is busy and the
-    # loop's standing delay + queue wait + a search would pass the deadline (service/admission.py).
+    # Refuse /match at the edge, before its body is parsed, when the loop's standing delay + the queue
+    # wait + a search would pass the deadline (service/admission.py).
     # Off: such requests are parsed, validated and refused in the route (the same answer, dearer).
     edge_shed: bool = True
     # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------

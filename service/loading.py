@@ -132,19 +132,24 @@ def log_calibration(engine: MatchEngine) -> None:
         log.info("search calibrated (target %.3f, %d queries) domain %s: %s", cal.target, cal.queries, domain, "; ".join(parts))
 
 
-def freeze_heap() -> None:
-    """Collect once, then move every object alive (the bundle, the ONNX sessions, the imported modules:
-    ~70,000 objects) out of the cyclic collector's reach (``gc.freeze``).
+def freeze_heap(*, collect: bool = True) -> None:
+    """Move every object alive (the bundle, the ONNX sessions, the imported modules: ~70,000 objects)
+    out of the cyclic collector's reach (``gc.freeze``), after one collection if ``collect``.
 
     A full collection walks every tracked object while holding the GIL: measured at 100-140 ms on the
     shared 2-core machine, a stop of the whole worker, every in-flight search included, each time the
     allocations of requests (a k=500 answer builds 500 items) trigger one. Frozen, the long-lived
-    objects are never scanned again; requests' garbage is still collected, in young generations. Called
-    after start-up and after a reload has retired the old bundle (the previous freeze is undone first,
-    so the old bundle's objects are collected: one such stop per reload).
+    objects are never scanned again; requests' garbage is still collected, in young generations.
+
+    At start-up (nothing served yet) it collects first. After a reload it only freezes what the new
+    bundle added: a collection then would be that same stop in the middle of serving (measured: a 503
+    during a rollout under load), and it is not needed: the old bundle's serving objects hold no
+    reference cycles (checked: its Serving, engine, bundle and scorer are freed by reference counting
+    alone, with the collector disabled), so they are released although they were frozen.
     """
-    gc.unfreeze()
-    gc.collect()
+    if collect:
+        gc.unfreeze()
+        gc.collect()
     gc.freeze()
 
 

@@ -148,7 +148,7 @@ class ServiceState:
         await asyncio.sleep(max(5.0, 2 * self.settings.deadline_ms / 1e3))
         await asyncio.to_thread(old.engine.close)
         del old
-        freeze_heap()  # the new bundle's objects out of the collector's reach, the old one's collected
+        freeze_heap(collect=False)  # the new bundle's objects out of the collector's reach
 
     async def _check_features(self, new: Serving) -> None:
         """Refuse a bundle whose schema or entity rows do not match the features the store holds."""

@@ -161,7 +161,7 @@ def working(
     clock: Callable[[], float] = time.monotonic,
 ) -> Iterator[None]:
     """For a long step with no count to report (an import, an export, a benchmark pass): a spinner on a
-    terminal; elsewhere a line when it starts, ``still running`` every ``interval_s``, and one when done.
+    terminal; elsewhere ``still running`` every ``interval_s`` and, if it printed any, a line when done.
 
     The heartbeat runs in a daemon thread, so it keeps printing while the step holds the main thread
     (reading files, running onnxruntime or torch, both of which release the GIL often enough).
@@ -177,11 +177,13 @@ def working(
 
     every = every_s() if interval_s is None else interval_s
     started = clock()
-    print(f"{label} ...", file=target, flush=True)
     stop = threading.Event()
+    beats = 0
 
     def beat() -> None:
+        nonlocal beats
         while not stop.wait(every):
+            beats += 1
             print(f"{label}: still running ({_duration(clock() - started)} elapsed)", file=target, flush=True)
 
     thread = threading.Thread(target=beat, name="unimatch-progress", daemon=True)
@@ -193,4 +195,5 @@ def working(
     finally:
         stop.set()
         thread.join()
-        print(f"{label}: {'done' if ok else 'stopped'} after {_duration(clock() - started)}", file=target, flush=True)
+        if beats:  # a step shorter than one interval prints nothing (a bad input stays a one-line error)
+            print(f"{label}: {'done' if ok else 'stopped'} after {_duration(clock() - started)}", file=target, flush=True)

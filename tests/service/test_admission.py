@@ -341,9 +341,11 @@ def test_edge_refuses_when_loop_delay_queue_and_search_pass_the_budget() -> None
     adm = Admission(threads=2, clock=clock)
     assert adm.edge_refuse(0.100) is None  # nothing seen yet
     adm.seed(500, 0.030)
-    adm.observe_sojourn(0.030, k=500)
-    clock.t += 0.1
-    adm.observe_sojourn(0.030, k=500)  # standing delay of the loop: 30 ms
+    for _ in range(5):  # one interval of five requests, each 30 ms in the loop before admission
+        adm.observe_sojourn(0.030, k=500)
+        clock.t += 0.021
+    adm.observe_sojourn(0.030, k=500)  # closes it: standing delay of the loop, 30 ms
+    assert adm.standing_s() == pytest.approx(0.030)
     adm.pending, adm.pending_s = 1, 0.030  # a thread is free: the search starts at once, 30 + 30 fits
     assert adm.edge_refuse(0.100) is None
     adm.pending, adm.pending_s = 4, 0.060  # 30 ms of queue per thread: 30 + 30 + 30 <= 100
@@ -424,11 +426,22 @@ def test_the_loop_delay_alone_refuses_at_the_edge_with_idle_threads() -> None:
     clock = FakeClock()
     adm = Admission(threads=2, clock=clock)
     adm.seed(10, 0.005)
-    for _ in range(2):  # two intervals whose every request waited >= 120 ms in the loop
+    for _ in range(6):  # an interval whose every request waited 120 ms in the loop
         adm.observe_sojourn(0.120, k=10)
-        clock.t += 0.1
-    adm.observe_sojourn(0.120, k=10)
+        clock.t += 0.021
     assert adm.pending == 0 and adm.edge_refuse(0.100) is not None
+
+
+def test_a_few_slow_requests_at_low_load_are_no_standing_delay() -> None:
+    """At low load an interval holds a request or two: their own delay (a collection, a large body)
+    is not a queue, and must not refuse the next arrivals at the edge."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.005)
+    for _ in range(5):  # one request per 100 ms interval, each 150 ms late
+        adm.observe_sojourn(0.150, k=10)
+        clock.t += 0.1
+    assert adm.standing_s() == 0.0 and adm.edge_refuse(0.100) is None
 
 
 def test_no_probe_for_a_request_that_lost_its_time_waiting() -> None:
