@@ -23,8 +23,8 @@ import numpy as np
 from model.data.schema import FeatureSchema
 from service.bundle import Bundle
 from service.calibration import CalibratedPoint
-from service.scorer import HostGatherScorer, UserContext, make_scorer
-from service.search import VisitedSet, best_first, search
+from service.scorer import BatchingScorer, HostGatherScorer, UserContext, make_scorer
+from service.search import RequestBeam, VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")
 
@@ -128,6 +128,20 @@ class MatchResult:
     stats: dict[str, float] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MatchRequest:
+    """One request of ``MatchEngine.match_many``: the arguments of ``match``."""
+
+    user: UserFeatures
+    domain: int
+    k: int
+    exclude_rows: np.ndarray | None = None
+    entity_types: Sequence[int] | None = None
+    deadline: float | None = None
+    mode: str | None = None
+    params: SearchParams | None = None
+
+
 class _TimedScore:
     """Wraps the scorer for one request: counts pair evaluations and time inside onnxruntime calls."""
 
@@ -160,8 +174,13 @@ class MatchEngine:
         fp16_tables: bool = False,
         batch_requests: bool | None = None,
         use_calibration: bool | None = None,
+        search_loop: str = "compiled",
     ) -> None:
         self.bundle = bundle
+        # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
+        if search_loop not in ("compiled", "numpy"):
+            raise SearchError(f"search_loop must be 'compiled' or 'numpy', got {search_loop!r}")
+        self.search_loop = search_loop
         self.params = params or SearchParams()
         # The bundle's calibration decides mode and operating point per (domain, k) unless parameters
         # were given explicitly (UNIMATCH_SEARCH_* settings, benchmarks): those override it.
@@ -208,6 +227,16 @@ class MatchEngine:
             v = VisitedSet(self.bundle.num_entities)
             self._local.visited = v
         return v
+
+    def _visited_pool(self, n: int) -> list[VisitedSet]:
+        """``n`` visited sets of this thread for a lockstep batch (kept and reused: 12 bytes per entity each)."""
+        pool: list[VisitedSet] | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = []
+            self._local.pool = pool
+        while len(pool) < n:
+            pool.append(VisitedSet(self.bundle.num_entities))
+        return pool[:n]
 
     # ---- validation --------------------------------------------------------------------------------
     def _check(
@@ -278,18 +307,7 @@ class MatchEngine:
         "exhaustive" (benchmarks); by default it is chosen by ``params.exhaustive_threshold``.
         """
         t_start = time.perf_counter()
-        types, excl = self._check(user, domain, k, exclude_rows, entity_types)
-        if mode is not None and mode not in MODES:
-            raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
-        eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
-        point = self.calibrated(int(domain), int(k)) if params is None else None
-        if point is not None:
-            cal_mode, p = point
-            mode = mode or cal_mode
-        else:
-            p = (params or self.params).for_k(int(k))
-            if mode is None:
-                mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
+        types, excl, eligible, mode, p = self._plan(user, domain, k, exclude_rows, entity_types, mode, params)
         graph = self.bundle.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
@@ -312,6 +330,7 @@ class MatchEngine:
                 deadline=deadline,
                 seeds=self._seeds(user) if p.seed_history else None,
                 filter_beam=p.filter_beam,
+                loop=self.search_loop,
             )
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             for ls in out.layers:
@@ -332,6 +351,108 @@ class MatchEngine:
             total_ms=(t_end - t_start) * 1e3,
         )
         return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
+
+    def _plan(
+        self,
+        user: UserFeatures,
+        domain: int,
+        k: int,
+        exclude_rows: np.ndarray | None,
+        entity_types: Sequence[int] | None,
+        mode: str | None,
+        params: SearchParams | None,
+    ) -> tuple[np.ndarray | None, np.ndarray | None, int, str, SearchParams]:
+        """Validate a request and choose its mode and operating point: (types, exclusions, eligible, mode, params)."""
+        types, excl = self._check(user, domain, k, exclude_rows, entity_types)
+        if mode is not None and mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
+        eligible = int(self._type_counts[domain].sum() if types is None else self._type_counts[domain, types].sum())
+        point = self.calibrated(int(domain), int(k)) if params is None else None
+        if point is not None:
+            cal_mode, p = point
+            mode = mode or cal_mode
+        else:
+            p = (params or self.params).for_k(int(k))
+            if mode is None:
+                mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
+        if mode == "graph" and self.bundle.graph is None:
+            raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
+        return types, excl, eligible, mode, p
+
+    def match_many(self, requests: Sequence[MatchRequest], *, merged: bool | None = None) -> list[MatchResult]:
+        """Answer several requests at once: their graph searches run in lockstep (``service.lockstep``),
+        one scorer call per step for all of them; the answer of each is ``match``'s.
+
+        Every request is validated first (a ``SearchError`` for the first bad one, before any work).
+        Exhaustive-mode requests are answered one by one. ``merged`` (default: True on a
+        ``BatchingScorer``, the GPU path, else False) scores each step in ONE model call; without it each
+        request's rows are scored in its own call, so its scores are exactly ``match``'s, and only the
+        per-step bookkeeping is shared. A merged call may give a pair a score that differs in the last
+        float bit (another batch shape), which can swap exact near-ties at the k-th place.
+
+        Per-request stats: ``search_ms`` and ``total_ms`` are the lockstep's wall time (every request
+        waits for the slowest); ``scorer_ms`` is the request's share (by pairs) of the calls it was in.
+        """
+        from service.lockstep import search_many
+
+        t_start = time.perf_counter()
+        plans = [self._plan(r.user, r.domain, r.k, r.exclude_rows, r.entity_types, r.mode, r.params) for r in requests]
+        if merged is None:
+            merged = isinstance(self.scorer, BatchingScorer)
+        results: list[MatchResult | None] = [None] * len(requests)
+        graph = self.bundle.graph
+        lock = [i for i, pl in enumerate(plans) if pl[3] == "graph"]
+        for i, pl in enumerate(plans):
+            if pl[3] != "graph":
+                r = requests[i]
+                results[i] = self.match(r.user, int(r.domain), int(r.k), exclude_rows=r.exclude_rows,
+                                        entity_types=r.entity_types, deadline=r.deadline, mode=pl[3], params=pl[4])
+        if lock and graph is not None:
+            pool = self._visited_pool(len(lock))
+            ctxs, encode_ms, beams = [], [], []
+            for n, i in enumerate(lock):
+                r, (types, excl, _, _, p) = requests[i], plans[i]
+                t0 = time.perf_counter()
+                ctxs.append(self.scorer.encode(r.user.cat, r.user.num, r.user.seq, int(r.domain)))
+                encode_ms.append((time.perf_counter() - t0) * 1e3)
+                beams.append(RequestBeam(
+                    graph, k=int(r.k), ef=p.ef, steps=p.steps, top_n=p.top_n, max_degree=p.max_degree,
+                    whole_top_layer_up_to=p.whole_top_layer_up_to, visited=pool[n],
+                    keep=self._keep_fn(int(r.domain), types, excl), deadline=r.deadline,
+                    seeds=self._seeds(r.user) if p.seed_history else None, filter_beam=p.filter_beam,
+                ))
+            pairs = np.zeros(len(lock))
+            calls = np.zeros(len(lock))
+            ort_ms = np.zeros(len(lock))
+            gather_ms = np.zeros(len(lock))
+
+            def score_many(which: list[int], rows: list[np.ndarray]) -> list[np.ndarray]:
+                out, g_s, o_s = self.scorer.score_many([ctxs[w] for w in which], rows, merged=bool(merged))
+                sizes = np.array([r.size for r in rows], dtype=np.float64)
+                share = sizes / max(sizes.sum(), 1.0)
+                idx = np.asarray(which)
+                pairs[idx] += sizes
+                calls[idx] += 1
+                ort_ms[idx] += share * o_s * 1e3
+                gather_ms[idx] += share * g_s * 1e3
+                return out
+
+            t_search = time.perf_counter()
+            outs = search_many(beams, score_many)
+            t_end = time.perf_counter()
+            for n, (i, out) in enumerate(zip(lock, outs, strict=True)):
+                stats: dict[str, float] = {}
+                for ls in out.layers:
+                    stats[f"layer{ls.layer}_ms"] = ls.ms
+                    stats[f"layer{ls.layer}_steps"] = float(ls.steps)
+                stats.update(
+                    pair_evaluations=float(pairs[n]), scorer_calls=float(calls[n]), steps=float(out.steps),
+                    eligible=float(plans[i][2]), user_encode_ms=encode_ms[n], search_ms=(t_end - t_search) * 1e3,
+                    scorer_ms=float(ort_ms[n]), gather_ms=float(gather_ms[n]), total_ms=(t_end - t_start) * 1e3,
+                    batch=float(len(lock)),
+                )
+                results[i] = MatchResult(rows=out.rows, scores=out.scores, mode="graph", partial=out.partial, stats=stats)
+        return [r for r in results if r is not None]
 
     def calibrated(self, domain: int, k: int) -> tuple[str, SearchParams] | None:
         """(mode, params) the calibration chose for this domain and k, or None (not calibrated).

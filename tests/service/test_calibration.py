@@ -256,3 +256,21 @@ def test_paired_timing_measures_both_modes_on_the_same_queries(calibrated) -> No
     timed, ex_p50 = paired_timing(engine, q, idx, 10, point)
     assert timed.coverage == point.coverage and timed.pairs == point.pairs  # only the latencies are re-measured
     assert timed.ms_p50 > 0 and ex_p50 > 0
+
+
+def test_lockstep_batch_serves_each_request_its_calibrated_point(calibrated) -> None:
+    from service.engine import MatchRequest
+
+    bundle_path, data, _ = calibrated
+    engine = MatchEngine(load_bundle(bundle_path), providers=["CPUExecutionProvider"])
+    assert engine.calibration is not None
+    q = held_out_queries(data, engine.bundle, 12, 2, split="test")
+    reqs = [MatchRequest(user=u, domain=int(d), k=(10, 50)[i % 2])
+            for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True))]
+    points = {engine.calibrated(r.domain, r.k) for r in reqs}
+    assert len(points) > 1  # the batch mixes operating points
+    for r, got in zip(reqs, engine.match_many(reqs), strict=True):
+        want = engine.match(r.user, r.domain, r.k)
+        assert got.mode == want.mode
+        np.testing.assert_array_equal(got.rows, want.rows)
+        np.testing.assert_array_equal(got.scores, want.scores)
