@@ -522,12 +522,17 @@ class MatchEngine:
     def warmup(self) -> None:
         """One cold-start request per domain and mode: first-call allocations happen before traffic."""
         user = UserFeatures.cold_start(self.bundle.schema)
+        searched = False
         for d in range(self._num_domains):
             eligible = int(self._type_counts[d].sum())
             if eligible == 0:
                 continue
             k = min(10, eligible)
-            self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+            r = self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+            if not searched and self.bundle.graph is not None and r.mode != "graph":
+                # the search's compiled kernels load (or compile, seconds) on their first call: not in a request
+                self.match(user, d, k, mode="graph")
+            searched = searched or self.bundle.graph is not None
 
     def close(self) -> None:
         """Release background resources (the GPU batcher thread, when there is one)."""

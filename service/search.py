@@ -420,7 +420,7 @@ class RequestBeam:
             ok = np.concatenate(self._seen_ok) if self._prefer else self.keep(s_rows)
             s_rows, s_scores = s_rows[ok], s_scores[ok]
         if self.top_n[self._i] > 0 and s_rows.size:
-            self._results.append(best_first(s_rows, s_scores, self.top_n[self._i]))
+            self._results.append(kern.best_first_kernel(s_rows, s_scores, int(self.top_n[self._i])))
         self._ep = self._w_rows
         self._stats.ms = (self.clock() - self._t0) * 1e3
         self.layers.append(self._stats)

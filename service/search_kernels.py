@@ -221,3 +221,15 @@ def advance(
         nxt = np.empty(0, dtype=np.int64)
         nxt_fresh = nxt
     return scores, w_rows, w_scores, w_keys, frontier.size, nxt, nxt_fresh
+
+
+@_compiled
+def best_first_kernel(rows: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``service.search.best_first`` compiled: the ``n`` best of (rows, scores), score descending, ties by
+    the smaller row. O(len) selection, then a sort of the ``n`` kept."""
+    keep = top_by_key(rows, scores.astype(np.float64), n)
+    r, s = rows[keep], scores[keep]
+    by_row = np.argsort(r, kind="mergesort")
+    r, s = r[by_row], s[by_row]
+    by_score = np.argsort(-s, kind="mergesort")  # stable: equal scores stay in row order
+    return r[by_score], s[by_score]

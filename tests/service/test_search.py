@@ -270,3 +270,16 @@ def test_unknown_loop_is_refused(graph_and_vectors) -> None:
     graph, vec = graph_and_vectors
     with pytest.raises(ValueError, match="loop"):
         run(graph, RecordingScore(vec, vec[0]), 5, loop="rust")
+
+
+def test_compiled_best_first_matches_best_first() -> None:
+    from service.search_kernels import best_first_kernel
+
+    rng = np.random.default_rng(5)
+    for n in (1, 3, 10, 50, 200):
+        rows = rng.permutation(400)[:150].astype(np.int64)
+        scores = rng.integers(0, 12, rows.size).astype(np.float32)  # many ties, at the cut too
+        want = best_first(rows, scores, n)
+        got = best_first_kernel(rows, scores, n)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
