@@ -166,6 +166,15 @@ def beam_update(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """NANN's W <- top-ef(W u N) and C <- W n N: returns (W rows, W scores, W keys, C rows)."""
     nw = w_rows.size
+    if nw >= ef and nw > 0:
+        # A full beam: only new rows keyed at least as high as its worst can enter (ties at the worst
+        # too, they may win on the row). Selecting over W and those alone gives the same top-ef; late in
+        # a layer few new rows pass, so the selection is over ~ef keys instead of ef + |N|.
+        floor = w_keys.min()
+        passing = np.flatnonzero(n_keys >= floor)
+        if passing.size == 0:
+            return w_rows, w_scores, w_keys, np.empty(0, dtype=np.int64)
+        n_rows, n_scores, n_keys = n_rows[passing], n_scores[passing], n_keys[passing]
     rows = np.concatenate((w_rows, n_rows))
     scores = np.concatenate((w_scores, n_scores))
     keys = np.concatenate((w_keys, n_keys))
