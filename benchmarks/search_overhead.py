@@ -51,6 +51,8 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
     """Per loop: summary over ``repeats`` passes (each query warmed once first), interleaved query by query."""
     stats: dict[str, list[dict[str, float]]] = {name: [] for name in engines}
     identical = dict.fromkeys(engines, 0)
+    same_rows = dict.fromkeys(engines, 0)
+    worst = dict.fromkeys(engines, 0.0)  # max |score difference| where the rows are the same
     first = next(iter(engines))
     for u, d in queries:
         for engine in engines.values():
@@ -61,12 +63,17 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
                 got[name] = r = engine.match(u, int(d), k, mode="graph")
                 stats[name].append(r.stats)
             for name in engines:
-                identical[name] += bool(np.array_equal(got[name].rows, got[first].rows)
-                                        and np.array_equal(got[name].scores, got[first].scores))
+                rows_eq = bool(np.array_equal(got[name].rows, got[first].rows))
+                same_rows[name] += rows_eq
+                identical[name] += rows_eq and bool(np.array_equal(got[name].scores, got[first].scores))
+                if rows_eq and got[name].rows.size:
+                    worst[name] = max(worst[name], float(np.abs(got[name].scores - got[first].scores).max()))
     out = {}
     for name in engines:
         out[name] = summarise(stats[name])
         out[name]["identical_to_" + first] = identical[name] / len(stats[name])
+        out[name]["same_rows_as_" + first] = same_rows[name] / len(stats[name])
+        out[name]["max_score_diff_same_rows"] = worst[name]
     return out
 
 
@@ -92,8 +99,8 @@ def main() -> None:
     rows: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{len(queries)} queries x {args.repeats} passes, loops interleaved query by query")
     print("| k | loop | pairs/query | steps | mean ms | p50 ms | p99 ms | pair scorer | user encoder | "
-          f"outside onnxruntime | of which gathers | same answers as {loops[0]} |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"outside onnxruntime | of which gathers | same rows as {loops[0]} | and same scores | max score difference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(x) for x in args.k.split(",")):
         t0 = time.perf_counter()
         res = measure(engines, queries, k, args.repeats)
@@ -101,7 +108,8 @@ def main() -> None:
         for name, r in res.items():
             print(f"| {k} | {name} | {r['pair_evaluations']:.0f} | {r['steps']:.1f} | {r['total_ms']:.2f} | "
                   f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['scorer_share']:.1%} | {r['user_encode_share']:.1%} | "
-                  f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['identical_to_' + loops[0]]:.1%} |")
+                  f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['same_rows_as_' + loops[0]]:.1%} | "
+                  f"{r['identical_to_' + loops[0]]:.1%} | {r['max_score_diff_same_rows']:.1e} |")
         print(f"(k={k}: {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         args.json.write_text(json.dumps({"bundle": str(args.bundle), "queries": len(queries), "repeats": args.repeats,

@@ -25,6 +25,7 @@ from service.bundle import Bundle
 from service.calibration import CalibratedPoint
 from service.scorer import BatchingScorer, HostGatherScorer, UserContext, make_scorer
 from service.search import RequestBeam, VisitedSet, best_first, search
+from service.search_kernels import keep_rows
 
 log = logging.getLogger("unimatch.engine")
 
@@ -273,16 +274,17 @@ class MatchEngine:
         return types, excl
 
     def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
+        """The request's returnable rows (domain, entity types, exclusions), one compiled call per batch of rows."""
         bit = np.uint64(1 << domain)
         mask, etype = self._mask, self._etype
+        type_ok = np.zeros(0, dtype=np.bool_)
+        if types is not None:
+            type_ok = np.zeros(self._num_types, dtype=np.bool_)
+            type_ok[types] = True
+        excluded = np.zeros(0, dtype=np.int64) if excl is None else np.ascontiguousarray(excl, dtype=np.int64)  # sorted
 
         def keep(rows: np.ndarray) -> np.ndarray:
-            ok = (mask[rows] & bit) != 0
-            if types is not None:
-                ok &= np.isin(etype[rows], types)
-            if excl is not None:
-                ok &= ~np.isin(rows, excl, assume_unique=False)
-            return ok
+            return keep_rows(np.asarray(rows, dtype=np.int64), mask, bit, etype, type_ok, excluded)
 
         return keep
 

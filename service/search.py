@@ -426,7 +426,12 @@ class RequestBeam:
         self.layers.append(self._stats)
 
     def outcome(self) -> SearchOutcome:
-        rows, scores = merge(self._results, self.k)
+        if self._results:
+            rows, scores = kern.merge_kernel(
+                np.concatenate([r for r, _ in self._results]), np.concatenate([s for _, s in self._results]), self.k
+            )
+        else:
+            rows, scores = _EMPTY_ROWS, _EMPTY_SCORES
         return SearchOutcome(rows=rows, scores=scores.astype(np.float32), partial=self.partial, layers=self.layers)
 
 

@@ -242,3 +242,39 @@ def best_first_kernel(rows: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.
     r, s = r[by_row], s[by_row]
     by_score = np.argsort(-s, kind="mergesort")  # stable: equal scores stay in row order
     return r[by_score], s[by_score]
+
+
+@_compiled
+def merge_kernel(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """``service.search.merge`` over the concatenated per-layer lists: a row appears once (a request
+    scores a node once, so its score is the same in every layer), then the top-``k`` best first."""
+    order = np.argsort(rows, kind="mergesort")
+    keep = np.empty(rows.size, dtype=np.int64)
+    m = 0
+    for i in range(order.size):
+        if i == 0 or rows[order[i]] != rows[order[i - 1]]:
+            keep[m] = order[i]
+            m += 1
+    keep = keep[:m]
+    return best_first_kernel(rows[keep], scores[keep], k)
+
+
+@_compiled
+def keep_rows(
+    rows: np.ndarray, mask: np.ndarray, bit: np.uint64, etype: np.ndarray, type_ok: np.ndarray, excluded: np.ndarray
+) -> np.ndarray:
+    """Which rows a request may return: in its domain (``mask & bit``), of an allowed entity type
+    (``type_ok[etype]``; empty = any type), not excluded (``excluded`` sorted; empty = none)."""
+    out = np.empty(rows.size, dtype=np.bool_)
+    check_type = type_ok.size > 0
+    check_excl = excluded.size > 0
+    for i in range(rows.size):
+        r = rows[i]
+        ok = (mask[r] & bit) != 0
+        if ok and check_type:
+            ok = type_ok[etype[r]]
+        if ok and check_excl:
+            j = np.searchsorted(excluded, r)
+            ok = not (j < excluded.size and excluded[j] == r)
+        out[i] = ok
+    return out

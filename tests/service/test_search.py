@@ -283,3 +283,17 @@ def test_compiled_best_first_matches_best_first() -> None:
         got = best_first_kernel(rows, scores, n)
         np.testing.assert_array_equal(got[0], want[0])
         np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_compiled_merge_matches_merge() -> None:
+    from service.search_kernels import merge_kernel
+
+    rng = np.random.default_rng(6)
+    table = rng.integers(0, 20, 300).astype(np.float32)  # one score per row, many ties
+    layers = [rng.choice(300, size=n, replace=False).astype(np.int64) for n in (5, 12, 40, 90)]
+    per_layer = [best_first(r, table[r], r.size) for r in layers]
+    for k in (1, 10, 60, 500):
+        want = merge(per_layer, k)
+        got = merge_kernel(np.concatenate([r for r, _ in per_layer]), np.concatenate([s for _, s in per_layer]), k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
