@@ -14,10 +14,13 @@ the top-k ones with the highest scores". The search is NANN's (Chen et al., CIKM
         score all of N with the model in ONE batch
         W <- top-ef of (W u N);  C <- W n N
 
-Split like datasketch's pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per
-layer -> ``merge``; ``search`` runs them. Names follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's
-number of expansion steps. Everything here is pure numpy over a graph and a ``score(rows) -> scores``
-callable: no Python loop over candidates, no onnxruntime, no torch.
+Two implementations of one search. ``RequestBeam`` (the default, ``search(loop="compiled")``) is a
+per-request state machine whose per-step bookkeeping is one compiled call
+(``service.search_kernels``); it is also what the batched lockstep search (``service.lockstep``)
+drives for many requests at once. The numpy reference (``loop="numpy"``) is split like datasketch's
+pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per layer -> ``merge``. Names
+follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's number of expansion steps. Both work over a graph
+and a ``score(rows) -> scores`` callable: no Python loop over candidates, no onnxruntime, no torch.
 
 Ordering conventions (used throughout): "best first" means score descending, ties broken by the
 smaller row. Beams (W) are kept unordered; only results handed back are sorted.
