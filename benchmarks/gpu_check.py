@@ -9,7 +9,8 @@ What it measures, in order, and says which path ran:
 1. onnxruntime's providers. If ``CUDAExecutionProvider`` is there, the engine itself runs on CUDA
    (``service.engine.MatchEngine``: entity tables resident on the device, gather inside the graph,
    IOBinding, float32 and float16 tables, concurrent requests merged when the export allows it) and
-   the script reports single-stream p50/p99 and QPS under thread concurrency.
+   the script reports single-stream p50/p99 and QPS under thread concurrency, then the batched lockstep
+   search (``MatchEngine.match_many``: B requests' beams together, one device call per step) per B.
 2. Otherwise (a CPU build of onnxruntime, as on the lent machine) the *same* exported
    ``pair_scorer.onnx`` is executed by a small ONNX-to-PyTorch interpreter on CUDA — entity tables on
    the device, candidates gathered on the device (``index_select`` inside the scorer call), float32 and
@@ -275,7 +276,7 @@ def _concurrency(fn: Callable[[int], float], n_queries: int, threads: int) -> di
 
 
 def ort_cuda_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> None:
-    from service.engine import MatchEngine
+    from service.engine import EngineRequest, MatchEngine
 
     queries = _queries(bundle, args.queries, 0)
     for fp16 in (False, True):
@@ -290,6 +291,19 @@ def ort_cuda_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) ->
             r = _concurrency(one, args.queries, threads)
             res[key]["runs"].append(r)
             print(f"{key} threads={threads}: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
+        # The batched lockstep search: B requests' beams advanced together, one device call per step.
+        res[key]["lockstep"] = []
+        for batch in args.lockstep_batches:
+            reqs = [EngineRequest(user=queries[i % len(queries)], domain=i % bundle.schema.num_domains, k=args.k)
+                    for i in range(args.queries)]
+            eng.match_many(reqs[:batch])  # warm this batch shape
+            t0 = time.perf_counter()
+            got = [r for i in range(0, len(reqs), batch) for r in eng.match_many(reqs[i : i + batch])]
+            wall = time.perf_counter() - t0
+            lat = [g.stats.total_ms for g in got]
+            r = {"batch": batch, "queries": len(reqs), "qps": len(reqs) / wall, "p50_ms": _pct(lat, 50), "p99_ms": _pct(lat, 99)}
+            res[key]["lockstep"].append(r)
+            print(f"{key} lockstep B={batch}: {r['qps']:.0f} q/s, batch p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
         eng.close()
 
 
@@ -433,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=lambda s: [int(v) for v in s.split(",")], default=[1024, 4096, 17000, 65536])
     ap.add_argument("--tile-to", type=int, default=0, help="repeat entity tables to this many rows for the scorer-only runs (e.g. 1300000)")
     ap.add_argument("--torch-device", default="cuda", help="cpu: dry run of the torch path (no CUDA graphs)")
+    ap.add_argument("--lockstep-batches", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 256],
+                    help="batch sizes of the lockstep search (MatchEngine.match_many) on the onnxruntime CUDA path")
     ap.add_argument("--users-per-call", type=lambda s: [int(v) for v in s.split(",")], default=[8, 32])
     args = ap.parse_args(argv)
 

@@ -1,14 +1,20 @@
 """Where a graph query's time goes: pair scorer, user encoder, and everything outside onnxruntime.
 
-The target bounds the work outside the scorer's onnxruntime calls (gathers, visited set, top-n, Python)
-at 20% of the query time: beyond it the search code, not the model, would set the latency. `unimatch bench search` reports the same split, but only after an exhaustive
-pass over every query (seconds per query at 1M); this script runs the graph searches alone, so the
-split can be re-measured in a minute after a change to the search code. No coverage numbers here.
+The search loop's work outside the scorer's onnxruntime calls (gathers, visited set, beam, top-n,
+Python) is bounded at 10% of the query time. `unimatch bench search` reports the same split, but only
+after an exhaustive pass over every query (seconds per query at 1M); this script runs the graph
+searches alone, as served (the bundle's calibrated point per domain and k, else the engine defaults),
+so the split can be re-measured in a minute after a change to the search code. No coverage numbers.
+
+With ``--loops numpy,compiled`` it measures the search loops side by side in one run: every query runs
+once per loop, interleaved, on engines that differ only in the loop (``search(loop=...)``: the numpy
+step loop it replaced, and the compiled one), and counts the queries whose rows and scores are
+identical to the first loop's.
 
 Usage::
 
     .venv/bin/python benchmarks/search_overhead.py --bundle B --data D --users 120 --k 50,200,1000 \\
-        [--json out.json]
+        [--loops numpy,compiled] [--json out.json]
 """
 
 from __future__ import annotations
@@ -18,30 +24,56 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
+
 from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
-from service.engine import MatchEngine
+from service.engine import MatchEngine, SearchStats
 
 KEYS = ("total_ms", "scorer_ms", "user_encode_ms", "gather_ms", "pair_evaluations", "steps", "scorer_calls")
 
 
-def measure(engine: MatchEngine, queries: list, k: int, repeats: int) -> dict[str, float]:
-    """Mean per-query stats over ``repeats`` passes (the first pass of each query warms the caches)."""
-    sums = dict.fromkeys(KEYS, 0.0)
-    n = 0
-    for u, d in queries:
-        engine.match(u, int(d), k, mode="graph")  # warm: page in this query's graph region and tables
-        for _ in range(repeats):
-            r = engine.match(u, int(d), k, mode="graph")
-            for key in KEYS:
-                sums[key] += getattr(r.stats, key)
-            n += 1
-    out = {key: v / n for key, v in sums.items()}
+def summarise(stats: list[SearchStats]) -> dict[str, float]:
+    """Means of ``KEYS``, latency percentiles, and each part's share of the summed query time."""
+    sums = {key: float(sum(getattr(s, key) for s in stats)) for key in KEYS}
+    out = {key: v / len(stats) for key, v in sums.items()}
+    lat = np.array([s.total_ms for s in stats])
+    out["p50_ms"], out["p99_ms"] = float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
     total = sums["total_ms"]
     out["scorer_share"] = sums["scorer_ms"] / total
     out["user_encode_share"] = sums["user_encode_ms"] / total
     out["outside_ort_share"] = (total - sums["scorer_ms"] - sums["user_encode_ms"]) / total
     out["gather_share"] = sums["gather_ms"] / total
+    return out
+
+
+def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Per loop: summary over ``repeats`` passes (each query warmed once first), interleaved query by query."""
+    stats: dict[str, list[SearchStats]] = {name: [] for name in engines}
+    identical = dict.fromkeys(engines, 0)
+    same_rows = dict.fromkeys(engines, 0)
+    worst = dict.fromkeys(engines, 0.0)  # max |score difference| where the rows are the same
+    first = next(iter(engines))
+    for u, d in queries:
+        for engine in engines.values():
+            engine.match(u, int(d), k, mode="graph")  # warm: page in this query's graph region and tables
+        for _ in range(repeats):
+            got = {}
+            for name, engine in engines.items():
+                got[name] = r = engine.match(u, int(d), k, mode="graph")
+                stats[name].append(r.stats)
+            for name in engines:
+                rows_eq = bool(np.array_equal(got[name].rows, got[first].rows))
+                same_rows[name] += rows_eq
+                identical[name] += rows_eq and bool(np.array_equal(got[name].scores, got[first].scores))
+                if rows_eq and got[name].rows.size:
+                    worst[name] = max(worst[name], float(np.abs(got[name].scores - got[first].scores).max()))
+    out = {}
+    for name in engines:
+        out[name] = summarise(stats[name])
+        out[name]["identical_to_" + first] = identical[name] / len(stats[name])
+        out[name]["same_rows_as_" + first] = same_rows[name] / len(stats[name])
+        out[name]["max_score_diff_same_rows"] = worst[name]
     return out
 
 
@@ -52,25 +84,36 @@ def main() -> None:
     p.add_argument("--users", type=int, default=120, help="held-out (user, domain) queries")
     p.add_argument("--k", default="50,200,1000", help="comma-separated k values")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per query after one warm-up pass")
+    p.add_argument("--loops", default="compiled", help="search loops to compare, comma list of numpy, compiled")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = p.parse_args()
+    loops = [x.strip() for x in args.loops.split(",") if x.strip()]
+    if not loops or any(x not in ("numpy", "compiled") for x in loops):
+        p.error(f"--loops takes numpy and/or compiled, got {args.loops!r}")
     bundle = load_bundle(args.bundle)
-    engine = MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    engines = {x: MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1, search_loop=x) for x in loops}
     q = held_out_queries(args.data, bundle, args.users, 0)
     queries = list(zip(q.features, q.domains, strict=True))
-    engine.warmup()
-    rows = {}
-    print("| k | pairs/query | steps | p-mean ms | pair scorer | user encoder | outside onnxruntime | of which gathers |")
-    print("|---|---|---|---|---|---|---|---|")
+    for engine in engines.values():
+        engine.warmup()
+    rows: dict[str, dict[str, dict[str, float]]] = {}
+    print(f"{len(queries)} queries x {args.repeats} passes, loops interleaved query by query")
+    print("| k | loop | pairs/query | steps | mean ms | p50 ms | p99 ms | pair scorer | user encoder | "
+          f"outside onnxruntime | of which gathers | same rows as {loops[0]} | and same scores | max score difference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(x) for x in args.k.split(",")):
         t0 = time.perf_counter()
-        r = measure(engine, queries, k, args.repeats)
-        rows[str(k)] = r
-        print(f"| {k} | {r['pair_evaluations']:.0f} | {r['steps']:.1f} | {r['total_ms']:.2f} | {r['scorer_share']:.1%} | "
-              f"{r['user_encode_share']:.1%} | {r['outside_ort_share']:.1%} | {r['gather_share']:.1%} |  "
-              f"({time.perf_counter() - t0:.0f} s)")
+        res = measure(engines, queries, k, args.repeats)
+        rows[str(k)] = res
+        for name, r in res.items():
+            print(f"| {k} | {name} | {r['pair_evaluations']:.0f} | {r['steps']:.1f} | {r['total_ms']:.2f} | "
+                  f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['scorer_share']:.1%} | {r['user_encode_share']:.1%} | "
+                  f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['same_rows_as_' + loops[0]]:.1%} | "
+                  f"{r['identical_to_' + loops[0]]:.1%} | {r['max_score_diff_same_rows']:.1e} |")
+        print(f"(k={k}: {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
-        args.json.write_text(json.dumps({"bundle": str(args.bundle), "queries": len(queries), "k": rows}, indent=2))
+        args.json.write_text(json.dumps({"bundle": str(args.bundle), "queries": len(queries), "repeats": args.repeats,
+                                         "loops": loops, "k": rows}, indent=2))
 
 
 if __name__ == "__main__":

@@ -26,8 +26,10 @@ from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
 from service.scoring import make_scorer
+from service.scoring.batching import BatchingScorer
 from service.scoring.host import HostGatherScorer, UserContext
-from service.search import LayerStats, VisitedSet, best_first, search
+from service.search import LayerStats, RequestBeam, VisitedSet, best_first, search
+from service.search_kernels import keep_rows
 
 log = logging.getLogger("unimatch.engine")
 
@@ -124,6 +126,7 @@ class SearchStats:
     gather_ms: float  # entity-tensor gathers on the host (zero when gathered inside the graph)
     total_ms: float
     layers: tuple[LayerStats, ...] = ()  # graph mode: per layer, top first
+    batch: int = 1  # requests searched together (``match_many``'s lockstep); 1 for ``run``
 
 
 @dataclass
@@ -147,6 +150,20 @@ class MatchQuery:
     exclude_rows: np.ndarray | None  # unique int64 rows, or None
     eligible: int  # entities this query may return before exclusions
     deadline: float | None = None  # absolute time.monotonic(); past it the search stops at the next step
+
+
+@dataclass(frozen=True)
+class EngineRequest:
+    """One request of ``MatchEngine.match_many``: the arguments of ``match``."""
+
+    user: UserFeatures
+    domain: int
+    k: int
+    exclude_rows: np.ndarray | None = None
+    entity_types: Sequence[int] | None = None
+    deadline: float | None = None
+    mode: str | None = None
+    params: SearchParams | None = None
 
 
 class _TimedScore:
@@ -181,8 +198,13 @@ class MatchEngine:
         fp16_tables: bool = False,
         batch_requests: bool | None = None,
         use_calibration: bool | None = None,
+        search_loop: str = "compiled",
     ) -> None:
         self.bundle = bundle
+        # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
+        if search_loop not in ("compiled", "numpy"):
+            raise SearchError(f"search_loop must be 'compiled' or 'numpy', got {search_loop!r}")
+        self.search_loop = search_loop
         self.params = params or SearchParams()
         # The bundle's calibration decides mode and operating point per (domain, k) unless parameters
         # were given explicitly (UNIMATCH_SEARCH_* settings, benchmarks): those override it.
@@ -230,6 +252,16 @@ class MatchEngine:
             v = VisitedSet(self.bundle.num_entities)
             self._local.visited = v
         return v
+
+    def _visited_pool(self, n: int) -> list[VisitedSet]:
+        """``n`` visited sets of this thread for a lockstep batch (kept and reused: 12 bytes per entity each)."""
+        pool: list[VisitedSet] | None = getattr(self._local, "pool", None)
+        if pool is None:
+            pool = []
+            self._local.pool = pool
+        while len(pool) < n:
+            pool.append(VisitedSet(self.bundle.num_entities))
+        return pool[:n]
 
     # ---- the request -------------------------------------------------------------------------------
     def query(
@@ -282,16 +314,17 @@ class MatchEngine:
                           eligible=eligible, deadline=deadline)
 
     def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
+        """The request's returnable rows (domain, entity types, exclusions), one compiled call per batch of rows."""
         bit = np.uint64(1 << domain)
         mask, etype = self._mask, self._etype
+        type_ok = np.zeros(0, dtype=np.bool_)
+        if types is not None:
+            type_ok = np.zeros(self._num_types, dtype=np.bool_)
+            type_ok[types] = True
+        excluded = np.zeros(0, dtype=np.int64) if excl is None else np.ascontiguousarray(excl, dtype=np.int64)  # sorted
 
         def keep(rows: np.ndarray) -> np.ndarray:
-            ok = (mask[rows] & bit) != 0
-            if types is not None:
-                ok &= np.isin(etype[rows], types)
-            if excl is not None:
-                ok &= ~np.isin(rows, excl, assume_unique=False)
-            return ok
+            return keep_rows(np.asarray(rows, dtype=np.int64), mask, bit, etype, type_ok, excluded)
 
         return keep
 
@@ -316,17 +349,8 @@ class MatchEngine:
         """Answer a validated query. ``mode`` forces "graph" or "exhaustive" (benchmarks); by default the
         bundle's calibration chooses mode and operating point, else ``params.exhaustive_threshold``."""
         t_start = time.perf_counter()
-        if mode is not None and mode not in MODES:
-            raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
         user, domain, k = q.user, q.domain, q.k
-        point = self.calibrated(domain, k) if params is None else None
-        if point is not None:
-            cal_mode, p = point
-            mode = mode or cal_mode
-        else:
-            p = params_for_k(params or self.params, k)
-            if mode is None:
-                mode = "exhaustive" if self.bundle.graph is None or q.eligible <= p.exhaustive_threshold else "graph"
+        mode, p = self._plan(q, mode, params)
         graph = self.bundle.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
@@ -349,6 +373,7 @@ class MatchEngine:
                 deadline=q.deadline,
                 seeds=self._seeds(user) if p.seed_history else None,
                 filter_beam=p.filter_beam,
+                loop=self.search_loop,
             )
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             layers = tuple(out.layers)
@@ -368,6 +393,94 @@ class MatchEngine:
             layers=layers,
         )
         return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
+
+    def _plan(self, q: MatchQuery, mode: str | None, params: SearchParams | None) -> tuple[str, SearchParams]:
+        """The mode and operating point of a validated query: the calibration's, else ``params``' (or the
+        engine's) with ``exhaustive_threshold`` deciding the mode; ``mode`` forces one."""
+        if mode is not None and mode not in MODES:
+            raise SearchError(f"mode must be one of {MODES}, got {mode!r}")
+        point = self.calibrated(q.domain, q.k) if params is None else None
+        if point is not None:
+            cal_mode, p = point
+            mode = mode or cal_mode
+        else:
+            p = params_for_k(params or self.params, q.k)
+            if mode is None:
+                mode = "exhaustive" if self.bundle.graph is None or q.eligible <= p.exhaustive_threshold else "graph"
+        if mode == "graph" and self.bundle.graph is None:
+            raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
+        return mode, p
+
+    def match_many(self, requests: Sequence[EngineRequest], *, merged: bool | None = None) -> list[MatchResult]:
+        """Answer several requests at once: their graph searches run in lockstep (``service.lockstep``),
+        one scorer call per step for all of them; the answer of each is ``match``'s.
+
+        Every request is validated first (a ``SearchError`` for the first bad one, before any work).
+        Exhaustive-mode requests are answered one by one. ``merged`` (default: True on a
+        ``BatchingScorer``, the GPU path, else False) scores each step in ONE model call; without it each
+        request's rows are scored in its own call, so its scores are exactly ``match``'s, and only the
+        per-step bookkeeping is shared. A merged call may give a pair a score that differs in the last
+        float bit (another batch shape), which can swap exact near-ties at the k-th place.
+
+        Per-request stats: ``search_ms`` and ``total_ms`` are the lockstep's wall time (every request
+        waits for the slowest); ``scorer_ms`` is the request's share (by pairs) of the calls it was in.
+        """
+        from service.lockstep import search_many
+
+        t_start = time.perf_counter()
+        queries = [self.query(r.user, r.domain, r.k, exclude_rows=r.exclude_rows, entity_types=r.entity_types,
+                              deadline=r.deadline) for r in requests]
+        plans = [self._plan(q, r.mode, r.params) for q, r in zip(queries, requests, strict=True)]
+        if merged is None:
+            merged = isinstance(self.scorer, BatchingScorer)
+        results: list[MatchResult | None] = [None] * len(requests)
+        graph = self.bundle.graph
+        lock = [i for i, (mode, _) in enumerate(plans) if mode == "graph"]
+        for i, (mode, p) in enumerate(plans):
+            if mode != "graph":
+                results[i] = self.run(queries[i], mode=mode, params=p)
+        if lock and graph is not None:
+            pool = self._visited_pool(len(lock))
+            ctxs, encode_ms, beams = [], [], []
+            for n, i in enumerate(lock):
+                q, (_, p) = queries[i], plans[i]
+                t0 = time.perf_counter()
+                ctxs.append(self.scorer.encode(q.user.cat, q.user.num, q.user.seq, q.domain))
+                encode_ms.append((time.perf_counter() - t0) * 1e3)
+                beams.append(RequestBeam(
+                    graph, k=q.k, ef=p.ef, steps=p.steps, top_n=p.top_n, max_degree=p.max_degree,
+                    whole_top_layer_up_to=p.whole_top_layer_up_to, visited=pool[n],
+                    keep=self._keep_fn(q.domain, q.entity_types, q.exclude_rows), deadline=q.deadline,
+                    seeds=self._seeds(q.user) if p.seed_history else None, filter_beam=p.filter_beam,
+                ))
+            pairs = np.zeros(len(lock), dtype=np.int64)
+            calls = np.zeros(len(lock), dtype=np.int64)
+            ort_ms = np.zeros(len(lock))
+            gather_ms = np.zeros(len(lock))
+
+            def score_many(which: list[int], rows: list[np.ndarray]) -> list[np.ndarray]:
+                out, g_s, o_s = self.scorer.score_many([ctxs[w] for w in which], rows, merged=bool(merged))
+                sizes = np.array([r.size for r in rows], dtype=np.int64)
+                share = sizes / max(int(sizes.sum()), 1)
+                idx = np.asarray(which)
+                pairs[idx] += sizes
+                calls[idx] += 1
+                ort_ms[idx] += share * o_s * 1e3
+                gather_ms[idx] += share * g_s * 1e3
+                return out
+
+            t_search = time.perf_counter()
+            outs = search_many(beams, score_many)
+            t_end = time.perf_counter()
+            for n, (i, out) in enumerate(zip(lock, outs, strict=True)):
+                stats = SearchStats(
+                    pair_evaluations=int(pairs[n]), scorer_calls=int(calls[n]), steps=int(out.steps),
+                    eligible=queries[i].eligible, user_encode_ms=encode_ms[n], search_ms=(t_end - t_search) * 1e3,
+                    scorer_ms=float(ort_ms[n]), gather_ms=float(gather_ms[n]), total_ms=(t_end - t_start) * 1e3,
+                    layers=tuple(out.layers), batch=len(lock),
+                )
+                results[i] = MatchResult(rows=out.rows, scores=out.scores, mode="graph", partial=out.partial, stats=stats)
+        return [r for r in results if r is not None]
 
     def calibrated(self, domain: int, k: int) -> tuple[str, SearchParams] | None:
         """(mode, params) the calibration chose for this domain and k, or None (not calibrated).
@@ -441,12 +554,17 @@ class MatchEngine:
     def warmup(self) -> None:
         """One cold-start request per domain and mode: first-call allocations happen before traffic."""
         user = UserFeatures.cold_start(self.bundle.schema)
+        searched = False
         for d in range(self._num_domains):
             eligible = int(self._type_counts[d].sum())
             if eligible == 0:
                 continue
             k = min(10, eligible)
-            self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+            r = self.match(user, d, k, mode="exhaustive" if self.bundle.graph is None else None)
+            if not searched and self.bundle.graph is not None and r.mode != "graph":
+                # the search's compiled kernels load (or compile, seconds) on their first call: not in a request
+                self.match(user, d, k, mode="graph")
+            searched = searched or self.bundle.graph is not None
 
     def close(self) -> None:
         """Release background resources (the GPU batcher thread, when there is one)."""

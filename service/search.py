@@ -14,10 +14,13 @@ the top-k ones with the highest scores". The search is NANN's (Chen et al., CIKM
         score all of N with the model in ONE batch
         W <- top-ef of (W u N);  C <- W n N
 
-Split like datasketch's pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per
-layer -> ``merge``; ``search`` runs them. Names follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's
-number of expansion steps. Everything here is pure numpy over a graph and a ``score(rows) -> scores``
-callable: no Python loop over candidates, no onnxruntime, no torch.
+Two implementations of one search. ``RequestBeam`` (the default, ``search(loop="compiled")``) is a
+per-request state machine whose per-step bookkeeping is one compiled call
+(``service.search_kernels``); it is also what the batched lockstep search (``service.lockstep``)
+drives for many requests at once. The numpy reference (``loop="numpy"``) is split like datasketch's
+pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per layer -> ``merge``. Names
+follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's number of expansion steps. Both work over a graph
+and a ``score(rows) -> scores`` callable: no Python loop over candidates, no onnxruntime, no torch.
 
 Ordering conventions (used throughout): "best first" means score descending, ties broken by the
 smaller row. Beams (W) are kept unordered; only results handed back are sorted.
@@ -32,9 +35,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from contracts.graph import Graph
+from service import search_kernels as kern
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) float32 scores, one model call
 KeepFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) bool: may this row be returned?
+
+
+_STAMP_MAX = int(np.iinfo(np.uint32).max)
 
 
 class VisitedSet:
@@ -60,14 +67,14 @@ class VisitedSet:
 
     def new_request(self) -> None:
         self._req += 1
-        if self._req >= np.iinfo(np.uint32).max:  # wrap-around: the one O(E) reset every 4e9 requests
+        if self._req >= _STAMP_MAX:  # wrap-around: the one O(E) reset every 4e9 requests
             self._scored[:] = 0
             self._req = 1
         self.new_layer()
 
     def new_layer(self) -> None:
         self._layer += 1
-        if self._layer >= np.iinfo(np.uint32).max:
+        if self._layer >= _STAMP_MAX:
             self._seen[:] = 0
             self._layer = 1
 
@@ -242,6 +249,177 @@ def merge(per_layer: list[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.nd
     return best_first(rows, scores[first], k)
 
 
+class RequestBeam:
+    """One request's K-NN-SEARCH as a state machine, advanced one expansion step at a time.
+
+    The same search as ``search_layer`` + ``merge`` (NANN's SEARCH-LAYER per layer, top to bottom), with
+    each step's bookkeeping in one compiled call (``service.search_kernels.advance``) and the model call
+    left to whoever drives it: ``search`` drives one request, ``service.lockstep.search_many`` drives
+    many and scores the rows all of them need at a step in one call. The protocol::
+
+        while beam.next_layer():
+            rows = beam.start_layer()              # the layer's entry set: rows that need scores
+            while rows is not None:
+                rows = beam.advance(score(rows))   # beam update, then the next step's rows (None: done)
+            beam.end_layer()
+        beam.outcome()
+
+    The rows handed out are unique and never scored before by this request; an empty array needs no
+    model call (``advance`` takes an empty score array). The beam's top-ef breaks ties by the smaller
+    row, so the answer depends only on the scores, not on the order rows were produced or scored in.
+    """
+
+    def __init__(
+        self,
+        graph: Graph,
+        *,
+        k: int,
+        ef: tuple[int, ...],
+        steps: tuple[int, ...],
+        top_n: tuple[int, ...],
+        visited: VisitedSet,
+        keep: KeepFn | None = None,
+        deadline: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        max_degree: tuple[int, ...] = (),
+        whole_top_layer_up_to: int | None = None,
+        seeds: np.ndarray | None = None,
+        filter_beam: bool = False,
+    ) -> None:
+        if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
+            raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
+        if max_degree and len(max_degree) != graph.num_layers:
+            raise ValueError(f"max_degree needs one value per layer ({graph.num_layers}) or none")
+        self.graph, self.k, self.ef, self.steps, self.top_n = graph, int(k), ef, steps, top_n
+        self.visited, self.keep, self.deadline, self.clock = visited, keep, deadline, clock
+        self.degree = max_degree or (0,) * graph.num_layers
+        self.seeds = None if seeds is None or not np.size(seeds) else np.asarray(seeds, dtype=np.int64)
+        self.filter_beam = filter_beam
+        visited.new_request()
+        self._ep = entry(graph, whole_top_layer_up_to=ef[0] if whole_top_layer_up_to is None else whole_top_layer_up_to)
+        self._i = -1  # index into the layers, top first
+        self.partial = False
+        self.layers: list[LayerStats] = []
+        self._results: list[tuple[np.ndarray, np.ndarray]] = []
+
+    @property
+    def layer(self) -> int:
+        return self.graph.num_layers - 1 - self._i
+
+    def next_layer(self) -> bool:
+        """Move to the next layer down; False when the search is over (bottom done, or deadline)."""
+        if self.partial or self._i + 1 >= self.graph.num_layers:
+            return False
+        self._i += 1
+        layer = self.layer
+        self._t0 = self.clock()
+        self._stats = LayerStats(layer=layer)
+        self._prefer = self.keep is not None and self.filter_beam and layer == 0
+        self._off, self._nb = _plain(self.graph.offsets[layer]), _plain(self.graph.neighbors[layer])
+        self._t = 0
+        self._w_rows, self._w_scores, self._w_keys = _EMPTY_ROWS, _EMPTY_SCORES, _EMPTY_KEYS
+        self._seen_rows: list[np.ndarray] = []
+        self._seen_scores: list[np.ndarray] = []
+        self._seen_ok: list[np.ndarray] = []
+        return True
+
+    def start_layer(self) -> np.ndarray:
+        """The layer's entry set (W of the layer above, plus the seeds at the bottom): the rows of it that
+        need scores (the others were scored in a layer above)."""
+        v = self.visited
+        v.new_layer()
+        ep = self._ep
+        if self.layer == 0 and self.seeds is not None:
+            ep = np.concatenate([np.asarray(ep, dtype=np.int64), self.seeds])
+        return self._hand_out(kern.mark_unseen(np.asarray(ep, dtype=np.int64), v._seen, v._layer))
+
+    def _hand_out(self, pending: np.ndarray) -> np.ndarray:
+        v = self.visited
+        self._pending = pending
+        self._fresh = kern.take_fresh(pending, v._scored, v._req)
+        self._ok = _NO_PREFERENCE
+        if self._prefer and pending.size:  # the bottom layer's filtered beam: keep() once per row
+            assert self.keep is not None
+            self._ok = self.keep(pending)
+        return self._fresh
+
+    def advance(self, fresh_scores: np.ndarray) -> np.ndarray | None:
+        """The scores of the rows last handed out: update the beam, take the next expansion step.
+
+        Returns the rows the step after needs scored, or None when the layer is done (T steps taken,
+        the frontier empty, nothing new reached, or the deadline passed: then ``partial``).
+        """
+        if fresh_scores.shape != self._fresh.shape:
+            raise ValueError(f"expected {self._fresh.size} scores, got {np.shape(fresh_scores)}")
+        v = self.visited
+        past = self.deadline is not None and self.clock() >= self.deadline
+        expand = self._t < self.steps[self._i] and not past
+        scores, self._w_rows, self._w_scores, self._w_keys, frontier, nxt, nxt_fresh = kern.advance(
+            self._pending, self._fresh, np.asarray(fresh_scores, dtype=np.float32), self._ok, self._prefer,
+            v._cache, self._w_rows, self._w_scores, self._w_keys, int(self.ef[self._i]), expand,
+            self._off, self._nb, int(self.degree[self._i]), v._seen, v._layer, v._scored, v._req,
+        )
+        if self._pending.size:
+            self._seen_rows.append(self._pending)
+            self._seen_scores.append(scores)
+            if self._prefer:
+                self._seen_ok.append(self._ok)
+        if frontier == 0:
+            return None
+        if not expand:
+            self.partial = past and self._t < self.steps[self._i]
+            return None
+        self._t += 1
+        self._stats.steps += 1
+        if nxt.size == 0:  # the step reached nothing new: C is empty, the layer is done
+            return None
+        self._pending = nxt
+        self._fresh = nxt_fresh
+        self._ok = _NO_PREFERENCE
+        if self._prefer:
+            assert self.keep is not None
+            self._ok = self.keep(nxt)
+        return nxt_fresh
+
+    def end_layer(self) -> None:
+        """The layer's top-n of the returnable nodes it saw join the final merge; W enters the next layer."""
+        s_rows = np.concatenate(self._seen_rows) if self._seen_rows else _EMPTY_ROWS
+        s_scores = np.concatenate(self._seen_scores) if self._seen_scores else _EMPTY_SCORES
+        self._stats.seen = int(s_rows.size)
+        if self.keep is not None and s_rows.size:
+            ok = np.concatenate(self._seen_ok) if self._prefer else self.keep(s_rows)
+            s_rows, s_scores = s_rows[ok], s_scores[ok]
+        if self.top_n[self._i] > 0 and s_rows.size:
+            self._results.append(kern.best_first_kernel(s_rows, s_scores, int(self.top_n[self._i])))
+        self._ep = self._w_rows
+        self._stats.ms = (self.clock() - self._t0) * 1e3
+        self.layers.append(self._stats)
+
+    def outcome(self) -> SearchOutcome:
+        if self._results:
+            rows, scores = kern.merge_kernel(
+                np.concatenate([r for r, _ in self._results]), np.concatenate([s for _, s in self._results]), self.k
+            )
+        else:
+            rows, scores = _EMPTY_ROWS, _EMPTY_SCORES
+        return SearchOutcome(rows=rows, scores=scores.astype(np.float32), partial=self.partial, layers=self.layers)
+
+
+_NO_PREFERENCE = np.zeros(0, dtype=np.bool_)
+_EMPTY_ROWS = np.empty(0, dtype=np.int64)
+_EMPTY_SCORES = np.empty(0, dtype=np.float32)
+_EMPTY_KEYS = np.empty(0, dtype=np.float64)
+
+
+def _plain(a: np.ndarray) -> np.ndarray:
+    """A plain ndarray view (the kernels take ndarrays; ``np.memmap`` is a subclass)."""
+    return a if type(a) is np.ndarray else np.asarray(a)
+
+
+def _scored(score: ScoreFn, rows: np.ndarray) -> np.ndarray:
+    return score(rows) if rows.size else np.empty(0, dtype=np.float32)
+
+
 def search(
     graph: Graph,
     score: ScoreFn,
@@ -258,6 +436,7 @@ def search(
     whole_top_layer_up_to: int | None = None,
     seeds: np.ndarray | None = None,
     filter_beam: bool = False,
+    loop: str = "compiled",
 ) -> SearchOutcome:
     """K-NN-SEARCH: layers top to bottom, per-layer top-n of the returnable nodes, merged top-k.
 
@@ -271,7 +450,25 @@ def search(
     fix"; a calibration option, off by default). With a deadline, the search stops at the first step boundary past it and returns the best found so
     far (``partial``). ``filter_beam`` ranks ``keep``'s rows first in the bottom layer's beam
     (``search_layer(prefer=...)``); the upper layers navigate on score alone.
+
+    ``loop``: "compiled" (``RequestBeam``, the per-step bookkeeping in ``service.search_kernels``) or
+    "numpy" (``search_layer``, the reference it replaced, kept for the benchmark's before/after and the
+    tests). They return the same rows and scores, except where tied keys straddle a beam's ef-th place:
+    the compiled beam keeps the smaller row, numpy's argpartition keeps either.
     """
+    if loop == "compiled":
+        beam = RequestBeam(
+            graph, k=k, ef=ef, steps=steps, top_n=top_n, visited=visited, keep=keep, deadline=deadline, clock=clock,
+            max_degree=max_degree, whole_top_layer_up_to=whole_top_layer_up_to, seeds=seeds, filter_beam=filter_beam,
+        )
+        while beam.next_layer():
+            rows: np.ndarray | None = beam.start_layer()
+            while rows is not None:
+                rows = beam.advance(_scored(score, rows))
+            beam.end_layer()
+        return beam.outcome()
+    if loop != "numpy":
+        raise ValueError(f"loop must be 'compiled' or 'numpy', got {loop!r}")
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
     if max_degree and len(max_degree) != graph.num_layers:

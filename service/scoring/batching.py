@@ -9,6 +9,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -17,6 +18,8 @@ from contracts.bundle import Bundle
 from service.scoring.binding import run_bound
 from service.scoring.device import DeviceGatherScorer, gather_inside_graph
 from service.scoring.host import CPU, CUDA, HostGatherScorer, UserContext, session_options
+
+_NO_SCORES = np.empty(0, dtype=np.float32)  # placeholder of a request not yet scored in a merged step
 
 
 class BatchingUnsupported(RuntimeError):
@@ -164,6 +167,35 @@ class BatchingScorer(DeviceGatherScorer):
                         item.done.set()
             if stop:
                 return
+
+    def score_many(
+        self, ctxs: Sequence[UserContext], rows: Sequence[np.ndarray], *, merged: bool = True
+    ) -> tuple[list[np.ndarray], float, float]:
+        """The lockstep search's step: every request's rows in one device call (``_run_group``, chunked at
+        ``max_pairs_per_call``), called directly, not through the batcher thread's queue."""
+        items = [_Pending(c, np.ascontiguousarray(r, dtype=np.int64)) for c, r in zip(ctxs, rows, strict=True)]
+        out: list[np.ndarray] = []
+        t0 = time.perf_counter()
+        i = 0
+        while i < len(items):
+            j, pairs = i, 0
+            while j < len(items) and (j == i or pairs + items[j].rows.size <= self.max_pairs_per_call):
+                pairs += items[j].rows.size
+                j += 1
+            group = items[i:j]
+            if self.batched_file is None:  # the fallback graph takes one domain per call
+                by_domain: dict[int, list[int]] = {}
+                for n, it in enumerate(group):
+                    by_domain.setdefault(it.ctx.domain, []).append(n)
+                part: list[np.ndarray] = [_NO_SCORES] * len(group)
+                for idx in by_domain.values():
+                    for n, sc in zip(idx, self._run_group([group[n] for n in idx]), strict=True):
+                        part[n] = sc
+                out.extend(part)
+            else:
+                out.extend(self._run_group(group))
+            i = j
+        return out, 0.0, time.perf_counter() - t0
 
     def _run_group(self, items: list[_Pending]) -> list[np.ndarray]:
         """One device call for the group's requests; returns each request's scores."""

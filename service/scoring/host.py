@@ -13,6 +13,7 @@ pool (see ``session_options``). onnxruntime and numpy only; never torch.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -107,6 +108,10 @@ class HostGatherScorer:
         self._user_input_names = {i.name for i in self.user_session.get_inputs()}
         # An exporter drops inputs the graph does not use (e.g. `domain` of a domain-agnostic scorer).
         self._pair_input_names = {i.name for i in self.pair_session.get_inputs()}
+        self._batched: Any = None  # pair_scorer_batched.onnx with host gathers (``score_many``), on first use
+        self._batched_inputs: set[str] = set()
+        self._batched_lock = threading.Lock()
+        self._batched_loaded = False
 
     def _pair_session(self, ort: Any, so: Any, providers: list[str]) -> Any:
         return ort.InferenceSession(str(self.bundle.path / "pair_scorer.onnx"), so, providers=providers)
@@ -150,4 +155,62 @@ class HostGatherScorer:
         t2 = time.perf_counter()
         return np.asarray(out, dtype=np.float32).reshape(-1), t1 - t0, t2 - t1
 
+    # ---- several requests at once (the lockstep search, ``MatchEngine.match_many``) -----------------
+    def score_many(
+        self, ctxs: Sequence[UserContext], rows: Sequence[np.ndarray], *, merged: bool = False
+    ) -> tuple[list[np.ndarray], float, float]:
+        """Scores of each request's rows: per-request calls, or with ``merged`` ONE call of the bundle's
+        ``pair_scorer_batched.onnx`` (users stacked, each request's rows padded to the longest).
 
+        Returns (scores per request, seconds gathering, seconds inside onnxruntime). Per-request calls
+        give each pair the score ``score`` gives it; a merged call may differ in the last float bit
+        (another batch shape).
+        """
+        if merged and self.batched_session() is not None:
+            return self._score_merged(ctxs, rows)
+        out, gather_s, ort_s = [], 0.0, 0.0
+        for ctx, r in zip(ctxs, rows, strict=True):
+            scores, g, o = self.score_timed(ctx, r)
+            out.append(scores)
+            gather_s += g
+            ort_s += o
+        return out, gather_s, ort_s
+
+    def batched_session(self) -> Any:
+        """The bundle's ``pair_scorer_batched.onnx`` (host-gathered inputs), loaded on first use; None
+        when the bundle has none (older exports, two-tower bundles)."""
+        with self._batched_lock:
+            if not self._batched_loaded:
+                import onnxruntime as ort
+
+                spec = self.bundle.manifest.get("batched_scorer")
+                file = spec.get("file") if isinstance(spec, dict) else None
+                if file:
+                    providers = [self.provider] if self.provider == CPU else [self.provider, CPU]
+                    self._batched = ort.InferenceSession(
+                        str(self.bundle.path / str(file)), session_options(self.intra_op_threads), providers=providers
+                    )
+                    self._batched_inputs = {i.name for i in self._batched.get_inputs()}
+                self._batched_loaded = True
+        return self._batched
+
+    def _score_merged(self, ctxs: Sequence[UserContext], rows: Sequence[np.ndarray]) -> tuple[list[np.ndarray], float, float]:
+        t0 = time.perf_counter()
+        sizes = [int(r.size) for r in rows]
+        width = max(max(sizes, default=1), 1)
+        grid = np.empty((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            grid[i, : r.size] = r
+            grid[i, r.size :] = r[0] if r.size else 0  # padding: scored, then dropped
+        feeds: dict[str, np.ndarray] = {
+            name: np.concatenate([c.feeds[name] for c in ctxs]) for name in self.user_outputs if name in self._batched_inputs
+        }
+        if "domain" in self._batched_inputs:
+            feeds["domain"] = np.array([c.domain for c in ctxs], dtype=np.int64)
+        for name, table in self.tables.items():
+            feeds[name] = np.take(table, grid, axis=0)
+        t1 = time.perf_counter()
+        (out,) = self._batched.run(["score"], feeds)
+        t2 = time.perf_counter()
+        out = np.asarray(out, dtype=np.float32).reshape(len(rows), width)
+        return [out[i, :n].copy() for i, n in enumerate(sizes)], t1 - t0, t2 - t1

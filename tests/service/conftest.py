@@ -26,6 +26,17 @@ REDIS_URL = os.environ.get("UNIMATCH_TEST_REDIS_URL", "redis://127.0.0.1:6379/15
 NUM_USERS = 120
 
 
+@pytest.fixture(autouse=True)
+def generous_deadline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Apps built from ``Settings()`` in these tests get a 10 s deadline unless a test sets its own.
+
+    The service's 100 ms default is a production budget; on a shared, loaded test machine the admission
+    control would (rightly) refuse requests it measures as unable to meet it, and a test about answers,
+    not about overload, would see a 503. Tests of deadlines and admission pass ``deadline_ms`` themselves.
+    """
+    monkeypatch.setenv("UNIMATCH_DEADLINE_MS", "10000")
+
+
 def make_dataset(path: Path, bundle: Path, *, num_users: int = NUM_USERS, seed: int = 0) -> Path:
     """A dataset whose schema and entity rows are those of ``bundle`` (so sequences are bundle rows)."""
     rng = np.random.default_rng(seed)

@@ -310,3 +310,21 @@ def test_calibration_is_the_same_on_one_or_several_threads(calibrated) -> None:
         for a, b in zip(points, two.domains[name], strict=True):
             # the graph point found depends on the reference rows only (the mode also on timings)
             assert (a.k, a.graph_coverage, a.graph_pairs, a.queries) == (b.k, b.graph_coverage, b.graph_pairs, b.queries)
+
+
+def test_lockstep_batch_serves_each_request_its_calibrated_point(calibrated) -> None:
+    from service.engine import EngineRequest
+
+    bundle_path, data, _ = calibrated
+    engine = MatchEngine(load_bundle(bundle_path), providers=["CPUExecutionProvider"])
+    assert engine.calibration is not None
+    q = held_out_queries(data, engine.bundle, 12, 2, split="test")
+    reqs = [EngineRequest(user=u, domain=int(d), k=(10, 50)[i % 2])
+            for i, (u, d) in enumerate(zip(q.features, q.domains, strict=True))]
+    points = {engine.calibrated(r.domain, r.k) for r in reqs}
+    assert len(points) > 1  # the batch mixes operating points
+    for r, got in zip(reqs, engine.match_many(reqs), strict=True):
+        want = engine.match(r.user, r.domain, r.k)
+        assert got.mode == want.mode
+        np.testing.assert_array_equal(got.rows, want.rows)
+        np.testing.assert_array_equal(got.scores, want.scores)

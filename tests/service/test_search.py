@@ -38,6 +38,18 @@ class RecordingScore:
         return np.concatenate(self.calls) if self.calls else np.empty(0, np.int64)
 
 
+class TableScore(RecordingScore):
+    """RecordingScore whose scores are looked up in a table computed once: independent of the batch."""
+
+    def __init__(self, vectors: np.ndarray, query: np.ndarray) -> None:
+        super().__init__(vectors, query)
+        self.table = (vectors @ query).astype(np.float32)
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        self.calls.append(rows.copy())
+        return self.table[rows]
+
+
 def brute_force(vectors: np.ndarray, query: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     s = (vectors @ query).astype(np.float32)
     return best_first(np.arange(len(s), dtype=np.int64), s, k)
@@ -212,3 +224,77 @@ def test_whole_top_layer_entry_is_independent_of_the_top_beam(graph_and_vectors)
     s1 = RecordingScore(vec, q)
     run(graph, s1, 10, ef=(2, 8, 16, 32), whole_top_layer_up_to=top.size - 1)
     np.testing.assert_array_equal(np.sort(s1.calls[0]), np.unique(graph.entry_points))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"keep": lambda r: r % 3 != 0, "filter_beam": True},
+        {"keep": lambda r: r % 2 == 0},
+        {"seeds": np.array([7, 70, 700, 7], dtype=np.int64), "max_degree": (0, 0, 0, 5)},
+        {"whole_top_layer_up_to": 0, "ef": (4, 8, 16, 40), "steps": (2, 2, 3, 12), "top_n": (3, 3, 10, 40)},
+    ],
+)
+def test_compiled_loop_matches_the_numpy_reference(graph_and_vectors, kw) -> None:
+    graph, vec = graph_and_vectors
+    rng = np.random.default_rng(11)
+    for _ in range(8):
+        q = rng.normal(size=vec.shape[1]).astype(np.float32)
+        # One score per row, whatever batch it is asked in (a BLAS product's last bit depends on the
+        # batch's length and alignment, and the two loops batch the same rows in another order).
+        a_score, b_score = TableScore(vec, q), TableScore(vec, q)
+        a = run(graph, a_score, 30, loop="numpy", **kw)
+        b = run(graph, b_score, 30, loop="compiled", **kw)
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert [s.steps for s in a.layers] == [s.steps for s in b.layers]
+        assert [s.seen for s in a.layers] == [s.seen for s in b.layers]
+        np.testing.assert_array_equal(np.sort(a_score.scored), np.sort(b_score.scored))  # same pairs, once each
+
+
+def test_compiled_beam_breaks_ties_by_row(graph_and_vectors) -> None:
+    """Every score equal: the beam's ef-th place is a tie, the smaller rows win, the answer is the k smallest
+    rows seen (deterministic, whatever order the rows were produced in)."""
+    graph, vec = graph_and_vectors
+
+    def flat(rows: np.ndarray) -> np.ndarray:
+        return np.zeros(rows.size, dtype=np.float32)
+
+    a = run(graph, flat, 10)
+    b = run(graph, flat, 10)
+    np.testing.assert_array_equal(a.rows, b.rows)
+    np.testing.assert_array_equal(a.rows, np.sort(a.rows))
+
+
+def test_unknown_loop_is_refused(graph_and_vectors) -> None:
+    graph, vec = graph_and_vectors
+    with pytest.raises(ValueError, match="loop"):
+        run(graph, RecordingScore(vec, vec[0]), 5, loop="rust")
+
+
+def test_compiled_best_first_matches_best_first() -> None:
+    from service.search_kernels import best_first_kernel
+
+    rng = np.random.default_rng(5)
+    for n in (1, 3, 10, 50, 200):
+        rows = rng.permutation(400)[:150].astype(np.int64)
+        scores = rng.integers(0, 12, rows.size).astype(np.float32)  # many ties, at the cut too
+        want = best_first(rows, scores, n)
+        got = best_first_kernel(rows, scores, n)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
+
+
+def test_compiled_merge_matches_merge() -> None:
+    from service.search_kernels import merge_kernel
+
+    rng = np.random.default_rng(6)
+    table = rng.integers(0, 20, 300).astype(np.float32)  # one score per row, many ties
+    layers = [rng.choice(300, size=n, replace=False).astype(np.int64) for n in (5, 12, 40, 90)]
+    per_layer = [best_first(r, table[r], r.size) for r in layers]
+    for k in (1, 10, 60, 500):
+        want = merge(per_layer, k)
+        got = merge_kernel(np.concatenate([r for r, _ in per_layer]), np.concatenate([s for _, s in per_layer]), k)
+        np.testing.assert_array_equal(got[0], want[0])
+        np.testing.assert_array_equal(got[1], want[1])
