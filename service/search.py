@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import numpy as np
 
@@ -44,6 +45,9 @@ class HnswGraph:
     offsets: tuple[np.ndarray, ...]  # per layer l: (E+1,) int64, neighbours of i = neighbors[l][off[i]:off[i+1]]
     neighbors: tuple[np.ndarray, ...]  # per layer l: (nnz_l,) int32
     entry_points: np.ndarray  # (n,) int32, all on the top layer
+    # Live catalogue (service/overlay.py): rows inserted online, appended after the E base rows, and
+    # edited neighbour lists; ``expand`` and ``entry`` walk base and overlay as one graph.
+    overlay: Any = None
 
     @property
     def num_layers(self) -> int:
@@ -162,7 +166,7 @@ def entry(graph: HnswGraph, *, whole_top_layer_up_to: int) -> np.ndarray:
     NANN scores the whole top layer as the entry set when it is small: with ``whole_top_layer_up_to``
     >= its node count that is what we do; otherwise the graph's own entry points.
     """
-    top = graph.top_layer_nodes
+    top = graph.top_layer_nodes if graph.overlay is None else graph.overlay.top_layer_nodes()
     if 0 < top.size <= whole_top_layer_up_to:
         return top
     return np.unique(np.asarray(graph.entry_points, dtype=np.int64))
@@ -177,6 +181,8 @@ def expand(graph: HnswGraph, layer: int, frontier: np.ndarray, max_degree: int =
     every list nearest first (hnswlib's own order is farthest first), so the cap keeps the closest edges
     and cuts the pairs per step.
     """
+    if graph.overlay is not None:  # base CSR lists + the overlay's rows and edited lists
+        return graph.overlay.expand(layer, frontier, max_degree)
     off = graph.offsets[layer]
     starts = np.asarray(off[frontier], dtype=np.int64)
     lens = np.asarray(off[frontier + 1], dtype=np.int64) - starts
