@@ -24,6 +24,7 @@ from model.data.schema import FeatureSchema
 from service.bundle import Bundle
 from service.calibration import CalibratedPoint
 from service.scorer import HostGatherScorer, UserContext, make_scorer
+from service.live import LiveCatalogue
 from service.search import VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")
@@ -160,6 +161,8 @@ class MatchEngine:
         fp16_tables: bool = False,
         batch_requests: bool | None = None,
         use_calibration: bool | None = None,
+        live_capacity: int = 0,
+        live_ef_construction: int = 100,
     ) -> None:
         self.bundle = bundle
         self.params = params or SearchParams()
@@ -194,6 +197,19 @@ class MatchEngine:
             self._domain_rows.append(rows)
             counts[d] = np.bincount(etype[rows], minlength=self._num_types)[: self._num_types]
         self._type_counts = counts
+        # Live catalogue (service/live.py): rows added online after the E base rows, a live mask checked
+        # where results are taken, the graph overlay walked with the base graph. Off when capacity is 0.
+        self.live: LiveCatalogue | None = None
+        self.graph = graph
+        if live_capacity > 0:
+            if type(self.scorer) is not HostGatherScorer:
+                raise SearchError(f"live changes need the host-gather (CPU) scorer, not {type(self.scorer).__name__}")
+            self.live = LiveCatalogue(bundle, capacity=live_capacity, type_counts=counts,
+                                      ef_construction=live_ef_construction)
+            self._mask, self._etype = self.live.domain_mask, self.live.entity_type
+            self.scorer.live = self.live
+            if graph is not None:
+                self.graph = replace(graph, overlay=self.live.overlay)
         # Per domain: (bucket k, mode, params) from the calibration, resolved once here, not per request.
         self._calibrated: list[list[tuple[int, str, SearchParams, CalibratedPoint]]] = [[] for _ in range(self._num_domains)]
         if self.calibration is not None:
@@ -205,9 +221,26 @@ class MatchEngine:
     def _visited(self) -> VisitedSet:
         v = getattr(self._local, "visited", None)
         if v is None:
-            v = VisitedSet(self.bundle.num_entities)
+            v = VisitedSet(self.num_rows)
             self._local.visited = v
         return v
+
+    @property
+    def num_rows(self) -> int:
+        """Rows a result may name: the bundle's, plus the live overlay's capacity."""
+        return self.bundle.num_entities + (self.live.capacity if self.live is not None else 0)
+
+    def row_of(self, entity_id: str) -> int | None:
+        """The row an external id names now (live upserts and deletes included)."""
+        return self.live.row_of(entity_id) if self.live is not None else self.bundle.row_of(entity_id)
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        if self.live is not None:
+            return self.live.ids_of(rows)
+        return [str(e) for e in np.asarray(self.bundle.entity_ids[rows]).tolist()]
+
+    def types_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._etype[rows])
 
     # ---- validation --------------------------------------------------------------------------------
     def _check(
@@ -229,8 +262,8 @@ class MatchEngine:
         excl = None
         if exclude_rows is not None:
             excl = np.asarray(exclude_rows)
-            if excl.ndim != 1 or (excl.size and (excl.dtype.kind not in "iu" or excl.min() < 0 or excl.max() >= self.bundle.num_entities)):
-                raise SearchError(f"exclude_rows must be a 1-d array of entity rows in 0..{self.bundle.num_entities - 1}")
+            if excl.ndim != 1 or (excl.size and (excl.dtype.kind not in "iu" or excl.min() < 0 or excl.max() >= self.num_rows)):
+                raise SearchError(f"exclude_rows must be a 1-d array of entity rows in 0..{self.num_rows - 1}")
             excl = np.unique(excl.astype(np.int64)) if excl.size else None
         cu, cn, L = len(schema.user_categorical), len(schema.user_numeric), schema.max_seq_len
         if np.shape(user.cat) != (cu,) or np.shape(user.num) != (cn,) or np.shape(user.seq) != (L,):
@@ -246,9 +279,12 @@ class MatchEngine:
     def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
         bit = np.uint64(1 << domain)
         mask, etype = self._mask, self._etype
+        live = self.live.live if self.live is not None else None
 
         def keep(rows: np.ndarray) -> np.ndarray:
             ok = (mask[rows] & bit) != 0
+            if live is not None:  # paused, deleted, superseded: never returned
+                ok &= live[rows]
             if types is not None:
                 ok &= np.isin(etype[rows], types)
             if excl is not None:
@@ -290,7 +326,7 @@ class MatchEngine:
             p = (params or self.params).for_k(int(k))
             if mode is None:
                 mode = "exhaustive" if self.bundle.graph is None or eligible <= p.exhaustive_threshold else "graph"
-        graph = self.bundle.graph
+        graph = self.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
         ctx = self.scorer.encode(user.cat, user.num, user.seq, int(domain))
@@ -373,6 +409,8 @@ class MatchEngine:
     ) -> tuple[np.ndarray, np.ndarray, bool, int]:
         """Score every eligible row in ``max_batch`` chunks; the reference the graph search is measured by."""
         rows = self._domain_rows[domain]
+        if self.live is not None:
+            rows = np.concatenate([rows[self.live.live[rows]], self.live.overlay_rows(domain)])
         if types is not None:
             rows = rows[np.isin(self._etype[rows], types)]
         if excl is not None:
@@ -432,4 +470,5 @@ class MatchEngine:
             "eligible_per_domain": {n: int(self._type_counts[d].sum()) for d, n in enumerate(self.bundle.schema.domains)},
             "bundle_version": self.bundle.version,
             "kind": self.bundle.kind,
+            "live": self.live.info() if self.live is not None else None,
         }

@@ -90,7 +90,8 @@ def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: 
         types = sorted({schema.entity_types.index(t) for t in body.entity_types})
         if not types:
             raise InvalidRequest("entity_types is empty: nothing could be returned")
-    rows = [r for r in (serving.bundle.row_of(e) for e in body.exclude) if r is not None]  # unknown ids: nothing to drop
+    # unknown ids: nothing to drop; the engine's map includes entities upserted online
+    rows = [r for r in (serving.engine.row_of(e) for e in body.exclude) if r is not None]
     exclude = np.asarray(rows, dtype=np.int64) if rows else None
     budget_s = settings.deadline_ms / 1e3
     if body.deadline_ms is not None:
@@ -191,10 +192,9 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
         state.shadow.offer(engine, prep.domain, prep.k, features, result, exclude_rows=prep.exclude_rows,
                            entity_types=prep.entity_types)
-    bundle = serving.bundle
     rows = np.asarray(result.rows, dtype=np.int64)
-    type_codes = np.asarray(bundle.entity_type[rows]) if rows.size else np.empty(0, np.int16)
-    ids = np.asarray(bundle.entity_ids[rows]).tolist() if rows.size else []
+    type_codes = engine.types_of(rows) if rows.size else np.empty(0, np.int16)
+    ids = engine.ids_of(rows) if rows.size else []
     type_names = serving.schema.entity_types
     items = [
         MatchItem(entity_id=str(eid), entity_type=type_names[int(t)], score=float(s))
