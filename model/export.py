@@ -392,7 +392,7 @@ def _export_entity_encoder(
     E = len(ds.entities)
     aid = model.encoder.emb.aid.weight.detach().numpy().astype(np.float32)  # (E, d)
     etype = np.asarray(ds.entities.entity_type, dtype=np.int64)
-    feats = {
+    feats: dict[str, np.ndarray] = {
         "ent_cat": np.asarray(ds.entities.cat, dtype=np.int64),
         "ent_num": np.asarray(ds.entities.num, dtype=np.float32),
         "ent_type": etype,

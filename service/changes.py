@@ -22,6 +22,7 @@ import json
 import logging
 import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 from service import metrics
@@ -82,6 +83,8 @@ class ChangeLog:
     def _decode(pos: Any, fields: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
         p = pos.decode() if isinstance(pos, bytes) else str(pos)
         raw = fields.get(FIELD) or fields.get(FIELD.decode())
+        if raw is None:
+            raise ValueError(f"change log entry {p} has no {FIELD.decode()!r} field")
         return p, json.loads(raw)
 
 
@@ -102,6 +105,9 @@ class ChangeFollower:
         self._thread: threading.Thread | None = None
         self._apply_lock = threading.Lock()  # orders the follower thread and catch-up calls
         self.errors = 0
+        # Results of the last entries applied, by position: an acknowledging request reports its own entry's
+        # result even when the follower thread applied it first.
+        self.recent: OrderedDict[str, ApplyResult] = OrderedDict()
 
     def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> list[ApplyResult]:
         out = []
@@ -123,6 +129,9 @@ class ChangeFollower:
             if stream_ms(pos):
                 metrics.CHANGE_LAG.observe(max(0.0, time.time() - stream_ms(pos) / 1e3))
             out.append(res)
+            self.recent[pos] = res
+            while len(self.recent) > 4096:
+                self.recent.popitem(last=False)
         metrics.set_live(self.live)
         return out
 
@@ -136,16 +145,18 @@ class ChangeFollower:
                     return n
                 n += len(self._apply(entries))
 
-    def catch_up(self, until: str) -> list[ApplyResult]:
-        """Apply every entry up to and including ``until`` (an id this process just logged)."""
-        out: list[ApplyResult] = []
+    def catch_up(self, until: str) -> ApplyResult | None:
+        """Apply every entry up to and including ``until`` (an id this process just logged); its result.
+
+        None when ``until`` was not applied here (the log lost it, or it failed to apply).
+        """
         with self._apply_lock:
             while position_key(self.live.position) < position_key(until):
                 entries = self.log.range_after(self.live.position, until=until, count=self.batch)
                 if not entries:
                     break
-                out += self._apply(entries)
-        return out
+                self._apply(entries)
+            return self.recent.get(until)
 
     def start(self) -> None:
         if self._thread is None:

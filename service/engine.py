@@ -23,8 +23,8 @@ import numpy as np
 from model.data.schema import FeatureSchema
 from service.bundle import Bundle
 from service.calibration import CalibratedPoint
-from service.scorer import HostGatherScorer, UserContext, make_scorer
 from service.live import LiveCatalogue
+from service.scorer import HostGatherScorer, UserContext, make_scorer
 from service.search import VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")
@@ -187,8 +187,8 @@ class MatchEngine:
         self._num_types = bundle.schema.num_entity_types
         etype = np.asarray(bundle.entity_type, dtype=np.int64)
         mask = np.asarray(bundle.domain_mask)
-        self._etype = etype
-        self._mask = mask
+        self._etype: np.ndarray = etype
+        self._mask: np.ndarray = mask
         # Per domain: eligible rows (for exhaustive mode) and counts per entity type (mode choice, k check).
         self._domain_rows: list[np.ndarray] = []
         counts = np.zeros((self._num_domains, self._num_types), dtype=np.int64)

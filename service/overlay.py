@@ -282,7 +282,7 @@ class GraphOverlay:
         """Layer ``layer`` over all ``num_nodes`` rows as CSR (offsets (N+1,) int64, neighbours int32)."""
         n = self.num_nodes
         off = self.base.offsets[layer]
-        base_deg = np.diff(np.asarray(off, dtype=np.int64))  # (E,)
+        base_deg: np.ndarray = np.diff(np.asarray(off, dtype=np.int64))  # (E,)
         slots = self._slot[layer][:n]
         deg = np.zeros(n, dtype=np.int64)
         deg[: self.E] = base_deg
@@ -296,14 +296,14 @@ class GraphOverlay:
         if plain.size:
             from service.search import expand as csr_expand
 
-            lens = base_deg[plain]
+            lens: np.ndarray = np.asarray(base_deg[plain], dtype=np.int64)
             dst = np.repeat(offsets[plain] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
             out[dst] = csr_expand(self.base, layer, plain.astype(np.int64))
         rows_h = np.flatnonzero(has)
         if rows_h.size:
             lists = adj[slots[rows_h]]  # (n, cap), -1 padded
             valid = lists >= 0
-            lens = valid.sum(axis=1)
+            lens = np.asarray(valid.sum(axis=1), dtype=np.int64)
             dst = np.repeat(offsets[rows_h] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
             out[dst] = lists[valid]
         return offsets, out
