@@ -22,7 +22,7 @@ import json
 import logging
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from service import metrics
@@ -108,6 +108,7 @@ class ChangeFollower:
         # Results of the last entries applied, by position: an acknowledging request reports its own entry's
         # result even when the follower thread applied it first.
         self.recent: OrderedDict[str, ApplyResult] = OrderedDict()
+        self.lags: deque[float] = deque(maxlen=100_000)  # seconds from XADD to applied, last entries (benchmarks)
 
     def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> list[ApplyResult]:
         out = []
@@ -127,7 +128,9 @@ class ChangeFollower:
             metrics.CHANGES_APPLIED.labels(op=res.op, outcome="applied").inc()
             metrics.CHANGE_APPLY_DURATION.observe(time.perf_counter() - t0)
             if stream_ms(pos):
-                metrics.CHANGE_LAG.observe(max(0.0, time.time() - stream_ms(pos) / 1e3))
+                lag = max(0.0, time.time() - stream_ms(pos) / 1e3)
+                metrics.CHANGE_LAG.observe(lag)
+                self.lags.append(lag)
             out.append(res)
             self.recent[pos] = res
             while len(self.recent) > 4096:

@@ -309,29 +309,42 @@ class LiveCatalogue:
             np.stack([r.cat for r in records]), np.stack([r.num for r in records]),
             np.array([r.entity_type for r in records], dtype=np.int64), aid,
         )
-        rows: list[int] = []
-        for i, rec in enumerate(records):
-            row = self.E + self.count
-            j = row - self.E
-            for name, table in self.tables.items():
-                table[j] = enc[name][i]
-            self.aid[j] = aid[i]
-            self.entity_type[row] = rec.entity_type
-            self.domain_mask[row] = np.uint64(rec.domain_mask)
-            self.ids.append(rec.entity_id)
-            if self.overlay is not None:
-                got = self.overlay.insert(enc["vectors"][i])
-                if got != row:
-                    raise RuntimeError(f"overlay row {got} != catalogue row {row}")  # one writer: cannot happen
-            self.count += 1
-            prev = old[i]
-            self._row[rec.entity_id] = row
-            if prev is not None:
-                self._set_live(prev, False)  # the changed entity's old row goes dead
-            if rec.entity_id not in self.paused:
-                self._set_live(row, True)
-            rows.append(row)
+        rows = [
+            self.add_encoded(rec.entity_id, rec.entity_type, rec.domain_mask,
+                             {name: enc[name][i] for name in self.tables}, enc["vectors"][i], aid[i])
+            for i, rec in enumerate(records)
+        ]
         return ApplyResult(position="", op="upsert", rows=rows)
+
+    def add_encoded(self, entity_id: str, entity_type: int, domain_mask: int, tensors: dict[str, np.ndarray],
+                    vector: np.ndarray, aid: np.ndarray) -> int:
+        """Append one encoded entity (its tensors, graph vector and id embedding); returns its row.
+
+        The writer's step of an upsert after encoding (call it under ``lock``, in log order). Also what a
+        benchmark uses to insert entities with known tensors, so it measures the graph insertion alone.
+        """
+        if self.count >= self.capacity:
+            raise LiveError(f"the live overlay is full ({self.count} of {self.capacity} rows)")
+        prev = self.row_of(entity_id)
+        row = self.E + self.count
+        j = row - self.E
+        for name, table in self.tables.items():
+            table[j] = tensors[name]
+        self.aid[j] = aid
+        self.entity_type[row] = entity_type
+        self.domain_mask[row] = np.uint64(domain_mask)
+        self.ids.append(entity_id)
+        if self.overlay is not None:
+            got = self.overlay.insert(vector)
+            if got != row:
+                raise RuntimeError(f"overlay row {got} != catalogue row {row}")  # one writer: cannot happen
+        self.count += 1
+        self._row[entity_id] = row
+        if prev is not None:
+            self._set_live(prev, False)  # the changed entity's old row goes dead
+        if entity_id not in self.paused:
+            self._set_live(row, True)
+        return row
 
     def _switch(self, op: str, ids: list[str]) -> ApplyResult:
         res = ApplyResult(position="", op=op)

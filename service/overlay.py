@@ -51,10 +51,17 @@ def heuristic(rows: np.ndarray, dist: np.ndarray, vectors: np.ndarray, m: int) -
         return rows
     sq = (vectors * vectors).sum(axis=1)
     pair = sq[:, None] + sq[None, :] - 2.0 * (vectors @ vectors.T)  # (n, n) squared L2 between candidates
+    # blocked[i, j]: candidate i is closer to candidate j than to the base element (the rejection test);
+    # the sequential pass then runs on Python ints as bit sets, one AND per candidate, no numpy call each.
+    blocked = np.tril(pair < dist[:, None], k=-1)
+    packed = np.packbits(blocked, axis=1, bitorder="little")
+    masks = [int.from_bytes(r.tobytes(), "little") for r in packed]
     kept: list[int] = []
-    for i in range(rows.size):
-        if not kept or bool((pair[i, kept] >= dist[i]).all()):
+    kept_bits = 0
+    for i, mask in enumerate(masks):
+        if not mask & kept_bits:
             kept.append(i)
+            kept_bits |= 1 << i
             if len(kept) == m:
                 break
     return rows[np.asarray(kept, dtype=np.int64)]
@@ -144,10 +151,9 @@ class GraphOverlay:
         rows = np.asarray(rows, dtype=np.int64)
         if self.count == 0 or rows.size == 0 or rows.max() < self.E:
             return np.asarray(self._base_vectors[rows], dtype=np.float32)
-        out = np.empty((rows.size, self._vectors.shape[1]), dtype=np.float32)
-        b = rows < self.E
-        out[b] = self._base_vectors[rows[b]]
-        out[~b] = self._vectors[rows[~b] - self.E]
+        out = np.take(self._base_vectors, np.minimum(rows, self.E - 1), axis=0).astype(np.float32, copy=False)
+        over = rows >= self.E
+        out[over] = self._vectors[rows[over] - self.E]
         return out
 
     # ---- the writer ---------------------------------------------------------------------------------
