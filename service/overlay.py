@@ -50,7 +50,8 @@ def heuristic(rows: np.ndarray, dist: np.ndarray, vectors: np.ndarray, m: int) -
     if rows.size <= m:
         return rows
     sq = (vectors * vectors).sum(axis=1)
-    pair = sq[:, None] + sq[None, :] - 2.0 * (vectors @ vectors.T)  # (n, n) squared L2 between candidates
+    # einsum, not `@`: a BLAS call on a matrix this small costs more in thread wake-ups than in arithmetic
+    pair = sq[:, None] + sq[None, :] - 2.0 * np.einsum("ij,kj->ik", vectors, vectors)  # (n, n) squared L2
     # blocked[i, j]: candidate i is closer to candidate j than to the base element (the rejection test);
     # the sequential pass then runs on Python ints as bit sets, one AND per candidate, no numpy call each.
     blocked = np.tril(pair < dist[:, None], k=-1)
