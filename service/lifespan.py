@@ -164,10 +164,13 @@ class ServiceState:
         return self.serving.version if self.serving is not None else None
 
     async def _reload(self, target: Path) -> None:
+        new: Serving | None = None
         try:
             new = await asyncio.to_thread(build_serving, target, self.settings)
             await self._check_features(new)
         except Exception as exc:  # any failure refuses the bundle; the old one keeps serving
+            if new is not None and new.changes is not None:  # a refused bundle does not keep following its log
+                await asyncio.to_thread(new.changes.stop)
             log.error("reload to %s refused: %s", target, exc)
             metrics.RELOADS.labels(outcome="failed").inc()
             self.reload = dataclasses.replace(self.reload, state="failed", error=str(exc), finished_at=time.time())
@@ -328,10 +331,10 @@ def follow_changes(engine: MatchEngine, settings: Settings) -> ChangeFollower:
         raise RuntimeError("live changes need the live catalogue and a Redis URL")
     changes = ChangeLog.from_url(settings.redis_url, stream_key(settings.redis_key_prefix + ":", live.lineage))
     follower = ChangeFollower(changes, live, poll_s=settings.live_poll_s)
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), live.position
     n = follower.replay()  # a (re)started worker serves only once it holds every acknowledged change
-    log.info("live changes: log %s replayed from %s: %d entries in %.2f s, %d overlay rows",
-             changes.key, live.position, n, time.perf_counter() - t0, live.count)
+    log.info("live changes: log %s replayed after %s up to %s: %d entries in %.2f s, %d overlay rows",
+             changes.key, start, live.position, n, time.perf_counter() - t0, live.count)
     metrics.set_live(live)
     return follower
 
@@ -478,10 +481,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     target = ordered_bundle(settings) or settings.bundle
     if settings.bundle_watch:  # load what the pointer names now, so a swap mid-load cannot mix versions
         target = target.resolve()
+    serving: Serving | None = None
     try:
         serving = await asyncio.to_thread(build_serving, target, settings)
         await check_store_matches(store, serving, startup=True)
     except BaseException:
+        if serving is not None and serving.changes is not None:
+            serving.changes.stop()
         await state.aclose()
         raise
     state.serving = serving
