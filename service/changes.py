@@ -118,7 +118,9 @@ class ChangeFollower:
             t0 = time.perf_counter()
             try:
                 res = self.live.apply(pos, change)
-            except LiveError as exc:  # e.g. overlay full: the entry is skipped here, the log keeps it for compaction
+            except (LiveError, KeyError, TypeError, ValueError) as exc:
+                # e.g. overlay full, or an entry someone wrote around the API: skipped here as on every other
+                # worker (the same entry fails the same way everywhere), so the workers stay identical
                 self.errors += 1
                 log.error("change %s not applied: %s", pos, exc)
                 metrics.CHANGES_APPLIED.labels(op=str(change.get("op")), outcome="failed").inc()

@@ -268,3 +268,16 @@ def test_compact_cli_refuses_bad_input_in_one_line(bundle: Bundle, tmp_path: Pat
     assert "not a bundle directory" in capsys.readouterr().err
     assert main(["index", "compact", "--bundle", str(bundle.path), "--out", str(bundle.path)]) == 2
     assert "new bundle version" in capsys.readouterr().err
+
+
+def test_an_entry_written_around_the_api_is_skipped_alike_by_every_worker(bundle: Bundle, change_log) -> None:
+    from service.changes import ChangeFollower
+
+    a, b = engine_of(bundle), engine_of(bundle)
+    change_log.append(upsert(["ok-1"]))
+    bad = change_log.append({"op": "upsert", "entities": [{"entity_id": "x", "entity_type": "planet", "domains": ["domain_0"]}]})
+    last = change_log.append({"op": "pause", "ids": ["ok-1"]})
+    fa, fb = ChangeFollower(change_log, a.live), ChangeFollower(change_log, b.live)  # type: ignore[arg-type]
+    assert fa.catch_up(bad) is None  # not applied: the route answers 503, nothing acknowledged
+    assert fa.catch_up(last) is not None and fb.replay() == 2
+    assert fa.errors == fb.errors == 1 and _state(a) == _state(b) and a.live.position == last  # type: ignore[union-attr]
