@@ -296,3 +296,32 @@ def test_export_refuses_an_entity_encoder_that_disagrees(deep_run: Path, tmp_pat
     with pytest.raises(ex.ExportError, match="entity encoder"):
         export(ExportConfig(run=deep_run, out=tmp_path / "b", parity_users=1, parity_candidates=5))
     assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("values", [[1, 3], [1, 1], [2, 1, 3]])
+def test_bag_embedding_equals_the_module_in_torch_and_in_onnx(values: list[int], tmp_path: Path) -> None:
+    """The entity encoder's pooling of multi-value bags: same as CategoricalEmbedding, and exported right."""
+    import warnings
+
+    from model.embeddings import CategoricalEmbedding
+    from model.export import bag_embedding
+
+    emb = CategoricalEmbedding([3, 5, 4][: len(values)], dim=2, values=values).eval()
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, codes: torch.Tensor) -> torch.Tensor:
+            return bag_embedding(self.emb, codes)
+
+    codes = torch.from_numpy(np.random.default_rng(0).integers(0, 3, size=(7, sum(values))))
+    codes[1] = 0  # an empty bag
+    torch.testing.assert_close(Graph()(codes), emb(codes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Graph(), (codes[:3],), str(tmp_path / "g.onnx"), input_names=["c"], output_names=["o"],
+                          dynamic_axes={"c": {0: "b"}, "o": {0: "b"}}, opset_version=17, dynamo=False)
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"c": codes.numpy()})[0], emb(codes).detach().numpy(), atol=1e-6)
