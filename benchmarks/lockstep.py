@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from service.bundle import load_bundle
 
+from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
 from service.engine import EngineRequest, MatchEngine, MatchResult
 

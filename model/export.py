@@ -30,8 +30,9 @@ from torch import Tensor, nn
 
 from contracts.dataset import TEST, Dataset, serving_sequences
 from contracts.io import atomic_directory, atomic_write_json, sha256_file
-from model.backbones import Backbone, DeepMatchingModel, MatchingModel
+from model.backbones import Backbone, DeepMatchingModel, MatchingModel, TwoTowerModel
 from model.checkpoint import load_run
+from model.embeddings import CategoricalEmbedding
 from model.experts import concat_fusion
 from model.layers import Domains
 
@@ -54,6 +55,9 @@ class ExportConfig:
     entity_batch: int = 8192
     parity_users: int = 8  # random + real users checked per domain
     parity_candidates: int = 257  # odd on purpose: exercises the dynamic batch dim
+    # Entities whose tensors the entity encoder must reproduce at export (random rows + first + last);
+    # every row costs one encoder evaluation, so the whole of a 1M catalogue is not checked.
+    parity_entities: int = 4096
     # Precompute the entity part of both experts' first layers (Backbone only): fewer multiply-adds
     # per candidate for E x (1 + K) x h1 more floats in the bundle (see docs/model.md for measurements).
     first_layer_split: bool = False
@@ -204,6 +208,98 @@ class SplitBackboneScorer(nn.Module):
         return logits[0] + self.domain_zero[domain]
 
 
+ENTITY_ENCODER_FILE = "entity_encoder.onnx"
+ENTITY_ENCODER_INPUTS = ("ent_cat", "ent_num", "ent_type", "id_embedding")
+COLD_ID_FILE = "entities/cold_id_embedding.npy"
+
+
+class EntityEncoderGraph(nn.Module):
+    """(ent_cat, ent_num, ent_type, id_embedding) -> every entity tensor of the bundle + ``vectors``.
+
+    The entity side of the serving split (paper III-B: E_a -> ad network -> E_uee, with E_aid) as a graph
+    of its own, so that the service can encode an entity that was not in the catalogue at export (a
+    live upsert) into exactly what the pair scorer and the HNSW graph need. ``id_embedding`` (n, d) is
+    the entity's E_aid row: for an entity of the bundle, its own row of ``manifest.entity_encoder.
+    id_embedding``; for a new one, its type's row of ``cold_id_embedding`` (the mean trained E_aid of
+    that type: the id embedding a never-seen id gets, since none was trained for it).
+    """
+
+    def __init__(self, model: MatchingModel, names: list[str], split: bool) -> None:
+        super().__init__()
+        self.model = model
+        self.names = names
+        self.split = split
+
+    def forward(self, ent_cat: Tensor, ent_num: Tensor, ent_type: Tensor, id_embedding: Tensor) -> tuple[Tensor, ...]:
+        enc = self.model.encoder
+        emb = enc.emb
+        # E_a as SharedEmbeddings.entity computes it, with the bags pooled by a matmul (bag_embedding)
+        e_a = torch.cat([bag_embedding(emb.entity_cat, ent_cat), ent_num, emb.entity_type(ent_type.long())], dim=-1)
+        ent = {"ent_uee": enc.ad_net(e_a), "ent_aid": id_embedding * 1.0}  # (n, d) each; *1: an output, not the input
+        if isinstance(self.model, TwoTowerModel):
+            ent = {"ent_vec": self.model.entity_tower(torch.cat([ent["ent_uee"], ent["ent_aid"]], dim=-1))}
+        vectors = self.model.vectors(ent)
+        if self.split:
+            model = cast(DeepMatchingModel, self.model)
+            du, de, _ = model.encoder.pair_dims
+            entity = torch.cat([ent["ent_uee"], ent["ent_aid"]], dim=-1)  # (n, De)
+            bb = cast(Backbone, model.backbone)
+            ent["ent_first_shared"] = entity @ bb.shared.net.first.linear.weight[:, du : du + de].t()  # (n, h1)
+            ent["ent_first_domain"] = torch.einsum("ei,kio->eko", entity, bb.specific.net.first.weight[:, du : du + de])
+        return (*(ent[n] for n in self.names), vectors)
+
+
+def bag_embedding(m: CategoricalEmbedding, codes: Tensor) -> Tensor:
+    """``CategoricalEmbedding.forward`` in a form the ONNX exporter gets right: (N, columns) -> (N, cols * dim).
+
+    The module mean-pools a multi-value bag with ``index_add_`` along dim 1, which the TorchScript exporter
+    turns into a graph that gives wrong values (checked: 0.24 max abs difference on the module's own
+    example). Here the bags are summed with a constant (columns, features) one-hot matrix instead: same
+    arithmetic, plain MatMul in the graph.
+    """
+    if m.cols == 0:
+        return codes[:, :0].to(torch.float32)
+    e = m.table(codes.long() + m.offsets)  # (N, columns, dim)
+    if not m.multi:
+        return e.flatten(1)
+    onehot = torch.nn.functional.one_hot(m.bags, m.cols).to(e.dtype)  # (columns, cols): column -> its feature
+    single = (onehot.sum(dim=0) == 1)[m.bags]  # (columns,): a single-value column always counts
+    present = torch.where(single, torch.ones_like(codes, dtype=e.dtype), (codes != 0).to(e.dtype))  # (N, columns)
+    summed = torch.einsum("ncd,cb->nbd", e * present.unsqueeze(-1), onehot)  # (N, cols, dim)
+    count = present @ onehot  # (N, cols)
+    return (summed / count.clamp(min=1.0).unsqueeze(-1)).flatten(1)
+
+
+def cold_id_embedding(aid: np.ndarray, entity_type: np.ndarray, num_types: int) -> np.ndarray:
+    """(T, d): per entity type, the mean trained id embedding of that type (all entities' mean if none)."""
+    overall = aid.mean(axis=0) if aid.shape[0] else np.zeros(aid.shape[1], np.float32)
+    out = np.tile(overall, (num_types, 1)).astype(np.float32)
+    for t in range(num_types):
+        sel = entity_type == t
+        if sel.any():
+            out[t] = aid[sel].mean(axis=0)
+    return out
+
+
+def check_entity_encoder(path: Path, feats: dict[str, np.ndarray], want: dict[str, np.ndarray], *,
+                         rows: np.ndarray, batch: int = 4096) -> float:
+    """Max |entity_encoder.onnx(features of ``rows``) - the bundle's own tensors of ``rows``| over every output."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    in_names = {i.name for i in sess.get_inputs()}  # the exporter drops unused inputs (no categorical columns)
+    out_names = [o.name for o in sess.get_outputs()]
+    worst = 0.0
+    for start in range(0, rows.size, batch):
+        part = rows[start : start + batch]
+        got = sess.run(out_names, {n: v[part] for n, v in feats.items() if n in in_names})
+        for name, g in zip(out_names, got, strict=True):
+            worst = max(worst, float(np.abs(g - want[name][part]).max()))
+    return worst
+
+
 @torch.no_grad()
 def entity_tensors(
     model: MatchingModel, num_entities: int, batch: int = 8192, device: torch.device | None = None
@@ -308,6 +404,62 @@ def check_parity(
     return worst
 
 
+def _export_entity_encoder(
+    cfg: ExportConfig, model: MatchingModel, ds: Dataset, ents: dict[str, np.ndarray], vectors: np.ndarray,
+    ent_names: list[str], tmp: Path,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Write ``entity_encoder.onnx``, check it reproduces the bundle's entity tensors; manifest section + arrays.
+
+    Returns the manifest's ``entity_encoder`` section and the id-embedding arrays to save with the others
+    (the cold-start rows, and the id embedding itself when no entity tensor already holds it).
+    """
+    import onnx
+
+    E = len(ds.entities)
+    aid = model.encoder.emb.aid.weight.detach().numpy().astype(np.float32)  # (E, d)
+    etype = np.asarray(ds.entities.entity_type, dtype=np.int64)
+    feats: dict[str, np.ndarray] = {
+        "ent_cat": np.asarray(ds.entities.cat, dtype=np.int64),
+        "ent_num": np.asarray(ds.entities.num, dtype=np.float32),
+        "ent_type": etype,
+        "id_embedding": aid,
+    }
+    path = tmp / ENTITY_ENCODER_FILE
+    n0 = min(E, 3)
+    example = tuple(torch.from_numpy(np.array(feats[n][:n0])) for n in ENTITY_ENCODER_INPUTS)
+    outputs = [*ent_names, "vectors"]
+    _export_onnx(
+        EntityEncoderGraph(model, ent_names, cfg.first_layer_split), example, path,
+        inputs=list(ENTITY_ENCODER_INPUTS), outputs=outputs,
+        dynamic={n: {0: "batch"} for n in [*ENTITY_ENCODER_INPUTS, *outputs]}, opset=cfg.opset,
+    )
+    try:
+        onnx.checker.check_model(str(path))
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"{path.name}: onnx.checker failed: {str(exc).splitlines()[0]}") from None
+    rng = np.random.default_rng(2)
+    rows = np.unique(np.concatenate([[0, E - 1], rng.choice(E, size=min(cfg.parity_entities, E), replace=False)]))
+    worst = check_entity_encoder(path, feats, {**ents, "vectors": vectors}, rows=rows.astype(np.int64))
+    if not worst <= cfg.atol:
+        raise ExportError(f"entity encoder and the bundle's entity tensors disagree: max abs difference {worst:.3g} > {cfg.atol:g}")
+    arrays = {COLD_ID_FILE: cold_id_embedding(aid, etype, ds.schema.num_entity_types)}
+    if "ent_aid" in ent_names:
+        id_file = "entities/ent_aid.npy"  # the id embedding already is an entity tensor: not stored twice
+    else:
+        id_file = "entities/id_embedding.npy"
+        arrays[id_file] = aid
+    section = {
+        "file": ENTITY_ENCODER_FILE,
+        "inputs": list(ENTITY_ENCODER_INPUTS),
+        "outputs": outputs,
+        "id_embedding": id_file,
+        "cold_id_embedding": COLD_ID_FILE,
+        "parity_max_abs_diff": worst,
+        "parity_rows": int(rows.size),
+    }
+    return section, arrays
+
+
 def export(cfg: ExportConfig) -> dict[str, Any]:
     """Write the bundle for ``cfg.run`` to ``cfg.out`` (atomically); returns a small report."""
     import onnx
@@ -383,7 +535,9 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             if not b_worst <= cfg.atol:
                 raise ExportError(f"batched and per-user pair scorers disagree: max abs difference {b_worst:.3g} > {cfg.atol:g}")
             batched = {"file": "pair_scorer_batched.onnx", "parity_max_abs_diff": b_worst}
+        encoder, id_arrays = _export_entity_encoder(cfg, model, ds, ents, vectors, ent_names, tmp)
         arrays: dict[str, np.ndarray] = {
+            **id_arrays,
             "entities/external_id.npy": np.asarray(ds.entities.external_id).astype(str),
             "entities/entity_type.npy": np.asarray(ds.entities.entity_type, dtype=np.int16),
             "entities/domain_mask.npy": np.asarray(ds.entities.domain_mask, dtype=np.uint64),
@@ -395,7 +549,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
         schema.save(tmp / "schema.json")
         files = {
             rel: {"sha256": sha256_file(tmp / rel), "bytes": (tmp / rel).stat().st_size}
-            for rel in ["schema.json", "user_encoder.onnx", "pair_scorer.onnx",
+            for rel in ["schema.json", "user_encoder.onnx", "pair_scorer.onnx", ENTITY_ENCODER_FILE,
                         *(["pair_scorer_batched.onnx"] if batched else []), *arrays]
         }
         now = dt.datetime.now(dt.UTC).replace(microsecond=0)
@@ -422,6 +576,7 @@ def export(cfg: ExportConfig) -> dict[str, Any]:
             # absent for two-tower and first-layer-split bundles: those serve concurrent requests one call each
             **({"batched_scorer": batched} if batched else {}),
             "parity_max_abs_diff": worst,
+            "entity_encoder": encoder,
             "training": {"run": str(Path(cfg.run).resolve()), "steps": int(loaded.state.get("step", 0))},
             "files": files,
         }

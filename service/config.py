@@ -115,6 +115,18 @@ class Settings(BaseSettings):
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).
     control_dir: Path | None = None
     control_poll_s: float = Field(default=1.0, gt=0, le=60)
+    # ---- live catalogue (service/live.py, service/changes.py; docs/live-catalogue.md) ------------------
+    # POST /admin/entities*: upserts, pauses, resumes, deletes logged to a Redis stream (needs
+    # UNIMATCH_REDIS_URL) and applied by every worker; off by default (memory: live_capacity rows).
+    live_changes: bool = Field(default=False, description="accept and follow live catalogue changes")
+    # Rows the overlay can add before a compaction (`unimatch index compact`) is needed; each costs its
+    # entity tensors + vector + a few graph rows (about 2 KB at d=64).
+    live_capacity: int = Field(default=100_000, ge=1, le=50_000_000)
+    # How long another worker's acknowledged change may take to reach this one (XREAD BLOCK timeout).
+    live_poll_s: float = Field(default=0.1, gt=0, le=10)
+    # Candidate list of an online insertion (the HNSW paper's ef_construction); the offline build's 200
+    # costs twice the time per upsert (docs/live-catalogue.md).
+    live_ef_construction: int = Field(default=100, ge=8, le=2000)
     # ---- bundle rollout (service/bundle_watch.py) --------------------------------------------------
     # Follow UNIMATCH_BUNDLE when it is a symlink (/bundles/current): reload when it moves.
     bundle_watch: bool = Field(default=False, description="watch the bundle pointer and reload when it moves")
@@ -149,6 +161,12 @@ class Settings(BaseSettings):
         if isinstance(value, str) and not value.strip():
             return None
         return value
+
+    @model_validator(mode="after")
+    def _check_live(self) -> Settings:
+        if self.live_changes and not self.redis_url:
+            raise ValueError("live_changes needs redis_url: the change log is a Redis stream every worker reads")
+        return self
 
     @model_validator(mode="after")
     def _check_search(self) -> Settings:

@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
 
@@ -25,10 +25,11 @@ from contracts.bundle import Bundle
 from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
+from service.live import LiveCatalogue
 from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
 from service.scoring.host import HostGatherScorer, UserContext
-from service.search import LayerStats, RequestBeam, VisitedSet, best_first, search
+from service.search import LayerStats, LiveGraph, RequestBeam, VisitedSet, best_first, search
 from service.search_kernels import keep_rows
 
 log = logging.getLogger("unimatch.engine")
@@ -199,6 +200,8 @@ class MatchEngine:
         batch_requests: bool | None = None,
         use_calibration: bool | None = None,
         search_loop: str = "compiled",
+        live_capacity: int = 0,
+        live_ef_construction: int = 100,
     ) -> None:
         self.bundle = bundle
         # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
@@ -227,8 +230,8 @@ class MatchEngine:
         self._num_types = bundle.schema.num_entity_types
         etype = np.asarray(bundle.entity_type, dtype=np.int64)
         mask = np.asarray(bundle.domain_mask)
-        self._etype = etype
-        self._mask = mask
+        self._etype: np.ndarray = etype
+        self._mask: np.ndarray = mask
         # Per domain: eligible rows (for exhaustive mode) and counts per entity type (mode choice, k check).
         self._domain_rows: list[np.ndarray] = []
         counts = np.zeros((self._num_domains, self._num_types), dtype=np.int64)
@@ -237,6 +240,20 @@ class MatchEngine:
             self._domain_rows.append(rows)
             counts[d] = np.bincount(etype[rows], minlength=self._num_types)[: self._num_types]
         self._type_counts = counts
+        # Live catalogue (service/live.py): rows added online after the E base rows, a live mask checked
+        # where results are taken, the graph overlay walked with the base graph. Off when capacity is 0.
+        self.live: LiveCatalogue | None = None
+        self.graph = graph
+        if live_capacity > 0:
+            if type(self.scorer) is not HostGatherScorer:
+                raise SearchError(f"live changes need the host-gather (CPU) scorer, not {type(self.scorer).__name__}")
+            self.live = LiveCatalogue(bundle, capacity=live_capacity, type_counts=counts,
+                                      ef_construction=live_ef_construction)
+            self._mask, self._etype = self.live.domain_mask, self.live.entity_type
+            self.scorer.live = self.live
+            if graph is not None:
+                self.graph = LiveGraph(**{f.name: getattr(graph, f.name) for f in fields(graph)},
+                                       overlay=self.live.overlay)
         # Per domain: (bucket k, mode, params) from the calibration, resolved once here, not per request.
         self._calibrated: list[list[tuple[int, str, SearchParams, CalibratedPoint]]] = [[] for _ in range(self._num_domains)]
         self._above_buckets: dict[tuple[int, int], tuple[str, SearchParams]] = {}  # k above every bucket
@@ -249,9 +266,26 @@ class MatchEngine:
     def _visited(self) -> VisitedSet:
         v = getattr(self._local, "visited", None)
         if v is None:
-            v = VisitedSet(self.bundle.num_entities)
+            v = VisitedSet(self.num_rows)
             self._local.visited = v
         return v
+
+    @property
+    def num_rows(self) -> int:
+        """Rows a result may name: the bundle's, plus the live overlay's capacity."""
+        return self.bundle.num_entities + (self.live.capacity if self.live is not None else 0)
+
+    def row_of(self, entity_id: str) -> int | None:
+        """The row an external id names now (live upserts and deletes included)."""
+        return self.live.row_of(entity_id) if self.live is not None else self.bundle.row_of(entity_id)
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        if self.live is not None:
+            return self.live.ids_of(rows)
+        return [str(e) for e in np.asarray(self.bundle.entity_ids[rows]).tolist()]
+
+    def types_of(self, rows: np.ndarray) -> np.ndarray:
+        return np.asarray(self._etype[rows])
 
     def _visited_pool(self, n: int) -> list[VisitedSet]:
         """``n`` visited sets of this thread for a lockstep batch (kept and reused: 12 bytes per entity each)."""
@@ -260,7 +294,7 @@ class MatchEngine:
             pool = []
             self._local.pool = pool
         while len(pool) < n:
-            pool.append(VisitedSet(self.bundle.num_entities))
+            pool.append(VisitedSet(self.num_rows))
         return pool[:n]
 
     # ---- the request -------------------------------------------------------------------------------
@@ -296,8 +330,8 @@ class MatchEngine:
         excl = None
         if exclude_rows is not None:
             excl = np.asarray(exclude_rows)
-            if excl.ndim != 1 or (excl.size and (excl.dtype.kind not in "iu" or excl.min() < 0 or excl.max() >= self.bundle.num_entities)):
-                raise SearchError(f"exclude_rows must be a 1-d array of entity rows in 0..{self.bundle.num_entities - 1}")
+            if excl.ndim != 1 or (excl.size and (excl.dtype.kind not in "iu" or excl.min() < 0 or excl.max() >= self.num_rows)):
+                raise SearchError(f"exclude_rows must be a 1-d array of entity rows in 0..{self.num_rows - 1}")
             excl = np.unique(excl.astype(np.int64)) if excl.size else None
         cu, cn, L = len(schema.user_categorical), len(schema.user_numeric), schema.max_seq_len
         if np.shape(user.cat) != (cu,) or np.shape(user.num) != (cn,) or np.shape(user.seq) != (L,):
@@ -323,8 +357,14 @@ class MatchEngine:
             type_ok[types] = True
         excluded = np.zeros(0, dtype=np.int64) if excl is None else np.ascontiguousarray(excl, dtype=np.int64)  # sorted
 
+        live = self.live.live if self.live is not None else None
+
         def keep(rows: np.ndarray) -> np.ndarray:
-            return keep_rows(np.asarray(rows, dtype=np.int64), mask, bit, etype, type_ok, excluded)
+            rows = np.asarray(rows, dtype=np.int64)
+            ok = keep_rows(rows, mask, bit, etype, type_ok, excluded)
+            if live is not None:  # paused, deleted, superseded: never returned
+                ok &= live[rows]
+            return ok
 
         return keep
 
@@ -351,7 +391,7 @@ class MatchEngine:
         t_start = time.perf_counter()
         user, domain, k = q.user, q.domain, q.k
         mode, p = self._plan(q, mode, params)
-        graph = self.bundle.graph
+        graph = self.graph
         if mode == "graph" and graph is None:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
         ctx = self.scorer.encode(user.cat, user.num, user.seq, domain)
@@ -431,14 +471,18 @@ class MatchEngine:
         queries = [self.query(r.user, r.domain, r.k, exclude_rows=r.exclude_rows, entity_types=r.entity_types,
                               deadline=r.deadline) for r in requests]
         plans = [self._plan(q, r.mode, r.params) for q, r in zip(queries, requests, strict=True)]
+        params_given = [r.params for r in requests]
         if merged is None:
             merged = isinstance(self.scorer, BatchingScorer)
         results: list[MatchResult | None] = [None] * len(requests)
-        graph = self.bundle.graph
-        lock = [i for i, (mode, _) in enumerate(plans) if mode == "graph"]
-        for i, (mode, p) in enumerate(plans):
-            if mode != "graph":
-                results[i] = self.run(queries[i], mode=mode, params=p)
+        graph = self.graph
+        # The lockstep walks the CSR arrays in compiled steps; with a live overlay each query runs alone,
+        # through the loop that walks base and overlay (``search``).
+        lockstep = graph is not None and self.live is None
+        lock = [i for i, (mode, _) in enumerate(plans) if mode == "graph" and lockstep]
+        for i, (mode, _) in enumerate(plans):
+            if mode != "graph" or not lockstep:
+                results[i] = self.run(queries[i], mode=mode, params=params_given[i])
         if lock and graph is not None:
             pool = self._visited_pool(len(lock))
             ctxs, encode_ms, beams = [], [], []
@@ -526,6 +570,8 @@ class MatchEngine:
     ) -> tuple[np.ndarray, np.ndarray, bool, int]:
         """Score every eligible row in ``max_batch`` chunks; the reference the graph search is measured by."""
         rows = self._domain_rows[domain]
+        if self.live is not None:
+            rows = np.concatenate([rows[self.live.live[rows]], self.live.overlay_rows(domain)])
         if types is not None:
             rows = rows[np.isin(self._etype[rows], types)]
         if excl is not None:
@@ -590,4 +636,5 @@ class MatchEngine:
             "eligible_per_domain": {n: int(self._type_counts[d].sum()) for d, n in enumerate(self.bundle.schema.domains)},
             "bundle_version": self.bundle.version,
             "kind": self.bundle.kind,
+            "live": self.live.info() if self.live is not None else None,
         }

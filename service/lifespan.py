@@ -32,7 +32,7 @@ from service.features import (
     NullFeatureStore,
     RedisFeatureStore,
 )
-from service.loading import build_serving, check_store_matches, freeze_heap, seed_admission
+from service.loading import Serving, build_serving, check_store_matches, freeze_heap, seed_admission
 from service.shadow import ShadowMonitor
 from service.state import ConcurrencyLimiter, ServiceState
 
@@ -102,10 +102,13 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     target = ordered_bundle(settings) or settings.bundle
     if settings.bundle_watch:  # load what the pointer names now, so a swap mid-load cannot mix versions
         target = target.resolve()
+    serving: Serving | None = None
     try:
         serving = await asyncio.to_thread(build_serving, target, settings)
         await check_store_matches(store, serving, startup=True)
     except BaseException:
+        if serving is not None and serving.changes is not None:
+            serving.changes.stop()
         await state.aclose()
         raise
     state.serving = serving

@@ -25,6 +25,7 @@ from service.vocabulary import Vocabulary
 if TYPE_CHECKING:
     from contracts.bundle import Bundle
     from contracts.schema import FeatureSchema
+    from service.changes import ChangeFollower
     from service.engine import MatchEngine, SearchParams
 
 log = logging.getLogger("unimatch.service")
@@ -40,6 +41,7 @@ class Serving:
     loaded_at: float
     vocab: Vocabulary  # the request names of this bundle, resolved to indices once
     warm_times: dict[int, float] = field(default_factory=dict)  # k -> seconds of one warm-up search
+    changes: ChangeFollower | None = None  # live catalogue: this bundle's change log, followed (UNIMATCH_LIVE_CHANGES)
 
     @property
     def version(self) -> str:
@@ -95,19 +97,44 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         providers=providers(settings),
         batch_requests=settings.batch_requests,
         use_calibration=settings.search_calibration and params is None,
+        live_capacity=settings.live_capacity if settings.live_changes else 0,
+        live_ef_construction=settings.live_ef_construction,
     )
+    changes = follow_changes(engine, settings) if settings.live_changes else None
     log_calibration(engine)
     t_warm = time.perf_counter()
     engine.warmup()
     warm_times = {10: (time.perf_counter() - t_warm) / max(1, len(bundle.schema.domains))}
     warm_times.update(warm_at_max_k(engine, settings.max_k))
     bundle.row_of("")  # builds the id -> row index now, not inside the first request with `exclude`
+    # A compacted bundle appends rows; user histories hold rows of the bundle they were loaded for, which
+    # the compaction kept in place: the feature store is checked against those rows only.
+    feature_rows = int((bundle.manifest.get("live") or {}).get("feature_rows", bundle.num_entities))
     serving = Serving(
-        bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids), loaded_at=time.time(),
-        vocab=Vocabulary.of(bundle), warm_times=warm_times,
+        bundle=bundle, engine=engine, entity_space=entity_space_fingerprint(bundle.entity_ids[:feature_rows]),
+        loaded_at=time.time(), vocab=Vocabulary.of(bundle), warm_times=warm_times, changes=changes,
     )
+    if changes is not None:
+        changes.start()
     log.info("bundle %s loaded and warmed in %.2f s (%s)", bundle.version, time.perf_counter() - t0, engine.provider)
     return serving
+
+
+def follow_changes(engine: MatchEngine, settings: Settings) -> ChangeFollower:
+    """Open the bundle lineage's change log and replay it into the engine's live catalogue (blocking)."""
+    from service.changes import ChangeFollower, ChangeLog, stream_key
+
+    live = engine.live
+    if live is None or not settings.redis_url:
+        raise RuntimeError("live changes need the live catalogue and a Redis URL")
+    changes = ChangeLog.from_url(settings.redis_url, stream_key(settings.redis_key_prefix + ":", live.lineage))
+    follower = ChangeFollower(changes, live, poll_s=settings.live_poll_s)
+    t0, start = time.perf_counter(), live.position
+    n = follower.replay()  # a (re)started worker serves only once it holds every acknowledged change
+    log.info("live changes: log %s replayed after %s up to %s: %d entries in %.2f s, %d overlay rows",
+             changes.key, start, live.position, n, time.perf_counter() - t0, live.count)
+    metrics.set_live(live)
+    return follower
 
 
 def log_calibration(engine: MatchEngine) -> None:

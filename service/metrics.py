@@ -86,6 +86,31 @@ DEGRADED = Counter(
     ["cause"],
 )
 
+# Live catalogue (service/live.py, service/changes.py). Lag: from the change's XADD (its stream id's
+# time) to applied in this process, so the acknowledging worker's few ms and the others' poll delay.
+_LAG = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0)
+CHANGE_LAG = Histogram(
+    "unimatch_live_change_lag_seconds", "Logged (acknowledged) -> applied (visible) in this process", buckets=_LAG
+)
+CHANGE_APPLY_DURATION = Histogram(
+    "unimatch_live_change_apply_seconds", "Time to apply one change-log entry (encode + graph insertion)", buckets=_LATENCY
+)
+CHANGES_APPLIED = Counter("unimatch_live_changes_total", "Change-log entries, by op and outcome", ["op", "outcome"])
+OVERLAY_ROWS = Gauge("unimatch_live_overlay_rows", "Rows added online since the bundle (overlay size)", multiprocess_mode="livemax")
+OVERLAY_CAPACITY = Gauge("unimatch_live_overlay_capacity", "Rows the overlay can hold", multiprocess_mode="livemax")
+LOG_POSITION = Gauge(
+    "unimatch_live_log_position_ms", "Time part (ms) of the last change-log entry applied", multiprocess_mode="livemin"
+)
+
+
+def set_live(live: object) -> None:
+    """Overlay size and log position of a ``service.live.LiveCatalogue`` (duck-typed: no import cycle)."""
+    from service.live import stream_ms
+
+    OVERLAY_ROWS.set(getattr(live, "count", 0))
+    OVERLAY_CAPACITY.set(getattr(live, "capacity", 0))
+    LOG_POSITION.set(stream_ms(str(getattr(live, "position", "0-0"))))
+
 
 def observe_redis(outcome: str, seconds: float) -> None:
     """Hook given to the Redis feature store (it knows nothing of Prometheus)."""

@@ -47,10 +47,10 @@ def apply_overrides(
     unknown = 0
     if over.sequence is not None or over.recent:
         if over.sequence is not None:
-            history, unknown = rows_of(bundle, over.sequence)
+            history, unknown = rows_of(bundle.row_of, over.sequence)
         else:
             history = seq[seq != PAD]
-        recent, unknown_recent = rows_of(bundle, over.recent)
+        recent, unknown_recent = rows_of(bundle.row_of, over.recent)
         unknown += unknown_recent
         history = np.concatenate([history, recent])[-vocab.max_seq_len :]
         seq = np.full(vocab.max_seq_len, PAD, dtype=np.int64)

@@ -183,3 +183,42 @@ class Info(BaseModel):
     limits: dict[str, Any]
     bundle_path: str | None = Field(default=None, description="only with the admin bearer token")
     entity_space: str = Field(description="hash of the entity ids in row order (must match the feature store's)")
+
+
+class EntityIn(BaseModel):
+    """One entity of a live upsert, with features encoded as the dataset stores them (docs/data.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    entity_id: str = Field(min_length=1, max_length=256)
+    entity_type: str = Field(min_length=1, max_length=64, description="a name from /v1/info `entity_types`")
+    domains: list[str] = Field(min_length=1, max_length=64, description="domains it may be returned in")
+    categorical: dict[str, int | list[int]] = Field(
+        default_factory=dict, max_length=256, description="feature name -> code (a list for a multi-value feature); absent = default"
+    )
+    numeric: dict[str, float] = Field(default_factory=dict, max_length=256, description="feature name -> value; absent = default")
+
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    entities: list[EntityIn] = Field(min_length=1, max_length=10_000, description="new or changed entities, applied in order")
+
+
+class EntityIdsRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    ids: list[str] = Field(min_length=1, max_length=100_000, description="entity ids (unknown ones are skipped)")
+
+
+class ChangeAck(BaseModel):
+    """A change durable in the log and applied by the worker that answers."""
+
+    op: Literal["upsert", "pause", "resume", "delete"]
+    position: str = Field(description="the change's position in the log (a Redis stream id)")
+    log: str = Field(description="the change log (stream key) of this bundle lineage")
+    bundle_version: str
+    applied: int = Field(description="entities written or switched in this worker")
+    skipped: int = Field(default=0, description="ids unknown when the change was applied")
+    overlay_rows: int
+    guarantee: str = Field(description="what this acknowledgement means for this and the other workers")

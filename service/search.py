@@ -31,6 +31,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -39,6 +40,20 @@ from service import search_kernels as kern
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) float32 scores, one model call
 KeepFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) bool: may this row be returned?
+
+
+@dataclass(frozen=True)
+class LiveGraph(Graph):
+    """The bundle's graph with the live catalogue's overlay (``service.overlay``): rows inserted online,
+    appended after the E base rows, and edited neighbour lists; ``expand`` and ``entry`` walk base and
+    overlay as one graph. The on-disk ``Graph`` stays the contracts' format; this is serving state."""
+
+    overlay: Any = None
+
+
+def overlay_of(graph: Graph) -> Any:
+    """The live overlay of ``graph``, or None for a plain bundle graph."""
+    return getattr(graph, "overlay", None)
 
 
 _STAMP_MAX = int(np.iinfo(np.uint32).max)
@@ -137,7 +152,8 @@ def entry(graph: Graph, *, whole_top_layer_up_to: int) -> np.ndarray:
     NANN scores the whole top layer as the entry set when it is small: with ``whole_top_layer_up_to``
     >= its node count that is what we do; otherwise the graph's own entry points.
     """
-    top = graph.top_layer_nodes
+    overlay = overlay_of(graph)
+    top = graph.top_layer_nodes if overlay is None else overlay.top_layer_nodes()
     if 0 < top.size <= whole_top_layer_up_to:
         return top
     return np.unique(np.asarray(graph.entry_points, dtype=np.int64))
@@ -152,6 +168,9 @@ def expand(graph: Graph, layer: int, frontier: np.ndarray, max_degree: int = 0) 
     every list nearest first (hnswlib's own order is farthest first), so the cap keeps the closest edges
     and cuts the pairs per step.
     """
+    overlay = overlay_of(graph)
+    if overlay is not None:  # base CSR lists + the overlay's rows and edited lists
+        return overlay.expand(layer, frontier, max_degree)
     off = graph.offsets[layer]
     starts = np.asarray(off[frontier], dtype=np.int64)
     lens = np.asarray(off[frontier + 1], dtype=np.int64) - starts
@@ -456,7 +475,9 @@ def search(
     tests). They return the same rows and scores, except where tied keys straddle a beam's ef-th place:
     the compiled beam keeps the smaller row, numpy's argpartition keeps either.
     """
-    if loop == "compiled":
+    # The compiled step walks the CSR arrays themselves; a live overlay's rows and edited lists are walked
+    # by the numpy loop's ``expand`` (the same search, slower per step).
+    if loop == "compiled" and overlay_of(graph) is None:
         beam = RequestBeam(
             graph, k=k, ef=ef, steps=steps, top_n=top_n, visited=visited, keep=keep, deadline=deadline, clock=clock,
             max_degree=max_degree, whole_top_layer_up_to=whole_top_layer_up_to, seeds=seeds, filter_beam=filter_beam,

@@ -121,10 +121,13 @@ class ServiceState:
         return self.serving.version if self.serving is not None else None
 
     async def _reload(self, target: Path) -> None:
+        new: Serving | None = None
         try:
             new = await asyncio.to_thread(build_serving, target, self.settings)
             await self._check_features(new)
         except Exception as exc:  # any failure refuses the bundle; the old one keeps serving
+            if new is not None and new.changes is not None:  # a refused bundle does not keep following its log
+                await asyncio.to_thread(new.changes.stop)
             log.error("reload to %s refused: %s", target, exc)
             metrics.RELOADS.labels(outcome="failed").inc()
             self.reload = dataclasses.replace(self.reload, state="failed", error=str(exc), finished_at=time.time())
@@ -146,6 +149,8 @@ class ServiceState:
         """Release the replaced engine's background resources (the batcher thread) once the requests
         that started on it are over: a request never outlives its deadline by more than one step."""
         await asyncio.sleep(max(5.0, 2 * self.settings.deadline_ms / 1e3))
+        if old.changes is not None:
+            await asyncio.to_thread(old.changes.stop)
         await asyncio.to_thread(old.engine.close)
         del old
         freeze_heap(collect=False)  # the new bundle's objects out of the collector's reach
@@ -205,6 +210,8 @@ class ServiceState:
         if self.shadow is not None:
             self.shadow.close()
         if self.serving is not None:
+            if self.serving.changes is not None:
+                self.serving.changes.stop()
             self.serving.engine.close()
         await self.store.close()
 

@@ -8,7 +8,7 @@ scans and never hashes the schema again.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +40,13 @@ class Vocabulary:
         )
 
 
-def rows_of(bundle: Bundle, entity_ids: Iterable[str]) -> tuple[np.ndarray, int]:
-    """(int64 rows of the ids the catalogue holds, in order; how many ids it does not hold)."""
+def rows_of(row_of: Callable[[str], int | None], entity_ids: Iterable[str]) -> tuple[np.ndarray, int]:
+    """(int64 rows of the ids the catalogue holds, in order; how many ids it does not hold). ``row_of``
+    is the bundle's map (user histories) or the engine's (results, with entities upserted online)."""
     rows: list[int] = []
     unknown = 0
     for e in entity_ids:
-        r = bundle.row_of(e)
+        r = row_of(e)
         if r is None:
             unknown += 1
         else:

@@ -28,7 +28,7 @@ COMMAND_MODULES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("model.data.cli", ("data",)),
     ("model.cli", ("train", "eval", "export")),
     ("index_builder.cli", ("index",)),
-    ("service.calibrate_cli", ("index",)),
+    ("service.index_cli", ("index",)),
     ("service.cli", ("serve", "features")),
     ("service.bench.cli", ("bench",)),
     ("loadtests.cli", ("loadtest",)),

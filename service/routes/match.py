@@ -84,7 +84,8 @@ def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: 
         if unknown:
             raise InvalidRequest(f"unknown entity types {unknown}; expected a subset of {list(vocab.entity_types)}")
         types = [vocab.entity_types[t] for t in body.entity_types]
-    rows, _ = rows_of(serving.bundle, body.exclude)  # unknown ids: nothing to drop
+    # unknown ids: nothing to drop; the engine's map includes entities upserted online
+    rows, _ = rows_of(serving.engine.row_of, body.exclude)
     budget_s = settings.deadline_ms / 1e3
     if body.deadline_ms is not None:
         budget_s = min(budget_s, body.deadline_ms / 1e3)
@@ -133,10 +134,10 @@ def answer(
     """The engine's rows and stats as the HTTP answer: entity ids and type names, best first, and where
     the time went (``timing``: admission's submitted/started/ended/runqueue stamps, and resumed)."""
     total_s = timing["resumed"] - arrived
-    bundle = serving.bundle
+    engine = serving.engine
     rows = np.asarray(result.rows, dtype=np.int64)
-    type_codes = np.asarray(bundle.entity_type[rows]).tolist() if rows.size else []
-    ids = np.asarray(bundle.entity_ids[rows]).tolist() if rows.size else []
+    type_codes = engine.types_of(rows).tolist() if rows.size else []
+    ids = engine.ids_of(rows) if rows.size else []
     type_names = serving.vocab.type_names
     items = [
         MatchItem(entity_id=str(eid), entity_type=type_names[int(t)], score=float(s))

@@ -103,6 +103,7 @@ class HostGatherScorer:
         missing = [n for n in self.user_outputs if n not in got]
         if missing:
             raise BundleError(f"{bundle.path}: user_encoder.onnx lacks outputs {missing} named in manifest.user_outputs")
+        self.live: Any = None  # the engine's LiveCatalogue when live changes are on (rows beyond the bundle's)
         # Plain ndarray views of the memory maps: fancy indexing on np.memmap adds subclass overhead.
         self.tables = {name: np.asarray(arr) for name, arr in bundle.entity_tensors.items()}
         self._user_input_names = {i.name for i in self.user_session.get_inputs()}
@@ -148,8 +149,13 @@ class HostGatherScorer:
     def _score_batch(self, ctx: UserContext, rows: np.ndarray) -> tuple[np.ndarray, float, float]:
         t0 = time.perf_counter()
         feeds = dict(ctx.feeds)
-        for name, table in self.tables.items():
-            feeds[name] = np.take(table, rows, axis=0)  # np.take: faster than fancy indexing for row gathers
+        live = self.live
+        if live is not None and rows.size and int(rows.max()) >= live.E:  # rows added online (service/live.py)
+            for name, table in self.tables.items():
+                feeds[name] = live.gather(name, table, rows)
+        else:
+            for name, table in self.tables.items():
+                feeds[name] = np.take(table, rows, axis=0)  # np.take: faster than fancy indexing for row gathers
         t1 = time.perf_counter()
         (out,) = self.pair_session.run(["score"], feeds)
         t2 = time.perf_counter()

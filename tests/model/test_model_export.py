@@ -244,3 +244,85 @@ def test_serving_batches_concurrent_requests_on_an_exported_bundle(deep_bundle: 
         assert batcher.merged_steps >= 8 and batcher.calls <= batcher.merged_steps
     finally:
         batcher.close()
+
+
+def _encode_all(bundle: Path, data: Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Run the bundle's entity encoder on every entity's dataset features and its own id embedding."""
+    m = json.loads((bundle / "manifest.json").read_text())
+    enc = m["entity_encoder"]
+    sess = ort.InferenceSession(str(bundle / enc["file"]), providers=["CPUExecutionProvider"])
+    feed = {
+        "ent_cat": np.load(data / "entities/cat.npy").astype(np.int64),
+        "ent_num": np.load(data / "entities/num.npy").astype(np.float32),
+        "ent_type": np.load(data / "entities/entity_type.npy").astype(np.int64),
+        "id_embedding": np.load(bundle / enc["id_embedding"]),
+    }
+    names = [o.name for o in sess.get_outputs()]
+    wanted = {i.name for i in sess.get_inputs()}
+    return m, dict(zip(names, sess.run(names, {k: v for k, v in feed.items() if k in wanted}), strict=True))
+
+
+@pytest.mark.parametrize("variant", ["deep", "split", "two-tower"])
+def test_entity_encoder_reproduces_every_entity_tensor(variant: str, deep_run: Path, deep_bundle: Path, data: Path,
+                                                      tmp_path: Path) -> None:
+    bundle = deep_bundle
+    if variant == "split":
+        bundle = tmp_path / "split"
+        export(ExportConfig(run=deep_run, out=bundle, first_layer_split=True, parity_users=1, parity_candidates=5))
+    elif variant == "two-tower":
+        run = train(tiny_config(data, tmp_path / "tt", "two-tower", max_steps=2))
+        bundle = tmp_path / "tt-bundle"
+        export(ExportConfig(run=run, out=bundle, parity_users=1, parity_candidates=5))
+    m, got = _encode_all(bundle, data)
+    enc = m["entity_encoder"]
+    assert enc["outputs"] == [*m["entity_tensors"], "vectors"] and enc["parity_max_abs_diff"] <= 1e-4
+    assert enc["file"] in m["files"] and enc["cold_id_embedding"] in m["files"] and enc["id_embedding"] in m["files"]
+    for name, info in m["entity_tensors"].items():  # every row, not only the rows checked at export
+        np.testing.assert_allclose(got[name], np.load(bundle / info["file"]), atol=1e-4, err_msg=name)
+    np.testing.assert_allclose(got["vectors"], np.load(bundle / "entities/vectors.npy"), atol=1e-4)
+    # the cold-start id rows are the per-type means of the trained id embedding
+    cold = np.load(bundle / enc["cold_id_embedding"])
+    aid, etype = np.load(bundle / enc["id_embedding"]), np.load(data / "entities/entity_type.npy")
+    assert cold.shape == (len(m["entity_types"]), aid.shape[1])
+    for t in np.unique(etype):
+        np.testing.assert_allclose(cold[t], aid[etype == t].mean(axis=0), atol=1e-6)
+
+
+def test_export_refuses_an_entity_encoder_that_disagrees(deep_run: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import model.export as ex
+
+    real = ex.check_entity_encoder
+    monkeypatch.setattr(ex, "check_entity_encoder", lambda *a, **kw: real(*a, **kw) + 1.0)
+    with pytest.raises(ex.ExportError, match="entity encoder"):
+        export(ExportConfig(run=deep_run, out=tmp_path / "b", parity_users=1, parity_candidates=5))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("values", [[1, 3], [1, 1], [2, 1, 3]])
+def test_bag_embedding_equals_the_module_in_torch_and_in_onnx(values: list[int], tmp_path: Path) -> None:
+    """The entity encoder's pooling of multi-value bags: same as CategoricalEmbedding, and exported right."""
+    import warnings
+
+    from model.embeddings import CategoricalEmbedding
+    from model.export import bag_embedding
+
+    emb = CategoricalEmbedding([3, 5, 4][: len(values)], dim=2, values=values).eval()
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = emb
+
+        def forward(self, codes: torch.Tensor) -> torch.Tensor:
+            return bag_embedding(self.emb, codes)
+
+    codes = torch.from_numpy(np.random.default_rng(0).integers(0, 3, size=(7, sum(values))))
+    codes[1] = 0  # an empty bag
+    torch.testing.assert_close(Graph()(codes), emb(codes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(Graph(), (codes[:3],), str(tmp_path / "g.onnx"), input_names=["c"], output_names=["o"],
+                          dynamic_axes={"c": {0: "b"}, "o": {0: "b"}}, opset_version=17, dynamo=False)
+    sess = ort.InferenceSession(str(tmp_path / "g.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(sess.run(None, {"c": codes.numpy()})[0], emb(codes).detach().numpy(), atol=1e-6)

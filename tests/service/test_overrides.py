@@ -34,7 +34,7 @@ def test_vocabulary_matches_the_schema(bundle) -> None:
 
 def test_rows_of_counts_unknown_ids(bundle) -> None:
     ids = [str(bundle.entity_ids[5]), "no-such-entity", str(bundle.entity_ids[2])]
-    rows, unknown = rows_of(bundle, ids)
+    rows, unknown = rows_of(bundle.row_of, ids)
     assert rows.tolist() == [5, 2] and rows.dtype == np.int64 and unknown == 1
 
 

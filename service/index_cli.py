@@ -34,6 +34,23 @@ def register(cli: CommandRegistry) -> None:
     c.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
     c.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
     _calibration_args(c)
+    k = cli.group_command(
+        "index",
+        "compact",
+        help="fold the live change log into a new bundle version (rows added online, paused/deleted state, graph)",
+        description="Replay the bundle lineage's change log (the Redis stream the service's /admin/entities* "
+        "write) with the service's own apply code, and write the result to --out as a new bundle version: "
+        "base rows in place, online rows appended, entities/status.npy for paused and dead rows, the live "
+        "graph overlay frozen into the CSR arrays, the log position in manifest.live. A service serving the "
+        "new version replays only the entries after that position (docs/live-catalogue.md).",
+        handler=_compact,
+        group_help=GROUP_HELP,
+    )
+    k.add_argument("--bundle", type=Path, required=True, help="the bundle being served (never modified)")
+    k.add_argument("--out", type=Path, required=True, help="directory of the new bundle version")
+    k.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis holding the change log")
+    k.add_argument("--redis-key-prefix", default="unimatch", help="UNIMATCH_REDIS_KEY_PREFIX of the service")
+    k.add_argument("--until", default=None, help="last log position to fold in (default: the end of the log)")
 
 
 
@@ -75,6 +92,20 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
     if args.calibration_json is not None:
         atomic_write_json(args.calibration_json, cal.to_json())
     console.print(f"wrote {args.bundle}/calibration.json ({cal.seconds:.0f} s); manifest updated")
+    return 0
+
+
+def _compact(args: argparse.Namespace) -> int:
+    from service.compact import compact
+
+    console = wide_console()
+    report = compact(bundle=args.bundle, out=args.out, redis_url=args.redis_url, prefix=args.redis_key_prefix,
+                     until=args.until)
+    console.print(
+        f"wrote {args.out}: bundle {report['bundle_version']}, {report['num_entities']:,} entities "
+        f"({report['rows_added']:,} added online, {report['paused']:,} paused, {report['dead']:,} dead), "
+        f"log {report['lineage']} folded up to {report['position']} ({report['entries']:,} entries)"
+    )
     return 0
 
 

@@ -1,0 +1,378 @@
+"""The live catalogue of one serving bundle: entities upserted, paused, resumed and deleted online.
+
+Apart from HTTP and from the log (``service.changes``): ``LiveCatalogue.apply`` takes one change of the
+ordered change log and makes it visible to the engine of this process.
+
+* **State.** Rows ``0..E-1`` are the bundle's (memory-mapped, never written). An upsert takes the next
+  row ``E + i``: its entity tensors and graph vector come from the bundle's entity encoder
+  (``entity_encoder.onnx``, paper III-B's entity side: E_a -> ad network -> E_uee, with E_aid), it is
+  inserted into the graph overlay (``service.overlay``), and its id now names that row. A changed
+  entity (an upsert of a known id) keeps its id embedding, gets a new row, and its old row goes dead.
+  A *live mask* over all rows says what may be returned: paused, deleted and superseded rows are off.
+* **Determinism.** Every worker applies the same log from the same base in the same order, so rows,
+  encodings and overlay edges come out identical (levels are drawn from a generator seeded by the
+  bundle version), which is what lets any worker answer for any acknowledged change.
+* **Visibility.** A row's tables, type and domains are written before it is linked into the graph, and
+  its live bit is set last; a pause clears the bit first. The engine checks the bit where results are
+  taken (graph and exhaustive mode), so once ``apply`` returns, a paused entity is never returned.
+
+numpy + onnxruntime; never torch.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from contracts.schema import FeatureSchema, cat_slices
+from service.overlay import GraphOverlay
+
+if TYPE_CHECKING:
+    from contracts.bundle import Bundle
+
+OPS = ("upsert", "pause", "resume", "delete")
+STATUS_LIVE, STATUS_PAUSED, STATUS_DEAD = 0, 1, 2  # entities/status.npy of a compacted bundle
+
+
+class LiveError(ValueError):
+    """A change that cannot be applied to this bundle (no entity encoder, bad features, overlay full)."""
+
+
+@dataclass(frozen=True)
+class EntityRecord:
+    """One upserted entity, encoded as the dataset stores entities (docs/data.md)."""
+
+    entity_id: str
+    entity_type: int
+    domain_mask: int
+    cat: np.ndarray  # (Ce,) int64 categorical codes, multi-value columns in consecutive slots
+    num: np.ndarray  # (Cn,) float32
+
+
+def parse_entity(schema: FeatureSchema, item: dict[str, Any]) -> EntityRecord:
+    """An upsert item of the change log -> ``EntityRecord``; ``LiveError`` with a one-line reason if invalid.
+
+    ``item``: ``{"entity_id", "entity_type", "domains": [names], "categorical": {name: code | [codes]},
+    "numeric": {name: value}}``; absent features take the schema's defaults, as the importers fill them.
+    """
+    eid = item.get("entity_id")
+    if not isinstance(eid, str) or not eid:
+        raise LiveError("entity_id must be a non-empty string")
+    etype = item.get("entity_type")
+    if etype not in schema.entity_types:
+        raise LiveError(f"{eid}: unknown entity_type {etype!r}; expected one of {schema.entity_types}")
+    domains = item.get("domains") or []
+    unknown = [d for d in domains if d not in schema.domains]
+    if unknown or not domains:
+        raise LiveError(f"{eid}: domains must be a non-empty subset of {schema.domains}, got {domains}")
+    mask = 0
+    for d in domains:
+        mask |= 1 << schema.domains.index(d)
+    cat = np.zeros(schema.entity_cat_width, dtype=np.int64)
+    given_cat = dict(item.get("categorical") or {})
+    names = [c.name for c in schema.entity_categorical]
+    extra = sorted(set(given_cat) - set(names))
+    if extra:
+        raise LiveError(f"{eid}: unknown categorical features {extra}; expected some of {names}")
+    for col, sl in zip(schema.entity_categorical, cat_slices(schema.entity_categorical), strict=True):
+        value = given_cat.get(col.name, col.default)
+        codes = value if isinstance(value, list) else [value]
+        if any(isinstance(c, bool) or not isinstance(c, int) or not 0 <= c < col.cardinality for c in codes):
+            raise LiveError(f"{eid}: feature {col.name!r} needs codes in [0, {col.cardinality}), got {value!r}")
+        if len(codes) > col.values:
+            raise LiveError(f"{eid}: feature {col.name!r} takes at most {col.values} codes, got {len(codes)}")
+        cat[sl.start : sl.start + len(codes)] = codes
+    given_num = dict(item.get("numeric") or {})
+    num_names = [c.name for c in schema.entity_numeric]
+    extra = sorted(set(given_num) - set(num_names))
+    if extra:
+        raise LiveError(f"{eid}: unknown numeric features {extra}; expected some of {num_names}")
+    num = np.array([given_num.get(c.name, c.default) for c in schema.entity_numeric], dtype=np.float32)
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in given_num.values()) or not np.isfinite(num).all():
+        raise LiveError(f"{eid}: numeric features must be finite numbers")
+    return EntityRecord(eid, schema.entity_types.index(etype), mask, cat, num)
+
+
+def check_change(schema: FeatureSchema, change: dict[str, Any]) -> None:
+    """Validate a change before it is logged, so that the log only holds changes every worker can apply."""
+    op = change.get("op")
+    if op not in OPS:
+        raise LiveError(f"op must be one of {OPS}, got {op!r}")
+    if op == "upsert":
+        items = change.get("entities")
+        if not isinstance(items, list) or not items:
+            raise LiveError("an upsert needs a non-empty list of entities")
+        seen: set[str] = set()
+        for item in items:
+            rec = parse_entity(schema, item)
+            if rec.entity_id in seen:
+                raise LiveError(f"{rec.entity_id}: listed twice in one upsert")
+            seen.add(rec.entity_id)
+    else:
+        ids = change.get("ids")
+        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+            raise LiveError(f"{op} needs a non-empty list of entity ids")
+
+
+class EntityEncoder:
+    """``entity_encoder.onnx`` of the bundle: features + id embedding -> entity tensors and graph vector."""
+
+    def __init__(self, bundle: Bundle) -> None:
+        import onnxruntime as ort
+
+        from service.scoring.host import session_options
+
+        section = bundle.manifest.get("entity_encoder")
+        if not section:
+            raise LiveError(f"{bundle.path}: the bundle has no entity encoder (export it again with this version)")
+        self.session = ort.InferenceSession(str(bundle.path / section["file"]), session_options(1),
+                                            providers=["CPUExecutionProvider"])
+        self.inputs = {i.name for i in self.session.get_inputs()}
+        self.outputs = [o.name for o in self.session.get_outputs()]
+        self.id_embedding = np.asarray(np.load(bundle.path / section["id_embedding"], mmap_mode="r", allow_pickle=False))
+        self.cold = np.load(bundle.path / section["cold_id_embedding"], allow_pickle=False)
+
+    def encode(self, cat: np.ndarray, num: np.ndarray, etype: np.ndarray, aid: np.ndarray) -> dict[str, np.ndarray]:
+        feeds = {"ent_cat": cat, "ent_num": num, "ent_type": etype, "id_embedding": aid}
+        out = self.session.run(self.outputs, {k: v for k, v in feeds.items() if k in self.inputs})
+        return dict(zip(self.outputs, out, strict=True))
+
+
+@dataclass
+class ApplyResult:
+    position: str
+    op: str
+    rows: list[int] = field(default_factory=list)  # rows written or switched
+    skipped: int = 0  # ids unknown (pause/resume/delete) at apply time
+
+
+def stream_ms(position: str) -> int:
+    """Milliseconds part of a Redis stream id ("<ms>-<seq>")."""
+    return int(position.split("-", 1)[0]) if position and position[0].isdigit() else 0
+
+
+def position_key(position: str) -> tuple[int, int]:
+    ms, _, seq = position.partition("-")
+    return int(ms or 0), int(seq or 0)
+
+
+class LiveCatalogue:
+    """Mutable rows, live mask and graph overlay above one bundle; one writer, many lock-free readers."""
+
+    def __init__(self, bundle: Bundle, *, capacity: int, type_counts: np.ndarray, ef_construction: int = 100) -> None:
+        if capacity <= 0:
+            raise LiveError(f"capacity must be positive, got {capacity}")
+        self.bundle = bundle
+        self.schema = bundle.schema
+        self.E = bundle.num_entities
+        self.capacity = int(capacity)
+        self.encoder = EntityEncoder(bundle)
+        total = self.E + self.capacity
+        self.tables = {
+            name: np.zeros((self.capacity, *arr.shape[1:]), dtype=np.float32) for name, arr in bundle.entity_tensors.items()
+        }
+        self.aid = np.zeros((self.capacity, self.encoder.id_embedding.shape[1]), dtype=np.float32)
+        self.live = np.zeros(total, dtype=bool)
+        self.live[: self.E] = True
+        self.domain_mask = np.zeros(total, dtype=np.uint64)
+        self.domain_mask[: self.E] = np.asarray(bundle.domain_mask)
+        self.entity_type = np.zeros(total, dtype=np.int16)
+        self.entity_type[: self.E] = np.asarray(bundle.entity_type)
+        self.type_counts = type_counts  # (domains, types) eligible live rows: the engine's own array
+        self.ids: list[str] = []  # external id of overlay row E + i
+        self._row: dict[str, int] = {}  # ids whose row is not the bundle's (-1: deleted)
+        self.paused: set[str] = set()
+        self.count = 0
+        live_meta = dict(bundle.manifest.get("live") or {})
+        self.lineage = str(live_meta.get("lineage", bundle.version))
+        self.position = str(live_meta.get("position", "0-0"))  # last log entry applied
+        self.applied = 0
+        self.last_lag_s = 0.0
+        self.lock = threading.Lock()  # the writer's; readers never take it
+        graph = bundle.graph
+        self.overlay: GraphOverlay | None = None
+        if graph is not None:
+            g = bundle.manifest.get("graph", {})
+            if bundle.vectors is None:
+                raise LiveError(f"{bundle.path}: a graph without entities/vectors.npy cannot take insertions")
+            seed = int.from_bytes(self.lineage.encode()[-4:].ljust(4, b"\0"), "little")
+            self.overlay = GraphOverlay(graph, np.asarray(bundle.vectors), capacity=self.capacity, M=int(g.get("M", 16)),
+                                        ef_construction=ef_construction, seed=seed)
+        status_file = live_meta.get("status")
+        if status_file:  # a compacted bundle: paused and dead rows of the log it folded
+            status = np.load(bundle.path / status_file, allow_pickle=False)
+            for r in np.flatnonzero(status != STATUS_LIVE).tolist():
+                self._set_live(r, False)
+            self.paused = {str(bundle.entity_ids[r]) for r in np.flatnonzero(status == STATUS_PAUSED).tolist()}
+            for r in np.flatnonzero(status == STATUS_DEAD).tolist():
+                eid = str(bundle.entity_ids[r])
+                if bundle.row_of(eid) == r:  # the id's last row is dead: deleted (older rows are superseded)
+                    self._row[eid] = -1
+
+    # ---- readers --------------------------------------------------------------------------------------
+    def row_of(self, entity_id: str) -> int | None:
+        """The row an id names now (None: unknown or deleted)."""
+        r = self._row.get(entity_id)
+        if r is None:
+            return self.bundle.row_of(entity_id)
+        return r if r >= 0 else None
+
+    def ids_of(self, rows: np.ndarray) -> list[str]:
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size == 0 or rows.max() < self.E:
+            return [str(e) for e in np.asarray(self.bundle.entity_ids[rows]).tolist()]
+        return [str(self.bundle.entity_ids[r]) if r < self.E else self.ids[r - self.E] for r in rows.tolist()]
+
+    def gather(self, name: str, base: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """Rows of entity tensor ``name`` over base and overlay rows (the scorer's gather)."""
+        over = rows >= self.E
+        out = np.empty((rows.size, *base.shape[1:]), dtype=np.float32)
+        out[~over] = np.take(base, rows[~over], axis=0)
+        out[over] = self.tables[name][rows[over] - self.E]
+        return out
+
+    def overlay_rows(self, domain: int) -> np.ndarray:
+        """Live overlay rows eligible in ``domain`` (the exhaustive scan's share of the overlay)."""
+        n = self.count
+        if n == 0:
+            return np.empty(0, dtype=np.int64)
+        sl = slice(self.E, self.E + n)
+        ok = self.live[sl] & ((self.domain_mask[sl] & np.uint64(1 << domain)) != 0)
+        return (np.flatnonzero(ok) + self.E).astype(np.int64)
+
+    def info(self) -> dict[str, Any]:
+        ov = self.overlay
+        return {
+            "lineage": self.lineage,
+            "position": self.position,
+            "applied": self.applied,
+            "overlay_rows": self.count,
+            "capacity": self.capacity,
+            "overridden_lists": ov.overrides if ov is not None else 0,
+            "paused": len(self.paused),
+            "deleted": sum(1 for r in self._row.values() if r < 0),
+            "last_lag_s": round(self.last_lag_s, 4),
+        }
+
+    # ---- the writer -----------------------------------------------------------------------------------
+    def _set_live(self, row: int, on: bool) -> None:
+        if bool(self.live[row]) == on:
+            return
+        mask = int(self.domain_mask[row])
+        t = int(self.entity_type[row])
+        if not on:
+            self.live[row] = False  # first: from here on the row is never returned
+        delta = 1 if on else -1
+        for d in range(self.type_counts.shape[0]):
+            if mask >> d & 1:
+                self.type_counts[d, t] += delta
+        if on:
+            self.live[row] = True  # last: everything else about the row is in place
+
+    def apply(self, position: str, change: dict[str, Any]) -> ApplyResult:
+        """Apply one log entry (entries must come in log order; an entry at or before ``position`` is skipped)."""
+        with self.lock:
+            if position_key(position) <= position_key(self.position):
+                return ApplyResult(position=position, op=str(change.get("op")), skipped=-1)
+            op = str(change.get("op"))
+            if op == "upsert":
+                res = self._upsert([parse_entity(self.schema, item) for item in change["entities"]])
+            elif op in ("pause", "resume", "delete"):
+                res = self._switch(op, [str(i) for i in change["ids"]])
+            else:
+                raise LiveError(f"unknown op {op!r} in the change log at {position}")
+            res.position = position
+            self.position = position
+            self.applied += 1
+            self.last_lag_s = max(0.0, time.time() - stream_ms(position) / 1e3) if stream_ms(position) else 0.0
+            return res
+
+    def _upsert(self, records: list[EntityRecord]) -> ApplyResult:
+        n = len(records)
+        if self.count + n > self.capacity:
+            raise LiveError(f"the live overlay is full ({self.count} of {self.capacity} rows): compact the log "
+                            "into a new bundle (`unimatch index compact`)")
+        old = [self.row_of(r.entity_id) for r in records]
+        aid = np.empty((n, self.aid.shape[1]), dtype=np.float32)
+        for i, (rec, r) in enumerate(zip(records, old, strict=True)):
+            if r is None:
+                aid[i] = self.encoder.cold[rec.entity_type]  # a new id: its type's cold-start id embedding
+            elif r < self.E:
+                aid[i] = self.encoder.id_embedding[r]
+            else:
+                aid[i] = self.aid[r - self.E]
+        enc = self.encoder.encode(
+            np.stack([r.cat for r in records]), np.stack([r.num for r in records]),
+            np.array([r.entity_type for r in records], dtype=np.int64), aid,
+        )
+        rows = [
+            self.add_encoded(rec.entity_id, rec.entity_type, rec.domain_mask,
+                             {name: enc[name][i] for name in self.tables}, enc["vectors"][i], aid[i])
+            for i, rec in enumerate(records)
+        ]
+        return ApplyResult(position="", op="upsert", rows=rows)
+
+    def add_encoded(self, entity_id: str, entity_type: int, domain_mask: int, tensors: dict[str, np.ndarray],
+                    vector: np.ndarray, aid: np.ndarray) -> int:
+        """Append one encoded entity (its tensors, graph vector and id embedding); returns its row.
+
+        The writer's step of an upsert after encoding (call it under ``lock``, in log order). Also what a
+        benchmark uses to insert entities with known tensors, so it measures the graph insertion alone.
+        """
+        if self.count >= self.capacity:
+            raise LiveError(f"the live overlay is full ({self.count} of {self.capacity} rows)")
+        prev = self.row_of(entity_id)
+        row = self.E + self.count
+        j = row - self.E
+        for name, table in self.tables.items():
+            table[j] = tensors[name]
+        self.aid[j] = aid
+        self.entity_type[row] = entity_type
+        self.domain_mask[row] = np.uint64(domain_mask)
+        self.ids.append(entity_id)
+        if self.overlay is not None:
+            got = self.overlay.insert(vector)
+            if got != row:
+                raise RuntimeError(f"overlay row {got} != catalogue row {row}")  # one writer: cannot happen
+        self.count += 1
+        self._row[entity_id] = row
+        if prev is not None:
+            self._set_live(prev, False)  # the changed entity's old row goes dead
+        if entity_id not in self.paused:
+            self._set_live(row, True)
+        return row
+
+    def _switch(self, op: str, ids: list[str]) -> ApplyResult:
+        res = ApplyResult(position="", op=op)
+        for eid in ids:
+            row = self.row_of(eid)
+            if row is None:
+                res.skipped += 1
+                continue
+            if op == "pause":
+                self.paused.add(eid)
+                self._set_live(row, False)
+            elif op == "resume":
+                self.paused.discard(eid)
+                self._set_live(row, True)
+            else:  # delete: off for good; an upsert of the same id later is a new entity
+                self._set_live(row, False)
+                self.paused.discard(eid)
+                self._row[eid] = -1
+            res.rows.append(row)
+        return res
+
+    # ---- compaction -----------------------------------------------------------------------------------
+    def status(self) -> np.ndarray:
+        """(E + count,) int8: 0 live, 1 paused, 2 dead (deleted or superseded by a newer row)."""
+        n = self.E + self.count
+        out = np.where(self.live[:n], STATUS_LIVE, STATUS_DEAD).astype(np.int8)
+        for eid in self.paused:
+            r = self.row_of(eid)
+            if r is not None:
+                out[r] = STATUS_PAUSED
+        return out

@@ -1,0 +1,316 @@
+"""Online HNSW insertion into a mutable overlay above the memory-mapped CSR graph (live catalogue).
+
+The serving graph (paper IV-B: a 4-layer HNSW over the entity vectors, searched NANN-style with the
+model scoring every neighbour reached) is built offline and memory-mapped read-only. Entities that
+arrive or change while serving are inserted here, with the HNSW paper's INSERT (Malkov & Yashunin,
+Algorithm 1) and its neighbour-selection heuristic (Algorithm 4):
+
+* a new node takes the next row after the base rows (row ``E + i`` for the i-th insertion), gets a
+  level drawn from the base graph's own level distribution (so capped at the top of the 4 layers),
+  descends greedily from the entry points to its level, and on each layer from there down searches
+  the *current* graph (base + overlay) with ``ef_construction`` and keeps ``M`` neighbours chosen by
+  the heuristic;
+* every chosen neighbour links back; a list that would exceed its cap (2M on layer 0, M above) is
+  pruned with the same heuristic over its candidates' distances from that neighbour.
+
+A base node whose list changes gets an *override* row here (its CSR list copied, then edited); the
+CSR arrays are never written. ``expand`` is the one hook the beam search calls: base CSR neighbours for
+rows without an override, override / overlay rows for the rest. ``top_layer_nodes`` adds overlay
+nodes of the top layer to the entry set.
+
+Concurrency: one writer (the change applier, under its lock), any number of lock-free readers (the
+search threads). A new node's row is complete before any edge to it is published, so a reader never
+reaches a half-inserted node; an override row edited in place can be read mid-edit, which yields one
+expansion over a mix of the old and new list, all of them valid nodes of that layer. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+if TYPE_CHECKING:
+    from contracts.graph import Graph
+
+
+class OverlayFull(RuntimeError):
+    """The overlay has no row left: compact the change log into a new bundle (`unimatch index compact`)."""
+
+
+def heuristic(rows: np.ndarray, dist: np.ndarray, vectors: np.ndarray, m: int) -> np.ndarray:
+    """HNSW's SELECT-NEIGHBORS-HEURISTIC (Algorithm 4, no extension, pruned ones not kept back).
+
+    ``rows`` are candidates with squared L2 ``dist`` to the base element and their ``vectors``. Nearest
+    first, a candidate is kept when it is closer to the base element than to every candidate kept so
+    far (hnswlib's ``getNeighborsByHeuristic2``). Returns at most ``m`` rows, nearest first.
+    """
+    order = np.argsort(dist, kind="stable")
+    rows, dist, vectors = rows[order], dist[order], vectors[order]
+    if rows.size <= m:
+        return rows
+    sq = (vectors * vectors).sum(axis=1)
+    # einsum, not `@`: a BLAS call on a matrix this small costs more in thread wake-ups than in arithmetic
+    pair = sq[:, None] + sq[None, :] - 2.0 * np.einsum("ij,kj->ik", vectors, vectors)  # (n, n) squared L2
+    # blocked[i, j]: candidate i is closer to candidate j than to the base element (the rejection test);
+    # the sequential pass then runs on Python ints as bit sets, one AND per candidate, no numpy call each.
+    blocked = np.tril(pair < dist[:, None], k=-1)
+    packed = np.packbits(blocked, axis=1, bitorder="little")
+    masks = [int.from_bytes(r.tobytes(), "little") for r in packed]
+    kept: list[int] = []
+    kept_bits = 0
+    for i, mask in enumerate(masks):
+        if not mask & kept_bits:
+            kept.append(i)
+            kept_bits |= 1 << i
+            if len(kept) == m:
+                break
+    return rows[np.asarray(kept, dtype=np.int64)]
+
+
+class GraphOverlay:
+    """Overlay rows and override lists above a base ``Graph``; see the module docstring."""
+
+    def __init__(
+        self, base: Graph, base_vectors: np.ndarray, *, capacity: int, M: int, ef_construction: int = 100,
+        seed: int = 0,
+    ) -> None:
+        if capacity < 0 or M < 2 or ef_construction < 1:
+            raise ValueError(f"capacity >= 0, M >= 2 and ef_construction >= 1 needed, got {capacity}, {M}, {ef_construction}")
+        self.base = base
+        self.E = base.num_nodes
+        self.capacity = int(capacity)
+        self.layers = base.num_layers
+        self.M = int(M)
+        # hnswlib's caps: 2M on the bottom layer, M above (the HNSW paper's M_max0 = 2 M_max)
+        self.max_degree = [2 * self.M] + [self.M] * (self.layers - 1)
+        self.ef_construction = int(ef_construction)
+        self._base_vectors = np.asarray(base_vectors)
+        dim = int(self._base_vectors.shape[1])
+        self._vectors = np.zeros((self.capacity, dim), dtype=np.float32)
+        self.levels = np.full(self.capacity, -1, dtype=np.int8)  # level of overlay row E + i
+        self.count = 0  # overlay rows inserted so far
+        total = self.E + self.capacity
+        self._slot = [np.full(total, -1, dtype=np.int32) for _ in range(self.layers)]
+        self._adj = [np.full((max(64, self.capacity // 4), d), -1, dtype=np.int32) for d in self.max_degree]
+        self._used = [0] * self.layers
+        self._top: np.ndarray = np.empty(0, dtype=np.int64)  # overlay rows on the top layer, ascending
+        self.overrides = 0  # base rows whose list the overlay replaced (all layers)
+        # the base graph's level distribution: P(level >= l), drawn from for new nodes
+        lv = np.asarray(base.levels)
+        self._p_level = np.array([float((lv >= layer).mean()) if lv.size else 0.0 for layer in range(self.layers)])
+        self._rng = np.random.default_rng(seed)
+        self._stamp = np.zeros(total, dtype=np.uint32)  # writer-only visited stamps of the construction search
+        self._gen = 0
+
+    # ---- readers (search threads) -------------------------------------------------------------------
+    @property
+    def num_nodes(self) -> int:
+        return self.E + self.count
+
+    def top_layer_nodes(self) -> np.ndarray:
+        """The top layer's rows, base and overlay, ascending (the search's entry set)."""
+        top = self._top
+        base_top = self.base.top_layer_nodes
+        return base_top if top.size == 0 else np.concatenate([base_top, top])
+
+    def expand(self, layer: int, frontier: np.ndarray, max_degree: int = 0) -> np.ndarray:
+        """Layer-``layer`` neighbours of ``frontier`` over base + overlay (``search.expand``'s contract)."""
+        from service.search import expand as csr_expand
+
+        slots = self._slot[layer][frontier]
+        over = slots >= 0
+        if not over.any():
+            if self.count == 0:
+                return csr_expand(self.base, layer, frontier, max_degree)
+            return csr_expand(self.base, layer, frontier[frontier < self.E], max_degree)
+        adj = self._adj[layer]  # read after the slots: a slot is published only after its array
+        o = adj[slots[over]]  # (n, cap)
+        if max_degree > 0:
+            o = o[:, :max_degree]
+        o = o[o >= 0].astype(np.int64)
+        plain = frontier[~over & (frontier < self.E)]
+        if plain.size == 0:
+            return o
+        return np.concatenate([csr_expand(self.base, layer, plain, max_degree), o])
+
+    def neighbours(self, layer: int, row: int) -> np.ndarray:
+        """The current list of ``row`` on ``layer`` (override / overlay row, else the CSR row)."""
+        s = int(self._slot[layer][row])
+        if s >= 0:
+            lst = self._adj[layer][s]
+            return lst[lst >= 0].astype(np.int64)
+        if row >= self.E:
+            return np.empty(0, dtype=np.int64)
+        off = self.base.offsets[layer]
+        return np.asarray(self.base.neighbors[layer][off[row] : off[row + 1]], dtype=np.int64)
+
+    def level_of(self, row: int) -> int:
+        return int(self.base.levels[row]) if row < self.E else int(self.levels[row - self.E])
+
+    def vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        if self.count == 0 or rows.size == 0 or rows.max() < self.E:
+            return np.asarray(self._base_vectors[rows], dtype=np.float32)
+        out = np.take(self._base_vectors, np.minimum(rows, self.E - 1), axis=0).astype(np.float32, copy=False)
+        over = rows >= self.E
+        out[over] = self._vectors[rows[over] - self.E]
+        return out
+
+    # ---- the writer ---------------------------------------------------------------------------------
+    def draw_level(self) -> int:
+        """A level with the base graph's distribution: P(level >= l) as measured over its nodes."""
+        u = self._rng.random()
+        level = 0
+        for layer in range(1, self.layers):
+            if u < self._p_level[layer]:
+                level = layer
+        return level
+
+    def insert(self, vector: np.ndarray, level: int | None = None) -> int:
+        """HNSW INSERT of one new node; returns its row (``E + i``). The caller fills its tables first."""
+        if self.count >= self.capacity:
+            raise OverlayFull(f"the overlay holds {self.capacity} rows; compact the change log into a new bundle")
+        level = self.draw_level() if level is None else int(level)
+        if not 0 <= level < self.layers:
+            raise ValueError(f"level {level} outside 0..{self.layers - 1}")
+        i = self.count
+        row = self.E + i
+        q = np.asarray(vector, dtype=np.float32).reshape(-1)
+        self._vectors[i] = q
+        self.levels[i] = level
+        ep = np.unique(np.asarray(self.base.entry_points, dtype=np.int64))
+        ep_d = self._dist(q, ep)
+        for layer in range(self.layers - 1, level, -1):  # greedy descent (ef = 1) above the node's level
+            ep, ep_d = self._search_layer(q, ep, ep_d, 1, layer)
+        links: list[tuple[int, np.ndarray]] = []
+        for layer in range(level, -1, -1):
+            w, w_d = self._search_layer(q, ep, ep_d, self.ef_construction, layer)
+            chosen = heuristic(w, w_d, self.vectors_of(w), self.M)
+            links.append((layer, chosen))
+            self._write_new(layer, row, chosen)
+            ep, ep_d = w, w_d
+        self.count = i + 1  # the node is complete: edges to it may now be published
+        for layer, chosen in links:
+            for e in chosen.tolist():
+                self._link(layer, int(e), row, q)
+        if level == self.layers - 1:
+            self._top = np.concatenate([self._top, [row]]).astype(np.int64)
+        return row
+
+    def _dist(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        v = self.vectors_of(rows)
+        diff = v - q
+        return np.einsum("ij,ij->i", diff, diff)
+
+    def _search_layer(self, q: np.ndarray, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int,
+                      max_steps: int = 64) -> tuple[np.ndarray, np.ndarray]:
+        """Beam search in L2 on one layer: expand every new beam member at once, until none enters.
+
+        Returns the beam (at most ``ef`` rows) nearest first. Batched like NANN's SEARCH-LAYER, so one
+        numpy step covers a whole frontier instead of one heap pop per node.
+        """
+        self._gen += 1
+        if self._gen >= np.iinfo(np.uint32).max:
+            self._stamp[:] = 0
+            self._gen = 1
+        gen = self._gen
+        self._stamp[ep] = gen
+        w, w_d = ep, ep_d
+        if w.size > ef:
+            keep = np.argsort(w_d, kind="stable")[:ef]
+            w, w_d = w[keep], w_d[keep]
+        frontier = w
+        for _ in range(max_steps):
+            nb = self.expand(layer, frontier)
+            nb = nb[self._stamp[nb] != gen]
+            if nb.size == 0:
+                break
+            nb = np.unique(nb)
+            self._stamp[nb] = gen
+            nb_d = self._dist(q, nb)
+            rows = np.concatenate([w, nb])
+            d = np.concatenate([w_d, nb_d])
+            keep = np.argsort(d, kind="stable")[:ef]
+            frontier = rows[keep[keep >= w.size]]
+            w, w_d = rows[keep], d[keep]
+            if frontier.size == 0:
+                break
+        order = np.argsort(w_d, kind="stable")
+        return w[order], w_d[order]
+
+    def _new_slot(self, layer: int) -> int:
+        s = self._used[layer]
+        adj = self._adj[layer]
+        if s >= adj.shape[0]:  # grow: copy, then swap the reference before any new slot is published
+            bigger = np.full((adj.shape[0] * 2, adj.shape[1]), -1, dtype=np.int32)
+            bigger[: adj.shape[0]] = adj
+            self._adj[layer] = bigger
+        self._used[layer] = s + 1
+        return s
+
+    def _write_new(self, layer: int, row: int, lst: np.ndarray) -> None:
+        s = self._new_slot(layer)
+        self._adj[layer][s, : lst.size] = lst
+        self._slot[layer][row] = s
+
+    def _link(self, layer: int, e: int, new: int, q: np.ndarray) -> None:
+        """Add the edge e -> new; prune e's list with the heuristic when it would exceed its cap."""
+        cap = self.max_degree[layer]
+        cur = self.neighbours(layer, e)
+        s = int(self._slot[layer][e])
+        if cur.size < cap:
+            if s < 0:  # first change of a base row: copy its CSR list into an override row
+                s = self._new_slot(layer)
+                self._adj[layer][s, : cur.size] = cur
+                self._adj[layer][s, cur.size] = new
+                self._slot[layer][e] = s
+                self.overrides += 1
+            else:
+                self._adj[layer][s, cur.size] = new  # one int32 store: readers see the list with or without it
+            return
+        cand = np.concatenate([cur, [new]])
+        ve = self.vectors_of(np.array([e]))[0]
+        vc = self.vectors_of(cand)
+        diff = vc - ve
+        kept = heuristic(cand, np.einsum("ij,ij->i", diff, diff), vc, cap)
+        if s < 0:
+            s = self._new_slot(layer)
+            self._adj[layer][s, : kept.size] = kept
+            self._slot[layer][e] = s
+            self.overrides += 1
+        else:
+            row = np.full(cap, -1, dtype=np.int32)
+            row[: kept.size] = kept
+            self._adj[layer][s] = row
+
+    # ---- compaction ---------------------------------------------------------------------------------
+    def frozen_layer(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``layer`` over all ``num_nodes`` rows as CSR (offsets (N+1,) int64, neighbours int32)."""
+        n = self.num_nodes
+        off = self.base.offsets[layer]
+        base_deg: np.ndarray = np.diff(np.asarray(off, dtype=np.int64))  # (E,)
+        slots = self._slot[layer][:n]
+        deg = np.zeros(n, dtype=np.int64)
+        deg[: self.E] = base_deg
+        has = slots >= 0
+        adj = self._adj[layer]
+        deg[has] = (adj[slots[has]] >= 0).sum(axis=1)
+        offsets = np.zeros(n + 1, dtype=np.int64)
+        np.cumsum(deg, out=offsets[1:])
+        out = np.empty(int(offsets[-1]), dtype=np.int32)
+        plain = np.flatnonzero(~has[: self.E])
+        if plain.size:
+            from service.search import expand as csr_expand
+
+            lens: np.ndarray = np.asarray(base_deg[plain], dtype=np.int64)
+            dst = np.repeat(offsets[plain] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            out[dst] = csr_expand(self.base, layer, plain.astype(np.int64))
+        rows_h = np.flatnonzero(has)
+        if rows_h.size:
+            lists = adj[slots[rows_h]]  # (n, cap), -1 padded
+            valid = lists >= 0
+            lens = np.asarray(valid.sum(axis=1), dtype=np.int64)
+            dst = np.repeat(offsets[rows_h] - (np.cumsum(lens) - lens), lens) + np.arange(int(lens.sum()))
+            out[dst] = lists[valid]
+        return offsets, out
