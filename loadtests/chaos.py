@@ -489,29 +489,41 @@ def windows(answers: list[Answer], width: float) -> list[dict[str, float | int |
 
 def recovery(after: list[Answer], burst_end: float, base_server_ms: float, base_client_ms: float,
              width: float = 0.5, baseline: list[Answer] | None = None) -> dict[str, float | None]:
-    """Seconds from the burst's end to the start of the first ``width`` window from which every window's
-    p99 of the 200s stays within the baseline's: 1.5 x its p99 (and +10 ms), or, if higher, the 90th
-    percentile of the baseline phase's own window p99s (a window holds a dozen answers at baseline
-    load, so its p99 is nearly its maximum: the baseline itself has windows that high). Server side
-    (the service's own ``total_ms``) and client side. None: not back within the phase."""
+    """When the p99 of the 200s came back within the baseline's after the burst, server side (the
+    service's own ``total_ms``) and client side, in ``width`` windows.
+
+    The threshold is 1.5 x the baseline's p99 (at least +10 ms) or, if higher, the 90th percentile of
+    the baseline phase's own window p99s (a window holds a few dozen answers at baseline load, so its
+    p99 is nearly its maximum: the baseline itself has windows that high). ``{side}_s``: seconds from
+    the burst's end to the first window within it (None: none in the phase); ``{side}_later_above``
+    / ``{side}_later``: how many windows after that one were above it again, to be read beside
+    ``{side}_base_above`` / ``{side}_base``, the same count over the baseline phase (a shared host
+    puts some windows above in both: more after the burst than in the baseline is what would say
+    the burst left something behind).
+    """
     shifted = [Answer(a.sent - burst_end, a.status, a.latency, server_s=a.server_s) for a in after]
     ws = windows(shifted, width)
     base_ws = windows(baseline, width) if baseline else []
 
+    def values(wins: list[dict[str, float | int | None]], side: str) -> list[float]:
+        return [float(v) for v in (w[f"{side}_p99_ms"] for w in wins) if v is not None]
+
     def limit_of(side: str, base: float) -> float:
-        own = [float(v) for v in (w[f"{side}_p99_ms"] for w in base_ws) if v is not None]
+        own = values(base_ws, side)
         return max(1.5 * base, base + 10.0, float(np.percentile(own, 90)) if own else 0.0)
 
     out: dict[str, float | None] = {"threshold_ms": limit_of("server", base_server_ms)}
     for side, base in (("server", base_server_ms), ("client", base_client_ms)):
         limit = limit_of(side, base)
-        values = [w[f"{side}_p99_ms"] for w in ws]
-        back: float | None = None
-        for i in range(len(values)):
-            if all(v is None or float(v) <= limit for v in values[i:]) and any(v is not None for v in values[i:]):
-                back = i * width
-                break
-        out[f"{side}_s"] = back
+        seq = [w[f"{side}_p99_ms"] for w in ws]
+        first = next((i for i, v in enumerate(seq) if v is not None and float(v) <= limit), None)
+        out[f"{side}_s"] = None if first is None else first * width
+        later = [float(v) for v in seq[first + 1:] if v is not None] if first is not None else []
+        out[f"{side}_later"] = float(len(later))
+        out[f"{side}_later_above"] = float(sum(v > limit for v in later))
+        own = values(base_ws, side)
+        out[f"{side}_base"] = float(len(own))
+        out[f"{side}_base_above"] = float(sum(v > limit for v in own))
     return out
 
 
@@ -657,7 +669,9 @@ async def run_chaos(args: argparse.Namespace, curves: list[dict[str, Any]] | Non
                 "overload-5x" + (f" (run {run + 1})" if getattr(args, "overload_runs", 1) > 1 else ""),
                 f"{5 * mu_k:.0f}/s at k={ko} (5 x capacity {mu_k:.0f}/s), then {rate:.0f}/s", "offered 5 x capacity", over,
                 f"{complete / max(1, over.answered):.1%} of answers complete; server p99 <= {rec['threshold_ms']:.0f} ms "
-                f"(baseline) again {_secs(rec['server_s'])} after the burst, client p99 {_secs(rec['client_s'])}; "
+                f"(baseline) again {_secs(rec['server_s'])} after the burst, later windows above it "
+                f"{rec['server_later_above']:.0f}/{rec['server_later']:.0f} (baseline phase: {rec['server_base_above']:.0f}/"
+                f"{rec['server_base']:.0f}); client p99 {_secs(rec['client_s'])}; "
                 f"{sum(a.status == 503 for a in after)} of {len(after)} answers 503 after it; generator late p99 "
                 f"{over.late_p99_ms():.0f} ms; slowest 1% of the 200s: {tail['total_ms']:.0f} ms, of it before admission "
                 f"{tail['admitted_ms']:.0f}, queue {tail['queue_ms']:.0f}, search {tail['user_encode_ms'] + tail['search_ms']:.0f} "
@@ -730,8 +744,9 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         "sent, and arrivals it did not send because all its connections (300; 400 in the overload phase) were",
         "busy: the generator drops, it never queues. Open-loop Poisson load from hand-written HTTP/1.1 on",
         "kept-alive connections (asyncio streams); the service's own loopback Redis. Overload recovery: from",
-        "the burst's end, the first 0.5 s window after which every window's p99 of the 200s stays within",
-        "the baseline's: 1.5 x its p99 (at least +10 ms) or the 90th percentile of its own 0.5 s windows.",
+        "the burst's end, the first 0.5 s window whose p99 of the 200s is within the baseline's (1.5 x its",
+        "p99, at least +10 ms, or the 90th percentile of its own 0.5 s windows), and how many later windows",
+        "were above it again beside the same count in the baseline phase.",
         "",
         "| " + " | ".join(head) + " |",
         "|" + "---|" * len(head),

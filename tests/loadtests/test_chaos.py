@@ -60,7 +60,11 @@ def test_recovery_is_read_from_the_services_own_totals_per_window() -> None:
     after.append(Answer(burst_end + 0.05, 503, latency=0.001))
     rec = recovery(after, burst_end, base_server_ms=10.0, base_client_ms=12.0)
     assert rec["threshold_ms"] == 20.0  # max(1.5 x 10, 10 + 10)
-    assert rec["server_s"] == 1.5 and rec["client_s"] == 1.5  # the window [1.5, 2.0) is the first all-good one
+    assert rec["server_s"] == 1.5 and rec["client_s"] == 1.5  # the window [1.5, 2.0) is the first good one
+    assert rec["server_later_above"] == 0 and rec["server_later"] == 4
+    noisy = [*after, Answer(burst_end + 3.6, 200, 0.5, server_s=0.5)]  # one slow answer in a later window
+    rec = recovery(noisy, burst_end, base_server_ms=10.0, base_client_ms=12.0)
+    assert rec["server_s"] == 1.5 and rec["server_later_above"] == 1  # counted, not moving the recovery
     ws = windows([Answer(a.sent - burst_end, a.status, a.latency, server_s=a.server_s) for a in after], 0.5)
     assert ws[0]["shed"] == 1 and ws[0]["answered"] == 5
     never = recovery([Answer(burst_end + 0.1, 200, 1.0, server_s=1.0)], burst_end, 10.0, 10.0)
