@@ -116,13 +116,18 @@ class StackedSplitLinear(nn.Module):
 
     def forward(self, x: PairInputs, domain: Domains) -> Tensor:
         du, de, _ = self.dims
-        if domain.counts is not None and x.entity.dim() == 2:
+        if domain.counts is not None:
             outs = []
-            for (k, user), (_, pair) in zip(domain.split(x.user), domain.split(x.pair), strict=True):
+            # per-user candidates (B, C, De) are split with the users; shared ones (C, De) are not
+            ents = domain.split(x.entity) if x.entity.dim() == 3 else None
+            for i, ((k, user), (_, pair)) in enumerate(zip(domain.split(x.user), domain.split(x.pair), strict=True)):
                 w = self.weight[k]
                 u = user @ w[:du] + self.bias[k]  # (n, out)
-                e = x.entity @ w[du : du + de]  # (C, out)
-                outs.append(torch.matmul(pair, w[du + de :]) + u.unsqueeze(1) + e.unsqueeze(0))
+                if ents is None:
+                    e = (x.entity @ w[du : du + de]).unsqueeze(0)  # (1, C, out)
+                else:
+                    e = ents[i][1] @ w[du : du + de]  # (n, C, out)
+                outs.append(torch.matmul(pair, w[du + de :]) + u.unsqueeze(1) + e)
             return torch.cat(outs)
         idx = domain.index
         w = self.weight[idx]  # (B, in, out): Gather on the stacked weights
