@@ -123,13 +123,17 @@ class CandidateSampler:
         if s > 0:
             parts.append(self.sample(s))
         rows = torch.cat(parts) if parts else pos.new_zeros(0)
-        every = torch.cat([pos.unsqueeze(1), rows.unsqueeze(0).expand(b, -1)], dim=1)  # (B, 1 + N) entity rows
-        expected = s * self.q[every] + m * self.p_pos[every]
-        log_q = torch.log(expected.clamp(min=1e-30)).to(torch.float32)  # (B, 1 + N)
-        valid = every != pos.unsqueeze(1)  # accidental hits of the own positive among the shared ones
+
+        def log_q_of(r: Tensor) -> Tensor:
+            return torch.log((s * self.q[r] + m * self.p_pos[r]).clamp(min=1e-30)).to(torch.float32)
+
+        # gathers over the catalogue once per shared row (N,) and per positive (B,), never per (user,
+        # row) pair: at B = 4096 the (B, 1 + N) gathers cost more than a GPU step
+        log_q = torch.cat([log_q_of(pos).unsqueeze(1), log_q_of(rows).unsqueeze(0).expand(b, -1)], dim=1)  # (B, 1 + N)
+        shared = rows.unsqueeze(0) != pos.unsqueeze(1)  # (B, N): accidental hits of the own positive
         if self.cfg.mask_ineligible:
-            valid &= ((self.domain_mask[every] >> domain.unsqueeze(1)) & 1).bool()
-        valid[:, 0] = True  # the positive itself always counts
+            shared &= ((self.domain_mask[rows].unsqueeze(0) >> domain.unsqueeze(1)) & 1).bool()
+        valid = torch.cat([torch.ones(b, 1, dtype=torch.bool), shared], dim=1)  # the positive always counts
         return Candidates(rows=rows, log_q=log_q, valid=valid, positive=pos)
 
 
