@@ -161,10 +161,13 @@ def options(args: argparse.Namespace) -> dict:
     }
     for method in args.methods:
         for batch in args.batches:
-            for variant in args.variants:
+            # rounds interleave the variants (A B C A B C ...): on shared cores the load drifts between
+            # configs, and the table reports each variant's median over the rounds
+            for rnd, variant in [(r, v) for r in range(args.rounds) for v in args.variants]:
                 rec = time_training(args.data, method, batch, variant, steps=args.steps, warmup=args.warmup,
                                     device=args.device, shared_m=args.shared_m, negatives=args.default_negatives,
                                     max_pairs=args.max_pairs, work=Path(args.work), threads=args.threads)
+                rec["round"] = rnd
                 out["runs"].append(rec)
                 eps = rec.get("examples_per_s")
                 print(f"{method:14s} B={batch:5d} {variant:24s} "
@@ -182,7 +185,14 @@ def options_table(obj: dict) -> str:
     lines = ["| method | batch | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
     keys = list(dict.fromkeys((r["method"], r["batch"]) for r in obj["runs"]))
     for method, batch in keys:
-        cells = {r["variant"]: r for r in obj["runs"] if r["method"] == method and r["batch"] == batch}
+        cells: dict[str, dict] = {}
+        for v in variants:  # the median over rounds (one round: the run itself)
+            recs = [r for r in obj["runs"] if r["method"] == method and r["batch"] == batch and r["variant"] == v]
+            timed = sorted((r for r in recs if r.get("examples_per_s")), key=lambda r: r["examples_per_s"])
+            if timed:
+                cells[v] = timed[(len(timed) - 1) // 2]
+            elif recs:
+                cells[v] = recs[0]
         base = cells.get("today", {}).get("examples_per_s")
         row = []
         for v in variants:
@@ -328,6 +338,7 @@ def main() -> int:
     op.add_argument("--warmup", type=int, default=2)
     op.add_argument("--max-pairs", type=int, default=2_000_000, help="skip configs above this many pairs per step")
     op.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    op.add_argument("--rounds", type=int, default=1, help="repeat the variants interleaved; the table shows medians")
     op.add_argument("--device", default="cpu")
     op.add_argument("--json", default=None)
     op.add_argument("--work", default="/tmp/bench_train")

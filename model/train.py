@@ -436,7 +436,7 @@ class Trainer:
         """
         user_cat, user_num, seq, domain, pos = self.host_batch(rows)
         cand = self.sampler.candidates(pos, domain)
-        inputs = (user_cat, user_num, seq, domain)
+        inputs: tuple[Tensor, ...] = (user_cat, user_num, seq, domain)
         if self.device.type == "cuda":  # page-locked: the copy to the device is asynchronous
             inputs = tuple(t.pin_memory() for t in inputs)
             cand = cand.pin_memory()
