@@ -130,9 +130,13 @@ def start_hnswlib_build(sdist: Path, site: Path, logfile: Path) -> subprocess.Po
     return subprocess.Popen(cmd, stdout=logfile.open("wb"), stderr=subprocess.STDOUT)
 
 
-def wait_hnswlib(proc: subprocess.Popen[bytes] | None, site: Path, logfile: Path) -> None:
+def wait_hnswlib(proc: subprocess.Popen[bytes] | None, site: Path, logfile: Path, timeout: float) -> None:
     if proc is not None:
-        rc = proc.wait()
+        try:
+            rc = proc.wait(timeout=max(timeout, 1.0))
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            raise RuntimeError(f"hnswlib build still running after {timeout:.0f} more s; stopped it") from None
         if rc:
             raise RuntimeError(f"hnswlib build failed (rc {rc}): {logfile.read_text()[-400:]}")
     if str(site) not in sys.path:
@@ -323,11 +327,13 @@ def scorer(args: argparse.Namespace, work: Path, report: Report) -> None:
         report.save()
 
 
-def build_index(args: argparse.Namespace, work: Path, proc: Any, site: Path, logfile: Path) -> dict[str, Any]:
+def build_index(args: argparse.Namespace, work: Path, proc: Any, site: Path, logfile: Path,
+                budget: Budget) -> dict[str, Any]:
     from index_builder.build import build_index as build
     from index_builder.config import IndexConfig
 
-    wait_hnswlib(proc, site, logfile)
+    # the build must leave time for the graph itself (~1 min at 1M on 16 cores, estimated) and the search
+    wait_hnswlib(proc, site, logfile, budget.left() - (10 if args.tiny else 100))
     return build(bundle=work / "bundle", cfg=IndexConfig(threads=0))
 
 
@@ -545,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
         stage(report, budget, "scorer", 10 if tiny else 45, lambda: scorer(args, work, report))
     if "index" in s:
         res["index"] = stage(report, budget, "index", 10 if tiny else 120,
-                             lambda: build_index(args, work, proc, args.site, hnsw_log))
+                             lambda: build_index(args, work, proc, args.site, hnsw_log, budget))
     if "search" in s:
         stage(report, budget, "search", 10 if tiny else 40, lambda: search(args, work, report))
     if "compile" in s:  # last: compilation time is the least predictable; each config under a hard timeout
