@@ -109,8 +109,7 @@ class TrainingObjective(nn.Module):
     ) -> tuple[Tensor, dict[str, Any]]:
         user = self.model.user(user_cat, user_num, seq, domain)
         own = cand.positive is not None
-        if own:
-            assert cand.positive is not None  # for mypy: `own` says so
+        if cand.positive is not None:
             ent = {f"pos:{n}": t for n, t in self.model.entity(cand.positive).items()}
             ent.update({f"neg:{n}": t for n, t in self.model.entity(cand.rows).items()})
         else:
