@@ -136,7 +136,7 @@ def time_training(data: Path, method: str, batch: int, variant: str, *, steps: i
                    compiled=t.compiled if "compile" in opts else None)
         if cuda:
             rec["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-    except torch.OutOfMemoryError as exc:
+    except torch.cuda.OutOfMemoryError as exc:  # the same class as torch.OutOfMemoryError on newer torch
         rec["status"] = f"out of memory ({str(exc).splitlines()[0][:120]})"
     finally:
         if t is not None:
