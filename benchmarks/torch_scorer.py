@@ -70,7 +70,10 @@ class TorchPairScorer:
         return feeds
 
     def _autocast(self) -> Any:
-        return self.torch.autocast(self.device.type, dtype=self.torch.float16, enabled=self.precision == "fp16")
+        # no cast cache: weights cast inside a CUDA-graph capture must be recast by every replay, not
+        # read from a cache entry freed when the capture's autocast context closes
+        return self.torch.autocast(self.device.type, dtype=self.torch.float16, enabled=self.precision == "fp16",
+                                   cache_enabled=False)
 
     # ---- calls ---------------------------------------------------------------------------------
     def score_device(self, user: dict[str, Any], rows: Any) -> Any:
