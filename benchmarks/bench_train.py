@@ -1,10 +1,12 @@
-"""Training benchmarks of the model (issue 3): examples/s per method, the cost of more negatives, and a
-Recall-all results table of every method on a synthetic dataset.
+"""Training benchmarks of the model: examples/s per method, the cost of more negatives, the speed options
+(shared negatives, bf16, prefetch, compile) side by side, and a Recall-all results table of every method.
 
     .venv/bin/python benchmarks/bench_train.py speed --data /tmp/m/small --json /tmp/m/speed.json
     .venv/bin/python benchmarks/bench_train.py results --data /tmp/m/tiny --max-steps 60 --users 300 \
         --json /tmp/m/results.json
     .venv/bin/python benchmarks/bench_train.py scorer /tmp/m/bundle /tmp/m/bundle_split
+    .venv/bin/python benchmarks/bench_train.py options --data /tmp/m/small --batches 128,1024,4096 \
+        --json docs/results/train-speed-cpu.json
 
 ``speed`` times ``--steps`` optimizer steps after ``--warmup`` steps for each method (same batch size,
 negatives and model as ``unimatch train`` defaults), then the backbone with several negative counts.
@@ -67,6 +69,143 @@ def speed(args: argparse.Namespace) -> dict:
         print(f"backbone negatives={neg:5d} {eps:8.1f} examples/s   (load {load0:.1f})", flush=True)
         _save(args.json, out)
     return out
+
+
+VARIANT_TOKENS = ("today", "shared", "bf16", "prefetch", "compile")
+
+
+def parse_variant(name: str) -> set[str]:
+    """'shared+bf16+prefetch' -> its options; 'today' is the CPU default (every option off)."""
+    tokens = set(name.split("+"))
+    unknown = tokens - set(VARIANT_TOKENS)
+    if unknown or not tokens:
+        raise SystemExit(f"error: unknown variant option(s) {sorted(unknown)} in {name!r}; use {'+'.join(VARIANT_TOKENS)}")
+    return tokens - {"today"}
+
+
+def time_training(data: Path, method: str, batch: int, variant: str, *, steps: int, warmup: int, device: str,
+                  shared_m: int, negatives: int, max_pairs: int, work: Path, threads: int | None = None) -> dict:
+    """examples/s of ``steps`` training steps after ``warmup`` (compilation, allocator), one config.
+
+    Steps run through ``Trainer.batches()``, so a prefetching variant overlaps batch preparation as in
+    ``unimatch train``. A config whose pairs per step exceed ``max_pairs`` is skipped (today's layout
+    at B = 4096 is 17M pairs a step: tens of GB of activations), and an out-of-memory error is
+    recorded rather than raised, so one run fills the whole table.
+    """
+    import torch
+
+    from model.config import LossConfig, method_config
+    from model.train import Trainer
+
+    opts = parse_variant(variant)
+    loss = LossConfig(num_sampled=negatives, shared_in_batch=shared_m if "shared" in opts else None)
+    candidates = (1 + shared_m + negatives) if "shared" in opts else (batch + negatives)  # per example
+    rec: dict = {"method": method, "batch": batch, "variant": variant, "candidates_per_example": candidates,
+                 "pairs_per_step": batch * candidates, "device": device, "load_avg_1m": _load()}
+    if batch * candidates > max_pairs:
+        rec["status"] = f"skipped: {batch * candidates:,} pairs per step > --max-pairs {max_pairs:,}"
+        return rec
+    cfg = method_config(
+        method, data=data, out=work / f"speed-{method}-{batch}-{variant}", batch_size=batch, progress=False,
+        resume=False, device=device, loss=loss, valid_users=0, max_steps=warmup + steps, threads=threads,
+        precision="bf16" if "bf16" in opts else "fp32", prefetch=2 if "prefetch" in opts else 0,
+        compile="compile" in opts, checkpoint_every=10**9,
+    )
+    cuda = device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    t = None
+    try:
+        t = Trainer(cfg)
+        if t.steps_per_epoch < 1:
+            rec["status"] = "skipped: fewer training interactions than one batch"
+            return rec
+        it = t.batches()
+        t_first = time.perf_counter()
+        for _ in range(warmup):
+            t.train_step(next(it))
+            t.step += 1
+        sync()
+        rec["warmup_seconds"] = time.perf_counter() - t_first
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            t.train_step(next(it))
+            t.step += 1
+        sync()
+        dt = time.perf_counter() - t0
+        rec.update(status="ok", examples_per_s=steps * batch / dt, seconds_per_step=dt / steps,
+                   compiled=t.compiled if "compile" in opts else None)
+        if cuda:
+            rec["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+    except torch.cuda.OutOfMemoryError as exc:  # the same class as torch.OutOfMemoryError on newer torch
+        rec["status"] = f"out of memory ({str(exc).splitlines()[0][:120]})"
+    finally:
+        if t is not None:
+            close = getattr(it, "close", None) if "it" in locals() else None
+            if close is not None:
+                close()
+        del t
+        if cuda:
+            torch.cuda.empty_cache()
+            torch.cuda.reset_peak_memory_stats()
+    return rec
+
+
+def options(args: argparse.Namespace) -> dict:
+    """Every (method, batch, variant) side by side in one run: the speed options on and off."""
+    import platform
+
+    out: dict = {
+        "command": " ".join(["python", *sys.argv]), "data": str(args.data), "device": args.device,
+        "shared_m": args.shared_m, "negatives": args.default_negatives, "steps": args.steps, "warmup": args.warmup,
+        "host": {"cpus": os.cpu_count(), "platform": platform.platform()}, "runs": [],
+    }
+    for method in args.methods:
+        for batch in args.batches:
+            # rounds interleave the variants (A B C A B C ...): on shared cores the load drifts between
+            # configs, and the table reports each variant's median over the rounds
+            for rnd, variant in [(r, v) for r in range(args.rounds) for v in args.variants]:
+                rec = time_training(args.data, method, batch, variant, steps=args.steps, warmup=args.warmup,
+                                    device=args.device, shared_m=args.shared_m, negatives=args.default_negatives,
+                                    max_pairs=args.max_pairs, work=Path(args.work), threads=args.threads)
+                rec["round"] = rnd
+                out["runs"].append(rec)
+                eps = rec.get("examples_per_s")
+                print(f"{method:14s} B={batch:5d} {variant:24s} "
+                      + (f"{eps:9.1f} examples/s" if eps else rec["status"]) + f"  (load {rec['load_avg_1m']:.1f})",
+                      flush=True)
+                _save(args.json, out)
+    out["load_avg_at_end"] = list(os.getloadavg())
+    _save(args.json, out)
+    return out
+
+
+def options_table(obj: dict) -> str:
+    """Markdown: one row per (method, batch), one column per variant (examples/s, x today's)."""
+    variants = list(dict.fromkeys(r["variant"] for r in obj["runs"]))
+    lines = ["| method | batch | " + " | ".join(variants) + " |", "|---|---:|" + "---:|" * len(variants)]
+    keys = list(dict.fromkeys((r["method"], r["batch"]) for r in obj["runs"]))
+    for method, batch in keys:
+        cells: dict[str, dict] = {}
+        for v in variants:  # the median over rounds (one round: the run itself)
+            recs = [r for r in obj["runs"] if r["method"] == method and r["batch"] == batch and r["variant"] == v]
+            timed = sorted((r for r in recs if r.get("examples_per_s")), key=lambda r: r["examples_per_s"])
+            if timed:
+                cells[v] = timed[(len(timed) - 1) // 2]
+            elif recs:
+                cells[v] = recs[0]
+        base = cells.get("today", {}).get("examples_per_s")
+        row = []
+        for v in variants:
+            r = cells.get(v)
+            if r is None:
+                row.append("")
+            elif r.get("examples_per_s"):
+                ratio = f" ({r['examples_per_s'] / base:.2f}x)" if base and v != "today" else ""
+                row.append(f"{r['examples_per_s']:,.0f}{ratio}")
+            else:
+                row.append(r["status"].split(":")[0].split(" (")[0])
+        lines.append(f"| {method} | {batch} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
 
 
 def results(args: argparse.Namespace) -> dict:
@@ -185,6 +324,24 @@ def main() -> int:
     rs.add_argument("--rrl-override", default="", help='JSON of RRLConfig fields, e.g. {"grl_lambda": 0.1}')
     rs.add_argument("--pair-budget", type=int, default=32768, help="pairs per scoring pass in eval (GPU: 1<<20)")
     rs.add_argument("--n", type=lambda v: [int(x) for x in v.split(",")], default=[50, 200])
+    op = sub.add_parser("options", help="examples/s per method and batch size, speed options on/off side by side")
+    op.add_argument("--data", type=Path, required=True)
+    op.add_argument("--methods", type=lambda v: v.split(","), default=["backbone", "backbone-rrl"])
+    op.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[128, 1024, 4096])
+    op.add_argument("--variants", type=lambda v: v.split(","),
+                    default=["today", "shared", "shared+prefetch", "shared+bf16", "shared+bf16+prefetch"],
+                    help="comma-separated; each a '+'-joined set of: " + ", ".join(VARIANT_TOKENS))
+    op.add_argument("--shared-m", type=int, default=128,
+                    help="in-batch positives shared per step: 128 keeps today's ~193 candidates per example")
+    op.add_argument("--default-negatives", type=int, default=64)
+    op.add_argument("--steps", type=int, default=4)
+    op.add_argument("--warmup", type=int, default=2)
+    op.add_argument("--max-pairs", type=int, default=2_000_000, help="skip configs above this many pairs per step")
+    op.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    op.add_argument("--rounds", type=int, default=1, help="repeat the variants interleaved; the table shows medians")
+    op.add_argument("--device", default="cpu")
+    op.add_argument("--json", default=None)
+    op.add_argument("--work", default="/tmp/bench_train")
     sl = sub.add_parser("scorer", help="pair-scorer latency and entity memory of exported bundles")
     sl.add_argument("bundles", nargs="+")
     sl.add_argument("--batches", type=lambda v: [int(x) for x in v.split(",")], default=[64, 256])
@@ -195,7 +352,11 @@ def main() -> int:
     if args.cmd == "scorer":
         return scorer_latency(args)
     if args.cmd == "table":
-        print(table(json.loads(Path(args.json).read_text())))
+        obj = json.loads(Path(args.json).read_text())
+        print(options_table(obj) if "runs" in obj else table(obj))
+        return 0
+    if args.cmd == "options":
+        print(options_table(options(args)))
         return 0
     obj = speed(args) if args.cmd == "speed" else results(args)
     print(table(obj))

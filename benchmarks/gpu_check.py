@@ -11,16 +11,19 @@ What it measures, in order, and says which path ran:
    IOBinding, float32 and float16 tables, concurrent requests merged when the export allows it) and
    the script reports single-stream p50/p99 and QPS under thread concurrency, then the batched lockstep
    search (``MatchEngine.match_many``: B requests' beams together, one device call per step) per B.
-2. Otherwise (a CPU build of onnxruntime, as on the lent machine) the *same* exported
-   ``pair_scorer.onnx`` is executed by a small ONNX-to-PyTorch interpreter on CUDA — entity tables on
-   the device, candidates gathered on the device (``index_select`` inside the scorer call), float32 and
-   float16 — and the script reports: (a) scorer latency and pairs/s per batch size; (b) the same with
-   the call captured as a CUDA graph (static buffers: what a production GPU scorer does to remove
-   launch overhead); (c) end-to-end NANN queries (``service.search`` on the host, every expansion step
-   scored on the GPU) single-stream and with concurrent threads: QPS, p50/p99; (d) an upper bound for
-   batching concurrent requests: U users' candidates scored in one call through ``torch.vmap``
-   (users x ``--pairs`` candidates), as queries/s at ``--pairs`` pair evaluations per query.
-   Nothing from onnxruntime-gpu is claimed in this mode.
+2. Otherwise (a CPU build of onnxruntime, as on the lent machine) the *same network* runs in PyTorch
+   on CUDA: ``benchmarks.torch_scorer.TorchPairScorer`` rebuilds the run's checkpoint (the manifest's
+   ``training.run``, or ``--run``) and wraps it in the module the exporter traced to
+   ``pair_scorer.onnx`` (``model.export.PairScorerGraph``), entity tables from the bundle resident on
+   the device, candidates gathered on the device (``index_select`` inside the scorer call), in
+   float32, bfloat16 and float16, and checked against onnxruntime CPU on one request. The script
+   reports: (a) scorer latency and pairs/s per batch size; (b) the same with the call captured as a
+   CUDA graph per batch bucket (static buffers: what a production GPU scorer does to remove launch
+   overhead); (c) end-to-end NANN queries (``service.search`` on the host, every expansion step
+   scored on the GPU) single-stream and with concurrent threads: QPS, p50/p99; (d) batching
+   concurrent requests: U users' own candidates scored in one call of the batched scorer
+   (``model.export.BatchedPairScorerGraph``, users x ``--pairs`` candidates), as queries/s at
+   ``--pairs`` pair evaluations per query. Nothing from onnxruntime-gpu is claimed in this mode.
 
 The JSON written to ``--out`` records the device, the path, every number, and the command.
 """
@@ -42,202 +45,6 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
-
-
-# ---------------------------------------------------------------------------------------------------
-# A minimal ONNX interpreter in PyTorch, for the op set our exporters emit (checked on load).
-# ---------------------------------------------------------------------------------------------------
-class OnnxTorch:
-    """Executes an ONNX graph with torch ops. int64 constants stay on the CPU (shape arguments)."""
-
-    OPS = {
-        "Add", "Sub", "Mul", "Div", "MatMul", "Gemm", "Relu", "Sigmoid", "Tanh", "Erf", "Softmax", "Concat",
-        "Constant", "Gather", "Reshape", "Transpose", "Unsqueeze", "Squeeze", "Slice", "Cast", "Shape", "Expand",
-        "ReduceSum", "ReduceMean", "Max", "Min", "Clip", "GreaterOrEqual", "Flatten", "LayerNormalization",
-        "Where", "Sqrt", "Pow", "Neg", "Equal", "Not", "Identity",
-    }
-
-    def __init__(self, model_path: str, device: Any, dtype: Any) -> None:
-        import onnx
-        import torch
-        from onnx import numpy_helper
-
-        self.torch = torch
-        self.model = onnx.load(model_path)
-        unknown = sorted({n.op_type for n in self.model.graph.node} - self.OPS)
-        if unknown:
-            raise NotImplementedError(f"ops not supported by the interpreter: {unknown}")
-        self.device, self.dtype = device, dtype
-        self.consts: dict[str, Any] = {}
-        for init in self.model.graph.initializer:
-            self.consts[init.name] = self._tensor(numpy_helper.to_array(init))
-        self.nodes = []
-        for n in self.model.graph.node:
-            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in n.attribute}
-            if n.op_type == "Constant":
-                self.consts[n.output[0]] = self._tensor(numpy_helper.to_array(attrs["value"]))
-                continue
-            self.nodes.append((n.op_type, list(n.input), list(n.output), attrs))
-        self.input_names = [i.name for i in self.model.graph.input if i.name not in self.consts]
-        self.output_names = [o.name for o in self.model.graph.output]
-
-    def _tensor(self, a: np.ndarray) -> Any:
-        t = self.torch.from_numpy(np.array(a))
-        if t.is_floating_point():
-            if self.dtype == self.torch.float16:  # masking constants like -1e9 would become -inf, then NaN
-                t = t.clamp(-6.0e4, 6.0e4)
-            return t.to(self.device, self.dtype)
-        return t  # integer constants: shapes, axes, indices; moved to the device when used as data
-
-    def _dev(self, t: Any) -> Any:
-        return t if t.device == self.device or t.device.type == self.device.type else t.to(self.device)
-
-    def __call__(self, feeds: dict[str, Any]) -> list[Any]:
-        torch = self.torch
-        env = dict(self.consts)
-        env.update(feeds)
-        for op, ins, outs, at in self.nodes:
-            x = [env[i] if i else None for i in ins]
-            if op in ("Add", "Sub", "Mul", "Div", "Max", "Min", "Pow", "GreaterOrEqual", "Equal"):
-                a, b = x[0], x[1]
-                if a.is_floating_point() or b.is_floating_point() or a.device.type != b.device.type:
-                    a, b = self._dev(a), self._dev(b)
-                f = {"Add": torch.add, "Sub": torch.sub, "Mul": torch.mul, "Div": torch.div, "Max": torch.maximum,
-                     "Min": torch.minimum, "Pow": torch.pow, "GreaterOrEqual": torch.ge, "Equal": torch.eq}[op]
-                y = f(a, b)
-            elif op == "MatMul":
-                y = torch.matmul(self._dev(x[0]), self._dev(x[1]))
-            elif op == "Gemm":
-                a, b = self._dev(x[0]), self._dev(x[1])
-                a = a.t() if at.get("transA") else a
-                b = b.t() if at.get("transB") else b
-                y = at.get("alpha", 1.0) * (a @ b)
-                if len(x) > 2 and x[2] is not None:
-                    y = y + at.get("beta", 1.0) * self._dev(x[2])
-            elif op == "Relu":
-                y = torch.relu(x[0])
-            elif op == "Sigmoid":
-                y = torch.sigmoid(x[0])
-            elif op == "Tanh":
-                y = torch.tanh(x[0])
-            elif op == "Erf":
-                y = torch.erf(x[0])
-            elif op == "Sqrt":
-                y = torch.sqrt(x[0])
-            elif op == "Neg":
-                y = -x[0]
-            elif op == "Not":
-                y = ~x[0]
-            elif op == "Identity":
-                y = x[0]
-            elif op == "Softmax":
-                y = torch.softmax(x[0], dim=at.get("axis", -1))
-            elif op == "Concat":
-                parts = [self._dev(t) if any(p.is_floating_point() for p in x) else t for t in x]
-                y = torch.cat(parts, dim=at["axis"])
-            elif op == "Gather":
-                data, idx = x[0], x[1]
-                idx = idx.to(data.device) if idx.device != data.device else idx
-                axis = at.get("axis", 0)
-                if idx.dim() == 0:
-                    y = data.select(axis, int(idx))
-                else:
-                    y = torch.index_select(data, axis, idx.reshape(-1)).reshape(
-                        *data.shape[:axis], *idx.shape, *data.shape[axis + 1 :]
-                    )
-            elif op == "Reshape":
-                shape = [int(s) for s in x[1].tolist()]
-                shape = [x[0].shape[i] if s == 0 else s for i, s in enumerate(shape)]
-                y = x[0].reshape(shape)
-            elif op == "Transpose":
-                perm = at.get("perm", list(range(x[0].dim()))[::-1])
-                y = x[0].permute(*perm)
-            elif op == "Unsqueeze":
-                y = x[0]
-                for ax in sorted(int(a) for a in x[1].tolist()):
-                    y = y.unsqueeze(ax if ax >= 0 else ax + y.dim() + 1)
-            elif op == "Squeeze":
-                axes = sorted((int(a) % x[0].dim() for a in x[1].tolist()), reverse=True) if len(x) > 1 else None
-                y = x[0]
-                if axes is None:
-                    y = y.squeeze()
-                else:
-                    for ax in axes:
-                        y = y.squeeze(ax)
-            elif op == "Slice":
-                starts, ends = x[1].tolist(), x[2].tolist()
-                axes = x[3].tolist() if len(x) > 3 and x[3] is not None else list(range(len(starts)))
-                steps = x[4].tolist() if len(x) > 4 and x[4] is not None else [1] * len(starts)
-                index = [slice(None)] * x[0].dim()
-                for s_, e_, ax, st in zip(starts, ends, axes, steps, strict=True):
-                    index[ax] = slice(int(s_), int(e_), int(st))  # python slicing clamps like ONNX (st > 0)
-                y = x[0][tuple(index)]
-            elif op == "Cast":
-                to = at["to"]
-                y = x[0].to(self.dtype) if to in (1, 10, 11) else x[0].to(torch.int64) if to in (6, 7) else x[0].to(torch.bool)
-            elif op == "Shape":
-                y = torch.tensor(list(x[0].shape), dtype=torch.int64)
-            elif op == "Expand":
-                shape = [int(s) for s in x[1].tolist()]
-                y = x[0].expand(*torch.broadcast_shapes(tuple(x[0].shape), tuple(shape)))
-            elif op in ("ReduceSum", "ReduceMean"):
-                axes = [int(a) for a in x[1].tolist()] if len(x) > 1 and x[1] is not None else at.get("axes")
-                f = torch.sum if op == "ReduceSum" else torch.mean
-                y = f(x[0], dim=axes, keepdim=bool(at.get("keepdims", 1)))
-            elif op == "Clip":
-                lo = x[1] if len(x) > 1 and x[1] is not None else None
-                hi = x[2] if len(x) > 2 and x[2] is not None else None
-                y = torch.clamp(x[0], min=None if lo is None else lo.item(), max=None if hi is None else hi.item())
-            elif op == "Flatten":
-                ax = at.get("axis", 1)
-                y = x[0].reshape(int(np.prod(x[0].shape[:ax])), -1)
-            elif op == "LayerNormalization":
-                ax = at.get("axis", -1)
-                shape = x[0].shape[ax:]
-                y = torch.nn.functional.layer_norm(x[0], shape, self._dev(x[1]), None if len(x) < 3 else self._dev(x[2]), at.get("epsilon", 1e-5))
-            elif op == "Where":
-                y = torch.where(self._dev(x[0]), self._dev(x[1]), self._dev(x[2]))
-            else:  # unreachable: checked in __init__
-                raise NotImplementedError(op)
-            env[outs[0]] = y
-        return [env[o] for o in self.output_names]
-
-
-class TorchPairScorer:
-    """The bundle's pair scorer on a torch device: tables resident, gather on the device, one call per step."""
-
-    def __init__(self, bundle: Any, device: Any, *, fp16: bool, tile_to: int = 0) -> None:
-        import torch
-
-        self.torch = torch
-        self.bundle = bundle
-        self.device = device
-        self.dtype = torch.float16 if fp16 else torch.float32
-        self.graph = OnnxTorch(str(bundle.path / "pair_scorer.onnx"), device, self.dtype)
-        self.tables = {n: torch.from_numpy(np.array(a)).to(device, self.dtype) for n, a in bundle.entity_tensors.items()}
-        if tile_to > bundle.num_entities:  # a larger catalogue's device tables (rows repeated), for gather cost at scale
-            reps = -(-tile_to // bundle.num_entities)
-            self.tables = {n: t.repeat(reps, *([1] * (t.dim() - 1)))[:tile_to].contiguous() for n, t in self.tables.items()}
-        self.num_rows = next(iter(self.tables.values())).shape[0]
-        self.user_outputs = list(bundle.manifest["user_outputs"])
-        self.has_domain = "domain" in self.graph.input_names
-
-    def user_feeds(self, ctx: Any) -> dict[str, Any]:
-        t = self.torch
-        feeds = {n: t.from_numpy(ctx.feeds[n]).to(self.device, self.dtype) for n in self.user_outputs if n in self.graph.input_names}
-        if self.has_domain:
-            feeds["domain"] = t.tensor([ctx.domain], dtype=t.int64, device=self.device)
-        return feeds
-
-    def score_device(self, user: dict[str, Any], rows: Any) -> Any:
-        feeds = dict(user)
-        for n, table in self.tables.items():
-            feeds[n] = self.torch.index_select(table, 0, rows)
-        return self.graph(feeds)[0]
-
-    def score(self, user: dict[str, Any], rows: np.ndarray) -> np.ndarray:
-        r = self.torch.from_numpy(np.ascontiguousarray(rows, dtype=np.int64)).to(self.device, non_blocking=True)
-        return self.score_device(user, r).float().cpu().numpy()
 
 
 def _pct(x: list[float], q: float) -> float:
@@ -310,6 +117,7 @@ def ort_cuda_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) ->
 def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> None:
     import torch
 
+    from benchmarks.torch_scorer import CudaGraphScorer, TorchPairScorer
     from service.engine import SearchParams
     from service.scoring.host import HostGatherScorer
     from service.search import VisitedSet, search
@@ -327,20 +135,26 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
     queries = _queries(bundle, args.queries, 0)
     ctxs = [host.encode(q.cat, q.num, q.seq, i % bundle.schema.num_domains) for i, q in enumerate(queries)]
     rng = np.random.default_rng(1)
-    res["torch"] = {"what": "pair_scorer.onnx executed by an ONNX->PyTorch interpreter on CUDA; entity tables on the "
-                    "device, index_select gather inside each call; user encoder on onnxruntime CPU"}
-    for fp16 in (False, True):
-        key = "fp16" if fp16 else "fp32"
-        sc = TorchPairScorer(bundle, dev, fp16=fp16, tile_to=args.tile_to)
+    run = Path(args.run or bundle.manifest.get("training", {}).get("run", ""))
+    if not (run / "config.json").is_file():
+        res["torch"] = {"error": f"run directory {run} not found: pass --run (the bundle's training run)"}
+        print(res["torch"]["error"])
+        return
+    res["torch"] = {"what": "the run's checkpoint rebuilt in PyTorch as model.export.PairScorerGraph (the module traced "
+                    "to pair_scorer.onnx) on the device; entity tables from the bundle on the device, index_select "
+                    "gather inside each call; user encoder on onnxruntime CPU", "run": str(run)}
+    for precision in args.precisions:
+        key = precision
+        sc = TorchPairScorer(run, bundle.entity_tensors, dev, precision, tile_to=args.tile_to)
         out_rows = sc.num_rows  # rows of the device tables the scorer-only measurements gather from
         out: dict[str, Any] = {"table_rows": out_rows}
         # parity with onnxruntime CPU on one request
         rows = rng.choice(bundle.num_entities, size=min(2048, bundle.num_entities), replace=False).astype(np.int64)
         want = host.score(ctxs[0], rows)
-        got = sc.score(sc.user_feeds(ctxs[0]), rows)
+        got = sc.score(sc.user_feeds(ctxs[0].feeds, ctxs[0].domain), rows)
         out["max_abs_diff_vs_onnxruntime_cpu"] = float(np.max(np.abs(got - want)))
         # (a) eager scorer latency per batch size
-        user = sc.user_feeds(ctxs[0])
+        user = sc.user_feeds(ctxs[0].feeds, ctxs[0].domain)
         out["eager"] = []
         for b in args.batches:
             b = min(b, bundle.num_entities)
@@ -356,30 +170,20 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
             ms = (time.perf_counter() - t0) * 1e3 / n
             out["eager"].append({"batch": b, "ms_per_call": ms, "pairs_per_s": b / ms * 1e3})
             print(f"torch {key} eager batch {b}: {ms:.3f} ms/call, {b / ms * 1e3 / 1e6:.1f} M pairs/s")
-        # (b) CUDA graph of the scorer call, static buffers
+        # (b) CUDA graph of the scorer call per batch bucket, static buffers
         out["cuda_graph"] = []
         for b in args.batches if cuda else []:
             b = min(b, bundle.num_entities)
             try:
-                static_rows = torch.from_numpy(rng.integers(0, out_rows, size=b)).to(dev)
-                static_user = {k: v.clone() for k, v in user.items()}
-                s = torch.cuda.Stream()
-                s.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(s):
-                    for _ in range(3):
-                        sc.score_device(static_user, static_rows)
-                torch.cuda.current_stream().wait_stream(s)
-                g = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(g):
-                    static_out = sc.score_device(static_user, static_rows)
+                cg = CudaGraphScorer(sc, user, [b])
                 sync()
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < args.seconds / 8:
-                    g.replay()
+                    cg.replay(b)
                     n += 1
                 sync()
                 ms = (time.perf_counter() - t0) * 1e3 / n
-                del static_out
+                del cg
                 out["cuda_graph"].append({"batch": b, "ms_per_call": ms, "pairs_per_s": b / ms * 1e3})
                 print(f"torch {key} CUDA graph batch {b}: {ms:.3f} ms/call, {b / ms * 1e3 / 1e6:.1f} M pairs/s")
             except Exception as exc:  # capture can fail on host syncs inside the graph; record why
@@ -396,7 +200,8 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
                 vis = getattr(local, "v", None)
                 if vis is None:
                     vis = local.v = VisitedSet(bundle.num_entities)
-                u = sc.user_feeds(ctxs[i % len(ctxs)])
+                c = ctxs[i % len(ctxs)]
+                u = sc.user_feeds(c.feeds, c.domain)
                 search(bundle.graph, lambda cand, u=u: sc.score(u, cand), k=args.k, ef=params.ef, steps=params.steps,
                        top_n=params.top_n, visited=vis)
                 return (time.perf_counter() - t0) * 1e3
@@ -408,29 +213,29 @@ def torch_path(bundle: Any, args: argparse.Namespace, res: dict[str, Any]) -> No
                 r = _concurrency(query, args.queries, threads)
                 out["end_to_end"].append(r)
                 print(f"torch {key} NANN queries, {threads} threads: {r['qps']:.0f} q/s, p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms")
-        # (d) batching concurrent requests: U users x P candidates in one vmapped call
-        out["vmap_batched"] = []
-        for users in args.users_per_call:
+        # (d) batching concurrent requests: U users x P own candidates in one call of the batched scorer
+        out["batched"] = []
+        for users in args.users_per_call if sc.batched is not None else []:
             try:
-                feeds = [sc.user_feeds(c) for c in ctxs[:users]]
-                stacked = {k: torch.stack([f[k] for f in feeds]) for k in feeds[0]}
-                rows = torch.from_numpy(rng.integers(0, out_rows, size=(users, args.pairs))).to(dev)
-                fn = torch.vmap(lambda u, r, sc=sc: sc.score_device(u, r))
-                fn(stacked, rows)
+                cs = ctxs[:users]
+                stacked = sc.user_feeds({n: np.concatenate([c.feeds[n] for c in cs]) for n in sc.user_output_names},
+                                        np.array([c.domain for c in cs]))
+                rows = torch.from_numpy(rng.integers(0, out_rows, size=(len(cs), args.pairs))).to(dev)
+                sc.score_batched_device(stacked, rows)
                 sync()
                 n, t0 = 0, time.perf_counter()
                 while time.perf_counter() - t0 < args.seconds / 8:
-                    fn(stacked, rows)
+                    sc.score_batched_device(stacked, rows)
                     n += 1
                 sync()
                 ms = (time.perf_counter() - t0) * 1e3 / n
-                qps = users / ms * 1e3
-                out["vmap_batched"].append({"users": users, "pairs_per_user": args.pairs, "ms_per_call": ms,
-                                            "equivalent_qps": qps, "pairs_per_s": users * args.pairs / ms * 1e3})
-                print(f"torch {key} vmap {users} users x {args.pairs} pairs: {ms:.2f} ms/call -> {qps:.0f} queries/s of scoring")
+                qps = len(cs) / ms * 1e3
+                out["batched"].append({"users": len(cs), "pairs_per_user": args.pairs, "ms_per_call": ms,
+                                       "equivalent_qps": qps, "pairs_per_s": len(cs) * args.pairs / ms * 1e3})
+                print(f"torch {key} batched {len(cs)} users x {args.pairs} pairs: {ms:.2f} ms/call -> {qps:.0f} queries/s of scoring")
             except Exception as exc:
-                out["vmap_batched"].append({"users": users, "error": str(exc).splitlines()[0][:200]})
-                print(f"torch {key} vmap {users} users: failed ({str(exc).splitlines()[0][:120]})")
+                out["batched"].append({"users": users, "error": str(exc).splitlines()[0][:200]})
+                print(f"torch {key} batched {users} users: failed ({str(exc).splitlines()[0][:120]})")
                 break
         res["torch"][key] = out
 
@@ -449,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--torch-device", default="cuda", help="cpu: dry run of the torch path (no CUDA graphs)")
     ap.add_argument("--lockstep-batches", type=lambda s: [int(v) for v in s.split(",")], default=[16, 64, 256],
                     help="batch sizes of the lockstep search (MatchEngine.match_many) on the onnxruntime CUDA path")
+    ap.add_argument("--run", type=Path, default=None, help="the bundle's training run (default: the manifest's training.run)")
+    ap.add_argument("--precisions", type=lambda s: s.split(","), default=["fp32", "bf16", "fp16"])
     ap.add_argument("--users-per-call", type=lambda s: [int(v) for v in s.split(",")], default=[8, 32])
     args = ap.parse_args(argv)
 

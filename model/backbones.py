@@ -240,6 +240,8 @@ class TwoTowerModel(nn.Module):
         return {"ent_vec": self.entity_tower(torch.cat([ent["ent_uee"], ent["ent_aid"]], dim=-1))}  # (C, D)
 
     def score(self, user: dict[str, Tensor], ent: dict[str, Tensor], domain: Tensor) -> tuple[Tensor, Aux]:
+        if ent["ent_vec"].dim() == 3:  # per-user candidates (B, C, D)
+            return torch.einsum("bd,bcd->bc", user["user_repr"], ent["ent_vec"]), {}
         return user["user_repr"] @ ent["ent_vec"].t(), {}  # (B, C)
 
     @staticmethod

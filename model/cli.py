@@ -43,7 +43,21 @@ def register(cli: CommandRegistry) -> None:
     p.add_argument("--valid-pair-budget", type=int, default=1_000_000,
                    help="at most this many (user, entity) pairs per validation check: fewer users on a big catalogue")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--lr", type=float, default=1e-3,
+                   help="learning rate (at --lr-reference-batch when --lr-scaling is linear or sqrt)")
+    p.add_argument("--lr-scaling", choices=["none", "linear", "sqrt"], default="none",
+                   help="scale --lr to the batch size: linear (B/ref), sqrt (sqrt(B/ref), the Adam rule), none")
+    p.add_argument("--lr-reference-batch", type=int, default=128, help="batch size --lr was tuned at")
+    p.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up over N steps")
+    p.add_argument("--shared-negatives", type=int, default=None, metavar="M",
+                   help="in-batch negatives: M of the batch's positives shared by every user, so a step costs "
+                   "B x (1 + M + negatives) pairs (large batches); unset = all B (B x (B + negatives) pairs)")
+    p.add_argument("--precision", choices=["fp32", "bf16"], default="fp32",
+                   help="bf16: forward under bfloat16 autocast (tensor cores on CUDA), float32 weights and loss")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training step (falls back to eager with a warning where unavailable)")
+    p.add_argument("--prefetch", type=int, default=0, metavar="N",
+                   help="prepare N batches ahead in a background thread (0 = inline); same batches either way")
     p.add_argument("--negatives", type=int, default=None, help="sampled negatives per step (default 64)")
     p.add_argument("--sampler", choices=sorted(s.value for s in NegativeSampler), default=None)
     p.add_argument("--embed-dim", type=int, default=None)
@@ -107,6 +121,8 @@ def _train(args: argparse.Namespace) -> int:
         loss = dataclasses.replace(loss, num_sampled=args.negatives)
     if args.sampler is not None:
         loss = dataclasses.replace(loss, sampler=NegativeSampler(args.sampler))
+    if args.shared_negatives is not None:
+        loss = dataclasses.replace(loss, shared_in_batch=args.shared_negatives)
     model = ModelConfig() if args.embed_dim is None else ModelConfig(embed_dim=args.embed_dim)
     overrides = {}
     if args.adv_epsilon is not None:
@@ -128,6 +144,12 @@ def _train(args: argparse.Namespace) -> int:
             valid_pair_budget=args.valid_pair_budget,
             batch_size=args.batch_size,
             lr=args.lr,
+            lr_scaling=args.lr_scaling,
+            lr_reference_batch=args.lr_reference_batch,
+            lr_warmup_steps=args.warmup_steps,
+            precision=args.precision,
+            compile=args.compile,
+            prefetch=args.prefetch,
             seed=args.seed,
             device=args.device,
             threads=args.threads,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args
@@ -57,6 +58,8 @@ DEVICES: tuple[str, ...] = get_args(Device)
 # The model-free yardsticks of `unimatch eval --baseline`.
 Baseline = Literal["popularity"]
 BASELINES: tuple[str, ...] = get_args(Baseline)
+PRECISIONS = ("fp32", "bf16")
+LR_SCALINGS = ("none", "linear", "sqrt")
 
 
 @dataclass(frozen=True)
@@ -148,6 +151,14 @@ class LossConfig:
     log_q: bool = True
     # mask candidates the user's domain cannot show (domain_mask), so the softmax is per domain
     mask_ineligible: bool = True
+    # In-batch negatives shared by the batch. None (today's layout): all B positives are candidates of
+    # every user, so a step scores B x (B + S) pairs and the per-example cost grows with the batch
+    # (B = 4096 would be ~4,160 pairs per example instead of ~190). An int M: each user scores its own
+    # positive (column 0) plus one shared set of min(M, B) of the batch's positives, drawn once per
+    # step, and the S sampled negatives: B x (1 + M + S) pairs, so large GPU batches keep the paper's
+    # loss at a constant cost per example. Log-Q becomes M p_pos(a) + S q(a) (a uniform subsample of
+    # the positives keeps their distribution); with M >= B the two layouts give the same loss.
+    shared_in_batch: int | None = None
 
 
 @dataclass(frozen=True)
@@ -181,6 +192,26 @@ class TrainConfig:
     resume: bool = True  # continue from RUN/checkpoint.pt when it exists
     progress: bool = True
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    # ---- speed options (docs/gpu.md); the defaults keep the CPU behaviour measured in docs/model.md ----
+    # "bf16": forward and loss under torch.autocast(bfloat16) (weights, Adam state and the softmax stay
+    # float32; no loss scaling is needed with bf16's exponent range). Tensor cores on CUDA; on CPU it
+    # is correct but was not faster on the shared cores (docs/gpu.md), hence "fp32" by default.
+    precision: str = "fp32"
+    # torch.compile the training objective (dynamic shapes: the per-domain group sizes change every
+    # batch). Falls back to eager with a one-line warning where compilation fails (no C compiler,
+    # unsupported platform). Off by default: compiling costs tens of seconds up front.
+    compile: bool = False
+    # batches prepared this many steps ahead in a background thread (history windows, negatives,
+    # log-Q, masks; pinned host memory on CUDA), so the accelerator never waits for the host.
+    # 0 = inline. Same seed -> the same batches in the same order either way.
+    prefetch: int = 0
+    # learning rate for a batch B: lr x (B / lr_reference_batch) ("linear", Goyal et al. 2017),
+    # lr x sqrt(B / lr_reference_batch) ("sqrt", the rule for Adam of Malladi et al. 2022), or lr as
+    # given ("none", today's behaviour). lr is then the rate tuned at the reference batch.
+    lr_scaling: str = "none"
+    lr_reference_batch: int = 128  # the batch size at which `lr` was tuned (every CPU run so far)
+    # linear warm-up of the learning rate over this many steps (large scaled rates diverge without one)
+    lr_warmup_steps: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     rrl: RRLConfig = field(default_factory=RRLConfig)
     loss: LossConfig = field(default_factory=LossConfig)
@@ -212,10 +243,38 @@ class TrainConfig:
             raise ConfigError("with in_batch off, loss.num_sampled must be > 0 (no negatives otherwise)")
         if self.device not in DEVICES:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.loss.shared_in_batch is not None and self.loss.shared_in_batch < 1:
+            raise ConfigError(f"loss.shared_in_batch must be >= 1 or None, got {self.loss.shared_in_batch}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.prefetch < 0:
+            raise ConfigError(f"prefetch must be >= 0, got {self.prefetch}")
+        if self.lr_scaling not in LR_SCALINGS:
+            raise ConfigError(f"lr_scaling must be one of {LR_SCALINGS}, got {self.lr_scaling!r}")
+        if self.lr_reference_batch < 1:
+            raise ConfigError(f"lr_reference_batch must be >= 1, got {self.lr_reference_batch}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"lr_warmup_steps must be >= 0, got {self.lr_warmup_steps}")
         arch = METHODS[self.method].architecture
         if (self.rrl.any_aux or self.rrl.uwl) and arch is not Architecture.BACKBONE:
             raise ConfigError(f"RRL needs the backbone's shared/specific experts; method {self.method!r} has none")
         self.model.validate()
+
+    def scaled_lr(self) -> float:
+        """The learning rate at ``batch_size`` under ``lr_scaling`` (before warm-up)."""
+        ratio = self.batch_size / self.lr_reference_batch
+        if self.lr_scaling == "linear":
+            return self.lr * ratio
+        if self.lr_scaling == "sqrt":
+            return self.lr * math.sqrt(ratio)
+        return self.lr
+
+    def lr_at(self, step: int) -> float:
+        """The learning rate of optimizer step ``step`` (0-based): scaled, then warmed up linearly."""
+        lr = self.scaled_lr()
+        if self.lr_warmup_steps and step < self.lr_warmup_steps:
+            return lr * (step + 1) / self.lr_warmup_steps
+        return lr
 
     def to_json(self) -> dict[str, Any]:
         def conv(v: Any) -> Any:

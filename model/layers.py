@@ -66,10 +66,21 @@ class SplitLinear(nn.Module):
     def forward(self, x: PairInputs) -> Tensor:
         du, de, _ = self.dims
         w = self.linear.weight  # (out, Du + De + Dp)
-        u = x.user @ w[:, :du].t() + self.linear.bias  # (B, out)
+        u = x.user @ w[:, :du].t()
+        u = u + _bias(self.linear.bias, u)  # (B, out)
         e = x.entity @ w[:, du : du + de].t()  # (C, out), or (B, C, out) for per-user candidates
         p = x.pair @ w[:, du + de :].t()  # (B, C, out)
         return p + u.unsqueeze(1) + (e if e.dim() == 3 else e.unsqueeze(0))
+
+
+def _bias(bias: Tensor, like: Tensor) -> Tensor:
+    """``bias`` in the dtype of the matmul output it is added to, under autocast only.
+
+    A float32 bias added to a bf16 product promotes the sum to float32, so every activation between
+    layers would be float32 again (twice the memory traffic) although nn.Linear keeps bf16. Outside
+    autocast (training in float32, ONNX export) this is the bias itself: the graphs do not change.
+    """
+    return bias.to(like.dtype) if torch.is_autocast_enabled(like.device.type) else bias
 
 
 def _init_stacked(weight: Tensor, bias: Tensor) -> None:
@@ -116,17 +127,24 @@ class StackedSplitLinear(nn.Module):
 
     def forward(self, x: PairInputs, domain: Domains) -> Tensor:
         du, de, _ = self.dims
-        if domain.counts is not None and x.entity.dim() == 2:
+        if domain.counts is not None:
             outs = []
-            for (k, user), (_, pair) in zip(domain.split(x.user), domain.split(x.pair), strict=True):
+            # per-user candidates (B, C, De) are split with the users; shared ones (C, De) are not
+            ents = domain.split(x.entity) if x.entity.dim() == 3 else None
+            for i, ((k, user), (_, pair)) in enumerate(zip(domain.split(x.user), domain.split(x.pair), strict=True)):
                 w = self.weight[k]
-                u = user @ w[:du] + self.bias[k]  # (n, out)
-                e = x.entity @ w[du : du + de]  # (C, out)
-                outs.append(torch.matmul(pair, w[du + de :]) + u.unsqueeze(1) + e.unsqueeze(0))
+                u = user @ w[:du]
+                u = u + _bias(self.bias[k], u)  # (n, out)
+                if ents is None:
+                    e = (x.entity @ w[du : du + de]).unsqueeze(0)  # (1, C, out)
+                else:
+                    e = ents[i][1] @ w[du : du + de]  # (n, C, out)
+                outs.append(torch.matmul(pair, w[du + de :]) + u.unsqueeze(1) + e)
             return torch.cat(outs)
         idx = domain.index
         w = self.weight[idx]  # (B, in, out): Gather on the stacked weights
-        u = torch.matmul(x.user.unsqueeze(1), w[:, :du]) + self.bias[idx].unsqueeze(1)  # (B, 1, out)
+        u = torch.matmul(x.user.unsqueeze(1), w[:, :du])
+        u = u + _bias(self.bias[idx].unsqueeze(1), u)  # (B, 1, out)
         p = torch.matmul(x.pair, w[:, du + de :])  # (B, C, out)
         if x.entity.dim() == 3:  # per-user candidates (B, C, De): each user's own domain slice
             return p + u + torch.matmul(x.entity, w[:, du : du + de])
@@ -146,9 +164,14 @@ class StackedLinear(nn.Module):
 
     def forward(self, x: Tensor, domain: Domains) -> Tensor:
         if domain.counts is not None:
-            return torch.cat([torch.matmul(part, self.weight[k]) + self.bias[k] for k, part in domain.split(x)])
+            outs = []
+            for k, part in domain.split(x):
+                y = torch.matmul(part, self.weight[k])
+                outs.append(y + _bias(self.bias[k], y))
+            return torch.cat(outs)
         idx = domain.index
-        return torch.matmul(x, self.weight[idx]) + self.bias[idx].unsqueeze(1)  # (B, C, out)
+        y = torch.matmul(x, self.weight[idx])
+        return y + _bias(self.bias[idx].unsqueeze(1), y)  # (B, C, out)
 
 
 class StackedMLP(nn.Module):

@@ -19,9 +19,10 @@ import math
 import os
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -78,22 +79,51 @@ class TrainingObjective(nn.Module):
             AUX_NAMES, learnable=r.uwl, fixed_weight=r.aux_weight, log_var_range=r.uwl_log_var_range
         )
 
+    def score_candidates(
+        self, user: dict[str, Tensor], ent: dict[str, Tensor], domain: Tensor, own_positive: bool
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Logits of every user against its candidates (either layout of ``Candidates``).
+
+        Own-positive layout: ``ent`` holds ``pos:NAME`` (B, ...) and ``neg:NAME`` (N, ...) tensors; the
+        positive is scored per user (B x 1 pairs), the shared negatives as a cross product (B x N).
+        Returns logits (B, C) and the auxiliary representations of each user's positive pair.
+        """
+        if not own_positive:
+            logits, aux = self.model.score(user, ent, domain)  # (B, C)
+            b = logits.shape[0]
+            idx = torch.arange(b, device=logits.device)
+            # (B, h): the positive pair of each user (candidate b)
+            return logits, {k: aux[k][idx, idx] for k in ("shared", "specific") if k in aux}
+        pos = {n[4:]: t.unsqueeze(1) for n, t in ent.items() if n.startswith("pos:")}  # (B, 1, ...)
+        neg = {n[4:]: t for n, t in ent.items() if n.startswith("neg:")}  # (N, ...)
+        pos_logits, aux = self.model.score(user, pos, domain)  # (B, 1)
+        if next(iter(neg.values())).shape[0]:
+            neg_logits, _ = self.model.score(user, neg, domain)  # (B, N)
+            logits = torch.cat([pos_logits, neg_logits], dim=1)
+        else:
+            logits = pos_logits
+        return logits, {k: aux[k][:, 0] for k in ("shared", "specific") if k in aux}
+
     def forward(
         self, user_cat: Tensor, user_num: Tensor, seq: Tensor, domain: Tensor, cand: Candidates
     ) -> tuple[Tensor, dict[str, Any]]:
         user = self.model.user(user_cat, user_num, seq, domain)
-        ent = self.model.entity(cand.rows)
-        logits, aux = self.model.score(user, ent, domain)  # (B, C)
+        own = cand.positive is not None
+        if cand.positive is not None:
+            ent = {f"pos:{n}": t for n, t in self.model.entity(cand.positive).items()}
+            ent.update({f"neg:{n}": t for n, t in self.model.entity(cand.rows).items()})
+        else:
+            ent = self.model.entity(cand.rows)
+        logits, aux = self.score_candidates(user, ent, domain, own)  # (B, C)
         per_example = self.ce(logits, cand)  # (B,)
         ce = per_example.mean()
         parts: dict[str, Any] = {"ce": ce.detach(), "per_example": per_example.detach()}
         total = ce
         aux_losses: dict[str, Tensor] = {}
         if "shared" in aux and (self.dal or self.mvwdl or self.ortho):
-            b = logits.shape[0]
-            idx = torch.arange(b, device=logits.device)
-            e_s = aux["shared"][idx, idx]  # (B, h): the positive pair of each user (candidate b)
-            e_d = aux["specific"][idx, idx]
+            # float32: the critics' gradient penalty and the orthogonality norms are sums of squares
+            e_s = aux["shared"].float()  # (B, h)
+            e_d = aux["specific"].float()
             if self.dal is not None:
                 aux_losses["dal_shared"], aux_losses["dal_specific"] = self.dal(e_s, e_d, domain)
             if self.mvwdl is not None:
@@ -110,12 +140,84 @@ class TrainingObjective(nn.Module):
             parts[name] = value.detach()
         if self.rrl.adversarial and torch.is_grad_enabled():  # FGSM needs the gradient; skipped in eval
             adv = fgsm_kl(
-                lambda e: self.model.score(user, e, domain)[0], ent, logits, ce, cand.valid, self.rrl.adv_epsilon
+                lambda e: self.score_candidates(user, e, domain, own)[0].float(), ent, logits.float(), ce, cand.valid,
+                self.rrl.adv_epsilon,
             )
             total = total + self.rrl.adv_weight * adv
             parts["adversarial"] = adv.detach()
         parts["loss"] = total.detach()
         return total, parts
+
+
+@dataclass
+class PreparedBatch:
+    """A step's host-side inputs: (user_cat, user_num, seq, domain), the candidates, and the
+    negative sampler's state right after drawing them (what a checkpoint saved after this step needs)."""
+
+    inputs: tuple[Tensor, ...]
+    cand: Candidates
+    sampler_state: Tensor
+
+
+class Prefetcher:
+    """Runs an iterator of prepared batches ``depth`` items ahead in a daemon thread.
+
+    The thread is the only one drawing negatives, in step order, so the batches are the very ones
+    the inline loop would make. numpy and torch release the GIL in the heavy parts (gathers, history
+    windows, searchsorted), so preparation overlaps the step. An exception in the thread is raised
+    in the consumer; ``close()`` stops the thread (early stopping leaves batches unused).
+    """
+
+    _END = object()
+
+    def __init__(self, source: Iterator[PreparedBatch], depth: int) -> None:
+        import queue
+        import threading
+
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._source = source
+        self._thread = threading.Thread(target=self._run, name="batch-prefetch", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        import queue
+
+        try:
+            for item in self._source:
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+                if self._stop.is_set():
+                    return
+            self._queue.put(self._END)
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._queue.put(exc)
+
+    def __iter__(self) -> Prefetcher:
+        return self
+
+    def __next__(self) -> PreparedBatch:
+        item = self._queue.get()
+        if item is self._END:
+            raise StopIteration
+        if isinstance(item, BaseException):
+            raise item
+        return cast(PreparedBatch, item)
+
+    def close(self) -> None:
+        import queue
+
+        self._stop.set()
+        try:  # unblock a producer waiting on a full queue
+            while True:
+                self._queue.get_nowait()
+        except queue.Empty:
+            pass
+        self._thread.join(timeout=5.0)
 
 
 @dataclass(frozen=True)
@@ -205,8 +307,15 @@ class Trainer:
         # dense update of the (1M x 32) entity table dominated a CPU step (Adam step 0.21 s -> 0.023 s
         # measured here); same update rule, so checkpoints resume either way.
         self.optimizer = torch.optim.Adam(
-            self.objective.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True
+            self.objective.parameters(), lr=cfg.lr_at(0), weight_decay=cfg.weight_decay, fused=True
         )
+        # bf16 autocast (TrainConfig.precision); CPU autocast runs too, which the tests use
+        self.autocast_dtype = torch.bfloat16 if cfg.precision == "bf16" else None
+        self.step_module: nn.Module = self.module  # what a training step calls: compiled or not
+        self.compiled = False
+        if cfg.compile:
+            self._compile()
+        self._sampler_state: Tensor | None = None  # with prefetch: the sampler's state after the last consumed batch
         counts = np.bincount(self.examples.entity[self.examples.train_rows], minlength=len(self.ds.entities))
         self.sampler = CandidateSampler(
             cfg.loss, counts, np.asarray(self.ds.entities.domain_mask), seed=cfg.seed * 1000 + self.rank + 1
@@ -256,7 +365,8 @@ class Trainer:
             "schema_fingerprint": self.schema.fingerprint(),
             "num_entities": len(self.ds.entities),
             "torch_rng": torch.get_rng_state(),
-            "sampler_rng": self.sampler.gen.get_state(),
+            # with prefetch the generator has run ahead: the state after the last batch trained on
+            "sampler_rng": self._sampler_state if self._sampler_state is not None else self.sampler.gen.get_state(),
             "early_stop": dict(self.best),
         }
 
@@ -300,18 +410,66 @@ class Trainer:
         # sorted by domain: the stacked domain layers then run one matmul per domain (model.layers.Domains)
         return rows[np.argsort(self.examples.domain[rows], kind="stable")]
 
-    def make_batch(self, rows: np.ndarray) -> tuple[Tensor, ...]:
+    def host_batch(self, rows: np.ndarray) -> tuple[Tensor, ...]:
+        """(user_cat, user_num, seq, domain, positive rows) of ``rows``, on the host."""
         ex = self.examples
         users = ex.user[rows]
         seq = history_windows(ex.entity, ex.user_start[rows], rows, self.schema.max_seq_len)
-        dev = self.device
         return (
-            torch.as_tensor(self.users_cat[users], dtype=torch.long, device=dev),
-            torch.as_tensor(self.users_num[users], dtype=torch.float32, device=dev),
-            torch.as_tensor(seq, dtype=torch.long, device=dev),
-            torch.as_tensor(ex.domain[rows], dtype=torch.long, device=dev),
+            torch.as_tensor(self.users_cat[users], dtype=torch.long),
+            torch.as_tensor(self.users_num[users], dtype=torch.float32),
+            torch.as_tensor(seq, dtype=torch.long),
+            torch.as_tensor(ex.domain[rows], dtype=torch.long),
             torch.as_tensor(ex.entity[rows], dtype=torch.long),
         )
+
+    def make_batch(self, rows: np.ndarray) -> tuple[Tensor, ...]:
+        """``host_batch`` with the model inputs on the device (the positive rows stay on the host)."""
+        *inputs, pos = self.host_batch(rows)
+        return (*(t.to(self.device) for t in inputs), pos)
+
+    def prepare(self, rows: np.ndarray) -> PreparedBatch:
+        """Everything a step needs from the host: inputs, candidates, log-Q, masks (pinned on CUDA).
+
+        Draws the step's negatives, so batches must be prepared in step order (the prefetch thread does).
+        """
+        user_cat, user_num, seq, domain, pos = self.host_batch(rows)
+        cand = self.sampler.candidates(pos, domain)
+        inputs: tuple[Tensor, ...] = (user_cat, user_num, seq, domain)
+        if self.device.type == "cuda":  # page-locked: the copy to the device is asynchronous
+            inputs = tuple(t.pin_memory() for t in inputs)
+            cand = cand.pin_memory()
+        return PreparedBatch(inputs=inputs, cand=cand, sampler_state=self.sampler.gen.get_state())
+
+    def batches(self) -> Iterator[PreparedBatch]:
+        """The prepared batches of steps self.step .. total_steps, prefetched when ``cfg.prefetch`` > 0."""
+
+        def gen(start: int) -> Iterator[PreparedBatch]:
+            for step in range(start, self.total_steps):
+                epoch, index = divmod(step, self.steps_per_epoch)
+                yield self.prepare(self.batch_rows(epoch, index))
+
+        if self.cfg.prefetch == 0:
+            return gen(self.step)
+        return Prefetcher(gen(self.step), self.cfg.prefetch)
+
+    # ---- compilation ---------------------------------------------------------------------------
+    def _compile(self) -> None:
+        """torch.compile the objective (TrainConfig.compile); a failure here or at the first step
+        falls back to eager with one warning line."""
+        try:
+            self.step_module = cast(nn.Module, torch.compile(self.module, dynamic=True))
+            self.compiled = True
+        except Exception as exc:  # torch.compile unavailable on this platform / Python
+            self._compile_failed(exc)
+
+    def _compile_failed(self, exc: BaseException) -> None:
+        import sys
+
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        print(f"warning: torch.compile unavailable, training eagerly ({type(exc).__name__}: {first})",
+              file=sys.stderr, flush=True)
+        self.step_module, self.compiled = self.module, False
 
     # ---- validation ----------------------------------------------------------------------------
     def validate(self) -> float | None:
@@ -370,19 +528,39 @@ class Trainer:
             print(line, flush=True)
 
     # ---- loop ----------------------------------------------------------------------------------
-    def train_step(self, rows: np.ndarray) -> dict[str, Any]:
-        user_cat, user_num, seq, domain, pos = self.make_batch(rows)
-        cand = self.sampler.candidates(pos, domain.cpu())
-        cand = Candidates(cand.rows.to(self.device), cand.log_q.to(self.device), cand.valid.to(self.device))
+    def _forward(self, inputs: tuple[Tensor, ...], cand: Candidates) -> tuple[Tensor, dict[str, Any]]:
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast_dtype is not None):
+            if not self.compiled:
+                return self.step_module(*inputs, cand)
+            try:
+                return self.step_module(*inputs, cand)
+            except Exception as exc:  # compiling happens at a call (the first, or a recompile): fall back
+                if not _is_compile_error(exc):
+                    raise
+                self._compile_failed(exc)  # the forward failed before any backward: rerun the same batch
+                return self.step_module(*inputs, cand)
+
+    def train_step(self, batch: np.ndarray | PreparedBatch) -> dict[str, Any]:
+        """One optimizer step on ``batch`` (training rows, or a batch from ``prepare``)."""
+        prepared = batch if isinstance(batch, PreparedBatch) else self.prepare(batch)
+        nb = self.device.type == "cuda"
+        inputs = tuple(t.to(self.device, non_blocking=nb) for t in prepared.inputs)
+        cand = prepared.cand.to(self.device, non_blocking=nb)
+        domain = prepared.inputs[3]
+        lr = self.cfg.lr_at(self.step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
         self.module.train()
-        loss, parts = self.module(user_cat, user_num, seq, domain, cand)
+        loss, parts = self._forward(inputs, cand)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss at step {self.step}: {parts}")
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
+        self._sampler_state = prepared.sampler_state if self.cfg.prefetch else None
         per = parts.pop("per_example").cpu()
-        dom = domain.cpu()
+        dom = domain
+        parts["lr"] = lr
         parts["ce_domain"] = {
             self.schema.domains[k]: float(per[dom == k].mean()) for k in range(self.schema.num_domains) if bool((dom == k).any())
         }
@@ -436,6 +614,7 @@ class Trainer:
         log = open(self.out / "log.jsonl", mode) if is_main else None  # noqa: SIM115 - closed in finally
         t_start = time.perf_counter()
         t_last = t_start
+        batches: Iterator[PreparedBatch] = iter(())
         ex_per_s = 0.0
         try:
             with Progress(
@@ -452,9 +631,10 @@ class Trainer:
                 # off a terminal rich draws nothing until the end: periodic plain lines instead
                 lines = (LineProgress(f"train {cfg.method}", self.total_steps, unit="steps", initial=self.step)
                          if cfg.progress and is_main and not bar.console.is_terminal else None)
+                batches = self.batches()
                 while self.step < self.total_steps and not self.best["stopped"]:
-                    epoch, index = divmod(self.step, self.steps_per_epoch)
-                    parts = self.train_step(self.batch_rows(epoch, index))
+                    epoch = self.step // self.steps_per_epoch
+                    parts = self.train_step(next(batches))
                     self.step += 1
                     now = time.perf_counter()
                     ex_per_s = cfg.batch_size * self.world / max(now - t_last, 1e-9)
@@ -477,6 +657,8 @@ class Trainer:
                 final_value = self.check()
                 self._report_check(final_value, bar)
         finally:
+            if isinstance(batches, Prefetcher):
+                batches.close()
             if log is not None:
                 log.close()
         elapsed = time.perf_counter() - t_start
@@ -505,6 +687,15 @@ class Trainer:
             atomic_write_json(self.out / "run.json", summary)
             plot_aux_losses(self.out)
         return self.out
+
+
+def _is_compile_error(exc: BaseException) -> bool:
+    """Whether ``exc`` came from torch.compile's machinery (dynamo, inductor, a C compiler) rather
+    than from the model, which eager mode would raise too."""
+    from torch._dynamo.exc import TorchDynamoException
+
+    mod = type(exc).__module__ or ""
+    return isinstance(exc, TorchDynamoException) or mod.startswith(("torch._dynamo", "torch._inductor"))
 
 
 def _jsonable(obj: Any) -> Any:

@@ -488,7 +488,7 @@ def search(
                 rows = beam.advance(_scored(score, rows))
             beam.end_layer()
         return beam.outcome()
-    if loop != "numpy":
+    if loop not in ("compiled", "numpy"):
         raise ValueError(f"loop must be 'compiled' or 'numpy', got {loop!r}")
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
