@@ -14,7 +14,7 @@ from typing import Any
 
 from unimatch.cli import CommandRegistry, check_out_file, int_list, wide_console
 
-GROUP_HELP = "build the HNSW graph the service searches"
+GROUP_HELP = "the search graph of a bundle: build it (HNSW), calibrate the search on it, compact live changes into it"
 
 
 def register(cli: CommandRegistry) -> None:
