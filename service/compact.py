@@ -29,11 +29,15 @@ from typing import Any
 
 import numpy as np
 
-from contracts.io import atomic_directory, atomic_write_json, sha256_file
+from contracts.io import atomic_directory, atomic_write_json, check_output_dir, sha256_file
 
 
-def compact(*, bundle: Path, out: Path, redis_url: str, prefix: str = "unimatch", until: str | None = None) -> dict[str, Any]:
-    """Replay the lineage's log (up to ``until``, default its end) onto ``bundle``; write the result to ``out``."""
+def compact(*, bundle: Path, out: Path, redis_url: str, prefix: str = "unimatch", until: str | None = None,
+            force: bool = False) -> dict[str, Any]:
+    """Replay the lineage's log (up to ``until``, default its end) onto ``bundle``; write the result to ``out``.
+
+    ``out`` must be missing or empty; a bundle of ours there is replaced only with ``force``, anything
+    else never (``contracts.io.check_output_dir``): refused before any work."""
     from contracts.bundle import load_bundle
     from contracts.graph import Graph, validate_graph, write_graph_arrays
     from service.changes import ChangeFollower, ChangeLog, stream_key
@@ -42,6 +46,7 @@ def compact(*, bundle: Path, out: Path, redis_url: str, prefix: str = "unimatch"
     base = load_bundle(Path(bundle))
     if Path(out).resolve() == base.path.resolve():
         raise ValueError(f"{out}: compaction writes a new bundle version; serving replicas map {bundle} (choose another --out)")
+    check_output_dir(Path(out), marker="manifest.json", force=force)
     schema = base.schema
     lineage = str((base.manifest.get("live") or {}).get("lineage", base.version))
     changes = ChangeLog.from_url(redis_url, stream_key(prefix + ":", lineage))

@@ -51,6 +51,8 @@ def register(cli: CommandRegistry) -> None:
     k.add_argument("--redis-url", default="redis://127.0.0.1:6379/0", help="Redis holding the change log")
     k.add_argument("--redis-key-prefix", default="unimatch", help="UNIMATCH_REDIS_KEY_PREFIX of the service")
     k.add_argument("--until", default=None, help="last log position to fold in (default: the end of the log)")
+    k.add_argument("--force", action="store_true",
+                   help="replace a bundle unimatch wrote at --out (a directory with other files is never replaced)")
 
 
 
@@ -100,7 +102,7 @@ def _compact(args: argparse.Namespace) -> int:
 
     console = wide_console()
     report = compact(bundle=args.bundle, out=args.out, redis_url=args.redis_url, prefix=args.redis_key_prefix,
-                     until=args.until)
+                     until=args.until, force=args.force)
     console.print(
         f"wrote {args.out}: bundle {report['bundle_version']}, {report['num_entities']:,} entities "
         f"({report['rows_added']:,} added online, {report['paused']:,} paused, {report['dead']:,} dead), "

@@ -268,6 +268,20 @@ def test_compact_cli_refuses_bad_input_in_one_line(bundle: Bundle, tmp_path: Pat
     assert "not a bundle directory" in capsys.readouterr().err
     assert main(["index", "compact", "--bundle", str(bundle.path), "--out", str(bundle.path)]) == 2
     assert "new bundle version" in capsys.readouterr().err
+    # --out holding someone else's files: refused with --force too, nothing deleted
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "notes.txt").write_text("keep me")
+    for force in ([], ["--force"]):
+        assert main(["index", "compact", "--bundle", str(bundle.path), "--out", str(theirs), *force]) == 2
+        assert (theirs / "notes.txt").read_text() == "keep me"
+    # an earlier bundle of ours there: replaced only with --force (refused here before any Redis read)
+    ours = tmp_path / "ours"
+    ours.mkdir()
+    (ours / "manifest.json").write_text('{"format_version": 1}')
+    assert main(["index", "compact", "--bundle", str(bundle.path), "--out", str(ours)]) == 2
+    assert "--force" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert (ours / "manifest.json").read_text() == '{"format_version": 1}'
 
 
 def test_an_entry_written_around_the_api_is_skipped_alike_by_every_worker(bundle: Bundle, change_log) -> None:
