@@ -3,7 +3,7 @@
 A ``POST /match`` speaks in names (domain, entity types, user feature names, entity ids); the engine
 speaks in indices and rows. This is the one table between them, built when a bundle is loaded
 (``service.loading.build_serving``), so a request does dictionary lookups instead of ``list.index``
-scans and never hashes the schema again.
+scans.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ class Vocabulary:
     categorical: dict[str, tuple[int, int]]  # user categorical feature -> (column, cardinality)
     numeric: dict[str, int]  # user numeric feature -> column
     max_seq_len: int
-    schema_fingerprint: str
 
     @classmethod
     def of(cls, bundle: Bundle) -> Vocabulary:
@@ -36,7 +35,6 @@ class Vocabulary:
             categorical={c.name: (i, c.cardinality) for i, c in enumerate(schema.user_categorical)},
             numeric={c.name: i for i, c in enumerate(schema.user_numeric)},
             max_seq_len=schema.max_seq_len,
-            schema_fingerprint=schema.fingerprint(),
         )
 
 

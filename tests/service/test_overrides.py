@@ -29,7 +29,7 @@ def test_vocabulary_matches_the_schema(bundle) -> None:
     assert v.type_names == tuple(schema.entity_types)
     for i, c in enumerate(schema.user_categorical):
         assert v.categorical[c.name] == (i, c.cardinality)
-    assert v.schema_fingerprint == schema.fingerprint()
+    assert v.max_seq_len == schema.max_seq_len
 
 
 def test_rows_of_counts_unknown_ids(bundle) -> None:
