@@ -23,12 +23,44 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from contracts.bundle import load_bundle
 from service.bench.search_bench import held_out_queries
 from service.engine import MatchEngine, SearchStats
+
+
+class CpuTimedSession:
+    """An onnxruntime session that adds the calling thread's CPU time inside ``run`` to ``cpu_s``.
+
+    With one intra-op thread onnxruntime computes on the calling thread, so thread CPU time splits a
+    query's work into inside and outside onnxruntime however busy the machine is: wall-clock shares
+    move with the load (a descheduled thread's wait lands in whatever it was doing), CPU time much less.
+    """
+
+    def __init__(self, session: Any) -> None:
+        self.session = session
+        self.cpu_s = 0.0
+
+    def run(self, *args: Any, **kwargs: Any) -> Any:
+        t = time.thread_time()
+        try:
+            return self.session.run(*args, **kwargs)
+        finally:
+            self.cpu_s += time.thread_time() - t
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.session, name)
+
+
+def cpu_timed(engine: MatchEngine) -> tuple[CpuTimedSession, CpuTimedSession]:
+    """Wrap the engine's pair-scorer and user-encoder sessions (benchmark instrumentation only)."""
+    pair, user = CpuTimedSession(engine.scorer.pair_session), CpuTimedSession(engine.scorer.user_session)
+    engine.scorer.pair_session, engine.scorer.user_session = pair, user
+    return pair, user
+
 
 KEYS = ("total_ms", "scorer_ms", "user_encode_ms", "gather_ms", "pair_evaluations", "steps", "scorer_calls")
 
@@ -54,13 +86,21 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
     same_rows = dict.fromkeys(engines, 0)
     worst = dict.fromkeys(engines, 0.0)  # max |score difference| where the rows are the same
     first = next(iter(engines))
+    timed = {name: cpu_timed(engine) for name, engine in engines.items()}
+    cpu_total = dict.fromkeys(engines, 0.0)  # thread CPU seconds of the timed passes
+    cpu_inside = dict.fromkeys(engines, 0.0)  # of which inside onnxruntime (pair scorer + user encoder)
     for u, d in queries:
         for engine in engines.values():
             engine.match(u, int(d), k, mode="graph")  # warm: page in this query's graph region and tables
         for _ in range(repeats):
             got = {}
             for name, engine in engines.items():
+                pair, user = timed[name]
+                inside0 = pair.cpu_s + user.cpu_s
+                t = time.thread_time()
                 got[name] = r = engine.match(u, int(d), k, mode="graph")
+                cpu_total[name] += time.thread_time() - t
+                cpu_inside[name] += pair.cpu_s + user.cpu_s - inside0
                 stats[name].append(r.stats)
             for name in engines:
                 rows_eq = bool(np.array_equal(got[name].rows, got[first].rows))
@@ -74,6 +114,8 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
         out[name]["identical_to_" + first] = identical[name] / len(stats[name])
         out[name]["same_rows_as_" + first] = same_rows[name] / len(stats[name])
         out[name]["max_score_diff_same_rows"] = worst[name]
+        out[name]["cpu_ms"] = cpu_total[name] / len(stats[name]) * 1e3
+        out[name]["cpu_outside_ort_share"] = 1.0 - cpu_inside[name] / cpu_total[name] if cpu_total[name] > 0 else float("nan")
     return out
 
 
@@ -99,8 +141,9 @@ def main() -> None:
     rows: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{len(queries)} queries x {args.repeats} passes, loops interleaved query by query")
     print("| k | loop | pairs/query | steps | mean ms | p50 ms | p99 ms | pair scorer | user encoder | "
-          f"outside onnxruntime | of which gathers | same rows as {loops[0]} | and same scores | max score difference |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          f"outside onnxruntime | of which gathers | CPU ms | outside onnxruntime (CPU time) | same rows as {loops[0]} | "
+          "and same scores | max score difference |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(x) for x in args.k.split(",")):
         t0 = time.perf_counter()
         res = measure(engines, queries, k, args.repeats)
@@ -108,7 +151,8 @@ def main() -> None:
         for name, r in res.items():
             print(f"| {k} | {name} | {r['pair_evaluations']:.0f} | {r['steps']:.1f} | {r['total_ms']:.2f} | "
                   f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['scorer_share']:.1%} | {r['user_encode_share']:.1%} | "
-                  f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['same_rows_as_' + loops[0]]:.1%} | "
+                  f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['cpu_ms']:.2f} | "
+                  f"{r['cpu_outside_ort_share']:.1%} | {r['same_rows_as_' + loops[0]]:.1%} | "
                   f"{r['identical_to_' + loops[0]]:.1%} | {r['max_score_diff_same_rows']:.1e} |")
         print(f"(k={k}: {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:

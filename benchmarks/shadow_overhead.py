@@ -1,11 +1,21 @@
 """Does the live coverage monitor cost live requests anything? p99 at a fixed load, shadow rate 0 vs R.
 
-Starts `unimatch serve` on loopback twice per round (UNIMATCH_SHADOW_RATE=0, then =R), each time runs
-one open-loop Locust step of `unimatch loadtest` at the same offered rate, and compares the client p99
-(and p50, server total) side by side; rounds alternate A/B to cancel machine drift. Bounded: every run
-stops by itself.
+Two drivers, both open loop (Poisson arrivals at ``--rps``, about 70% of capacity):
 
-    python -m benchmarks.shadow_overhead --bundle B --data D --rps 60 --rate 0.01 --rounds 2 --md docs/x.md
+* ``--driver engine`` (default): one process, the engine as served (calibrated point), requests on a
+  pool of scoring threads like the service's (``--threads``, default cores), each latency measured from
+  its arrival (queue wait included). The monitor is switched on and off in alternating windows
+  (``--window-s``, order ABBA...) inside ONE run, so machine drift falls on both arms alike; per arm the
+  pooled p50/p99 over every window, and a bootstrap interval of the p99 ratio (windows resampled
+  within each arm). This is the measurement the target is about: the monitor's thread competes with
+  the request threads for CPU and the GIL, nothing else differs. ``--rps`` defaults to 70% of the
+  closed-loop capacity it measures first.
+* ``--driver http``: ``unimatch serve`` started twice per round (rate 0, then R), one open-loop Locust
+  step of ``unimatch loadtest`` each; rounds alternate A/B. Includes HTTP and Redis-less features, and
+  a restart between arms (start-up variance: use many rounds).
+
+    python -m benchmarks.shadow_overhead --bundle B --data D --rate 0.01 --windows 16 --md docs/x.md
+    python -m benchmarks.shadow_overhead --driver http --bundle B --data D --rps 60 --rate 0.01 --rounds 4
 """
 
 from __future__ import annotations
@@ -21,6 +31,8 @@ import time
 import urllib.request
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 
 def _free_port() -> int:
@@ -77,16 +89,154 @@ def one_run(bundle: Path, data: Path, rps: float, seconds: float, rate: float, o
             srv.kill()
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--bundle", type=Path, required=True)
-    ap.add_argument("--data", type=Path, required=True)
-    ap.add_argument("--rps", type=float, required=True, help="offered load (about 70%% of the service's capacity)")
-    ap.add_argument("--rate", type=float, default=0.01, help="shadow rate compared with 0")
-    ap.add_argument("--seconds", type=float, default=60.0, help="length of each measured step")
-    ap.add_argument("--rounds", type=int, default=2, help="A/B rounds")
-    ap.add_argument("--md", type=Path, default=None)
-    args = ap.parse_args()
+# ---- engine driver ---------------------------------------------------------------------------------
+def _engine_setup(bundle_dir: Path, data: Path, users: int) -> tuple[Any, list[tuple[Any, int]]]:
+    from contracts.bundle import load_bundle
+    from service.bench.search_bench import held_out_queries
+    from service.engine import MatchEngine
+
+    bundle = load_bundle(bundle_dir)
+    engine = MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1)
+    engine.warmup()
+    q = held_out_queries(data, bundle, users, 0)
+    return engine, list(zip(q.features, (int(d) for d in q.domains), strict=True))
+
+
+def _capacity(engine: Any, queries: list, k: int, threads: int, seconds: float) -> float:
+    """Closed-loop answers/s with ``threads`` clients (the pool's own size) for ``seconds``."""
+    import threading
+
+    stop = time.monotonic() + seconds
+    done = [0] * threads
+
+    def client(i: int) -> None:
+        j = i
+        while time.monotonic() < stop:
+            u, d = queries[j % len(queries)]
+            engine.match(u, d, k)
+            done[i] += 1
+            j += threads
+
+    ts = [threading.Thread(target=client, args=(i,)) for i in range(threads)]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    return sum(done) / (time.monotonic() - t0)
+
+
+def _window(engine: Any, queries: list, k: int, pool: Any, rps: float, seconds: float, monitor: Any,
+            rng: np.random.Generator, offset: int) -> np.ndarray:
+    """One open-loop window: Poisson arrivals at ``rps`` for ``seconds``; latencies (ms) from arrival."""
+    from concurrent.futures import wait
+
+    def one(arrival: float, u: Any, d: int) -> float:
+        res = engine.match(u, d, k)
+        if monitor is not None:  # what routes/match.py does after answering
+            monitor.offer(engine, d, k, u, res)
+        return (time.perf_counter() - arrival) * 1e3
+
+    futures = []
+    t0 = time.perf_counter()
+    at = t0
+    i = offset
+    while True:
+        at += float(rng.exponential(1.0 / rps))
+        if at - t0 >= seconds:
+            break
+        delay = at - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        u, d = queries[i % len(queries)]
+        futures.append(pool.submit(one, at, u, d))
+        i += 1
+    wait(futures)
+    return np.array([f.result() for f in futures], dtype=np.float64)
+
+
+def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.shadow import ShadowMonitor
+
+    class _CountingMonitor(ShadowMonitor):
+        coverage_sum = 0.0
+
+        def run_job(self, job: Any) -> float:
+            cov = super().run_job(job)
+            self.coverage_sum += cov
+            return cov
+
+    engine, queries = _engine_setup(args.bundle, args.data, args.users)
+    threads = args.threads or (os.cpu_count() or 1)
+    cap = _capacity(engine, queries, args.k, threads, args.capacity_s)
+    rps = args.rps or 0.7 * cap
+    print(f"capacity {cap:.1f} answers/s with {threads} threads (closed loop, {args.capacity_s:.0f} s); offered {rps:.1f} req/s",
+          flush=True)
+    rng = np.random.default_rng(0)
+    arms: dict[str, list[np.ndarray]] = {"0": [], str(args.rate): []}
+    samples = dropped = 0
+    cov_sum = 0.0
+    windows = []
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        for w in range(args.windows):
+            on = (w % 4) in (1, 2)  # A B B A A B B A ...: drift cancels to first order
+            monitor = _CountingMonitor(rate=args.rate, seed=w) if on else None
+            offset = w * 100_003
+            lat = _window(engine, queries, args.k, pool, rps, args.window_s, monitor, rng, offset)
+            if monitor is not None:
+                monitor.close()
+                samples += monitor.done
+                dropped += monitor.dropped
+                cov_sum += monitor.coverage_sum
+            arm = str(args.rate) if on else "0"
+            arms[arm].append(lat)
+            windows.append({"window": w, "rate": args.rate if on else 0.0, "requests": int(lat.size),
+                            "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                            "shadow_done": monitor.done if monitor is not None else 0,
+                            "loadavg": os.getloadavg()[0]})
+            print(f"window {w} rate {args.rate if on else 0.0}: {lat.size} requests, p50 {windows[-1]['p50_ms']:.1f} ms, "
+                  f"p99 {windows[-1]['p99_ms']:.1f} ms, load average {windows[-1]['loadavg']:.1f}", flush=True)
+    pooled = {a: np.concatenate(v) for a, v in arms.items()}
+    p99 = {a: float(np.percentile(v, 99)) for a, v in pooled.items()}
+    ratio = p99[str(args.rate)] / p99["0"]
+    boot = []
+    brng = np.random.default_rng(1)
+    for _ in range(2000):
+        pick = {a: [v[i] for i in brng.integers(0, len(v), len(v))] for a, v in arms.items()}
+        b = {a: float(np.percentile(np.concatenate(x), 99)) for a, x in pick.items()}
+        boot.append(b[str(args.rate)] / b["0"])
+    lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    return {"driver": "engine", "bundle": str(args.bundle), "k": args.k, "threads": threads, "capacity": cap,
+            "offered_rps": rps, "rate": args.rate, "window_s": args.window_s, "windows": windows,
+            "arms": {a: {"requests": int(v.size), "p50_ms": float(np.percentile(v, 50)), "p99_ms": p99[a],
+                         "mean_ms": float(v.mean())} for a, v in pooled.items()},
+            "p99_ratio": ratio, "p99_ratio_ci95": [lo, hi], "shadow_samples": samples, "shadow_dropped": dropped,
+            "shadow_mean_coverage": cov_sum / samples if samples else None}
+
+
+def engine_table(r: dict[str, Any]) -> str:
+    a0, a1 = r["arms"]["0"], r["arms"][str(r["rate"])]
+    lines = [f"Engine driver: {r['threads']} scoring threads, k={r['k']}, closed-loop capacity {r['capacity']:.1f} answers/s, "
+             f"offered {r['offered_rps']:.1f} req/s ({r['offered_rps'] / r['capacity']:.0%}), {len(r['windows'])} windows of "
+             f"{r['window_s']:.0f} s alternating ABBA; load average per window "
+             f"{min(w['loadavg'] for w in r['windows']):.1f}-{max(w['loadavg'] for w in r['windows']):.1f}.", "",
+             "| shadow rate | windows | requests | p50 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
+    n0 = sum(1 for w in r["windows"] if w["rate"] == 0.0)
+    for rate, a, n in ((0.0, a0, n0), (r["rate"], a1, len(r["windows"]) - n0)):
+        lines.append(f"| {rate} | {n} | {a['requests']} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['mean_ms']:.1f} |")
+    lo, hi = r["p99_ratio_ci95"]
+    lines += ["", f"p99 ratio (rate {r['rate']} / rate 0, pooled windows): **{r['p99_ratio']:.3f}** "
+              f"(95% bootstrap interval over windows {lo:.3f}-{hi:.3f}); {r['shadow_samples']} shadow re-scorings, "
+              f"{r['shadow_dropped']} dropped on a full queue; their mean coverage@{r['k']} "
+              f"{r['shadow_mean_coverage'] if r['shadow_mean_coverage'] is not None else float('nan'):.4f}."]
+    return "\n".join(lines) + "\n"
+
+
+def http_ab(args: argparse.Namespace) -> str:
+    if args.rps is None:
+        raise SystemExit("--driver http needs --rps (about 70% of the service's capacity)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="shadow-") as tmp:
         for rnd in range(args.rounds):
@@ -108,7 +258,38 @@ def main() -> None:
     shad = [r["p99_ms"] for r in rows if r["rate"] != 0.0]
     ratio = (sum(shad) / len(shad)) / (sum(base) / len(base))
     lines += ["", f"p99 ratio (rate {args.rate} / rate 0, mean over rounds): {ratio:.3f}"]
-    text = "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 epilog="Run it with nothing else of yours on the machine; it prints the load average per window.")
+    ap.add_argument("--bundle", type=Path, required=True, help="a calibrated bundle (unimatch index build --data)")
+    ap.add_argument("--data", type=Path, required=True, help="its dataset (held-out users are the queries)")
+    ap.add_argument("--driver", choices=("engine", "http"), default="engine", help="in-process A/B windows, or two services")
+    ap.add_argument("--rate", type=float, default=0.01, help="shadow rate compared with 0")
+    ap.add_argument("--rps", type=float, default=None, help="offered load; engine default: 70%% of the measured capacity")
+    ap.add_argument("--k", type=int, default=200, help="k of every request (engine driver; the http driver uses 200)")
+    ap.add_argument("--users", type=int, default=300, help="held-out (user, domain) queries cycled through (engine driver)")
+    ap.add_argument("--threads", type=int, default=None, help="scoring threads (engine driver; default: cores)")
+    ap.add_argument("--capacity-s", type=float, default=10.0, help="closed-loop capacity measurement (engine driver)")
+    ap.add_argument("--windows", type=int, default=16, help="alternating windows, ABBA order (engine driver)")
+    ap.add_argument("--window-s", type=float, default=20.0, help="length of each window (engine driver)")
+    ap.add_argument("--seconds", type=float, default=60.0, help="length of each measured step (http driver)")
+    ap.add_argument("--rounds", type=int, default=2, help="A/B rounds (http driver)")
+    ap.add_argument("--md", type=Path, default=None, help="write the table here (markdown)")
+    ap.add_argument("--json", type=Path, default=None, help="write every window here (engine driver)")
+    args = ap.parse_args()
+    for path, what in ((args.bundle / "manifest.json", "bundle"), (args.data / "dataset.json", "dataset")):
+        if not path.is_file():
+            raise SystemExit(f"{path.parent}: not a {what} (no {path.name})")
+    if args.driver == "engine":
+        result = engine_ab(args)
+        text = engine_table(result)
+        if args.json:
+            args.json.write_text(json.dumps(result, indent=2))
+    else:
+        text = http_ab(args)
     print(text)
     if args.md:
         args.md.write_text(text)
