@@ -54,9 +54,11 @@ class CalibrateConfig:
     seed: int = 0
     intra_op_threads: int = 1
     # Threads scoring the exhaustive reference (0 = the CPUs this process may use); its first
-    # timed_reference_queries queries per domain run alone, as their latency is the cost to beat.
+    # timed_reference_queries queries per domain run alone, as their latency is the cost to beat, but
+    # only for timed_reference_seconds once 3 of them ran (a 1M domain's query takes seconds).
     workers: int = 0
     timed_reference_queries: int = 20
+    timed_reference_seconds: float = 10.0
 
     def __post_init__(self) -> None:
         if not 0 < self.target <= 1:
@@ -67,6 +69,9 @@ class CalibrateConfig:
             raise ValueError(f"--k values must be positive, got {self.ks}")
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0 (0 = every CPU), got {self.workers}")
+        if self.timed_reference_queries < 1 or self.timed_reference_seconds < 0:
+            raise ValueError("timed_reference_queries must be >= 1 and timed_reference_seconds >= 0, got "
+                             f"{self.timed_reference_queries} and {self.timed_reference_seconds}")
 
 
 class CalibrationError(ValueError):

@@ -22,6 +22,7 @@ Timings come from this run on this machine; pairs are the machine-independent co
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterator
@@ -251,6 +252,19 @@ def reuse_wider_points(engine: MatchEngine, q: Queries, idx: np.ndarray, ref: li
     return out
 
 
+def _run_alone(fn: Callable[[int], MatchResult], items: np.ndarray, most: int, seconds: float,
+               *, at_least: int = 3, clock: Callable[[], float] = time.perf_counter) -> list[MatchResult]:
+    """``fn`` over the first ``items`` one at a time: ``most`` of them, or fewer once ``at_least`` ran and
+    ``seconds`` have passed."""
+    out: list[MatchResult] = []
+    t0 = clock()
+    for i in items[:most]:
+        if len(out) >= at_least and clock() - t0 >= seconds:
+            break
+        out.append(fn(int(i)))
+    return out
+
+
 def _map_ordered(fn: Callable[[int], MatchResult], items: np.ndarray, workers: int, *, sequential: int) -> Iterator[MatchResult]:
     """``fn`` over ``items`` in order: the first ``sequential`` one at a time, the rest on ``workers`` threads."""
     for i in items[:sequential]:
@@ -307,12 +321,16 @@ def calibrate(bundle: Bundle, data: Path, cfg: CalibrateConfig, *, progress: Pro
             return engine.match(q.features[i], d, kmax, mode="exhaustive")
 
         # The first queries one at a time: their latency is the exhaustive cost the graph must beat, and
-        # concurrent queries would inflate it. The rest only need their top-k rows: on every CPU at once
-        # (onnxruntime releases the GIL), which is most of a 1M catalogue's calibration time.
-        timed = idx[: cfg.timed_reference_queries]
-        for i, r in zip(idx, _map_ordered(reference, idx, workers, sequential=len(timed)), strict=True):
+        # concurrent queries would inflate it. Up to timed_reference_queries of them, but no more than
+        # timed_reference_seconds once 3 are in: at 1M entities one takes seconds and varies little (a
+        # fixed amount of work), and 20 of them per domain alone on one core were a third of the
+        # reference. The rest only need their top-k rows: on every CPU at once (onnxruntime releases
+        # the GIL), which is most of a 1M catalogue's calibration time.
+        alone = _run_alone(reference, idx, cfg.timed_reference_queries, cfg.timed_reference_seconds)
+        results = itertools.chain(alone, _map_ordered(reference, idx[len(alone):], workers, sequential=0))
+        for n, (i, r) in enumerate(zip(idx, results, strict=True)):
             ref[i] = r.rows
-            if len(lat) < len(timed):
+            if n < len(alone):
                 lat.append(r.stats.total_ms)
             pairs.append(r.stats.pair_evaluations)
             done += 1

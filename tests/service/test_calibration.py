@@ -301,6 +301,25 @@ def test_reference_on_several_threads_keeps_order_and_times_the_first_alone() ->
     assert peak[0] > 1  # the untimed rest did run concurrently
 
 
+def test_reference_times_at_most_its_seconds_alone_once_three_ran() -> None:
+    from service.calibrate import _run_alone
+
+    now = [0.0]
+
+    def fn(i: int):
+        now[0] += 4.0  # every exhaustive query "takes" 4 s on the fake clock
+        return i
+
+    # 10 s: the 3 first always, then stop once 10 s have passed (after the 3rd: 12 s)
+    assert _run_alone(fn, np.arange(20), 20, 10.0, clock=lambda: now[0]) == [0, 1, 2]
+    now[0] = 0.0
+    assert _run_alone(fn, np.arange(20), 20, 30.0, clock=lambda: now[0]) == list(range(8))  # 28 s < 30 s: an 8th
+    now[0] = 0.0
+    assert _run_alone(fn, np.arange(20), 2, 30.0, clock=lambda: now[0]) == [0, 1]  # never more than `most`
+    with pytest.raises(ValueError, match="timed_reference_queries"):
+        CalibrateConfig(timed_reference_queries=0)
+
+
 def test_calibration_is_the_same_on_one_or_several_threads(calibrated) -> None:
     bundle, data, _ = calibrated
     cfg = dict(target=0.99, queries=40, ks=(10,), **FAST)
