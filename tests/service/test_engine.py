@@ -282,3 +282,19 @@ def test_search_params_validate_max_degree() -> None:
         SearchParams(max_degree=(16,))
     with pytest.raises(SearchError, match="max_degree"):
         SearchParams(max_degree=(0, 0, 0, -1))
+
+
+def test_exhaustive_mode_scores_in_chunks_with_the_same_answer(bundle: Bundle) -> None:
+    from service.engine import EXHAUSTIVE_CHUNK_CPU
+
+    engine = MatchEngine(bundle, providers=["CPUExecutionProvider"])
+    assert engine.exhaustive_chunk == min(EXHAUSTIVE_CHUNK_CPU, engine.scorer.max_batch)
+    u = users(1, seed=3)[0]
+    whole = engine.match(u, 0, 25, mode="exhaustive")
+    engine.exhaustive_chunk = 7
+    chunked = engine.match(u, 0, 25, mode="exhaustive")
+    eligible = engine.eligible_count(0)
+    assert whole.stats.scorer_calls == -(-eligible // min(EXHAUSTIVE_CHUNK_CPU, engine.scorer.max_batch))
+    assert chunked.stats.scorer_calls == -(-eligible // 7) and chunked.stats.pair_evaluations == eligible
+    np.testing.assert_array_equal(whole.rows, chunked.rows)
+    np.testing.assert_allclose(whole.scores, chunked.scores, rtol=1e-5, atol=1e-6)
