@@ -178,14 +178,25 @@ def build_graph(
     return BuildResult(graph=graph, report=report)
 
 
-def load_bundle_vectors(bundle: Path) -> tuple[dict[str, Any], np.ndarray]:
-    """The manifest and the memory-mapped entity vectors of a bundle, checked against each other."""
+SPACES = ("vectors", "scores")
+
+
+def load_bundle_vectors(bundle: Path, space_name: str = "vectors") -> tuple[dict[str, Any], np.ndarray]:
+    """The manifest and the memory-mapped vectors the graph is built over, checked against each other.
+
+    ``space_name``: "vectors" (``vector_space``: the scorer's entity input, as exported) or "scores"
+    (``graph_space``: those vectors beside probe-user score profiles, `unimatch index score-space`).
+    """
     bundle = Path(bundle)
     if not bundle.is_dir():
         raise BundleError(f"{bundle}: bundle directory does not exist")
+    if space_name not in SPACES:
+        raise BundleError(f"graph space must be one of {SPACES}, got {space_name!r}")
     manifest = read_manifest(bundle, check_version=False)
     _verify_bundle(bundle, manifest)
-    space = manifest.get("vector_space") or {}
+    if space_name == "scores" and not manifest.get("graph_space"):
+        raise BundleError(f"{bundle}: no score space (run `unimatch index score-space --bundle {bundle} --data DATASET`)")
+    space = (manifest.get("graph_space") if space_name == "scores" else manifest.get("vector_space")) or {}
     rel = space.get("file", VECTORS_FILE)
     path = bundle / rel
     if not path.is_file():
@@ -219,13 +230,15 @@ def _verify_bundle(bundle: Path, manifest: dict[str, Any]) -> None:
     check_containment(bundle, without_graph, onnx_files_of(without_graph))
 
 
-def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = None) -> dict[str, Any]:
-    """Build the graph of ``bundle`` and write it, its health report and the manifest's ``graph`` section.
+def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = None,
+                space: str = "vectors") -> dict[str, Any]:
+    """Build the graph of ``bundle`` over ``space`` (see ``load_bundle_vectors``) and write it, its health
+    report and the manifest's ``graph`` section.
 
     Returns the health report (also saved as ``BUNDLE/graph_health.json``).
     """
     bundle = Path(bundle)
-    manifest, vectors = load_bundle_vectors(bundle)
+    manifest, vectors = load_bundle_vectors(bundle, space)
     result = build_graph(vectors, cfg, scratch=bundle, progress=progress)
     # tempfile creates 0700 directories and 0600 files; replicas may run as another user, so the graph
     # gets the modes the bundle already has (entities/ for directories, manifest.json for files).
@@ -249,6 +262,7 @@ def build_index(*, bundle: Path, cfg: IndexConfig, progress: Progress | None = N
         "level_multiplier": params["level_multiplier"],
         "entry_points": report["entry_points"],
         "num_nodes": report["num_nodes"],
+        "space": space,
         "files": files,
     }
     # A calibration measured the old graph; the new one must be calibrated again (the engine would

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from unimatch.cli import CommandRegistry, check_out_file, int_list, wide_console
+from unimatch.cli import CliError, CommandRegistry, check_out_file, int_list, wide_console
 
 GROUP_HELP = "the search graph of a bundle: build it (HNSW), calibrate the search on it, compact live changes into it"
 
@@ -40,6 +40,11 @@ def register(cli: CommandRegistry) -> None:
         "--no-sort-neighbours", dest="sort_neighbours", action="store_false",
         help="keep hnswlib's neighbour order instead of nearest first (a search degree cap then keeps arbitrary edges)",
     )
+    p.add_argument("--space", choices=("vectors", "scores"), default="vectors",
+                   help="what the graph's L2 is over: the exported entity vectors, or those beside each entity's "
+                        "scores for --probe-users training users (`unimatch index score-space`, needs --data): "
+                        "neighbours the model scores alike; no live insertions on such a graph")
+    p.add_argument("--probe-users", type=int, default=None, help="with --space scores: probe users (default 128)")
     p.add_argument("--data", type=Path, default=None,
                    help="the dataset the bundle was trained on: calibrate the search on its validation users after "
                         "the build (same as `unimatch index calibrate`; without it the bundle serves the default "
@@ -66,6 +71,10 @@ def _build(args: argparse.Namespace) -> int:
     from index_builder.config import IndexConfig
 
     check_out_file(args.calibration_json, "--calibration-json")
+    if args.space == "scores" and args.data is None:
+        raise CliError("--space scores needs --data (the probe users come from its training split)")
+    if args.probe_users is not None and args.space != "scores":
+        raise CliError("--probe-users is for --space scores")
     cfg = IndexConfig(
         layers=args.layers,
         M=args.M,
@@ -79,12 +88,16 @@ def _build(args: argparse.Namespace) -> int:
     from unimatch.progress import progress as progress_of
 
     console = wide_console()
+    if args.space == "scores":
+        rc = _score_space_first(args)
+        if rc != 0:
+            return rc
     with progress_of("index build") as update:
 
         def progress(stage: str, done: int, total: int) -> None:
             update(done, total or None, stage=stage)
 
-        report = build_index(bundle=args.bundle, cfg=cfg, progress=progress)
+        report = build_index(bundle=args.bundle, cfg=cfg, progress=progress, space=args.space)
     print_report(report, console)
     if args.json is not None:
         atomic_write_json(args.json, report)
@@ -96,6 +109,16 @@ def _build(args: argparse.Namespace) -> int:
         return 0 if healthy else 1
     rc = _calibrate_after_build(args)
     return rc if healthy else 1
+
+
+def _score_space_first(args: argparse.Namespace) -> int:
+    """`unimatch index score-space` (a service command: it runs the model) before a --space scores build."""
+    from unimatch.cli import main as unimatch_main
+
+    argv = ["index", "score-space", "--bundle", str(args.bundle), "--data", str(args.data)]
+    if args.probe_users is not None:
+        argv += ["--probe-users", str(args.probe_users)]
+    return unimatch_main(argv)
 
 
 def _calibrate_after_build(args: argparse.Namespace) -> int:

@@ -257,6 +257,12 @@ class MatchEngine:
         if live_capacity > 0:
             if type(self.scorer) is not HostGatherScorer:
                 raise SearchError(f"live changes need the host-gather (CPU) scorer, not {type(self.scorer).__name__}")
+            space = (bundle.manifest.get("graph") or {}).get("space", "vectors")
+            if graph is not None and space != "vectors":
+                # Online insertion finds neighbours by L2 over the entity vectors (service/overlay.py); a
+                # graph over score profiles would get edges from another space.
+                raise SearchError(f"live changes need a graph over the entity vectors; {bundle.path}'s is over "
+                                  f"{space!r} (rebuild with `unimatch index build --space vectors`)")
             self.live = LiveCatalogue(bundle, capacity=live_capacity, type_counts=counts,
                                       ef_construction=live_ef_construction)
             self._mask, self._etype = self.live.domain_mask, self.live.entity_type

@@ -1,4 +1,5 @@
-"""`unimatch index calibrate`: measure the cheapest search point per domain and k (service.calibrate).
+"""`unimatch index calibrate` (the cheapest search point per domain and k, service.calibrate), `index
+score-space` (a graph space aligned with the scorer, service.score_space) and `index compact`.
 
 The command sits in the ``index`` group beside `index build` (it completes the bundle the build wrote),
 but it is the service's measurement: it runs the engine itself on held-out users. `unimatch index build
@@ -34,6 +35,23 @@ def register(cli: CommandRegistry) -> None:
     c.add_argument("--bundle", type=Path, required=True, help="bundle with a graph (`unimatch index build`)")
     c.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
     _calibration_args(c)
+    s = cli.group_command(
+        "index",
+        "score-space",
+        help="describe each entity also by its scores for probe users: a graph space aligned with the model",
+        description="Score every entity for --probe-users (user, domain) pairs of the dataset's training split, "
+        "standardise each probe user's scores, and write [entity vectors, score profile] (each block at unit "
+        "mean norm) to BUNDLE/entities/graph_vectors.npy with a graph_space section in manifest.json "
+        "(entities/vectors.npy is not modified). `unimatch index build --space scores` builds the graph over "
+        "it: entities the model scores alike become neighbours. No live insertions on such a graph.",
+        handler=_score_space,
+        group_help=GROUP_HELP,
+    )
+    s.add_argument("--bundle", type=Path, required=True, help="bundle written by `unimatch export`")
+    s.add_argument("--data", type=Path, required=True, help="the dataset the bundle was trained on")
+    s.add_argument("--probe-users", type=int, default=128, help="probe (user, domain) pairs, split over domains")
+    s.add_argument("--seed", type=int, default=0, help="seeds the choice of probe users")
+    s.add_argument("--workers", type=int, default=0, help="scoring threads (0 = every CPU this process may use)")
     k = cli.group_command(
         "index",
         "compact",
@@ -108,6 +126,24 @@ def _compact(args: argparse.Namespace) -> int:
         f"({report['rows_added']:,} added online, {report['paused']:,} paused, {report['dead']:,} dead), "
         f"log {report['lineage']} folded up to {report['position']} ({report['entries']:,} entries)"
     )
+    return 0
+
+
+def _score_space(args: argparse.Namespace) -> int:
+    from unimatch.cli import CliError
+
+    if args.probe_users < 1 or args.workers < 0:
+        raise CliError("--probe-users must be >= 1 and --workers >= 0")
+    from service.score_space import write_score_space
+    from unimatch.progress import progress as progress_of
+
+    console = wide_console()
+    with progress_of("score space") as update:
+        section = write_score_space(args.bundle, args.data, probe_users=args.probe_users, seed=args.seed,
+                                    workers=args.workers, progress=lambda done, total: update(done, total, stage="probe users"))
+    console.print(f"wrote {args.bundle}/{section['file']}: {section['vector_dim']} vector dims + {section['probe_users']} "
+                  f"probe-user scores ({section['seconds']:.0f} s); build the graph over it with "
+                  f"`unimatch index build --bundle {args.bundle} --space scores`")
     return 0
 
 
