@@ -5,6 +5,7 @@
 # then the search calibration on validation users) -> bench search on test users, as served.
 # Usage: benchmarks/pipeline_real.sh SOURCE [WORKDIR]   (SOURCE: amazon-phone-electronic,
 # amazon-sport-cloth, movielens-100k, or synth-PRESET); results into $W/bench/SOURCE.{json,md,png}.
+# SPACE=scores builds the graph over vectors + probe-user scores (`unimatch index score-space`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 U=.venv/bin/unimatch
@@ -20,7 +21,7 @@ if [ ! -f "$W/data/dataset.json" ]; then
 fi
 [ -f "$W/run/DONE" ] || { t $U train --data "$W/data" --method "${METHOD:-backbone-rrl}" --out "$W/run" --threads 2 --no-progress ${STEPS:+--max-steps "$STEPS"}; touch "$W/run/DONE"; }
 [ -f "$W/bundle/manifest.json" ] || t $U export --run "$W/run" --out "$W/bundle"
-grep -q '"calibration"' "$W/bundle/manifest.json" || t $U index build --bundle "$W/bundle" --threads 2 --data "$W/data"
+grep -q '"calibration"' "$W/bundle/manifest.json" || t $U index build --bundle "$W/bundle" --threads 2 --data "$W/data" ${SPACE:+--space "$SPACE"}
 t $U bench search --bundle "$W/bundle" --data "$W/data" --users "${USERS:-300}" --k "${KS:-50,200,1000}" \
   --sweep-users "${SWEEP_USERS:-60}" --sweep-k 200 \
   --json "$W/../bench/$SRC.json" --md "$W/../bench/$SRC.md" --plot "$W/../bench/$SRC.png"
