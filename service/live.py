@@ -305,15 +305,15 @@ class LiveCatalogue:
                 aid[i] = self.encoder.id_embedding[r]
             else:
                 aid[i] = self.aid[r - self.E]
-        enc = self.encoder.encode(
+        enc = self.encoder.encode(  # one onnxruntime call for the whole change (the GIL released inside)
             np.stack([r.cat for r in records]), np.stack([r.num for r in records]),
             np.array([r.entity_type for r in records], dtype=np.int64), aid,
         )
-        rows = [
-            self.add_encoded(rec.entity_id, rec.entity_type, rec.domain_mask,
-                             {name: enc[name][i] for name in self.tables}, enc["vectors"][i], aid[i])
-            for i, rec in enumerate(records)
-        ]
+        rows = self.add_encoded_many(
+            [r.entity_id for r in records], np.array([r.entity_type for r in records], dtype=np.int64),
+            np.array([r.domain_mask for r in records], dtype=np.uint64), {name: enc[name] for name in self.tables},
+            enc["vectors"], aid,
+        )
         return ApplyResult(position="", op="upsert", rows=rows)
 
     def add_encoded(self, entity_id: str, entity_type: int, domain_mask: int, tensors: dict[str, np.ndarray],
@@ -323,28 +323,45 @@ class LiveCatalogue:
         The writer's step of an upsert after encoding (call it under ``lock``, in log order). Also what a
         benchmark uses to insert entities with known tensors, so it measures the graph insertion alone.
         """
-        if self.count >= self.capacity:
+        return self.add_encoded_many(
+            [entity_id], np.array([entity_type], dtype=np.int64), np.array([domain_mask], dtype=np.uint64),
+            {name: np.asarray(t)[None] for name, t in tensors.items()}, np.asarray(vector)[None], np.asarray(aid)[None],
+        )[0]
+
+    def add_encoded_many(self, entity_ids: list[str], entity_types: np.ndarray, domain_masks: np.ndarray,
+                         tensors: dict[str, np.ndarray], vectors: np.ndarray, aid: np.ndarray) -> list[int]:
+        """Append encoded entities in order (row ``E + count`` onward); returns their rows.
+
+        Publication order per batch: every row's tables, type and domains are written, then the graph
+        insertion of all of them (one compiled call, ``GraphOverlay.insert_many``: readers reach a new
+        row only through its edges, added once its own lists are complete), then the rows' ids, and
+        their live bits last. An id listed twice in one batch: its later row wins, the earlier goes dead.
+        """
+        n = len(entity_ids)
+        if self.count + n > self.capacity:
             raise LiveError(f"the live overlay is full ({self.count} of {self.capacity} rows)")
-        prev = self.row_of(entity_id)
-        row = self.E + self.count
-        j = row - self.E
+        j0 = self.count
+        row0 = self.E + j0
         for name, table in self.tables.items():
-            table[j] = tensors[name]
-        self.aid[j] = aid
-        self.entity_type[row] = entity_type
-        self.domain_mask[row] = np.uint64(domain_mask)
-        self.ids.append(entity_id)
+            table[j0 : j0 + n] = tensors[name]
+        self.aid[j0 : j0 + n] = aid
+        self.entity_type[row0 : row0 + n] = entity_types
+        self.domain_mask[row0 : row0 + n] = domain_masks
         if self.overlay is not None:
-            got = self.overlay.insert(vector)
-            if got != row:
-                raise RuntimeError(f"overlay row {got} != catalogue row {row}")  # one writer: cannot happen
-        self.count += 1
-        self._row[entity_id] = row
-        if prev is not None:
-            self._set_live(prev, False)  # the changed entity's old row goes dead
-        if entity_id not in self.paused:
-            self._set_live(row, True)
-        return row
+            got = self.overlay.insert_many(vectors)
+            if int(got[0]) != row0:
+                raise RuntimeError(f"overlay row {int(got[0])} != catalogue row {row0}")  # one writer: cannot happen
+        rows = list(range(row0, row0 + n))
+        for eid, row in zip(entity_ids, rows, strict=True):
+            prev = self.row_of(eid)
+            self.ids.append(eid)
+            self.count += 1
+            self._row[eid] = row
+            if prev is not None:
+                self._set_live(prev, False)  # the changed entity's old row goes dead
+            if eid not in self.paused:
+                self._set_live(row, True)
+        return rows
 
     def _switch(self, op: str, ids: list[str]) -> ApplyResult:
         res = ApplyResult(position="", op=op)
