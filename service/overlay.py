@@ -29,6 +29,7 @@ numpy code here is its reference (``native=False``), kept for the tests and the 
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -42,15 +43,15 @@ class OverlayFull(RuntimeError):
 
 
 def l2_rows(q: np.ndarray, vectors: np.ndarray) -> np.ndarray:
-    """Squared L2 from ``q`` to each row of ``vectors``, float64, in the compiled kernels' exact order
-    (``service.overlay_kernels.l2``: dimension j into partial sum j mod 4, then (s0 + s1) + (s2 + s3)), so
-    the reference and the compiled insertion see the same distances, ties included."""
-    diff = np.asarray(vectors, dtype=np.float64) - np.asarray(q, dtype=np.float64)
+    """Squared L2 from ``q`` to each row of ``vectors`` (float64 values of float32 sums), in the compiled
+    kernels' exact order (``service.overlay_kernels.l2_at``: dimension j into float32 partial sum j mod 8,
+    then a fixed tree), so the reference and the compiled insertion see the same distances, ties included."""
+    diff = np.asarray(vectors, dtype=np.float32) - np.asarray(q, dtype=np.float32)
     sq = diff * diff
-    acc = np.zeros((4, sq.shape[0]), dtype=np.float64)
+    acc = np.zeros((8, sq.shape[0]), dtype=np.float32)
     for j in range(sq.shape[1]):
-        acc[j % 4] += sq[:, j]
-    return (acc[0] + acc[1]) + (acc[2] + acc[3])
+        acc[j % 8] += sq[:, j]
+    return (((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]))).astype(np.float64)
 
 
 def heuristic(rows: np.ndarray, dist: np.ndarray, vectors: np.ndarray, m: int) -> np.ndarray:
@@ -282,41 +283,38 @@ class GraphOverlay:
     def _dist(self, q: np.ndarray, rows: np.ndarray) -> np.ndarray:
         return l2_rows(q, self.vectors_of(rows))
 
-    def _search_layer(self, q: np.ndarray, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int,
-                      max_steps: int = 64) -> tuple[np.ndarray, np.ndarray]:
-        """Beam search in L2 on one layer: expand every new beam member at once, until none enters.
-
-        Returns the beam (at most ``ef`` rows) nearest first. Batched like NANN's SEARCH-LAYER, so one
-        numpy step covers a whole frontier instead of one heap pop per node.
-        """
+    def _search_layer(self, q: np.ndarray, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int
+                      ) -> tuple[np.ndarray, np.ndarray]:
+        """HNSW's SEARCH-LAYER (Algorithm 2) in L2 with heapq: candidates a min-heap, results a max-heap
+        of at most ``ef``, both ordered by (distance, row). Returns the results nearest first."""
         if int(self._gen[0]) + 1 >= np.iinfo(np.uint32).max:
             self._stamp[:] = 0
             self._gen[0] = 0
         self._gen[0] += 1
         gen = self._gen[0]
         self._stamp[ep] = gen
-        w, w_d = ep, ep_d
-        if w.size > ef:
-            keep = np.argsort(w_d, kind="stable")[:ef]
-            w, w_d = w[keep], w_d[keep]
-        frontier = w
-        for _ in range(max_steps):
-            nb = self.expand(layer, frontier)
+        cand = [(float(d), int(r)) for d, r in zip(ep_d.tolist(), ep.tolist(), strict=True)]
+        heapq.heapify(cand)
+        res: list[tuple[float, int]] = []  # (-d, -row): the top is the farthest
+        for d, r in zip(ep_d.tolist(), ep.tolist(), strict=True):
+            heapq.heappush(res, (-float(d), -int(r)))
+            if len(res) > ef:
+                heapq.heappop(res)
+        while cand:
+            c = heapq.heappop(cand)
+            if c > (-res[0][0], -res[0][1]):  # the nearest candidate is farther than the farthest result
+                break
+            nb = self.neighbours(layer, c[1])
             nb = nb[self._stamp[nb] != gen]
-            if nb.size == 0:
-                break
-            nb = np.unique(nb)
             self._stamp[nb] = gen
-            nb_d = self._dist(q, nb)
-            rows = np.concatenate([w, nb])
-            d = np.concatenate([w_d, nb_d])
-            keep = np.argsort(d, kind="stable")[:ef]
-            frontier = rows[keep[keep >= w.size]]
-            w, w_d = rows[keep], d[keep]
-            if frontier.size == 0:
-                break
-        order = np.argsort(w_d, kind="stable")
-        return w[order], w_d[order]
+            for d, e in zip(self._dist(q, nb).tolist(), nb.tolist(), strict=True):
+                if len(res) < ef or (d, e) < (-res[0][0], -res[0][1]):
+                    heapq.heappush(cand, (d, e))
+                    heapq.heappush(res, (-d, -e))
+                    if len(res) > ef:
+                        heapq.heappop(res)
+        out = sorted((-d, -r) for d, r in res)
+        return np.array([r for _, r in out], dtype=np.int64), np.array([d for d, _ in out], dtype=np.float64)
 
     def _new_slot(self, layer: int) -> int:
         self._reserve(layer, 1)

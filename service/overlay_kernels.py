@@ -1,20 +1,19 @@
 """HNSW INSERT into the live overlay, compiled with numba (``service.overlay`` calls these).
 
-The same algorithm as ``GraphOverlay``'s numpy reference (``native=False``), step for step: Malkov &
+The same algorithm as ``GraphOverlay``'s reference (``native=False``), step for step: Malkov &
 Yashunin's Algorithm 1 (greedy descent with ef = 1 above the new node's level, then per layer a search
-of the current graph with ``ef_construction`` candidates) and Algorithm 4 (the neighbour heuristic,
-hnswlib's ``getNeighborsByHeuristic2``), with the reference's batched SEARCH-LAYER (every new beam
-member expanded at once, the beam the first ``ef`` of a stable sort by distance) and its tie order, so
-both give the same graph: tested on seeded cases (``tests/service/test_overlay_native.py``).
+of the current graph with ``ef_construction`` candidates), Algorithm 2 (SEARCH-LAYER: two heaps, ties by
+the smaller row) and Algorithm 4 (the neighbour heuristic, hnswlib's ``getNeighborsByHeuristic2``), so
+both give the same graph: tested on seeded cases (``tests/service/test_overlay.py``).
 
 Why compiled: in numpy an insertion is ~100 array calls of a few microseconds each from Python (~3 ms
 of CPU), and holding the GIL all along, it stalled the serving threads' Python. Here one call inserts a
 whole change's entities, O(visited) work and no temporaries beyond small per-step arrays, with the GIL
 released (``nogil``), so the scoring threads run beside it.
 
-Distances are squared L2 in float64 over four interleaved partial sums (dimension j into sum j mod 4,
-then (s0 + s1) + (s2 + s3)), the exact order ``overlay.l2_rows`` computes in numpy: the two agree to the
-last bit, so a tie in the reference is a tie here.
+Distances are squared L2 in float32 over eight interleaved partial sums (``l2_at``), the exact order
+``overlay.l2_rows`` computes in numpy: the two agree to the last bit, so a tie in the reference is a tie
+here, and no fast-math flag makes the result depend on the CPU's vector width.
 
 Overlay state (owned by ``GraphOverlay``, preallocated, handed in as arrays):
 
@@ -35,39 +34,75 @@ from service.search_kernels import _compiled
 
 
 @_compiled
-def l2(a: np.ndarray, b: np.ndarray) -> float:
-    """Squared L2 of two float32 vectors in float64, four interleaved partial sums (see the module doc)."""
-    s0 = 0.0
-    s1 = 0.0
-    s2 = 0.0
-    s3 = 0.0
-    d = a.size
+def l2_at(A: np.ndarray, i: int, B: np.ndarray, k: int) -> float:
+    """Squared L2 of rows A[i] and B[k] (float32 matrices): float32, eight interleaved partial sums
+    (dimension j into sum j mod 8, each in order), then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
+    Written out so that no fast-math reassociation is needed for speed: the result is the same on every
+    CPU and equals ``overlay.l2_rows`` (numpy) to the last bit, which keeps workers' graphs and the
+    reference identical. Rows by index, not views: no reference counting per distance."""
+    s0 = np.float32(0.0)
+    s1 = np.float32(0.0)
+    s2 = np.float32(0.0)
+    s3 = np.float32(0.0)
+    s4 = np.float32(0.0)
+    s5 = np.float32(0.0)
+    s6 = np.float32(0.0)
+    s7 = np.float32(0.0)
+    d = A.shape[1]
     j = 0
-    while j + 4 <= d:
-        t0 = np.float64(a[j]) - np.float64(b[j])
-        t1 = np.float64(a[j + 1]) - np.float64(b[j + 1])
-        t2 = np.float64(a[j + 2]) - np.float64(b[j + 2])
-        t3 = np.float64(a[j + 3]) - np.float64(b[j + 3])
+    while j + 8 <= d:
+        t0 = A[i, j] - B[k, j]
+        t1 = A[i, j + 1] - B[k, j + 1]
+        t2 = A[i, j + 2] - B[k, j + 2]
+        t3 = A[i, j + 3] - B[k, j + 3]
+        t4 = A[i, j + 4] - B[k, j + 4]
+        t5 = A[i, j + 5] - B[k, j + 5]
+        t6 = A[i, j + 6] - B[k, j + 6]
+        t7 = A[i, j + 7] - B[k, j + 7]
         s0 += t0 * t0
         s1 += t1 * t1
         s2 += t2 * t2
         s3 += t3 * t3
-        j += 4
-    if j < d:
-        t = np.float64(a[j]) - np.float64(b[j])
+        s4 += t4 * t4
+        s5 += t5 * t5
+        s6 += t6 * t6
+        s7 += t7 * t7
+        j += 8
+    r = d - j  # the tail: dimension j + k into partial sum k
+    if r > 0:
+        t = A[i, j] - B[k, j]
         s0 += t * t
-    if j + 1 < d:
-        t = np.float64(a[j + 1]) - np.float64(b[j + 1])
+    if r > 1:
+        t = A[i, j + 1] - B[k, j + 1]
         s1 += t * t
-    if j + 2 < d:
-        t = np.float64(a[j + 2]) - np.float64(b[j + 2])
+    if r > 2:
+        t = A[i, j + 2] - B[k, j + 2]
         s2 += t * t
-    return (s0 + s1) + (s2 + s3)
+    if r > 3:
+        t = A[i, j + 3] - B[k, j + 3]
+        s3 += t * t
+    if r > 4:
+        t = A[i, j + 4] - B[k, j + 4]
+        s4 += t * t
+    if r > 5:
+        t = A[i, j + 5] - B[k, j + 5]
+        s5 += t * t
+    if r > 6:
+        t = A[i, j + 6] - B[k, j + 6]
+        s6 += t * t
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
 @_compiled
-def vector_of(base_vec: np.ndarray, over_vec: np.ndarray, E: int, r: int) -> np.ndarray:
-    return base_vec[r] if r < E else over_vec[r - E]
+def dist_rows(base_vec: np.ndarray, over_vec: np.ndarray, E: int, r1: int, r2: int) -> float:
+    """Squared L2 between rows r1 and r2 of base + overlay (``l2_at``), float64."""
+    if r1 < E:
+        if r2 < E:
+            return np.float64(l2_at(base_vec, r1, base_vec, r2))
+        return np.float64(l2_at(base_vec, r1, over_vec, r2 - E))
+    if r2 < E:
+        return np.float64(l2_at(over_vec, r1 - E, base_vec, r2))
+    return np.float64(l2_at(over_vec, r1 - E, over_vec, r2 - E))
 
 
 @_compiled
@@ -113,10 +148,9 @@ def heuristic_kernel(rows: np.ndarray, dist: np.ndarray, base_vec: np.ndarray, o
     k = 0
     for ii in range(order.size):
         i = order[ii]
-        vi = vector_of(base_vec, over_vec, E, rows[i])
         good = True
         for jj in range(k):
-            if l2(vi, vector_of(base_vec, over_vec, E, kept[jj])) < dist[i]:
+            if dist_rows(base_vec, over_vec, E, rows[i], kept[jj]) < dist[i]:
                 good = False
                 break
         if good:
@@ -128,78 +162,128 @@ def heuristic_kernel(rows: np.ndarray, dist: np.ndarray, base_vec: np.ndarray, o
 
 
 @_compiled
+def _before(d1: float, r1: int, d2: float, r2: int) -> bool:
+    """(d1, r1) < (d2, r2): distance, then the smaller row. The one order of both heaps, so the search
+    is a function of the graph and the query alone."""
+    return d1 < d2 or (d1 == d2 and r1 < r2)
+
+
+@_compiled
+def _heap_push(hd: np.ndarray, hr: np.ndarray, n: int, d: float, r: int, top_is_max: bool) -> None:
+    """Push (d, r) into the binary heap hd[:n], hr[:n] (room for one more); min- or max-heap."""
+    i = n
+    hd[i] = d
+    hr[i] = r
+    while i > 0:
+        p = (i - 1) // 2
+        if top_is_max:
+            up = _before(hd[p], hr[p], hd[i], hr[i])
+        else:
+            up = _before(hd[i], hr[i], hd[p], hr[p])
+        if not up:
+            break
+        hd[i], hd[p] = hd[p], hd[i]
+        hr[i], hr[p] = hr[p], hr[i]
+        i = p
+
+
+@_compiled
+def _heap_pop(hd: np.ndarray, hr: np.ndarray, n: int, top_is_max: bool) -> None:
+    """Remove the top of the heap hd[:n], hr[:n] (n >= 1); the caller reads it first."""
+    n -= 1
+    hd[0] = hd[n]
+    hr[0] = hr[n]
+    i = 0
+    while True:
+        best = i
+        for c in (2 * i + 1, 2 * i + 2):
+            if c < n:
+                if top_is_max:
+                    better = _before(hd[best], hr[best], hd[c], hr[c])
+                else:
+                    better = _before(hd[c], hr[c], hd[best], hr[best])
+                if better:
+                    best = c
+        if best == i:
+            break
+        hd[i], hd[best] = hd[best], hd[i]
+        hr[i], hr[best] = hr[best], hr[i]
+        i = best
+
+
+@_compiled
 def search_layer_l2(
-    q: np.ndarray, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int, max_steps: int,
+    qrow: int, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int,
     base_vec: np.ndarray, over_vec: np.ndarray, E: int, offsets: tuple, neighbors: tuple, slot: np.ndarray,
     adj: tuple, stamp: np.ndarray, gen: np.uint32,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The reference's batched SEARCH-LAYER in L2 (``GraphOverlay._search_layer``): expand every new
-    beam member at once until none enters; the beam is the first ``ef`` of a stable sort by distance of
-    (beam, new rows ascending). Returns the beam nearest first."""
+    """HNSW's SEARCH-LAYER (Malkov & Yashunin, Algorithm 2) in L2 around row ``qrow`` (the node being
+    inserted, its vector stored), as ``GraphOverlay._search_layer``:
+    candidates C a min-heap, results W a max-heap of at most ``ef``; pop the nearest candidate, stop
+    when it is farther than W's farthest, else every unvisited neighbour closer than W's farthest (or
+    any while W is not full) enters both. Ties by the smaller row. Returns W nearest first."""
+    cap = max(64, 4 * ef + ep.size)
+    cd = np.empty(cap, dtype=np.float64)
+    cr = np.empty(cap, dtype=np.int64)
+    nc = 0
+    wd = np.empty(ef + 1, dtype=np.float64)
+    wr = np.empty(ef + 1, dtype=np.int64)
+    nw = 0
     for i in range(ep.size):
         stamp[ep[i]] = gen
-    w = ep
-    w_d = ep_d
-    if w.size > ef:
-        keep = np.argsort(w_d, kind="mergesort")[:ef]
-        w = w[keep]
-        w_d = w_d[keep]
-    frontier = w
+        if nc + 1 > cd.size:
+            cd = np.concatenate((cd, np.empty(cd.size, dtype=np.float64)))
+            cr = np.concatenate((cr, np.empty(cr.size, dtype=np.int64)))
+        _heap_push(cd, cr, nc, ep_d[i], ep[i], False)
+        nc += 1
+        _heap_push(wd, wr, nw, ep_d[i], ep[i], True)
+        nw += 1
+        if nw > ef:
+            _heap_pop(wd, wr, nw, True)
+            nw -= 1
     off = offsets[layer]
     nbs = neighbors[layer]
     a = adj[layer]
-    for _ in range(max_steps):
-        total = 0
-        for i in range(frontier.size):
-            f = frontier[i]
-            s = slot[layer, f]
-            if s >= 0:
-                total += a.shape[1]
-            elif f < E:
-                total += off[f + 1] - off[f]
-        cand = np.empty(total, dtype=np.int64)
-        m = 0
-        for i in range(frontier.size):
-            f = frontier[i]
-            s = slot[layer, f]
-            if s >= 0:
-                for j in range(a.shape[1]):
-                    r = a[s, j]
-                    if r >= 0 and stamp[r] != gen:
-                        cand[m] = r
-                        m += 1
-            elif f < E:
-                for j in range(off[f], off[f + 1]):
-                    r = np.int64(nbs[j])
-                    if stamp[r] != gen:
-                        cand[m] = r
-                        m += 1
-        if m == 0:
+    while nc > 0:
+        c_d = cd[0]
+        c = cr[0]
+        _heap_pop(cd, cr, nc, False)
+        nc -= 1
+        if _before(wd[0], wr[0], c_d, c):  # the nearest candidate is farther than W's farthest
             break
-        nb = np.unique(cand[:m])
-        nb_d = np.empty(nb.size, dtype=np.float64)
-        for i in range(nb.size):
-            stamp[nb[i]] = gen
-            nb_d[i] = l2(q, vector_of(base_vec, over_vec, E, nb[i]))
-        rows = np.concatenate((w, nb))
-        d = np.concatenate((w_d, nb_d))
-        keep = np.argsort(d, kind="mergesort")[:ef]
-        nf = 0
-        for i in range(keep.size):
-            if keep[i] >= w.size:
-                nf += 1
-        frontier = np.empty(nf, dtype=np.int64)
-        nf = 0
-        for i in range(keep.size):
-            if keep[i] >= w.size:
-                frontier[nf] = rows[keep[i]]
-                nf += 1
-        w = rows[keep]
-        w_d = d[keep]
-        if frontier.size == 0:
-            break
-    order = np.argsort(w_d, kind="mergesort")
-    return w[order], w_d[order]
+        s = slot[layer, c]
+        if s >= 0:
+            lo = 0
+            hi = a.shape[1]
+        elif c < E:
+            lo = off[c]
+            hi = off[c + 1]
+        else:
+            lo = 0
+            hi = 0
+        for j in range(lo, hi):
+            e = np.int64(a[s, j]) if s >= 0 else np.int64(nbs[j])
+            if e < 0 or stamp[e] == gen:
+                continue
+            stamp[e] = gen
+            d = dist_rows(base_vec, over_vec, E, qrow, e)
+            if nw < ef or _before(d, e, wd[0], wr[0]):
+                if nc + 1 > cd.size:
+                    cd = np.concatenate((cd, np.empty(cd.size, dtype=np.float64)))
+                    cr = np.concatenate((cr, np.empty(cr.size, dtype=np.int64)))
+                _heap_push(cd, cr, nc, d, e, False)
+                nc += 1
+                _heap_push(wd, wr, nw, d, e, True)
+                nw += 1
+                if nw > ef:
+                    _heap_pop(wd, wr, nw, True)
+                    nw -= 1
+    w = wr[:nw].copy()
+    w_d = wd[:nw].copy()
+    by_row = np.argsort(w, kind="mergesort")
+    w, w_d = w[by_row], w_d[by_row]
+    by_d = np.argsort(w_d, kind="mergesort")  # stable: equal distances stay in row order
+    return w[by_d], w_d[by_d]
 
 
 @_compiled
@@ -234,10 +318,9 @@ def link(
     cand = np.empty(n + 1, dtype=np.int64)
     cand[:n] = cur
     cand[n] = new
-    ve = vector_of(base_vec, over_vec, E, e)
     d = np.empty(n + 1, dtype=np.float64)
     for i in range(n + 1):
-        d[i] = l2(vector_of(base_vec, over_vec, E, cand[i]), ve)
+        d[i] = dist_rows(base_vec, over_vec, E, cand[i], e)
     kept = heuristic_kernel(cand, d, base_vec, over_vec, E, cap)
     created = 0
     if s < 0:
@@ -267,20 +350,19 @@ def insert_batch(
     for t in range(rows.size):
         row = rows[t]
         level = levels[t]
-        q = over_vec[row - E]
         ep = entry.copy()
         ep_d = np.empty(ep.size, dtype=np.float64)
         for i in range(ep.size):
-            ep_d[i] = l2(q, vector_of(base_vec, over_vec, E, ep[i]))
+            ep_d[i] = dist_rows(base_vec, over_vec, E, row, ep[i])
         top = len(offsets) - 1
         for layer in range(top, level, -1):  # greedy descent (ef = 1) above the node's level
             gen[0] += 1
-            ep, ep_d = search_layer_l2(q, ep, ep_d, 1, layer, 64, base_vec, over_vec, E, offsets, neighbors,
+            ep, ep_d = search_layer_l2(row, ep, ep_d, 1, layer, base_vec, over_vec, E, offsets, neighbors,
                                        slot, adj, stamp, gen[0])
         chosen_all = np.full((level + 1, M), -1, dtype=np.int64)
         for layer in range(level, -1, -1):
             gen[0] += 1
-            w, w_d = search_layer_l2(q, ep, ep_d, ef_construction, layer, 64, base_vec, over_vec, E, offsets,
+            w, w_d = search_layer_l2(row, ep, ep_d, ef_construction, layer, base_vec, over_vec, E, offsets,
                                      neighbors, slot, adj, stamp, gen[0])
             chosen = heuristic_kernel(w, w_d, base_vec, over_vec, E, M)
             a = adj[layer]
