@@ -215,7 +215,7 @@ def _heap_pop(hd: np.ndarray, hr: np.ndarray, n: int, top_is_max: bool) -> None:
 def search_layer_l2(
     qrow: int, ep: np.ndarray, ep_d: np.ndarray, ef: int, layer: int,
     base_vec: np.ndarray, over_vec: np.ndarray, E: int, offsets: tuple, neighbors: tuple, slot: np.ndarray,
-    adj: tuple, stamp: np.ndarray, gen: np.uint32,
+    adj: tuple, stamp: np.ndarray, gen: np.uint32, sink: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """HNSW's SEARCH-LAYER (Malkov & Yashunin, Algorithm 2) in L2 around row ``qrow`` (the node being
     inserted, its vector stored), as ``GraphOverlay._search_layer``:
@@ -244,6 +244,9 @@ def search_layer_l2(
     off = offsets[layer]
     nbs = neighbors[layer]
     a = adj[layer]
+    dim = base_vec.shape[1]
+    todo = np.empty(2 * a.shape[1] + 8, dtype=np.int64)
+    touch = np.float32(0.0)
     while nc > 0:
         c_d = cd[0]
         c = cr[0]
@@ -261,11 +264,27 @@ def search_layer_l2(
         else:
             lo = 0
             hi = 0
+        # Two passes over the list: first the unvisited neighbours, touching each one's vector (one load
+        # per cache line, independent of each other, so the misses overlap like a prefetch), then the
+        # distances and heap updates on vectors now in cache.
+        if hi - lo > todo.size:
+            todo = np.empty(hi - lo, dtype=np.int64)
+        m = 0
         for j in range(lo, hi):
             e = np.int64(a[s, j]) if s >= 0 else np.int64(nbs[j])
             if e < 0 or stamp[e] == gen:
                 continue
             stamp[e] = gen
+            todo[m] = e
+            m += 1
+            if e < E:
+                for k in range(0, dim, 16):
+                    touch += base_vec[e, k]
+            else:
+                for k in range(0, dim, 16):
+                    touch += over_vec[e - E, k]
+        for t in range(m):
+            e = todo[t]
             d = dist_rows(base_vec, over_vec, E, qrow, e)
             if nw < ef or _before(d, e, wd[0], wr[0]):
                 if nc + 1 > cd.size:
@@ -278,6 +297,7 @@ def search_layer_l2(
                 if nw > ef:
                     _heap_pop(wd, wr, nw, True)
                     nw -= 1
+    sink[0] += touch  # keeps the touching loads from being optimised away
     w = wr[:nw].copy()
     w_d = wd[:nw].copy()
     by_row = np.argsort(w, kind="mergesort")
@@ -338,7 +358,7 @@ def link(
 def insert_batch(
     rows: np.ndarray, levels: np.ndarray, entry: np.ndarray, max_degree: np.ndarray, M: int, ef_construction: int,
     base_vec: np.ndarray, over_vec: np.ndarray, E: int, offsets: tuple, neighbors: tuple, slot: np.ndarray, adj: tuple,
-    used: np.ndarray, stamp: np.ndarray, gen: np.ndarray,
+    used: np.ndarray, stamp: np.ndarray, gen: np.ndarray, sink: np.ndarray,
 ) -> int:
     """HNSW INSERT (Algorithm 1) of the new rows ``rows`` (their vectors already in ``over_vec``), one
     after the other, each searching the graph the ones before it made. Returns override rows created.
@@ -358,12 +378,12 @@ def insert_batch(
         for layer in range(top, level, -1):  # greedy descent (ef = 1) above the node's level
             gen[0] += 1
             ep, ep_d = search_layer_l2(row, ep, ep_d, 1, layer, base_vec, over_vec, E, offsets, neighbors,
-                                       slot, adj, stamp, gen[0])
+                                       slot, adj, stamp, gen[0], sink)
         chosen_all = np.full((level + 1, M), -1, dtype=np.int64)
         for layer in range(level, -1, -1):
             gen[0] += 1
             w, w_d = search_layer_l2(row, ep, ep_d, ef_construction, layer, base_vec, over_vec, E, offsets,
-                                     neighbors, slot, adj, stamp, gen[0])
+                                     neighbors, slot, adj, stamp, gen[0], sink)
             chosen = heuristic_kernel(w, w_d, base_vec, over_vec, E, M)
             a = adj[layer]
             s = _new_slot(layer, used)  # the new node's own list, complete before its slot is set
