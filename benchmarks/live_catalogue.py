@@ -321,6 +321,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         out["capacity_rps"] = capacity
         print(f"[load] capacity {capacity:.1f} req/s on {args.threads} threads; offered {rate:.1f} req/s", flush=True)
         out["baseline"] = ld.run(rate, args.seconds, seed=1)
+        out["baseline"]["loadavg"] = os.getloadavg()
         print(f"[load] baseline: {out['baseline']}", flush=True)
         # with upserts (paced, or as fast as the writer goes); the second worker follows on its own thread
         if args.follower == "thread":
@@ -370,6 +371,12 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                        and _same_graph(a, b))
         out["with_upserts"] = res
         print(f"[load] with upserts: {res}", flush=True)
+        # the same arrivals again with the writer stopped: the overlay's own serving cost, and how much
+        # the two windows without a writer differ (the noise any ratio above carries on this machine)
+        after = ld.run(rate, args.seconds, seed=1)
+        after.update(p99_ratio=after["p99_ms"] / out["baseline"]["p99_ms"], loadavg=os.getloadavg())
+        out["after_no_writer"] = after
+        print(f"[load] after, writer stopped: {after}", flush=True)
         out["loadavg_end"] = os.getloadavg()
     finally:
         fb.stop()
