@@ -80,7 +80,7 @@ def heuristic(rows: np.ndarray, dist: np.ndarray, vectors: np.ndarray, m: int) -
 def _readonly(a: np.ndarray, dtype: type) -> np.ndarray:
     """A C-contiguous read-only view (a copy only if the dtype or layout differ): the compiled kernels
     take the base graph's arrays as one tuple type per layer, which needs them all typed alike."""
-    v = np.ascontiguousarray(np.asarray(a), dtype=dtype).view()
+    v: np.ndarray = np.ascontiguousarray(np.asarray(a), dtype=dtype).view()
     v.flags.writeable = False
     return v
 

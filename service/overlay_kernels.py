@@ -34,7 +34,7 @@ from service.search_kernels import _compiled
 
 
 @_compiled
-def l2_at(A: np.ndarray, i: int, B: np.ndarray, k: int) -> float:
+def l2_at(A: np.ndarray, i: int, B: np.ndarray, k: int) -> np.float32:
     """Squared L2 of rows A[i] and B[k] (float32 matrices): float32, eight interleaved partial sums
     (dimension j into sum j mod 8, each in order), then ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7)).
     Written out so that no fast-math reassociation is needed for speed: the result is the same on every
