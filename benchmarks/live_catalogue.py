@@ -486,7 +486,7 @@ def pauses(args: argparse.Namespace) -> dict[str, Any]:
     lat_p99 = max(r["p99_ms"] for r in runs)
     out = {"pauses": len(paused), "seconds": wall, "pauses_per_s": len(paused) / wall, "answers_checked": check.checked,
            "paused_returned": check.violations, "capacity_rps": capacity, "rate": rate, "worst_window_p99_ms": lat_p99,
-           "ack_p99_ms": pct(writer.ack_s, 99) * 1e3, "from_recent_results": True}
+           "ack_p99_ms": pct(writer.ack_s, 99) * 1e3, "from_recent_results": True, "loadavg": os.getloadavg()}
     print(f"[pauses] {out}", flush=True)
     return out
 
