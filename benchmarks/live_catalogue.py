@@ -313,6 +313,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                            "upsert_rate_offered": args.upsert_rate,
                            "ef_construction": args.ef_construction[0], "poll_s": args.poll_s,
                            "insert": args.insert, "search_loop": args.search_loop, "follower": args.follower,
+                           "writer_nice": args.writer_nice,
                            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     try:
         ld = Load(a, users, domains, args.k, args.threads)
@@ -326,11 +327,14 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         # with upserts (paced, or as fast as the writer goes); the second worker follows on its own thread
         if args.follower == "thread":
             fb.start()
+            if args.writer_nice and fb._thread is not None and fb._thread.native_id is not None:
+                lower_priority(args.writer_nice, fb._thread.native_id)
         writer = Writer(fa, bundle.schema)
         stop = threading.Event()
         items = new_entities(args.data, min(cap, args.batch * 100000), 7, bundle.schema)
 
         def write() -> None:
+            lower_priority(args.writer_nice)
             i = 0
             t_start = time.perf_counter()
             while not stop.is_set() and i + args.batch <= len(items):
@@ -385,6 +389,14 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             lg.client.close()
         log_b.client.close()
     return out
+
+
+def lower_priority(by: int, tid: int | None = None) -> None:
+    """Raise a thread's nice value by ``by`` (Linux: nice is per thread), so that the scoring threads win
+    the cores and the writer runs on what they leave; allowed without privileges (only lowering is)."""
+    if by > 0:
+        tid = threading.get_native_id() if tid is None else tid
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + by)
 
 
 def _same_graph(a: MatchEngine, b: MatchEngine) -> bool:
@@ -517,6 +529,8 @@ def main() -> None:
                    help="graph insertion: the compiled kernels, or the numpy reference (before/after)")
     p.add_argument("--search-loop", choices=("compiled", "numpy"), default="compiled",
                    help="the serving search loop (numpy: the loop a live graph used before the compiled step walked the overlay)")
+    p.add_argument("--writer-nice", type=int, default=0,
+                   help="raise the writer's and the follower thread's nice value by this much (load section)")
     p.add_argument("--follower", choices=("thread", "none"), default="thread",
                    help="run the second worker (following the log) in this process, or not (load section)")
     p.add_argument("--json", type=Path, default=None)
