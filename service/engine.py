@@ -492,9 +492,8 @@ class MatchEngine:
             merged = isinstance(self.scorer, BatchingScorer)
         results: list[MatchResult | None] = [None] * len(requests)
         graph = self.graph
-        # The lockstep walks the CSR arrays in compiled steps; with a live overlay each query runs alone,
-        # through the loop that walks base and overlay (``search``).
-        lockstep = graph is not None and self.live is None
+        # The lockstep's compiled steps walk the CSR arrays and a live overlay's lists (``RequestBeam``).
+        lockstep = graph is not None
         lock = [i for i, (mode, _) in enumerate(plans) if mode == "graph" and lockstep]
         for i, (mode, _) in enumerate(plans):
             if mode != "graph" or not lockstep:

@@ -335,6 +335,7 @@ class RequestBeam:
         self._stats = LayerStats(layer=layer)
         self._prefer = self.keep is not None and self.filter_beam and layer == 0
         self._off, self._nb = _plain(self.graph.offsets[layer]), _plain(self.graph.neighbors[layer])
+        self._overlay = overlay_of(self.graph)  # a live graph: the step walks the overlay's lists too
         self._t = 0
         self._w_rows, self._w_scores, self._w_keys = _EMPTY_ROWS, _EMPTY_SCORES, _EMPTY_KEYS
         self._seen_rows: list[np.ndarray] = []
@@ -373,10 +374,14 @@ class RequestBeam:
         v = self.visited
         past = self.deadline is not None and self.clock() >= self.deadline
         expand = self._t < self.steps[self._i] and not past
+        if self._overlay is None:
+            slot, adj = kern.NO_OVERLAY_SLOTS, kern.NO_OVERLAY_ADJ
+        else:  # fetched each step: the writer may have grown the adjacency since the last one
+            slot, adj = self._overlay.layer_arrays(self.layer)
         scores, self._w_rows, self._w_scores, self._w_keys, frontier, nxt, nxt_fresh = kern.advance(
             self._pending, self._fresh, np.asarray(fresh_scores, dtype=np.float32), self._ok, self._prefer,
             v._cache, self._w_rows, self._w_scores, self._w_keys, int(self.ef[self._i]), expand,
-            self._off, self._nb, int(self.degree[self._i]), v._seen, v._layer, v._scored, v._req,
+            self._off, self._nb, int(self.degree[self._i]), v._seen, v._layer, v._scored, v._req, slot, adj,
         )
         if self._pending.size:
             self._seen_rows.append(self._pending)
@@ -475,9 +480,8 @@ def search(
     tests). They return the same rows and scores, except where tied keys straddle a beam's ef-th place:
     the compiled beam keeps the smaller row, numpy's argpartition keeps either.
     """
-    # The compiled step walks the CSR arrays themselves; a live overlay's rows and edited lists are walked
-    # by the numpy loop's ``expand`` (the same search, slower per step).
-    if loop == "compiled" and overlay_of(graph) is None:
+    # The compiled step walks the CSR arrays and, on a live graph, the overlay's rows and edited lists.
+    if loop == "compiled":
         beam = RequestBeam(
             graph, k=k, ef=ef, steps=steps, top_n=top_n, visited=visited, keep=keep, deadline=deadline, clock=clock,
             max_degree=max_degree, whole_top_layer_up_to=whole_top_layer_up_to, seeds=seeds, filter_beam=filter_beam,

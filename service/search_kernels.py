@@ -55,14 +55,32 @@ def mark_unseen(rows: np.ndarray, seen: np.ndarray, stamp: np.uint32) -> np.ndar
 
 @_compiled
 def expand_unseen(
-    offsets: np.ndarray, neighbors: np.ndarray, frontier: np.ndarray, max_degree: int, seen: np.ndarray, stamp: np.uint32
+    offsets: np.ndarray, neighbors: np.ndarray, frontier: np.ndarray, max_degree: int, seen: np.ndarray, stamp: np.uint32,
+    slot: np.ndarray, adj: np.ndarray,
 ) -> np.ndarray:
-    """``mark_unseen(expand(frontier))`` in one pass: the frontier's CSR neighbour lists (first
-    ``max_degree`` of each when > 0), minus the layer's seen set, in frontier then adjacency order."""
+    """``mark_unseen(expand(frontier))`` in one pass: the frontier's neighbour lists (first ``max_degree``
+    of each when > 0), minus the layer's seen set, in frontier then adjacency order.
+
+    Lists are the CSR arrays', except where a live overlay (``service.overlay``) holds the row's list:
+    ``slot`` (E + capacity,) int32 the row's slot in ``adj`` (slots, cap) int32 (-1 padded), -1 = the
+    CSR list (base rows) or none (overlay rows); an empty ``slot`` = a plain graph. A slot beyond the
+    ``adj`` given (the writer grew it since) reads as unset, and -1 entries are skipped (an append
+    racing this read), so a concurrent insertion only ever shows an older list.
+    """
+    live = slot.size > 0
+    num_base = offsets.size - 1
+    width = adj.shape[1]
+    n_slots = adj.shape[0]
     total = 0
     for i in range(frontier.size):
         f = frontier[i]
-        n = offsets[f + 1] - offsets[f]
+        s = slot[f] if live else -1
+        if s >= 0 and s < n_slots:
+            n = width
+        elif f < num_base:
+            n = offsets[f + 1] - offsets[f]
+        else:
+            n = 0
         if max_degree > 0 and n > max_degree:
             n = max_degree
         total += n
@@ -70,6 +88,20 @@ def expand_unseen(
     m = 0
     for i in range(frontier.size):
         f = frontier[i]
+        s = slot[f] if live else -1
+        if s >= 0 and s < n_slots:
+            n = width
+            if max_degree > 0 and n > max_degree:
+                n = max_degree
+            for j in range(n):
+                r = np.int64(adj[s, j])
+                if r >= 0 and seen[r] != stamp:
+                    seen[r] = stamp
+                    out[m] = r
+                    m += 1
+            continue
+        if f >= num_base:
+            continue
         start = offsets[f]
         n = offsets[f + 1] - start
         if max_degree > 0 and n > max_degree:
@@ -81,6 +113,10 @@ def expand_unseen(
                 out[m] = r
                 m += 1
     return out[:m]
+
+
+NO_OVERLAY_SLOTS = np.empty(0, dtype=np.int32)  # ``expand_unseen``'s plain-graph arguments
+NO_OVERLAY_ADJ = np.empty((0, 1), dtype=np.int32)
 
 
 @_compiled
@@ -212,11 +248,14 @@ def advance(
     layer_stamp: np.uint32,
     scored: np.ndarray,
     req: np.uint32,
+    slot: np.ndarray,
+    adj: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]:
     """One expansion step's bookkeeping in one call, so that a step costs one compiled call around the
     model call instead of five: the scores of ``pending`` (``fresh`` ones just scored, the rest from the
     cache) update the beam (W <- top-ef(W u N), C <- W n N); then, if ``expand`` and C is not empty,
-    C is expanded (N' = neighbours - S) and the rows of N' never scored by this request are picked.
+    C is expanded (N' = neighbours - S, over the live overlay's lists where ``slot`` / ``adj`` give one,
+    see ``expand_unseen``) and the rows of N' never scored by this request are picked.
 
     Returns (pending scores, W rows, W scores, W keys, |C|, N' rows, N' rows to score).
     """
@@ -224,7 +263,7 @@ def advance(
     keys = rank_keys(scores, preferred, use_preferred)
     w_rows, w_scores, w_keys, frontier = beam_update(w_rows, w_scores, w_keys, pending, scores, keys, ef)
     if expand and frontier.size > 0:
-        nxt = expand_unseen(offsets, neighbors, frontier, max_degree, seen, layer_stamp)
+        nxt = expand_unseen(offsets, neighbors, frontier, max_degree, seen, layer_stamp, slot, adj)
         nxt_fresh = take_fresh(nxt, scored, req)
     else:
         nxt = np.empty(0, dtype=np.int64)

@@ -213,8 +213,12 @@ class HostGatherScorer:
         }
         if "domain" in self._batched_inputs:
             feeds["domain"] = np.array([c.domain for c in ctxs], dtype=np.int64)
+        live = self.live
         for name, table in self.tables.items():
-            feeds[name] = np.take(table, grid, axis=0)
+            if live is not None and int(grid.max()) >= live.E:  # rows added online (service/live.py)
+                feeds[name] = live.gather(name, table, grid.reshape(-1)).reshape(*grid.shape, *table.shape[1:])
+            else:
+                feeds[name] = np.take(table, grid, axis=0)
         t1 = time.perf_counter()
         (out,) = self._batched.run(["score"], feeds)
         t2 = time.perf_counter()

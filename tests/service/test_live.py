@@ -295,3 +295,28 @@ def test_an_entry_written_around_the_api_is_skipped_alike_by_every_worker(bundle
     assert fa.catch_up(bad) is None  # not applied: the route answers 503, nothing acknowledged
     assert fa.catch_up(last) is not None and fb.replay() == 2
     assert fa.errors == fb.errors == 1 and _state(a) == _state(b) and a.live.position == last  # type: ignore[union-attr]
+
+
+def test_match_many_on_a_live_graph_gives_match_s_answers(bundle: Bundle) -> None:
+    # the lockstep's compiled steps walk the overlay too (before, a live engine answered one by one)
+    from service.engine import EngineRequest
+
+    eng = engine_of(bundle, capacity=300)
+    live = eng.live
+    assert live is not None
+    pos = Positions()
+    for b in range(6):
+        live.apply(pos(), upsert([f"lock-{b}-{i}" for i in range(40)], category=b % 3 + 1, price=0.1 * b))
+    live.apply(pos(), {"op": "pause", "ids": ["lock-0-1", "ent-000003"]})
+    reqs = [EngineRequest(user=u, domain=i % 2, k=40) for i, u in enumerate(users(8, seed=5))]
+    got = eng.match_many(reqs)
+    assert all(r.stats.batch == len(reqs) for r in got)  # all in one lockstep
+    new_rows = 0
+    for r, res in zip(reqs, got, strict=True):
+        want = eng.match(r.user, r.domain, r.k)
+        np.testing.assert_array_equal(res.rows, want.rows)
+        np.testing.assert_array_equal(res.scores, want.scores)
+        assert res.stats.pair_evaluations == want.stats.pair_evaluations
+        new_rows += int((res.rows >= E).sum())
+        assert not np.isin([eng.row_of("lock-0-1") or -1, 3], res.rows).any()
+    assert new_rows > 0

@@ -23,8 +23,9 @@ def _new_vectors(base_vectors: np.ndarray, n: int, seed: int) -> np.ndarray:
     return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32)
 
 
-def _overlay(base, n: int, seed: int = 0, M: int = 8) -> tuple[GraphOverlay, LiveGraph]:
-    ov = GraphOverlay(base.graph, np.asarray(base.vectors), capacity=n + 10, M=M, ef_construction=64, seed=seed)
+def _overlay(base, n: int, seed: int = 0, M: int = 8, native: bool = True) -> tuple[GraphOverlay, LiveGraph]:
+    ov = GraphOverlay(base.graph, np.asarray(base.vectors), capacity=n + 10, M=M, ef_construction=64, seed=seed,
+                      native=native)
     for v in _new_vectors(np.asarray(base.vectors), n, seed):
         ov.insert(v)
     import dataclasses
@@ -32,8 +33,9 @@ def _overlay(base, n: int, seed: int = 0, M: int = 8) -> tuple[GraphOverlay, Liv
     return ov, LiveGraph(**{f.name: getattr(base.graph, f.name) for f in dataclasses.fields(base.graph)}, overlay=ov)
 
 
-def test_insertion_keeps_the_hnsw_invariants(base) -> None:
-    ov, g = _overlay(base, 300)
+@pytest.mark.parametrize("native", [True, False], ids=["compiled", "reference"])
+def test_insertion_keeps_the_hnsw_invariants(base, native: bool) -> None:
+    ov, g = _overlay(base, 300, native=native)
     E, N = ov.E, ov.num_nodes
     assert N == E + 300
     levels = np.concatenate([np.asarray(base.graph.levels), ov.levels[: ov.count]])
@@ -134,3 +136,114 @@ def test_overlay_full_is_refused(base) -> None:
         ov.insert(np.asarray(base.vectors[1]))
 
 
+
+
+def _lists(ov: GraphOverlay) -> list[list[int]]:
+    return [ov.neighbours(layer, r).tolist() for layer in range(ov.layers) for r in range(ov.num_nodes)]
+
+
+@pytest.mark.parametrize(("M", "efc", "seed"), [(4, 16, 11), (8, 64, 12)])
+def test_compiled_insertion_gives_the_reference_graph(base, M: int, efc: int, seed: int) -> None:
+    # The kernels implement the reference step for step (same distances to the bit, same heap order,
+    # ties by row): the graphs must be identical, not merely similar. M=4 fills lists fast, so the
+    # pruning path (a full list re-selected by the heuristic) is exercised too.
+    vecs = _new_vectors(np.asarray(base.vectors), 150, seed)
+    out = []
+    for native in (True, False):
+        ov = GraphOverlay(base.graph, np.asarray(base.vectors), capacity=200, M=M, ef_construction=efc, seed=seed,
+                          native=native)
+        ov.insert_many(vecs[:60])  # one batch, then one at a time: the same sequence of insertions
+        for v in vecs[60:]:
+            ov.insert(v)
+        out.append(ov)
+    nat, ref = out
+    assert nat.count == ref.count == 150
+    np.testing.assert_array_equal(nat.levels, ref.levels)
+    np.testing.assert_array_equal(nat._slot, ref._slot)
+    np.testing.assert_array_equal(nat._used, ref._used)
+    for a, b, used in zip(nat._adj, ref._adj, nat._used.tolist(), strict=True):
+        np.testing.assert_array_equal(a[:used], b[:used])
+    assert nat.overrides == ref.overrides > 0
+    assert _lists(nat) == _lists(ref)
+    # base rows whose edited list lost a CSR edge: the heuristic pruned a full list (compared above too)
+    pruned = sum(not set(base.graph.neighbours(0, r).tolist()) <= set(nat.neighbours(0, r).tolist())
+                 for r in np.flatnonzero(nat._slot[0][: nat.E] >= 0).tolist())
+    assert pruned > 0
+
+
+def test_distances_are_the_same_in_numpy_and_compiled() -> None:
+    from service.overlay import l2_rows
+    from service.overlay_kernels import dist_rows
+
+    rng = np.random.default_rng(0)
+    for dim in (5, 16, 19, 64):
+        v = rng.normal(size=(300, dim)).astype(np.float32)
+        ro = v.view()
+        ro.flags.writeable = False
+        want = l2_rows(v[3], v)
+        got = np.array([dist_rows(ro, ro, 300, 3, r) for r in range(300)])
+        np.testing.assert_array_equal(got, want)  # to the last bit: ties decide edges the same way
+        np.testing.assert_allclose(want, ((v - v[3]) ** 2).sum(axis=1), rtol=1e-5, atol=1e-5)
+
+
+def test_batching_does_not_change_the_graph(base) -> None:
+    # a worker that applies a change of 50 entities and one that applies 50 changes of one get one state
+    vecs = _new_vectors(np.asarray(base.vectors), 120, 4)
+    a = GraphOverlay(base.graph, np.asarray(base.vectors), capacity=130, M=8, ef_construction=32, seed=4)
+    b = GraphOverlay(base.graph, np.asarray(base.vectors), capacity=130, M=8, ef_construction=32, seed=4)
+    a.insert_many(vecs[:50])
+    a.insert_many(vecs[50:])
+    for v in vecs:
+        b.insert(v)
+    assert _lists(a) == _lists(b)
+    np.testing.assert_array_equal(a._slot, b._slot)
+
+
+@pytest.mark.parametrize("filter_beam", [False, True])
+def test_compiled_search_walks_the_overlay_like_the_numpy_loop(base, filter_beam: bool) -> None:
+    ov, g = _overlay(base, 250, seed=9)
+    assert ov.overrides > 0 and (ov.levels[: ov.count] == ov.layers - 1).sum() >= 0
+    rng = np.random.default_rng(1)
+    total = ov.E + ov.capacity
+    keep_mask = rng.random(total) < 0.7
+    checked_overlay = 0
+    for i in range(12):
+        q = rng.normal(size=ov._vectors.shape[1]).astype(np.float32)
+
+        def score(rows: np.ndarray, q: np.ndarray = q) -> np.ndarray:
+            return (ov.vectors_of(rows) @ q).astype(np.float32)
+
+        def keep(rows: np.ndarray) -> np.ndarray:
+            return keep_mask[rows]
+
+        kw = dict(k=20, ef=(8, 8, 16, 48), steps=(1, 2, 3, 8), top_n=(8, 8, 16, 48), keep=keep if i % 2 else None,
+                  filter_beam=filter_beam, max_degree=(0, 0, 0, 12) if i % 3 == 0 else ())
+        a = search(g, score, visited=VisitedSet(total), loop="compiled", **kw)
+        b = search(g, score, visited=VisitedSet(total), loop="numpy", **kw)
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        assert [s.seen for s in a.layers] == [s.seen for s in b.layers]
+        checked_overlay += int((a.rows >= ov.E).sum())
+    assert checked_overlay > 0  # overlay rows were among the answers
+
+
+def test_a_grown_adjacency_reads_as_the_older_lists() -> None:
+    # A search step may hold the adjacency array from before the writer grew it and then read a slot
+    # published in the new one: the slot is beyond the array it holds, and reads as unset (CSR list).
+    from service.search_kernels import expand_unseen
+
+    offsets = np.array([0, 2, 3, 3], dtype=np.int64)  # rows 0..2 base; row 3 an overlay row
+    neighbors = np.array([1, 2, 0], dtype=np.int32)
+    adj = np.full((2, 4), -1, dtype=np.int32)
+    adj[1, :2] = [2, 3]
+    slot = np.full(4, -1, dtype=np.int32)
+    slot[0] = 1  # row 0 overridden: [2, 3]
+    slot[1] = 5  # beyond this adj: read as its CSR list [0]
+    slot[3] = 7  # an overlay row whose slot is beyond: no list
+    seen = np.zeros(4, dtype=np.uint32)
+    out = expand_unseen(offsets, neighbors, np.array([0, 1, 3]), 0, seen, np.uint32(1), slot, adj)
+    assert out.tolist() == [2, 3, 0]
+    seen[:] = 0
+    plain = expand_unseen(offsets, neighbors, np.array([0, 1]), 0, seen, np.uint32(1), np.empty(0, np.int32),
+                          np.empty((0, 1), np.int32))
+    assert plain.tolist() == [1, 2, 0]
