@@ -122,6 +122,7 @@ def test_run_refuses_in_the_thread_when_the_wait_ate_the_budget() -> None:
     clock = FakeClock()
     adm = Admission(threads=1, clock=clock)
     adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # measured just now: no probe due
     called: list[int] = []
 
     class LateExecutor(InlineExecutor):
