@@ -64,6 +64,9 @@ async def one_run(args: argparse.Namespace, name: str, root: Path, env: dict[str
         # refused every request from then on: 0 answered in the burst, 2026-12-03)
         mu10 = await chaos.capacity(service.base, users, domains, 3.0, k=10) if args.mode == "burst" else 0.0
         mu = await chaos.capacity(service.base, users, domains, 3.0, k=args.k)
+        if mu <= 0 or (args.mode == "burst" and mu10 <= 0):
+            return (f"{name}: load avg {os.getloadavg()[0]:.1f}; no answer at all in a capacity run (k={args.k}: "
+                    f"{mu:.0f}/s, k=10: {mu10:.0f}/s): the service refused everything before the burst")
         before = _shed(httpx.get(service.base + "/metrics").text)  # the capacity runs' refusals not counted
         if args.mode == "burst":
             phase = await chaos.open_loop(service.base, users, domains, rate=0, seconds=0, max_outstanding=400, segments=[
@@ -74,7 +77,10 @@ async def one_run(args: argparse.Namespace, name: str, root: Path, env: dict[str
             measured = await chaos.open_loop(service.base, users, domains, rate=args.fraction * mu, seconds=args.seconds,
                                              k=args.k)
             offered = f"{args.fraction:g} x {mu:.0f}/s at k={args.k}"
-        after = _shed(httpx.get(service.base + "/metrics").text)
+        after_text = httpx.get(service.base + "/metrics").text
+        after = _shed(after_text)
+        headroom = next((line.split()[-1] for line in after_text.splitlines()
+                         if line.startswith("unimatch_admission_headroom")), "-")
         ok = [a for a in measured.answers if a.status == 200]
         server = np.array([a.server_s * 1e3 for a in ok]) if ok else np.zeros(1)
         complete = sum(not a.partial and not a.short for a in ok)
@@ -86,7 +92,7 @@ async def one_run(args: argparse.Namespace, name: str, root: Path, env: dict[str
                 f"{measured.dropped}; 200 {len(ok)}, 503 {measured.shed} {reasons}, failed {measured.failed}; "
                 f"complete {complete / max(1, len(ok)):.1%}; server p50/p99 {np.percentile(server, 50):.0f}/"
                 f"{np.percentile(server, 99):.0f} ms; generator late p99 {measured.late_p99_ms():.0f} ms; "
-                f"slowest 1%: {tail['total_ms']:.0f} ms = {split}; {cut}")
+                f"slowest 1%: {tail['total_ms']:.0f} ms = {split}; {cut}; headroom at the end {headroom}")
     finally:
         os.chdir(cwd)
         if service is not None:

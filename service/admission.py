@@ -241,6 +241,7 @@ class Headroom:
                 self._share = max(self.floor, share * self.decrease)
                 self.since_decrease = 0
                 self.decreases += 1
+            metrics.HEADROOM.set(self._share)
 
 
 @dataclass

@@ -74,7 +74,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         refusal = self._edge_refusal()
         if refusal is None:
-            self.scope[EDGE_CHECKED_KEY] = True  # decided here: the edge middleware does not decide again
+            self.scope[EDGE_CHECKED_KEY] = True  # type: ignore[literal-required]  # decided here, not again in the middleware
             super().on_headers_complete()
             return
         # Shed before any of the ASGI stack runs: uvicorn starts this one request on a two-message app

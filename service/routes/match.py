@@ -65,8 +65,8 @@ class Prepared:
     deadline: float  # time.monotonic() by which the search must stop
     probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
     admitted: float = 0.0  # time.monotonic() when admission let it in (0: not through admission)
-    # its answer feeds admission's headroom (not a probe, not a caller's own deadline below the service's)
-    feedback: bool = True
+    # the caller chose a deadline below the service's: its answer does not feed admission's headroom
+    own_deadline: bool = False
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -119,7 +119,7 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
                                        probe=prep.probe, timing=timing)
     resumed = time.monotonic()
     state.admission.observe_handoff(resumed - timing["ended"])
-    if prep.feedback and not prep.probe and "probe" not in timing:
+    if not prep.own_deadline and not prep.probe and "probe" not in timing:
         state.admission.observe_outcome(bool(result.partial))  # the AIMD headroom (service/admission.py)
     timing["resumed"] = resumed
     total_s = resumed - arrived
@@ -208,7 +208,7 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
         state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
         own = own_budget(body, state, prep, arrived)
         probe = state.admission.admit(prep.k, prep.deadline, budget_s=own, whole_s=prep.deadline - arrived)
-        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic(), feedback=own is None)
+        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic(), own_deadline=own is not None)
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
@@ -238,7 +238,7 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
         state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
         own = own_budget(first.body, state, first, arrived)
         probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=own, whole_s=first.deadline - arrived)
-        preps = [dataclasses.replace(p, probe=probe, feedback=own is None) for p in preps]
+        preps = [dataclasses.replace(p, probe=probe, own_deadline=own is not None) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
 
