@@ -650,4 +650,3 @@ def test_partial_answers_feed_the_headroom_and_probes_do_not(bundle_dir: Path, d
 
     seen = asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, deadline_ms=10000), body))
     assert seen == [False]
-
