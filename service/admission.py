@@ -428,16 +428,18 @@ class Admission:
         The unit counts as pending work from submission to completion (or to its cancellation before a
         thread took it); its run time (in the thread, queue wait excluded) feeds the service-time
         estimate. When a thread picks it up the real wait is known: a unit (not a probe) with less of
-        its deadline left than the upper estimate of a search (over the headroom's share) is refused
-        then, instead of being answered cut short. The upper estimate whether or not it queued: a
-        search that starts with twice its mean left is still cut one time in several on a shared host
-        (measured: the partial answers at 5 x were mostly these). A size with no search finished for
-        ``probe_interval_s`` runs anyway, so a refusal here can never freeze its estimate.
+        its deadline left than a search takes (over the headroom's share) is refused then, instead of
+        being answered cut short; as in :meth:`admit`, a search that queued must have its upper
+        estimate left, one that found a thread free its mean (measured: the upper estimate for every
+        search refused most of what the route had just admitted on the mean, at 5 x, and the partial
+        answers were the queued ones anyway). A size with no search finished for ``probe_interval_s``
+        runs anyway, so a refusal here can never freeze its estimate.
         """
         cost = self.times.estimate(k) or 0.0
         if timing is not None:
             timing["submitted"] = self.clock()
         with self._lock:
+            queued = self.pending >= self.threads
             self.pending += 1
             self.pending_s += cost
         done = False
@@ -455,7 +457,7 @@ class Admission:
             started = self.clock()
             if timing is not None:
                 timing["started"] = started
-            s = self.times.estimate(k, upper=True)
+            s = self.times.estimate(k, upper=queued)
             try:
                 if not probe and s is not None and s > self.headroom.share(started) * (deadline - started):
                     b = k_bucket(k)

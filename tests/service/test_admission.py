@@ -545,14 +545,16 @@ def test_the_middleware_skips_the_edge_decision_the_protocol_made() -> None:
     assert calls == [0.1] and sent[0]["status"] == 503  # under another server the middleware decides
 
 
-def test_the_search_start_check_uses_the_upper_estimate_and_probes_a_stale_size() -> None:
-    """A search that starts with little more than its mean left is often cut on a shared host: the
-    start check wants the upper estimate; a size with nothing finished for an interval runs anyway."""
+def test_the_search_start_check_probes_a_size_with_nothing_finished_for_an_interval() -> None:
+    """A search that queued must start with its upper estimate left; refused otherwise, except when no
+    search of its size finished for an interval: then it runs, marked as a probe, so the refusals in
+    the thread can never freeze the estimate."""
     clock = FakeClock()
-    adm = Admission(threads=2, clock=clock, probe_interval_s=1.0)
+    adm = Admission(threads=1, clock=clock, probe_interval_s=1.0)
     for x in (0.010, 0.050) * 10:
         adm.times.observe(10, x, now=clock.t)  # mean 30 ms, upper 50 ms
     called: list[int] = []
+    adm.pending, adm.pending_s = 1, 0.030  # the thread is busy: this unit queues
     with pytest.raises(Overloaded):  # 40 ms left: the mean fits, the upper estimate does not
         asyncio.run(adm.run(InlineExecutor(), lambda: called.append(1), k=10, deadline=clock.t + 0.040))
     timing: dict[str, float] = {}
@@ -561,7 +563,9 @@ def test_the_search_start_check_uses_the_upper_estimate_and_probes_a_stale_size(
     clock.t += 1.0  # nothing of this size finished for an interval: it runs, marked as a probe
     asyncio.run(adm.run(InlineExecutor(), lambda: called.append(3), k=10, deadline=clock.t + 0.040, timing=timing))
     assert called == [2, 3] and timing["probe"] == 1.0
-    assert adm.pending == 0
+    adm.pending, adm.pending_s = 0, 0.0  # a thread free: the mean decides, 30 ms fits 40
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(4), k=10, deadline=clock.t + 0.040))
+    assert called == [2, 3, 4] and adm.pending == 0
 
 
 def test_a_unit_cancelled_before_it_ran_is_no_pending_work() -> None:
