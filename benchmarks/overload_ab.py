@@ -59,8 +59,14 @@ async def one_run(args: argparse.Namespace, name: str, root: Path, env: dict[str
                                        {"UNIMATCH_DEADLINE_MS": str(args.deadline_ms), "PYTHONPATH": str(root), **env})
         service.start()
         os.chdir(cwd)
-        mu = await chaos.capacity(service.base, users, domains, 3.0, k=args.k)
+        # k=10 first, as the chaos suite does: measured the other way round, the service before this
+        # change never answered k=10 again (its k=10 estimate held one cold warm-up search and the edge
+        # refused every request from then on: 0 answered in the burst, 2026-12-03)
         mu10 = await chaos.capacity(service.base, users, domains, 3.0, k=10) if args.mode == "burst" else 0.0
+        mu = await chaos.capacity(service.base, users, domains, 3.0, k=args.k)
+        if mu <= 0 or (args.mode == "burst" and mu10 <= 0):
+            return (f"{name}: load avg {os.getloadavg()[0]:.1f}; no answer at all in a capacity run (k={args.k}: "
+                    f"{mu:.0f}/s, k=10: {mu10:.0f}/s): the service refused everything before the burst")
         before = _shed(httpx.get(service.base + "/metrics").text)  # the capacity runs' refusals not counted
         if args.mode == "burst":
             phase = await chaos.open_loop(service.base, users, domains, rate=0, seconds=0, max_outstanding=400, segments=[
@@ -71,24 +77,40 @@ async def one_run(args: argparse.Namespace, name: str, root: Path, env: dict[str
             measured = await chaos.open_loop(service.base, users, domains, rate=args.fraction * mu, seconds=args.seconds,
                                              k=args.k)
             offered = f"{args.fraction:g} x {mu:.0f}/s at k={args.k}"
-        after = _shed(httpx.get(service.base + "/metrics").text)
+        after_text = httpx.get(service.base + "/metrics").text
+        after = _shed(after_text)
+        headroom = next((line.split()[-1] for line in after_text.splitlines()
+                         if line.startswith("unimatch_admission_headroom")), "-")
         ok = [a for a in measured.answers if a.status == 200]
         server = np.array([a.server_s * 1e3 for a in ok]) if ok else np.zeros(1)
         complete = sum(not a.partial and not a.short for a in ok)
         tail = chaos.tail_split(measured)
         split = " ".join(f"{key.removesuffix('_ms')} {tail[key]:.0f}" for key in chaos.STAGES)
+        cut = partial_split(ok)
         reasons = {k.split('"')[1]: int(after[k] - before.get(k, 0)) for k in after if after[k] - before.get(k, 0)}
         return (f"{name}: load avg {os.getloadavg()[0]:.1f}; {offered}; sent {len(measured.answers)}, not sent "
                 f"{measured.dropped}; 200 {len(ok)}, 503 {measured.shed} {reasons}, failed {measured.failed}; "
                 f"complete {complete / max(1, len(ok)):.1%}; server p50/p99 {np.percentile(server, 50):.0f}/"
                 f"{np.percentile(server, 99):.0f} ms; generator late p99 {measured.late_p99_ms():.0f} ms; "
-                f"slowest 1%: {tail['total_ms']:.0f} ms = {split}")
+                f"slowest 1%: {tail['total_ms']:.0f} ms = {split}; {cut}; headroom at the end {headroom}")
     finally:
         os.chdir(cwd)
         if service is not None:
             service.terminate()
             service.wait(15)
         redis.stop(save=False)
+
+
+def partial_split(ok: list[Any]) -> str:
+    """The partial answers among the 200s: how many had queued for a scoring thread (queue > 1 ms) and,
+    over all of them, the service's own mean split of their time: where a cut answer's budget went."""
+    cut = [a for a in ok if a.partial and a.stages]
+    if not cut:
+        return "partials: 0"
+    queued = sum(a.stages.get("queue_ms", 0.0) > 1.0 for a in cut)
+    split = " ".join(f"{key.removesuffix('_ms')} {np.mean([a.stages.get(key, 0.0) for a in cut]):.0f}"
+                     for key in ("admitted_ms", "queue_ms", "search_ms", "runqueue_ms", "handoff_ms"))
+    return f"partials: {len(cut)} ({queued} had queued), mean {split} ms"
 
 
 def _arm(text: str) -> tuple[str, Path]:

@@ -134,15 +134,31 @@ class ServiceTimes:
     upper_q: float = 0.95
     windows: list[Window] = field(default_factory=list)
     seen_at: list[float] = field(default_factory=lambda: [float("-inf")] * (len(K_BUCKETS) + 1))
+    # buckets whose only sample is a warm-up's (``seed``): the first real search replaces it. A warm-up
+    # runs cold (first allocations, all modes): measured 290 ms for a k=10 search that then took 2 ms,
+    # and as one of two samples it kept the mean above a 100 ms deadline, refusing every k=10 request.
+    seeded: set[int] = field(default_factory=set)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
         if not self.windows:
             self.windows = [Window(self.window) for _ in range(len(K_BUCKETS) + 1)]
 
+    def seed(self, k: int, seconds: float) -> None:
+        """A placeholder sample for a bucket never measured: used until the first real one arrives."""
+        b = k_bucket(k)
+        with self._lock:
+            if len(self.windows[b]):
+                return
+            self.windows[b].add(seconds)
+            self.seeded.add(b)
+
     def observe(self, k: int, seconds: float, now: float | None = None) -> None:
         b = k_bucket(k)
         with self._lock:  # pool threads observe while the event loop reads
+            if b in self.seeded:
+                self.seeded.discard(b)
+                self.windows[b] = Window(self.window)
             self.windows[b].add(seconds)
         if now is not None:
             self.seen_at[b] = now
@@ -171,6 +187,63 @@ class ServiceTimes:
             w = self.windows[chosen]
             value = w.quantile(self.upper_q) if upper else w.mean()
         return scale * value
+
+
+@dataclass
+class Headroom:
+    """AIMD on the share of a request's remaining budget that admission lets its planned work fill.
+
+    The estimates above are a host's recent past; on a shared host whose CPU share changes they lag,
+    and the search that was expected to fit is descheduled past its deadline and cut (``partial``).
+    The answers themselves say so: this controller watches the share of partial answers among the
+    last ``window`` searches and, when it exceeds ``target``, multiplies ``share`` by ``decrease``
+    (admit less: the work must fit in ``share`` x what is left), at most once per ``cooldown``
+    searches so one decrease can show its effect before the next. It relaxes additively in time,
+    ``relax_per_s`` per second back to 1.0, so it also recovers when little is answered (TCP's AIMD,
+    on admitted work instead of a window of packets). ``floor`` bounds how much it may take away.
+    """
+
+    target: float = 0.005
+    window: int = 200
+    # measured against 0.8 / 0.05 per s / 10 (benchmarks/overload_ab.py, two pairs at 5 x): partial
+    # answers 3 of 333 against 10 of 260; a slow relax costs little at low load, where searches fit anyway
+    decrease: float = 0.7
+    floor: float = 0.4
+    relax_per_s: float = 0.02
+    cooldown: int = 5
+    _share: float = 1.0
+    _at: float | None = None
+    outcomes: deque[bool] = field(default_factory=deque)
+    partials: int = 0
+    since_decrease: int = 0
+    decreases: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def share(self, now: float) -> float:
+        """The current share at time ``now`` (relaxed by the time since the last reading)."""
+        with self._lock:
+            return self._relax(now)
+
+    def _relax(self, now: float) -> float:
+        if self._at is not None:
+            self._share = min(1.0, self._share + self.relax_per_s * max(0.0, now - self._at))
+        self._at = now
+        return self._share
+
+    def observe(self, partial: bool, now: float) -> None:
+        """One answered search at time ``now``: cut at its deadline (``partial``) or whole."""
+        with self._lock:
+            self.outcomes.append(partial)
+            self.partials += partial
+            if len(self.outcomes) > self.window:
+                self.partials -= self.outcomes.popleft()
+            self.since_decrease += 1
+            share = self._relax(now)
+            if partial and self.partials > self.target * self.window and self.since_decrease >= self.cooldown:
+                self._share = max(self.floor, share * self.decrease)
+                self.since_decrease = 0
+                self.decreases += 1
+            metrics.HEADROOM.set(self._share)
 
 
 @dataclass
@@ -211,6 +284,13 @@ class Admission:
     _standing: float = 0.0
     _standing_at: float = float("-inf")
     _last_k: int | None = None  # k of the last request admission saw: the edge's guess for the next
+    # When no request has reached admission for ``probe_interval_s``, the edge lets one through to the
+    # route even though it would refuse it: the edge's inputs are only refreshed by requests that reach
+    # admission, and measured, a stale estimate (the k=10 window holding one slow warm-up search)
+    # refused every request for good, with the scoring threads idle.
+    _route_at: float = float("-inf")
+    # feedback from the answers: the share of the budget the planned work may fill (AIMD, above)
+    headroom: Headroom = field(default_factory=lambda: Headroom())
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     # ---- estimates -------------------------------------------------------------------------------
@@ -247,6 +327,7 @@ class Admission:
         """A request reached admission ``seconds`` after it arrived at the edge (event loop thread only)."""
         now = self.clock()
         self._last_k = k
+        self._route_at = now
         if now - self._interval_start >= self.sojourn_interval_s:
             if self._interval_n >= self.sojourn_min_samples:
                 self._standing, self._standing_at = self._interval_min, self._interval_start + self.sojourn_interval_s
@@ -297,7 +378,7 @@ class Admission:
             return True
         now = self.clock()
         left = deadline - now
-        if est <= left:
+        if est <= self.headroom.share(now) * left:
             return False
         b = k_bucket(k)
         for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
@@ -327,7 +408,11 @@ class Admission:
         if s is None:
             return None
         est = self.standing_s() + wait + s
-        if est <= budget_s:
+        now = self.clock()
+        if est <= self.headroom.share(now) * budget_s:
+            return None
+        if now - self._route_at >= self.probe_interval_s:
+            self._route_at = now  # the route decides this one (one per interval), and refreshes the estimates
             return None
         return self._refuse(
             "edge", f"overloaded: a request now would finish in ~{est * 1e3:.0f} ms, past its {budget_s * 1e3:.0f} ms "
@@ -340,32 +425,51 @@ class Admission:
     ) -> T:
         """Run ``fn`` (one search of size ``k``) in ``executor``; refused in the thread if it starts too late.
 
-        The unit counts as pending work from submission to completion; its run time (in the thread,
-        queue wait excluded) feeds the service-time estimate. When a thread picks it up the real wait
-        is known: a unit (not a probe) with less of its deadline left than a search takes is refused
-        then, instead of being answered cut short.
+        The unit counts as pending work from submission to completion (or to its cancellation before a
+        thread took it); its run time (in the thread, queue wait excluded) feeds the service-time
+        estimate. When a thread picks it up the real wait is known: a unit (not a probe) with less of
+        its deadline left than a search takes (over the headroom's share) is refused then, instead of
+        being answered cut short; as in :meth:`admit`, a search that queued must have its upper
+        estimate left, one that found a thread free its mean (measured: the upper estimate for every
+        search refused most of what the route had just admitted on the mean, at 5 x, and the partial
+        answers were the queued ones anyway). A size with no search finished for ``probe_interval_s``
+        runs anyway, so a refusal here can never freeze its estimate.
         """
         cost = self.times.estimate(k) or 0.0
         if timing is not None:
             timing["submitted"] = self.clock()
         with self._lock:
-            queued = self.pending >= self.threads  # no free thread at submission: this unit waits
+            queued = self.pending >= self.threads
             self.pending += 1
             self.pending_s += cost
+        done = False
+
+        def release() -> None:
+            nonlocal done
+            with self._lock:
+                if done:
+                    return
+                done = True
+                self.pending -= 1
+                self.pending_s = max(0.0, self.pending_s - cost)
 
         def work() -> T:
             started = self.clock()
             if timing is not None:
                 timing["started"] = started
-            # as in admit(): the upper estimate after a wait, the mean when a thread was free at once
             s = self.times.estimate(k, upper=queued)
             try:
-                if not probe and s is not None and started + s > deadline:
-                    raise self._refuse(
-                        "queue_wait",
-                        f"overloaded: {max(0.0, deadline - started) * 1e3:.0f} ms of the deadline were left when a "
-                        f"scoring thread was free, less than the ~{s * 1e3:.0f} ms a search takes; retry later",
-                    )
+                if not probe and s is not None and s > self.headroom.share(started) * (deadline - started):
+                    b = k_bucket(k)
+                    if started - self.times.seen_at[b] < self.probe_interval_s:
+                        raise self._refuse(
+                            "queue_wait",
+                            f"overloaded: {max(0.0, deadline - started) * 1e3:.0f} ms of the deadline were left when "
+                            f"a scoring thread was free, less than the ~{s * 1e3:.0f} ms a search may take; retry later",
+                        )
+                    self.times.seen_at[b] = started  # a probe: one per interval and bucket
+                    if timing is not None:
+                        timing["probe"] = 1.0
                 waited = runqueue_s() if timing is not None else 0.0
                 result = fn()
                 end = self.clock()
@@ -375,17 +479,20 @@ class Admission:
                 self.times.observe(k, end - started, now=end)
                 return result
             finally:
-                with self._lock:
-                    self.pending -= 1
-                    self.pending_s = max(0.0, self.pending_s - cost)
+                release()
 
-        loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(executor, work)
+        future = executor.submit(work)
+        # cancelled before a thread took it (its request went away): work() never runs, so release here
+        future.add_done_callback(lambda f: release() if f.cancelled() else None)
+        return await asyncio.wrap_future(future)
+
+    def observe_outcome(self, partial: bool) -> None:
+        """An answered search (not a probe, not a caller's own short deadline): feeds the headroom."""
+        self.headroom.observe(partial, self.clock())
 
     def seed(self, k: int, seconds: float) -> None:
         """Start the estimate from a measured warm-up search (only where nothing was measured yet)."""
-        if not self.times.measured(k):
-            self.times.observe(k, seconds)
+        self.times.seed(k, seconds)
 
     def describe(self) -> dict[str, object]:
         names = [f"<={b}" for b in K_BUCKETS] + [f">{K_BUCKETS[-1]}"]
@@ -405,4 +512,6 @@ class Admission:
             f"service_ms_p{self.times.upper_q * 100:g}_by_k": upper_by_k,
             "standing_delay_ms": round(self.standing_s() * 1e3, 3),
             "handoff_reserve_ms": round(self.reserve_s(float("inf")) * 1e3, 3),
+            "headroom_share": round(self.headroom.share(self.clock()), 3),
+            "headroom_decreases": self.headroom.decreases,
         }

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     # wait + a search would pass the deadline (service/admission.py).
     # Off: such requests are parsed, validated and refused in the route (the same answer, dearer).
     edge_shed: bool = True
+    # The quantile of the recent service times a search must have left when it would queue, and when a
+    # scoring thread starts it (service/admission.py); higher = fewer answers cut, more 503s.
+    admission_quantile: float = Field(default=0.95, gt=0.5, le=1.0)
+    # Feedback from the answers (service/admission.py, Headroom): above this share of partial answers
+    # among the recent ones, admission lets in less work. 1.0 = off.
+    admission_partial_target: float = Field(default=0.005, gt=0, le=1.0)
     # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")

@@ -123,6 +123,10 @@ def install_error_handlers(app: FastAPI) -> None:
 
 # ASGI scope key under which the edge middleware stamps each request's arrival (time.monotonic()).
 ARRIVED_KEY = "unimatch.arrived"
+# Set by the HTTP protocol (service/http_guard.py) on a request it already let through its edge check,
+# so the middleware does not decide it a second time (once is the cost; twice, a request the protocol
+# let through as the edge's one-per-interval pass was refused by the middleware right after it).
+EDGE_CHECKED_KEY = "unimatch.edge_checked"
 
 
 class EdgeMiddleware:
@@ -154,7 +158,7 @@ class EdgeMiddleware:
         scope[ARRIVED_KEY] = time.monotonic()
         route = scope["path"] if scope["path"] in self.ROUTES else "other"
         status_holder = {"status": 500, "started": False}
-        if route in self.SHED_ROUTES and scope.get("method") == "POST":
+        if route in self.SHED_ROUTES and scope.get("method") == "POST" and not scope.get(EDGE_CHECKED_KEY):
             refusal = _edge_refusal(scope)
             if refusal is not None:
                 await self._shed(receive, send, refusal)

@@ -26,6 +26,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from service import metrics
+from service.errors import EDGE_CHECKED_KEY
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -73,6 +74,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         refusal = self._edge_refusal()
         if refusal is None:
+            self.scope[EDGE_CHECKED_KEY] = True  # type: ignore[literal-required]  # decided here, not again in the middleware
             super().on_headers_complete()
             return
         # Shed before any of the ASGI stack runs: uvicorn starts this one request on a two-message app

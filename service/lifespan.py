@@ -23,7 +23,7 @@ from pathlib import Path
 from fastapi import FastAPI
 
 from service import bundle_watch, metrics
-from service.admission import Admission
+from service.admission import Admission, Headroom, ServiceTimes
 from service.config import Settings
 from service.cpus import cpu_budget
 from service.features import (
@@ -94,7 +94,9 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store=store,
         executor=ThreadPoolExecutor(max_workers=settings.effective_scoring_threads, thread_name_prefix="unimatch-score"),
         limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s, batch_share=settings.batch_share),
-        admission=Admission(threads=settings.effective_scoring_threads, retry_after_s=settings.retry_after_s),
+        admission=Admission(threads=settings.effective_scoring_threads, retry_after_s=settings.retry_after_s,
+                            times=ServiceTimes(upper_q=settings.admission_quantile),
+                            headroom=Headroom(target=settings.admission_partial_target)),
         shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
                              cpu_share=settings.shadow_cpu_share) if settings.shadow_rate > 0 else None,
     )

@@ -80,6 +80,11 @@ SHADOW_DROPPED = Counter("unimatch_search_shadow_dropped_total", "Shadow samples
 # Connection guards (service/http_guard.py) and admission control (service/admission.py)
 CONNECTIONS_CLOSED = Counter("unimatch_connections_closed_total", "Connections closed by a server guard", ["reason"])
 SHED = Counter("unimatch_requests_shed_total", "Requests answered 503 at admission, by reason", ["reason"])
+HEADROOM = Gauge(
+    "unimatch_admission_headroom",
+    "Share of a request's remaining budget admission lets its work fill (1 = all; lower after partial answers)",
+    multiprocess_mode="livemin",
+)
 DEGRADED = Counter(
     "unimatch_degraded_answers_total",
     "Answers flagged degraded, by cause: slow (Redis timeout), down (connection), breaker_open, decode, empty_store",

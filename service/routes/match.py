@@ -65,6 +65,8 @@ class Prepared:
     deadline: float  # time.monotonic() by which the search must stop
     probe: bool = False  # admitted as an admission-control probe: runs even if it cannot finish in time
     admitted: float = 0.0  # time.monotonic() when admission let it in (0: not through admission)
+    # the caller chose a deadline below the service's: its answer does not feed admission's headroom
+    own_deadline: bool = False
 
 
 def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: float) -> Prepared:
@@ -117,6 +119,8 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
                                        probe=prep.probe, timing=timing)
     resumed = time.monotonic()
     state.admission.observe_handoff(resumed - timing["ended"])
+    if not prep.own_deadline and not prep.probe and "probe" not in timing:
+        state.admission.observe_outcome(bool(result.partial))  # the AIMD headroom (service/admission.py)
     timing["resumed"] = resumed
     total_s = resumed - arrived
     if state.shadow is not None:  # a random draw and a non-blocking put: never delays this answer
@@ -202,9 +206,9 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
         prep = prepare(body, serving, state, arrived)
         # 503 now rather than a cut-short answer later
         state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
-        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own_budget(body, state, prep, arrived),
-                                      whole_s=prep.deadline - arrived)
-        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic())
+        own = own_budget(body, state, prep, arrived)
+        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own, whole_s=prep.deadline - arrived)
+        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic(), own_deadline=own is not None)
         lookup = await state.store.get(body.user_id, serving.schema)
         return await run_match(state, serving, prep, lookup, arrived)
 
@@ -232,9 +236,9 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
         # the first entry must be able to start in time; later ones are checked as they start
         first = min(preps, key=lambda p: p.deadline)
         state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
-        probe = state.admission.admit(max(p.k for p in preps), first.deadline,
-                                      budget_s=own_budget(first.body, state, first, arrived), whole_s=first.deadline - arrived)
-        preps = [dataclasses.replace(p, probe=probe) for p in preps]
+        own = own_budget(first.body, state, first, arrived)
+        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=own, whole_s=first.deadline - arrived)
+        preps = [dataclasses.replace(p, probe=probe, own_deadline=own is not None) for p in preps]
         lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
         gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
 

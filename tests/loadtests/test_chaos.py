@@ -72,3 +72,15 @@ def test_recovery_is_read_from_the_services_own_totals_per_window() -> None:
     # a baseline whose own windows reach 40 ms: the threshold is that, not 1.5 x its p99
     base = [Answer(i * 0.1, 200, 0.01, server_s=0.040 if i % 5 == 0 else 0.010) for i in range(40)]
     assert 35.0 < (recovery(after, burst_end, 10.0, 12.0, baseline=base)["threshold_ms"] or 0) <= 40.0
+
+
+def test_a_segment_of_rate_zero_sends_nothing() -> None:
+    """A capacity run that got no answer (a wedged service) gives a rate of 0: the open loop then sends
+    nothing for that time instead of failing on an exponential of rate 0."""
+    import asyncio
+
+    from loadtests.chaos import Segment, open_loop
+
+    phase = asyncio.run(open_loop("http://127.0.0.1:9", ["u"], ["d"], rate=0, seconds=0,
+                                  segments=[Segment(0.01, 0.0, 10)]))
+    assert phase.answers == [] and phase.dropped == 0

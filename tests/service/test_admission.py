@@ -122,6 +122,7 @@ def test_run_refuses_in_the_thread_when_the_wait_ate_the_budget() -> None:
     clock = FakeClock()
     adm = Admission(threads=1, clock=clock)
     adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # measured just now: no probe due
     called: list[int] = []
 
     class LateExecutor(InlineExecutor):
@@ -467,3 +468,189 @@ def test_long_lived_objects_are_frozen_out_of_the_collector_at_start(bundle_dir:
 
     frozen, r = asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2), body))
     assert frozen > 10_000 and r.status_code == 200
+
+
+def test_a_cold_warm_up_seed_is_replaced_by_the_first_real_search() -> None:
+    """Measured: the k=10 warm-up took 290 ms (cold), the searches after it 2 ms; as one of two samples
+    it held the mean above a 100 ms deadline and the edge refused every k=10 request from then on."""
+    st = ServiceTimes()
+    st.seed(10, 0.290)
+    assert st.estimate(10) == pytest.approx(0.290)  # until something is measured, the seed is the guess
+    st.observe(10, 0.002)
+    assert st.estimate(10) == pytest.approx(0.002) and st.estimate(10, upper=True) == pytest.approx(0.002)
+    st.seed(10, 0.500)  # a bucket already measured keeps its measurements
+    assert st.estimate(10) == pytest.approx(0.002)
+
+
+def test_the_edge_lets_one_request_per_interval_through_when_none_reached_the_route() -> None:
+    """The edge's inputs are refreshed only by requests that reach admission: refusing them all would
+    freeze a stale estimate for good. One per interval goes through to the route, and no more."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock, probe_interval_s=1.0)
+    adm.seed(10, 0.150)  # a stale estimate above the budget
+    adm.observe_sojourn(0.001, k=10)
+    assert adm.edge_refuse(0.100) is not None  # a request just reached the route: refuse
+    clock.t += 1.0
+    assert adm.edge_refuse(0.100) is None  # none for an interval: this one goes through
+    assert adm.edge_refuse(0.100) is not None  # and only one
+    clock.t += 0.5
+    assert adm.edge_refuse(0.100) is not None
+    clock.t += 0.5
+    assert adm.edge_refuse(0.100) is None
+
+
+def test_the_middleware_skips_the_edge_decision_the_protocol_made() -> None:
+    """A request the HTTP protocol marked as decided is not decided again by the middleware (the second
+    decision refused the one-per-interval pass right after the protocol let it through); unmarked, under
+    another server, the middleware decides. The protocol's side: tests/service/test_http_strict.py."""
+    from service.errors import EDGE_CHECKED_KEY
+
+    async def app(scope: dict, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    from service.errors import EdgeMiddleware
+
+    calls: list[float] = []
+
+    class Adm:
+        def edge_refuse(self, budget_s: float) -> Overloaded:
+            calls.append(budget_s)
+            return Overloaded("no", headers={"Retry-After": "1"})
+
+    class State:
+        settings = Settings(bundle=Path("unused"), deadline_ms=100)
+        admission = Adm()
+
+    class App:
+        class state:  # noqa: N801 - the attribute path the middleware reads
+            unimatch = State()
+
+    mw = EdgeMiddleware(app, max_body_bytes=1000, body_timeout_s=None)
+    sent: list[dict] = []
+
+    async def receive() -> dict:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    def scope(**extra: Any) -> dict:
+        return {"type": "http", "method": "POST", "path": "/match", "headers": [], "app": App(), **extra}
+
+    asyncio.run(mw(scope(**{EDGE_CHECKED_KEY: True}), receive, send))
+    assert calls == [] and sent[0]["status"] == 200  # decided at the protocol: not again
+    sent.clear()
+    asyncio.run(mw(scope(), receive, send))
+    assert calls == [0.1] and sent[0]["status"] == 503  # under another server the middleware decides
+
+
+def test_the_search_start_check_probes_a_size_with_nothing_finished_for_an_interval() -> None:
+    """A search that queued must start with its upper estimate left; refused otherwise, except when no
+    search of its size finished for an interval: then it runs, marked as a probe, so the refusals in
+    the thread can never freeze the estimate."""
+    clock = FakeClock()
+    adm = Admission(threads=1, clock=clock, probe_interval_s=1.0)
+    for x in (0.010, 0.050) * 10:
+        adm.times.observe(10, x, now=clock.t)  # mean 30 ms, upper 50 ms
+    called: list[int] = []
+    adm.pending, adm.pending_s = 1, 0.030  # the thread is busy: this unit queues
+    with pytest.raises(Overloaded):  # 40 ms left: the mean fits, the upper estimate does not
+        asyncio.run(adm.run(InlineExecutor(), lambda: called.append(1), k=10, deadline=clock.t + 0.040))
+    timing: dict[str, float] = {}
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(2), k=10, deadline=clock.t + 0.060, timing=timing))
+    assert called == [2] and "probe" not in timing
+    clock.t += 1.0  # nothing of this size finished for an interval: it runs, marked as a probe
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(3), k=10, deadline=clock.t + 0.040, timing=timing))
+    assert called == [2, 3] and timing["probe"] == 1.0
+    adm.pending, adm.pending_s = 0, 0.0  # a thread free: the mean decides, 30 ms fits 40
+    asyncio.run(adm.run(InlineExecutor(), lambda: called.append(4), k=10, deadline=clock.t + 0.040))
+    assert called == [2, 3, 4] and adm.pending == 0
+
+
+def test_a_unit_cancelled_before_it_ran_is_no_pending_work() -> None:
+    """A request that goes away while its search waits for a thread: its work is released, or the
+    queue estimate would count it for good (and refuse everything once it passed the deadline)."""
+
+    class NeverExecutor(Executor):
+        def __init__(self) -> None:
+            self.futures: list[Future] = []
+
+        def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future:
+            f: Future = Future()
+            self.futures.append(f)
+            return f
+
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    ex = NeverExecutor()
+
+    async def go() -> None:
+        task = asyncio.create_task(adm.run(ex, lambda: None, k=10, deadline=clock.t + 0.1))
+        await asyncio.sleep(0)
+        assert adm.pending == 1 and adm.pending_s == pytest.approx(0.020)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    assert ex.futures[0].cancelled() and adm.pending == 0 and adm.pending_s == 0.0
+
+
+def test_headroom_shrinks_on_partials_and_relaxes_in_time() -> None:
+    """AIMD: more than target x window partials among the last answers multiply the share by 0.8 (at
+    most once per cooldown answers, never below the floor); it comes back 0.05 per second."""
+    from service.admission import Headroom
+
+    h = Headroom(target=0.01, window=100, decrease=0.8, floor=0.5, relax_per_s=0.05, cooldown=5)
+    t = 0.0
+    for _ in range(100):
+        h.observe(False, t)
+    h.observe(True, t)
+    assert h.share(t) == 1.0  # one partial in 100: at the target, not above it
+    for _ in range(5):
+        h.observe(False, t)
+    h.observe(True, t)  # two in the last 100: above 1%
+    assert h.share(t) == pytest.approx(0.8) and h.decreases == 1
+    h.observe(True, t)  # within the cooldown: no second decrease on the same evidence
+    assert h.share(t) == pytest.approx(0.8)
+    for _ in range(5):
+        h.observe(False, t)
+    h.observe(True, t)
+    assert h.share(t) == pytest.approx(0.64)
+    for _ in range(10):  # keeps shrinking under persistent partials, but never below the floor
+        for _ in range(5):
+            h.observe(False, t)
+        h.observe(True, t)
+    assert h.share(t) == pytest.approx(0.5)
+    assert h.share(t + 4.0) == pytest.approx(0.7)  # relaxes additively in time
+    assert h.share(t + 100.0) == 1.0
+
+
+def test_admission_admits_less_while_the_headroom_is_shrunk() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    adm.pending, adm.pending_s = 2, 0.060  # 30 ms wait + 20 ms search = 50 ms
+    assert adm.admit(10, clock.t + 0.060) is False  # fits 60 ms
+    adm.headroom._share = 0.5  # after partial answers: the work must fit half of what is left
+    adm.headroom._at = clock.t
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.060)
+    assert adm.admit(10, clock.t + 0.100) is False
+    adm.observe_sojourn(0.001, k=10)
+    assert adm.edge_refuse(0.090) is not None  # the edge too: 50 ms > 0.5 x 90 ms
+
+
+def test_partial_answers_feed_the_headroom_and_probes_do_not(bundle_dir: Path, dataset_dir: Path) -> None:
+    async def body(app, client: httpx.AsyncClient):
+        adm = app.state.unimatch.admission
+        seen: list[bool] = []
+        adm.observe_outcome = seen.append  # type: ignore[method-assign]
+        await client.post("/match", json=REQ)
+        await client.post("/match", json={**REQ, "deadline_ms": 1})  # the caller's own short deadline
+        return seen
+
+    seen = asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, deadline_ms=10000), body))
+    assert seen == [False]

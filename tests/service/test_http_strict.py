@@ -252,3 +252,55 @@ def test_overload_is_shed_at_the_protocol_and_the_connection_stays_usable(monkey
     assert first.startswith(b"HTTP/1.1 503") and b"retry-after: 3" in first.lower() and b'"overloaded"' in first
     assert second.startswith(b"HTTP/1.1 200"), second
     assert calls == [2]  # the route ran for the second request only
+
+
+def test_the_protocol_decides_the_edge_once_and_the_middleware_not_again() -> None:
+    """Under the guarded protocol the edge decision is made once per request: the middleware skips a
+    request the protocol let through (measured: deciding twice refused the edge's one-per-interval
+    pass in the middleware, so a stale estimate refused every request for good)."""
+    import types
+
+    import uvicorn
+
+    from service.errors import EdgeMiddleware, Overloaded
+    from service.http_guard import GuardedHttpToolsProtocol
+
+    decisions: list[float] = []
+
+    class OnceThenRefuse:
+        def edge_refuse(self, budget_s: float) -> Overloaded | None:
+            decisions.append(budget_s)
+            return None if len(decisions) == 1 else Overloaded("overloaded: test", headers={"Retry-After": "1"})
+
+    app = FastAPI()
+    app.add_middleware(EdgeMiddleware, max_body_bytes=1000, body_timeout_s=None)
+
+    @app.post("/match")
+    async def match() -> dict:
+        return {"ok": True}
+
+    app.state.unimatch = types.SimpleNamespace(settings=types.SimpleNamespace(edge_shed=True, deadline_ms=100.0),
+                                               admission=OnceThenRefuse())
+    get_settings.cache_clear()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=GuardedHttpToolsProtocol,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}")
+            first = sock.recv(65536)
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        get_settings.cache_clear()
+    assert first.startswith(b"HTTP/1.1 200"), first
+    assert decisions == [0.1]  # once, at the protocol
