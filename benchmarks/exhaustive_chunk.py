@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -64,4 +65,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:  # a bad bundle or dataset (BundleError, BenchError): one line
+        print(f"{Path(__file__).stem}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -236,7 +236,7 @@ def engine_table(r: dict[str, Any]) -> str:
 
 def http_ab(args: argparse.Namespace) -> str:
     if args.rps is None:
-        raise SystemExit("--driver http needs --rps (about 70% of the service's capacity)")
+        raise ValueError("--driver http needs --rps (about 70% of the service's capacity)")
     rows = []
     with tempfile.TemporaryDirectory(prefix="shadow-") as tmp:
         for rnd in range(args.rounds):
@@ -282,7 +282,7 @@ def main() -> None:
     args = ap.parse_args()
     for path, what in ((args.bundle / "manifest.json", "bundle"), (args.data / "dataset.json", "dataset")):
         if not path.is_file():
-            raise SystemExit(f"{path.parent}: not a {what} (no {path.name})")
+            raise FileNotFoundError(f"{path.parent}: not a {what} (no {path.name})")
     if args.driver == "engine":
         result = engine_ab(args)
         text = engine_table(result)
@@ -296,4 +296,8 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as exc:  # a bad bundle or dataset (BundleError, BenchError): one line
+        print(f"{Path(__file__).stem}: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None

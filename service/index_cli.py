@@ -142,8 +142,7 @@ def _score_space(args: argparse.Namespace) -> int:
         section = write_score_space(args.bundle, args.data, probe_users=args.probe_users, seed=args.seed,
                                     workers=args.workers, progress=lambda done, total: update(done, total, stage="probe users"))
     console.print(f"wrote {args.bundle}/{section['file']}: {section['vector_dim']} vector dims + {section['probe_users']} "
-                  f"probe-user scores ({section['seconds']:.0f} s); build the graph over it with "
-                  f"`unimatch index build --bundle {args.bundle} --space scores`")
+                  f"probe-user scores ({section['seconds']:.0f} s); `unimatch index build --space scores` builds the graph over it")
     return 0
 
 
