@@ -40,11 +40,13 @@ def register(cli: CommandRegistry) -> None:
         "--no-sort-neighbours", dest="sort_neighbours", action="store_false",
         help="keep hnswlib's neighbour order instead of nearest first (a search degree cap then keeps arbitrary edges)",
     )
-    p.add_argument("--space", choices=("vectors", "scores"), default="vectors",
+    p.add_argument("--space", choices=("vectors", "scores", "auto"), default="vectors",
                    help="what the graph's L2 is over: the exported entity vectors, or those beside each entity's "
                         "scores for --probe-users training users (`unimatch index score-space`, needs --data): "
-                        "neighbours the model scores alike; no live insertions on such a graph")
-    p.add_argument("--probe-users", type=int, default=None, help="with --space scores: probe users (default 128)")
+                        "neighbours the model scores alike; no live insertions on such a graph. auto (needs "
+                        "--data): build and calibrate both, keep the one that scores fewer pairs (twice the time)")
+    p.add_argument("--probe-users", type=int, default=None,
+                   help="with --space scores or auto: probe users (default 128)")
     p.add_argument("--data", type=Path, default=None,
                    help="the dataset the bundle was trained on: calibrate the search on its validation users after "
                         "the build (same as `unimatch index calibrate`; without it the bundle serves the default "
@@ -71,10 +73,10 @@ def _build(args: argparse.Namespace) -> int:
     from index_builder.config import IndexConfig
 
     check_out_file(args.calibration_json, "--calibration-json")
-    if args.space == "scores" and args.data is None:
-        raise CliError("--space scores needs --data (the probe users come from its training split)")
-    if args.probe_users is not None and args.space != "scores":
-        raise CliError("--probe-users is for --space scores")
+    if args.space in ("scores", "auto") and args.data is None:
+        raise CliError(f"--space {args.space} needs --data (the probe users come from its training split)")
+    if args.probe_users is not None and args.space == "vectors":
+        raise CliError("--probe-users is for --space scores or auto")
     cfg = IndexConfig(
         layers=args.layers,
         M=args.M,
@@ -88,8 +90,10 @@ def _build(args: argparse.Namespace) -> int:
     from unimatch.progress import progress as progress_of
 
     console = wide_console()
+    if args.space == "auto":
+        return _build_auto(args, cfg, console)
     if args.space == "scores":
-        rc = _score_space_first(args)
+        rc = _score_space_first(args, args.bundle)
         if rc != 0:
             return rc
     with progress_of("index build") as update:
@@ -107,28 +111,103 @@ def _build(args: argparse.Namespace) -> int:
         console.print("search not calibrated: the service will use the default search point; run "
                       f"`unimatch index calibrate --bundle {args.bundle} --data DATASET` to measure this catalogue's")
         return 0 if healthy else 1
-    rc = _calibrate_after_build(args)
+    rc = _calibrate_after_build(args, args.bundle)
     return rc if healthy else 1
 
 
-def _score_space_first(args: argparse.Namespace) -> int:
+def _build_one(bundle: Path, cfg: Any, space: str, console: Any) -> bool:
+    """Build the graph of ``bundle`` over ``space``, print its health; True when it is healthy."""
+    from index_builder.build import build_index
+    from unimatch.progress import progress as progress_of
+
+    with progress_of(f"index build ({space})") as update:
+        report = build_index(bundle=bundle, cfg=cfg, space=space,
+                             progress=lambda stage, done, total: update(done, total or None, stage=stage))
+    print_report(report, console)
+    return bool(report["all_reachable"] and report["nested"] and report["entry_points_on_top_layer"])
+
+
+def _build_auto(args: argparse.Namespace, cfg: Any, console: Any) -> int:
+    """--space auto: the vector-space graph built and calibrated in the bundle, the score-space one in a
+    hard-linked copy beside it; the one whose calibrated points score fewer pairs ends up in the bundle."""
+    from contracts.calibration import CALIBRATION_FILE, load_calibration
+    from contracts.io import atomic_write_json
+    from index_builder.space_choice import adopt, choose_space, link_copy, remove_copy
+
+    healthy = _build_one(args.bundle, cfg, "vectors", console)
+    rc = _calibrate_after_build(args, args.bundle, write_json=False)
+    if rc != 0:
+        return rc
+    copy = link_copy(args.bundle)
+    try:
+        console.print(f"--space auto: the score-space graph is built in {copy} (hard links) to compare")
+        rc = _score_space_first(args, copy)
+        if rc != 0:
+            return rc
+        healthy_scores = _build_one(copy, cfg, "scores", console)
+        rc = _calibrate_after_build(args, copy, write_json=False)
+        if rc != 0:
+            return rc
+        choice = choose_space(load_calibration(args.bundle / CALIBRATION_FILE), load_calibration(copy / CALIBRATION_FILE))
+        print_space_choice(choice, console)
+        if choice.chosen == "scores":
+            adopt(copy, args.bundle)
+            healthy = healthy_scores
+    finally:
+        remove_copy(copy)
+    _record_choice(args.bundle, choice)
+    if args.calibration_json is not None:
+        atomic_write_json(args.calibration_json, load_calibration(args.bundle / CALIBRATION_FILE).to_json())
+    console.print(choice.summary())
+    if choice.chosen == "scores":
+        console.print("live changes (/admin/entities) are refused on a score-space graph: build with --space vectors "
+                      "for a catalogue that changes online")
+    return 0 if healthy else 1
+
+
+def _record_choice(bundle: Path, choice: Any) -> None:
+    """The comparison in the manifest's graph section, so `/v1/info` readers and operators see why."""
+    from contracts.manifest import read_manifest, write_manifest
+
+    manifest = read_manifest(bundle)
+    manifest["graph"]["space_choice"] = {
+        "chosen": choice.chosen, "scores_over_vectors_pairs": round(choice.ratio, 4),
+        "points": [{"domain": p.domain, "k": p.k, "vectors_pairs": round(p.vectors, 1), "scores_pairs": round(p.scores, 1),
+                    "vectors_mode": p.vectors_mode, "scores_mode": p.scores_mode} for p in choice.points],
+    }
+    write_manifest(bundle, manifest)
+
+
+def print_space_choice(choice: Any, console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="graph space: pairs per query at each calibrated point (fewer wins)")
+    for col in ("domain", "k", "vectors", "scores", "scores / vectors"):
+        table.add_column(col, justify="right")
+    for p in choice.points:
+        table.add_row(p.domain, str(p.k), f"{p.vectors:,.0f} ({p.vectors_mode})", f"{p.scores:,.0f} ({p.scores_mode})",
+                      f"{p.scores / p.vectors:.2f}x")
+    console.print(table)
+
+
+def _score_space_first(args: argparse.Namespace, bundle: Path) -> int:
     """`unimatch index score-space` (a service command: it runs the model) before a --space scores build."""
     from unimatch.cli import main as unimatch_main
 
-    argv = ["index", "score-space", "--bundle", str(args.bundle), "--data", str(args.data)]
+    argv = ["index", "score-space", "--bundle", str(bundle), "--data", str(args.data)]
     if args.probe_users is not None:
         argv += ["--probe-users", str(args.probe_users)]
     return unimatch_main(argv)
 
 
-def _calibrate_after_build(args: argparse.Namespace) -> int:
+def _calibrate_after_build(args: argparse.Namespace, bundle: Path, *, write_json: bool = True) -> int:
     """`unimatch index calibrate` on the bundle just built, with the calibration flags the user gave."""
     from unimatch.cli import main as unimatch_main
 
-    argv = ["index", "calibrate", "--bundle", str(args.bundle), "--data", str(args.data)]
+    argv = ["index", "calibrate", "--bundle", str(bundle), "--data", str(args.data)]
     for flag in ("target", "queries", "k", "max_exhaustive_pairs", "calibration_json"):
         value = getattr(args, flag)
-        if value is not None:
+        if value is not None and (write_json or flag != "calibration_json"):
             argv += [f"--{flag.replace('_', '-')}", str(value)]
     return unimatch_main(argv)
 

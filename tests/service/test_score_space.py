@@ -76,3 +76,66 @@ def _user(b):  # a plain user of the fake schema: zeros and an empty history
     s = b.schema
     return UserFeatures(cat=np.zeros(len(s.user_categorical), np.int64), num=np.zeros(len(s.user_numeric), np.float32),
                         seq=np.full(s.max_seq_len, PAD, np.int64))
+
+
+# ---- --space auto: both graphs built and calibrated, the cheaper kept ----------------------------------
+def _cal(pairs: dict[tuple[str, int], float]):
+    from contracts.calibration import CalibratedPoint, Calibration
+
+    domains: dict[str, list] = {}
+    for (d, k), n in pairs.items():
+        domains.setdefault(d, []).append(CalibratedPoint(
+            k=k, mode="graph", coverage=0.995, coverage_ci95=0.002, pairs=n, latency_ms_p50=1.0, latency_ms_p99=2.0,
+            exhaustive_pairs=1e4, exhaustive_ms_p50=10.0, queries=20, reason="test"))
+    return Calibration(target=0.99, graph="g", domains={d: tuple(p) for d, p in domains.items()})
+
+
+def test_choose_space_weighs_each_point_alike_and_a_tie_keeps_vectors() -> None:
+    from index_builder.space_choice import choose_space
+
+    vectors = _cal({("a", 10): 100, ("a", 1000): 10_000, ("b", 10): 100})
+    # Fewer pairs at the two small points, more at k=1000: a sum would pick vectors, each point alike scores.
+    scores = _cal({("a", 10): 25, ("a", 1000): 12_000, ("b", 10): 50})
+    c = choose_space(vectors, scores)
+    assert c.chosen == "scores" and c.ratio == pytest.approx((0.25 * 1.2 * 0.5) ** (1 / 3))
+    assert len(c.points) == 3
+    assert choose_space(vectors, vectors).chosen == "vectors"  # tie: the space that takes live changes
+    assert choose_space(vectors, _cal({("a", 10): 400, ("b", 10): 100})).chosen == "vectors"  # common points only
+    with pytest.raises(ValueError, match="no \\(domain, k\\) point"):
+        choose_space(vectors, _cal({("c", 10): 1}))
+
+
+@pytest.mark.parametrize("forced", ["vectors", "scores"])
+def test_space_auto_keeps_the_cheaper_graph_whole_and_leaves_nothing_behind(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, forced: str) -> None:
+    import index_builder.space_choice as sc
+    from contracts.calibration import graph_fingerprint, load_calibration
+
+    real = sc.choose_space
+    seen = {}
+
+    def force(v, s):  # the real comparison, then the outcome under test
+        c = real(v, s)
+        seen["real"] = c
+        return sc.SpaceChoice(chosen=forced, ratio=c.ratio, points=c.points)
+
+    monkeypatch.setattr(sc, "choose_space", force)
+    bundle = make_fake_bundle(tmp_path / "bundle", num_entities=800, seed=3, with_graph=False)
+    data = make_fake_dataset(tmp_path / "data", bundle, num_users=80, seed=3)
+    mine = tmp_path / "notes.txt"
+    mine.write_text("a user's file beside the bundle")
+    vectors_before = (bundle / "entities/vectors.npy").read_bytes()
+    assert main(["index", "build", "--bundle", str(bundle), "--space", "auto", "--data", str(data),
+                 "--probe-users", "8", "--k", "10", "--queries", "16",
+                 "--calibration-json", str(tmp_path / "cal.json")]) == 0
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["graph"]["space"] == forced and manifest["graph"]["space_choice"]["chosen"] == forced
+    assert manifest["graph"]["space_choice"]["points"] and seen["real"].points
+    cal = load_calibration(bundle / "calibration.json")
+    assert cal.graph == graph_fingerprint(manifest)  # the calibration is of the graph that was kept
+    assert json.loads((tmp_path / "cal.json").read_text())["graph"] == cal.graph
+    assert (bundle / "entities/vectors.npy").read_bytes() == vectors_before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle", "cal.json", "data", "notes.txt"]  # copy removed
+    assert not [p for p in bundle.iterdir() if p.name.startswith(".")]
+    b = load_bundle(bundle)  # checksums and graph validation
+    assert MatchEngine(b).match(_user(b), 0, 10).rows.size == 10
