@@ -155,6 +155,17 @@ def _window(engine: Any, queries: list, k: int, pool: Any, rps: float, seconds: 
     return np.array([f.result() for f in futures], dtype=np.float64)
 
 
+# Arms of the engine driver: the monitor off, on (as served: it yields to requests), and optionally on
+# without yielding (the monitor before the sixth session: only its OS priority kept it out of the way).
+OFF, ON, NO_YIELD = "off", "on", "on, no yield"
+
+
+def _arm_order(arms: list[str], windows: int) -> list[str]:
+    """A B B A ... for two arms, A B C C B A ... for three: drift cancels to first order."""
+    cycle = arms + arms[::-1]
+    return [cycle[w % len(cycle)] for w in range(windows)]
+
+
 def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
     from concurrent.futures import ThreadPoolExecutor
 
@@ -163,9 +174,10 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
     class _CountingMonitor(ShadowMonitor):
         coverage_sum = 0.0
 
-        def run_job(self, job: Any) -> float:
+        def run_job(self, job: Any) -> float | None:
             cov = super().run_job(job)
-            self.coverage_sum += cov
+            if cov is not None:  # None: dropped, no free CPU for max_wait_s
+                self.coverage_sum += cov
             return cov
 
     engine, queries = _engine_setup(args.bundle, args.data, args.users)
@@ -175,62 +187,77 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
     print(f"capacity {cap:.1f} answers/s with {threads} threads (closed loop, {args.capacity_s:.0f} s); offered {rps:.1f} req/s",
           flush=True)
     rng = np.random.default_rng(0)
-    arms: dict[str, list[np.ndarray]] = {"0": [], str(args.rate): []}
-    samples = dropped = 0
-    cov_sum = 0.0
+    names = [OFF, ON] + ([NO_YIELD] if args.no_yield_arm else [])
+    arms: dict[str, list[np.ndarray]] = {a: [] for a in names}
+    counts = {a: {"samples": 0, "dropped": 0, "starved": 0, "coverage_sum": 0.0} for a in names[1:]}
     windows = []
     with ThreadPoolExecutor(max_workers=threads) as pool:
-        for w in range(args.windows):
-            on = (w % 4) in (1, 2)  # A B B A A B B A ...: drift cancels to first order
-            monitor = _CountingMonitor(rate=args.rate, seed=w) if on else None
-            offset = w * 100_003
-            lat = _window(engine, queries, args.k, pool, rps, args.window_s, monitor, rng, offset)
+        if args.warmup_s > 0:  # first windows ran hot or cold in both arms in earlier runs: one not counted
+            _window(engine, queries, args.k, pool, rps, args.warmup_s, None, rng, 7)
+        for w, arm in enumerate(_arm_order(names, args.windows)):
+            monitor = None if arm == OFF else _CountingMonitor(rate=args.rate, seed=w, yield_to_requests=arm == ON)
+            lat = _window(engine, queries, args.k, pool, rps, args.window_s, monitor, rng, w * 100_003)
             if monitor is not None:
                 monitor.close()
-                samples += monitor.done
-                dropped += monitor.dropped
-                cov_sum += monitor.coverage_sum
-            arm = str(args.rate) if on else "0"
+                c = counts[arm]
+                c["samples"] += monitor.done
+                c["dropped"] += monitor.dropped
+                c["starved"] += monitor.starved
+                c["coverage_sum"] += monitor.coverage_sum
             arms[arm].append(lat)
-            windows.append({"window": w, "rate": args.rate if on else 0.0, "requests": int(lat.size),
+            windows.append({"window": w, "arm": arm, "rate": 0.0 if arm == OFF else args.rate, "requests": int(lat.size),
                             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                             "shadow_done": monitor.done if monitor is not None else 0,
                             "loadavg": os.getloadavg()[0]})
-            print(f"window {w} rate {args.rate if on else 0.0}: {lat.size} requests, p50 {windows[-1]['p50_ms']:.1f} ms, "
+            print(f"window {w} {arm}: {lat.size} requests, p50 {windows[-1]['p50_ms']:.1f} ms, "
                   f"p99 {windows[-1]['p99_ms']:.1f} ms, load average {windows[-1]['loadavg']:.1f}", flush=True)
     pooled = {a: np.concatenate(v) for a, v in arms.items()}
     p99 = {a: float(np.percentile(v, 99)) for a, v in pooled.items()}
-    ratio = p99[str(args.rate)] / p99["0"]
-    boot = []
+    per_window = {a: [float(np.percentile(x, 99)) for x in v] for a, v in arms.items()}
+    ratios: dict[str, Any] = {}
     brng = np.random.default_rng(1)
-    for _ in range(2000):
-        pick = {a: [v[i] for i in brng.integers(0, len(v), len(v))] for a, v in arms.items()}
-        b = {a: float(np.percentile(np.concatenate(x), 99)) for a, x in pick.items()}
-        boot.append(b[str(args.rate)] / b["0"])
-    lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    for a in names[1:]:
+        boot = []
+        for _ in range(2000):
+            pick = {b: [arms[b][i] for i in brng.integers(0, len(arms[b]), len(arms[b]))] for b in (OFF, a)}
+            q = {b: float(np.percentile(np.concatenate(x), 99)) for b, x in pick.items()}
+            boot.append(q[a] / q[OFF])
+        lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+        c = counts[a]
+        ratios[a] = {"p99_ratio": p99[a] / p99[OFF], "p99_ratio_ci95": [lo, hi],
+                     "median_window_p99_ratio": float(np.median(per_window[a]) / np.median(per_window[OFF])),
+                     "shadow_samples": c["samples"], "shadow_dropped": c["dropped"], "shadow_starved": c["starved"],
+                     "shadow_mean_coverage": c["coverage_sum"] / c["samples"] if c["samples"] else None}
     return {"driver": "engine", "bundle": str(args.bundle), "k": args.k, "threads": threads, "capacity": cap,
-            "offered_rps": rps, "rate": args.rate, "window_s": args.window_s, "windows": windows,
+            "offered_rps": rps, "rate": args.rate, "window_s": args.window_s, "warmup_s": args.warmup_s,
+            "windows": windows,
             "arms": {a: {"requests": int(v.size), "p50_ms": float(np.percentile(v, 50)), "p99_ms": p99[a],
-                         "mean_ms": float(v.mean())} for a, v in pooled.items()},
-            "p99_ratio": ratio, "p99_ratio_ci95": [lo, hi], "shadow_samples": samples, "shadow_dropped": dropped,
-            "shadow_mean_coverage": cov_sum / samples if samples else None}
+                         "mean_ms": float(v.mean()), "median_window_p99_ms": float(np.median(per_window[a]))}
+                     for a, v in pooled.items()},
+            "ratios": ratios}
 
 
 def engine_table(r: dict[str, Any]) -> str:
-    a0, a1 = r["arms"]["0"], r["arms"][str(r["rate"])]
+    loads = [w["loadavg"] for w in r["windows"]]
     lines = [f"Engine driver: {r['threads']} scoring threads, k={r['k']}, closed-loop capacity {r['capacity']:.1f} answers/s, "
-             f"offered {r['offered_rps']:.1f} req/s ({r['offered_rps'] / r['capacity']:.0%}), {len(r['windows'])} windows of "
-             f"{r['window_s']:.0f} s alternating ABBA; load average per window "
-             f"{min(w['loadavg'] for w in r['windows']):.1f}-{max(w['loadavg'] for w in r['windows']):.1f}.", "",
-             "| shadow rate | windows | requests | p50 ms | p99 ms | mean ms |", "|---|---|---|---|---|---|"]
-    n0 = sum(1 for w in r["windows"] if w["rate"] == 0.0)
-    for rate, a, n in ((0.0, a0, n0), (r["rate"], a1, len(r["windows"]) - n0)):
-        lines.append(f"| {rate} | {n} | {a['requests']} | {a['p50_ms']:.1f} | {a['p99_ms']:.1f} | {a['mean_ms']:.1f} |")
-    lo, hi = r["p99_ratio_ci95"]
-    lines += ["", f"p99 ratio (rate {r['rate']} / rate 0, pooled windows): **{r['p99_ratio']:.3f}** "
-              f"(95% bootstrap interval over windows {lo:.3f}-{hi:.3f}); {r['shadow_samples']} shadow re-scorings, "
-              f"{r['shadow_dropped']} dropped on a full queue; their mean coverage@{r['k']} "
-              f"{r['shadow_mean_coverage'] if r['shadow_mean_coverage'] is not None else float('nan'):.4f}."]
+             f"offered {r['offered_rps']:.1f} req/s ({r['offered_rps'] / r['capacity']:.0%}), shadow rate {r['rate']} when on, "
+             f"{len(r['windows'])} windows of {r['window_s']:.0f} s in the order A B (C) (C) B A ... after a "
+             f"{r.get('warmup_s', 0):.0f} s warm-up window not counted; load average per window {min(loads):.1f}-{max(loads):.1f}.",
+             "", "| monitor | windows | requests | p50 ms | p99 ms (pooled) | median of the windows' p99 ms | mean ms |",
+             "|---|---|---|---|---|---|---|"]
+    for a, v in r["arms"].items():
+        n = sum(1 for w in r["windows"] if w.get("arm") == a)
+        lines.append(f"| {a} | {n} | {v['requests']} | {v['p50_ms']:.1f} | {v['p99_ms']:.1f} | {v['median_window_p99_ms']:.1f} | "
+                     f"{v['mean_ms']:.1f} |")
+    lines.append("")
+    for a, x in r["ratios"].items():
+        lo, hi = x["p99_ratio_ci95"]
+        cov = x["shadow_mean_coverage"]
+        lines.append(f"- monitor {a} / off: pooled p99 ratio **{x['p99_ratio']:.3f}** (95% bootstrap interval over windows "
+                     f"{lo:.3f}-{hi:.3f}), ratio of the median window p99s {x['median_window_p99_ratio']:.3f}; "
+                     f"{x['shadow_samples']} re-scorings, {x['shadow_dropped']} dropped ({x['shadow_starved']} finding no "
+                     f"free CPU for 10 s, the rest on a full queue), mean coverage@{r['k']} "
+                     f"{cov if cov is not None else float('nan'):.4f}.")
     return "\n".join(lines) + "\n"
 
 
@@ -275,6 +302,9 @@ def main() -> None:
     ap.add_argument("--capacity-s", type=float, default=10.0, help="closed-loop capacity measurement (engine driver)")
     ap.add_argument("--windows", type=int, default=16, help="alternating windows, ABBA order (engine driver)")
     ap.add_argument("--window-s", type=float, default=20.0, help="length of each window (engine driver)")
+    ap.add_argument("--warmup-s", type=float, default=20.0, help="an uncounted window first (engine driver)")
+    ap.add_argument("--no-yield-arm", action="store_true",
+                    help="a third arm: the monitor on without yielding to requests (UNIMATCH_SHADOW_YIELD=false)")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each measured step (http driver)")
     ap.add_argument("--rounds", type=int, default=2, help="A/B rounds (http driver)")
     ap.add_argument("--md", type=Path, default=None, help="write the table here (markdown)")

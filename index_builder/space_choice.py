@@ -80,7 +80,7 @@ def link_copy(bundle: Path) -> Path:
     """
     bundle = Path(bundle)
     dst = Path(tempfile.mkdtemp(prefix=f".{bundle.name}.space-scores-", dir=bundle.parent))
-    for root, dirs, files in os.walk(bundle):
+    for root, _dirs, files in os.walk(bundle):
         rel = Path(root).relative_to(bundle)
         # graph/ too: the score space is computed on the bundle as it loads (its manifest names the graph);
         # the build then swaps the copy's graph/ whole, which unlinks the links, never the files.

@@ -116,6 +116,9 @@ class Settings(BaseSettings):
     shadow_queue: int = Field(default=8, ge=1, le=1024)
     # Share of one core the monitor's thread may use: it sleeps (1/share - 1) x the time of each re-scoring.
     shadow_cpu_share: float = Field(default=0.1, gt=0, le=1)
+    # The monitor's exhaustive scan waits, between small onnxruntime calls, while every CPU serves a
+    # request (service.shadow); false scans like a request does, with only a low OS priority.
+    shadow_yield: bool = True
     # ---- admin -----------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).

@@ -16,7 +16,7 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
 
 import numpy as np
@@ -37,6 +37,10 @@ log = logging.getLogger("unimatch.engine")
 
 MODES = ("graph", "exhaustive")
 EXHAUSTIVE_CHUNK_CPU = 2048  # rows per onnxruntime call in exhaustive mode on CPU (see MatchEngine)
+# Rows per call of a background exhaustive scan (the shadow monitor) on CPU: it checks for waiting
+# requests between calls, so a call's length (~1.5 ms here at ~3 us per pair) is what a request that
+# arrives meanwhile can wait for a core.
+BACKGROUND_CHUNK_CPU = 512
 
 
 class SearchError(ValueError):
@@ -230,6 +234,12 @@ class MatchEngine:
         self.exhaustive_chunk = (
             min(self.scorer.max_batch, EXHAUSTIVE_CHUNK_CPU) if self.provider == CPU_PROVIDER else self.scorer.max_batch
         )
+        self.background_chunk = (
+            min(self.scorer.max_batch, BACKGROUND_CHUNK_CPU) if self.provider == CPU_PROVIDER else self.scorer.max_batch
+        )
+        # Requests being answered now (``run`` without ``between_chunks``): background work yields to them.
+        self._active = 0
+        self._active_lock = threading.Lock()
         graph = bundle.graph
         if graph is not None and graph.num_layers != len(self.params.ef):
             raise SearchError(f"search params are for {len(self.params.ef)} layers, the graph has {graph.num_layers}")
@@ -401,9 +411,32 @@ class MatchEngine:
         q = self.query(user, domain, k, exclude_rows=exclude_rows, entity_types=entity_types, deadline=deadline)
         return self.run(q, mode=mode, params=params)
 
-    def run(self, q: MatchQuery, *, mode: str | None = None, params: SearchParams | None = None) -> MatchResult:
+    @property
+    def active_searches(self) -> int:
+        """Requests in ``run`` now, background scans not counted (read without the lock: a hint)."""
+        return self._active
+
+    def run(self, q: MatchQuery, *, mode: str | None = None, params: SearchParams | None = None,
+            between_chunks: Callable[[], None] | None = None) -> MatchResult:
         """Answer a validated query. ``mode`` forces "graph" or "exhaustive" (benchmarks); by default the
-        bundle's calibration chooses mode and operating point, else ``params.exhaustive_threshold``."""
+        bundle's calibration chooses mode and operating point, else ``params.exhaustive_threshold``.
+
+        ``between_chunks`` makes it background work (the shadow monitor's exhaustive re-scoring): not
+        counted in ``active_searches``, scored in ``background_chunk`` rows per call, and the callback
+        runs before each call (it may wait for a free CPU, or raise to give up).
+        """
+        if between_chunks is not None:
+            return self._run(q, mode, params, between_chunks)
+        with self._active_lock:
+            self._active += 1
+        try:
+            return self._run(q, mode, params, None)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def _run(self, q: MatchQuery, mode: str | None, params: SearchParams | None,
+             between_chunks: Callable[[], None] | None) -> MatchResult:
         t_start = time.perf_counter()
         user, domain, k = q.user, q.domain, q.k
         mode, p = self._plan(q, mode, params)
@@ -434,7 +467,8 @@ class MatchEngine:
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             layers = tuple(out.layers)
         else:
-            rows, scores, partial, steps = self._exhaustive(scorer, domain, k, q.entity_types, q.exclude_rows, q.deadline)
+            rows, scores, partial, steps = self._exhaustive(scorer, domain, k, q.entity_types, q.exclude_rows, q.deadline,
+                                                            between_chunks)
         t_end = time.perf_counter()
         stats = SearchStats(
             pair_evaluations=scorer.pairs,
@@ -529,7 +563,13 @@ class MatchEngine:
                 return out
 
             t_search = time.perf_counter()
-            outs = search_many(beams, score_many)
+            with self._active_lock:  # one thread's work: one CPU taken, whatever the batch's size
+                self._active += 1
+            try:
+                outs = search_many(beams, score_many)
+            finally:
+                with self._active_lock:
+                    self._active -= 1
             t_end = time.perf_counter()
             for n, (i, out) in enumerate(zip(lock, outs, strict=True)):
                 stats = SearchStats(
@@ -582,8 +622,10 @@ class MatchEngine:
         types: np.ndarray | None,
         excl: np.ndarray | None,
         deadline: float | None,
+        between_chunks: Callable[[], None] | None = None,
     ) -> tuple[np.ndarray, np.ndarray, bool, int]:
-        """Score every eligible row in ``max_batch`` chunks; the reference the graph search is measured by."""
+        """Score every eligible row in ``exhaustive_chunk`` chunks (``background_chunk`` with a
+        ``between_chunks`` callback, run before each); the reference the graph search is measured by."""
         rows = self._domain_rows[domain]
         if self.live is not None:
             rows = np.concatenate([rows[self.live.live[rows]], self.live.overlay_rows(domain)])
@@ -591,12 +633,14 @@ class MatchEngine:
             rows = rows[np.isin(self._etype[rows], types)]
         if excl is not None:
             rows = rows[~np.isin(rows, excl)]
-        chunk = self.exhaustive_chunk
+        chunk = self.exhaustive_chunk if between_chunks is None else self.background_chunk
         got_rows, got_scores, partial, calls = [], [], False, 0
         for i in range(0, rows.size, chunk):
             if deadline is not None and calls and time.monotonic() >= deadline:
                 partial = True
                 break
+            if between_chunks is not None:
+                between_chunks()
             part = rows[i : i + chunk]
             got_rows.append(part)
             got_scores.append(scorer(part))

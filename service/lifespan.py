@@ -98,7 +98,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             times=ServiceTimes(upper_q=settings.admission_quantile),
                             headroom=Headroom(target=settings.admission_partial_target)),
         shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
-                             cpu_share=settings.shadow_cpu_share) if settings.shadow_rate > 0 else None,
+                             cpu_share=settings.shadow_cpu_share, yield_to_requests=settings.shadow_yield)
+        if settings.shadow_rate > 0 else None,
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.
     target = ordered_bundle(settings) or settings.bundle

@@ -10,7 +10,12 @@ records coverage@k = |served top-k ∩ exhaustive top-k| / |exhaustive top-k| pe
 
 Never on the request path: ``offer`` is a random draw and a ``put_nowait`` on a bounded queue (a full
 queue drops the sample and counts it); the worker runs at the lowest scheduling priority and sleeps
-after each job so that it uses at most ``cpu_share`` of one core.
+after each job so that it uses at most ``cpu_share`` of one core. And it yields: the scan is scored in
+small calls (``MatchEngine.background_chunk``), and before each one it waits while every CPU is taken
+by a request being answered (``MatchEngine.active_searches``). An OS priority alone did not keep it
+out of the way: at rate 0.01 and 70% load its scans raised the requests' p99 by ~20-25% (amazon,
+docs/search-benchmark.md, sixth session), as a request arriving while the scan held a core waited for
+the scheduler. A job that finds no free CPU for ``max_wait_s`` in all is dropped (counted).
 """
 
 from __future__ import annotations
@@ -65,13 +70,26 @@ def coverage(served: np.ndarray, exact: np.ndarray) -> float:
     return float(np.intersect1d(served, exact).size / exact.size)
 
 
+class _Starved(Exception):
+    """No CPU was free for the monitor's scan within max_wait_s: the job is dropped."""
+
+
 class ShadowMonitor:
     """Bounded queue + one worker thread; ``offer`` from any thread, ``close`` at shutdown."""
 
     def __init__(self, *, rate: float, queue_size: int = 8, cpu_share: float = 0.1, seed: int | None = None,
-                 sleep: Callable[[float], None] = time.sleep, start: bool = True) -> None:
+                 sleep: Callable[[float], None] = time.sleep, start: bool = True, cpus: int | None = None,
+                 max_wait_s: float = 10.0, poll_s: float = 0.001, yield_to_requests: bool = True) -> None:
+        from service.cpus import cpu_budget
+
         self.rate = float(rate)
         self.cpu_share = float(cpu_share)
+        self.cpus = int(cpus) if cpus is not None else cpu_budget().cpus  # what the request threads run on
+        self.max_wait_s, self.poll_s = float(max_wait_s), float(poll_s)
+        self.starved = 0  # jobs dropped because no CPU was free for max_wait_s
+        # False: the scan runs like a request (large calls, no waiting), as before the sixth session; kept
+        # so that the benchmark measures both side by side (UNIMATCH_SHADOW_YIELD=false).
+        self.yield_to_requests = bool(yield_to_requests)
         self._queue: queue.Queue[ShadowJob | None] = queue.Queue(maxsize=queue_size)
         self._rng = random.Random(seed)
         self._sleep = sleep
@@ -101,10 +119,19 @@ class ShadowMonitor:
         return True
 
     # ---- worker side ---------------------------------------------------------------------------------
-    def run_job(self, job: ShadowJob) -> float:
-        """Re-score one request exhaustively and record its coverage; returns the coverage."""
-        exact = job.engine.match(job.user, job.domain, job.k, mode="exhaustive", exclude_rows=job.exclude_rows,
-                                 entity_types=job.entity_types)
+    def run_job(self, job: ShadowJob) -> float | None:
+        """Re-score one request exhaustively and record its coverage; returns the coverage, or None when
+        the job was dropped for want of a free CPU."""
+        engine = job.engine
+        q = engine.query(job.user, job.domain, job.k, exclude_rows=job.exclude_rows, entity_types=job.entity_types)
+        try:
+            exact = engine.run(q, mode="exhaustive",
+                               between_chunks=self._yield_to_requests(engine) if self.yield_to_requests else None)
+        except _Starved:
+            self.starved += 1
+            self.dropped += 1
+            metrics.SHADOW_DROPPED.inc()
+            return None
         cov = coverage(job.served_rows, np.asarray(exact.rows, dtype=np.int64))
         bucket = k_bucket(job.k)
         metrics.SHADOW_COVERAGE.labels(domain=job.domain_name, k_bucket=bucket).observe(cov)
@@ -113,6 +140,19 @@ class ShadowMonitor:
             metrics.CALIBRATED_COVERAGE.labels(domain=job.domain_name, k_bucket=bucket).set(point.coverage)
         self.done += 1
         return cov
+
+    def _yield_to_requests(self, engine: MatchEngine) -> Callable[[], None]:
+        """The scan's between-calls hook: wait while every CPU serves a request; give up after max_wait_s."""
+        waited = [0.0]
+
+        def wait_for_a_free_cpu() -> None:
+            while engine.active_searches >= self.cpus:
+                if waited[0] >= self.max_wait_s or self._stop.is_set():
+                    raise _Starved
+                self._sleep(self.poll_s)
+                waited[0] += self.poll_s
+
+        return wait_for_a_free_cpu
 
     def _run(self) -> None:
         try:  # Linux: a thread's own nice value; the request threads keep theirs

@@ -93,6 +93,63 @@ def test_worker_rests_to_its_cpu_share(setup) -> None:
     assert monitor.done == 1 and len(rests) == 1 and rests[0] > 0  # rest = 4 x the work at a 20% share
 
 
+def test_a_background_scan_yields_before_each_call_and_gives_the_same_answer(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    q = engine.query(u, 0, 50)
+    plain = engine.run(q, mode="exhaustive")
+    hooks: list[int] = []
+    bg = engine.run(q, mode="exhaustive", between_chunks=lambda: hooks.append(engine.active_searches))
+    np.testing.assert_array_equal(bg.rows, plain.rows)
+    np.testing.assert_array_equal(bg.scores, plain.scores)
+    assert engine.background_chunk < engine.exhaustive_chunk or engine.background_chunk == engine.scorer.max_batch
+    assert len(hooks) == bg.stats.scorer_calls == -(-q.eligible // engine.background_chunk) > 1
+    assert hooks == [0] * len(hooks)  # a background scan is not counted as a request being answered
+    seen: list[int] = []
+    engine.scorer.score_timed, real = (lambda ctx, rows: (seen.append(engine.active_searches), real(ctx, rows))[1],
+                                       engine.scorer.score_timed)
+    try:
+        engine.run(q, mode="exhaustive")
+    finally:
+        del engine.scorer.score_timed
+    assert seen and set(seen) == {1} and engine.active_searches == 0  # a request is, while it runs
+
+
+def test_the_monitor_scores_only_while_a_cpu_is_free_and_drops_a_starved_job(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    calls_while_busy: list[int] = []
+    real = engine.scorer.score_timed
+
+    def score(ctx, rows):
+        calls_while_busy.append(engine.active_searches >= 1)
+        return real(ctx, rows)
+
+    polls: list[float] = []
+
+    def sleep(s: float) -> None:  # three polls with every CPU taken, then the request ends
+        polls.append(s)
+        if len(polls) == 3:
+            engine._active -= 1
+
+    engine.scorer.score_timed = score
+    try:
+        monitor = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
+        engine._active += 1  # a request in flight on the only CPU
+        cov = monitor.run_job(_job(engine, 0, 10, u, res))
+        assert cov is not None and polls == [0.001] * 3 and calls_while_busy and not any(calls_while_busy)
+        starved = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=lambda s: None, poll_s=0.01, max_wait_s=0.05)
+        engine._active += 1  # and this one never ends: the job gives up, counted, no coverage recorded
+        before = REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") or 0.0
+        assert starved.run_job(_job(engine, 0, 10, u, res)) is None
+        assert starved.starved == starved.dropped == 1 and starved.done == 0
+        assert REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") == before + 1
+    finally:
+        engine._active = 0
+        del engine.scorer.score_timed
+
+
 def test_helpers() -> None:
     assert coverage(np.array([1, 2, 3]), np.array([2, 3, 4, 5])) == 0.5
     assert coverage(np.array([1]), np.array([], dtype=np.int64)) == 1.0
