@@ -122,6 +122,8 @@ class CalibratedPoint:
             base, ef=self.ef or base.ef, steps=self.steps or base.steps, top_n=self.top_n or base.top_n,
             max_degree=self.max_degree, whole_top_layer_up_to=self.whole_top_layer_up_to,
             seed_history=self.seed_history, filter_beam=self.filter_beam,
+            # measured as it is: a bottom ef below k (the ladder's lower rungs) is not raised to k
+            bottom_ef_floor=False,
         )
 
     def to_json(self) -> dict[str, Any]:

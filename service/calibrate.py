@@ -43,7 +43,9 @@ from service.engine import MatchEngine, MatchResult, SearchParams
 Progress = Callable[[str, int, int], None]  # (description, done, total); total 0 = unknown
 
 # The bottom layer's ef as a multiple of k; the search gallops over every other rung, then bisects.
-EF_LADDER: tuple[float, ...] = (1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
+# Bottom ef as a multiple of k, cheapest first. Rungs below 1: the answer is the top-k of every row the
+# bottom layer scored, so a narrower beam may find it for fewer pairs (SearchParams.bottom_ef_floor).
+EF_LADDER: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6, 0.75, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 24.0, 32.0)
 
 
 @dataclass(frozen=True)
@@ -88,8 +90,8 @@ def grid(base: SearchParams, k: int, cfg: CalibrateConfig) -> list[list[SearchPa
                 upper_ef = tuple(max(1, round(e * scale)) for e in base.ef[:-1])
                 upper_n = tuple(max(0, round(n * scale)) for n in base.top_n[:-1])
                 ladder = [
-                    replace(base, ef=(*upper_ef, max(k, math.ceil(a * k))), top_n=(*upper_n, k),
-                            steps=(*base.steps[:-1], t), seed_history=seed_history)
+                    replace(base, ef=(*upper_ef, max(1, math.ceil(a * k))), top_n=(*upper_n, k),
+                            steps=(*base.steps[:-1], t), seed_history=seed_history, bottom_ef_floor=False)
                     for a in EF_LADDER
                 ]
                 combos.append(ladder)

@@ -30,7 +30,7 @@ from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
 from service.scoring.host import CPU as CPU_PROVIDER
 from service.scoring.host import HostGatherScorer, UserContext
-from service.search import LayerStats, LiveGraph, RequestBeam, VisitedSet, best_first, search
+from service.search import LayerStats, LiveGraph, RequestBeam, SearchOutcome, VisitedSet, best_first, search
 from service.search_kernels import keep_rows
 
 log = logging.getLogger("unimatch.engine")
@@ -88,6 +88,12 @@ class SearchParams:
     # one graph) it took coverage@200 from 0.855 to 0.998 for 23% more pairs (docs/search-benchmark.md,
     # "Why the beam stalled, and the fix"); where every entity is returnable it changes nothing.
     filter_beam: bool = True
+    # Raise the bottom layer's ef to k per request (``for_k``). The answer is the top-k of every row the
+    # bottom layer scored, not of its beam, so a beam narrower than k can find the model's top-k for
+    # fewer pairs (synth 1M, k=200: ef 100 reached coverage 0.996-0.997 at 0.17% scored where ef 200 took
+    # 0.25%; amazon phone/electronic: ef 60-100 reached 0.991 at 1.6x fewer pairs; docs/search-benchmark.md,
+    # sixth session). Only measured points turn it off: the calibration's (its ladder goes below k).
+    bottom_ef_floor: bool = True
 
     def __post_init__(self) -> None:
         if not (len(self.ef) == len(self.steps) == len(self.top_n)) or not self.ef:
@@ -99,10 +105,16 @@ class SearchParams:
         if self.max_degree and (len(self.max_degree) != len(self.ef) or min(self.max_degree) < 0):
             raise SearchError(f"max_degree needs one value >= 0 per layer (0 = all neighbours), got {self.max_degree}")
 
+    @property
+    def narrow(self) -> bool:
+        """The bottom ef is taken as measured, even below k (a calibrated point)."""
+        return not self.bottom_ef_floor
+
     def for_k(self, k: int) -> SearchParams:
-        """A beam narrower than k cannot hold k results: the bottom layer's ef and top-n are at least k."""
+        """The bottom layer keeps at least k results (top-n); its beam is at least k wide too, unless the
+        point was measured narrower (``bottom_ef_floor`` off)."""
         return SearchParams(
-            ef=(*self.ef[:-1], max(self.ef[-1], k)),
+            ef=(*self.ef[:-1], max(self.ef[-1], k) if self.bottom_ef_floor else self.ef[-1]),
             steps=self.steps,
             top_n=(*self.top_n[:-1], max(self.top_n[-1], k)),
             exhaustive_threshold=self.exhaustive_threshold,
@@ -110,6 +122,7 @@ class SearchParams:
             whole_top_layer_up_to=self.whole_top_layer_up_to,
             seed_history=self.seed_history,
             filter_beam=self.filter_beam,
+            bottom_ef_floor=self.bottom_ef_floor,
         )
 
 
@@ -448,22 +461,21 @@ class MatchEngine:
         scorer = _TimedScore(self.scorer, ctx)
         layers: tuple[LayerStats, ...] = ()
         if mode == "graph" and graph is not None:
-            out = search(
-                graph,
-                scorer,
-                k=k,
-                ef=p.ef,
-                steps=p.steps,
-                top_n=p.top_n,
-                max_degree=p.max_degree,
-                whole_top_layer_up_to=p.whole_top_layer_up_to,
-                visited=self._visited(),
-                keep=self._keep_fn(domain, q.entity_types, q.exclude_rows),
-                deadline=q.deadline,
-                seeds=self._seeds(user) if p.seed_history else None,
-                filter_beam=p.filter_beam,
-                loop=self.search_loop,
-            )
+            keep = self._keep_fn(domain, q.entity_types, q.exclude_rows)
+
+            def graph_search(p: SearchParams) -> SearchOutcome:
+                return search(
+                    graph, scorer, k=k, ef=p.ef, steps=p.steps, top_n=p.top_n, max_degree=p.max_degree,
+                    whole_top_layer_up_to=p.whole_top_layer_up_to, visited=self._visited(), keep=keep,
+                    deadline=q.deadline, seeds=self._seeds(user) if p.seed_history else None,
+                    filter_beam=p.filter_beam, loop=self.search_loop,
+                )
+
+            out = graph_search(p)
+            if p.ef[-1] < k and out.rows.size < k and not out.partial and q.eligible >= k:
+                # A calibrated beam narrower than k saw fewer than k returnable rows (a request filtering
+                # most of its domain away): search again as wide as k, as an uncalibrated search would.
+                out = graph_search(replace(p, bottom_ef_floor=True).for_k(k))
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             layers = tuple(out.layers)
         else:
@@ -579,6 +591,10 @@ class MatchEngine:
                     layers=tuple(out.layers), batch=len(lock),
                 )
                 results[i] = MatchResult(rows=out.rows, scores=out.scores, mode="graph", partial=out.partial, stats=stats)
+                p, want = plans[i][1], queries[i].k
+                short = out.rows.size < want <= queries[i].eligible and not out.partial
+                if short and p.ef[-1] < want:  # as in run(): a narrow beam that saw too few returnable rows
+                    results[i] = self.run(queries[i], mode="graph", params=replace(p, bottom_ef_floor=True))
         return [r for r in results if r is not None]
 
     def calibrated(self, domain: int, k: int) -> tuple[str, SearchParams] | None:
@@ -597,7 +613,8 @@ class MatchEngine:
         if cached is None:  # once per (domain, k): k is bounded by the service's max_k
             _, mode, params, pt = buckets[-1]
             _, ef_bottom = self.calibration.lookup(self.bundle.schema.domains[domain], k) or (pt, k)
-            cached = mode, replace(params, ef=(*params.ef[:-1], max(ef_bottom, k))).for_k(k)
+            ef_bottom = ef_bottom if params.narrow else max(ef_bottom, k)
+            cached = mode, replace(params, ef=(*params.ef[:-1], ef_bottom)).for_k(k)
             self._above_buckets[(domain, k)] = cached
         return cached
 

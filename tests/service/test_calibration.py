@@ -16,7 +16,7 @@ from contracts.manifest import BundleError
 from service import calibrate as cal_mod
 from service.bench.search_bench import held_out_queries
 from service.calibrate import PointResult, calibrate, calibrate_bundle, calibrate_domain, write_calibration
-from service.engine import MatchEngine, SearchParams
+from service.engine import EngineRequest, MatchEngine, SearchParams
 from tests.fixtures.fake_bundle import make_fake_bundle, make_fake_dataset
 
 FAST = dict(upper_scales=(1.0,), bottom_steps=(10,), seed_history=(False,))
@@ -120,9 +120,16 @@ def test_index_rebuild_drops_the_calibration(calibrated, tmp_path: Path) -> None
 
 
 # ---- the decision, on measured points we control ------------------------------------------------------------
-def _fake_points(monkeypatch: pytest.MonkeyPatch, table: dict[int, tuple[float, float, float]]) -> list[int]:
+# The ladder from k up (before the sixth session): the decision tests below walk it; the rungs under k
+# have their own test.
+LADDER_FROM_K = tuple(a for a in cal_mod.EF_LADDER if a >= 1.0)
+
+
+def _fake_points(monkeypatch: pytest.MonkeyPatch, table: dict[int, tuple[float, float, float]],
+                 ladder: tuple[float, ...] = LADDER_FROM_K) -> list[int]:
     """evaluate_point answers from ``table``: bottom ef -> (coverage, pairs, p50 ms); records what was asked."""
     asked: list[int] = []
+    monkeypatch.setattr(cal_mod, "EF_LADDER", ladder)
 
     def fake(engine, q, idx, k, ref, params: SearchParams) -> PointResult:
         ef = params.for_k(k).ef[-1]
@@ -147,6 +154,37 @@ def test_cheapest_point_meeting_the_target_is_chosen(monkeypatch: pytest.MonkeyP
     pt = calibrate_domain(_Engine(), None, np.arange(5), [], k, ex_pairs=2000, ex_p50=10.0, cfg=cfg)
     assert pt.mode == "graph" and pt.ef[-1] == 15 and pt.coverage == 0.992 and pt.pairs == 140
     assert asked == [10, 20, 15]  # gallop to the first rung that meets it, then one back
+
+
+def test_a_beam_narrower_than_k_is_chosen_where_it_meets_the_target_and_served_as_measured(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    k = 10
+    # full ladder at k = 10: 3, 4, 5, 6, 8, 10, 15, ...; galloped 3, 5, 8, ... then the rung below the hit
+    asked = _fake_points(monkeypatch, {3: (0.95, 40, 1.0), 4: (0.985, 50, 1.0), 5: (0.993, 60, 1.0),
+                                       10: (1.0, 100, 1.5)}, ladder=cal_mod.EF_LADDER)
+    pt = calibrate_domain(_Engine(), None, np.arange(5), [], k, ex_pairs=2000, ex_p50=10.0,
+                          cfg=CalibrateConfig(target=0.99, **FAST))
+    assert asked == [3, 5, 4] and pt.mode == "graph" and pt.ef[-1] == 5 and pt.pairs == 60
+    p = pt.params(SearchParams())
+    assert p.narrow and p.for_k(10).ef[-1] == 5 and p.for_k(10).top_n[-1] == 10  # not raised to k: as measured
+    assert SearchParams(ef=(32, 8, 16, 5)).for_k(10).ef[-1] == 10  # an uncalibrated point still is
+
+
+def test_a_narrow_beam_that_sees_fewer_than_k_rows_searches_again_as_wide_as_k(calibrated) -> None:
+    from contracts.features import UserFeatures
+
+    bundle = load_bundle(calibrated[0])
+    engine = MatchEngine(bundle, providers=["CPUExecutionProvider"])
+    user = UserFeatures.cold_start(bundle.schema)
+    k = min(300, engine.eligible_count(0))
+    narrow = SearchParams(ef=(4, 2, 2, 1), steps=(1, 1, 1, 10), top_n=(8, 8, 8, k), bottom_ef_floor=False)
+    wide = replace(narrow, bottom_ef_floor=True)
+    got, floor = engine.match(user, 0, k, params=narrow, mode="graph"), engine.match(user, 0, k, params=wide, mode="graph")
+    assert got.rows.size == floor.rows.size == k  # a one-wide beam alone sees a few dozen rows
+    np.testing.assert_array_equal(got.rows, floor.rows)
+    assert got.stats.pair_evaluations > floor.stats.pair_evaluations  # the narrow search ran first, then the wide
+    many = engine.match_many([EngineRequest(user, 0, k, params=narrow, mode="graph")] * 2)
+    np.testing.assert_array_equal(many[0].rows, floor.rows)
 
 
 def test_exhaustive_when_the_graph_is_not_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -242,6 +280,7 @@ def test_screening_decides_on_the_full_set(monkeypatch: pytest.MonkeyPatch) -> N
         return PointResult(params.for_k(k), cov, 0.001, float(ef * 10), 1.0, 1.0)
 
     monkeypatch.setattr(cal_mod, "evaluate_point", fake)
+    monkeypatch.setattr(cal_mod, "EF_LADDER", LADDER_FROM_K)
     cfg = CalibrateConfig(target=0.99, screen_queries=40, **FAST)
     pt = calibrate_domain(_Engine(), None, np.arange(200), [], 10, ex_pairs=5000, ex_p50=10.0, cfg=cfg)
     assert pt.mode == "graph" and pt.ef[-1] == 20 and pt.coverage == 0.995
