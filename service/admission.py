@@ -247,6 +247,43 @@ class Headroom:
 
 
 @dataclass
+class Ticket:
+    """Work admission let in and the route has not submitted yet (its Redis read is in between).
+
+    Counted in :meth:`Admission.wait_s` from the moment it is admitted: measured before this
+    (2026-12-03), a unit only became pending work when it was submitted to the pool, after the
+    request's feature read, so every request admitted during that read saw the same free threads and
+    was let in on the same "no queue" estimate; the later ones then queued behind each other and
+    were refused in the thread or answered cut short. ``units`` searches of ``cost_s`` each (the mean
+    at admission); :meth:`Admission.run` takes one unit over as it submits it, :meth:`release` gives
+    back what is left (idempotent: the route calls it when the request ends, however it ends).
+    """
+
+    admission: Admission
+    units: int
+    cost_s: float
+    probe: bool = False
+
+    def take(self) -> float:
+        """One unit handed over to the pool (its cost is then counted as submitted work); 0 when none left."""
+        with self.admission._lock:
+            if self.units <= 0:
+                return 0.0
+            self.units -= 1
+            self.admission.held -= 1
+            self.admission.held_s = max(0.0, self.admission.held_s - self.cost_s)
+            return self.cost_s
+
+    def release(self) -> None:
+        with self.admission._lock:
+            if self.units <= 0:
+                return
+            self.admission.held -= self.units
+            self.admission.held_s = max(0.0, self.admission.held_s - self.units * self.cost_s)
+            self.units = 0
+
+
+@dataclass
 class Admission:
     """Deadline-aware admission in front of the scoring pool of ``threads`` threads (one per worker process).
 
@@ -262,8 +299,10 @@ class Admission:
     probe_interval_s: float = 1.0
     clock: Clock = time.monotonic
     times: ServiceTimes = field(default_factory=ServiceTimes)
-    pending: int = 0
+    pending: int = 0  # units submitted to the pool and not finished (queued or running)
     pending_s: float = 0.0
+    held: int = 0  # units admitted and not yet submitted (:class:`Ticket`): they will queue first
+    held_s: float = 0.0
     # The hand-back from a pool thread to the event loop (a searched request waits for the loop to
     # resume it) is part of the answer's time: the search's own deadline is moved earlier by this
     # quantile of the recent hand-backs, at most ``max_reserve_share`` of the request's budget.
@@ -295,9 +334,10 @@ class Admission:
 
     # ---- estimates -------------------------------------------------------------------------------
     def wait_s(self) -> float:
-        """Expected queue wait of a unit submitted now: zero while a thread is free."""
+        """Expected queue wait of a unit submitted now: zero while a thread is free. The work admitted
+        and not yet submitted (tickets) counts: it reaches the pool before anything admitted now."""
         with self._lock:
-            pending, pending_s = self.pending, self.pending_s
+            pending, pending_s = self.pending + self.held, self.pending_s + self.held_s
         if pending < self.threads:
             return 0.0
         return pending_s / self.threads
@@ -378,7 +418,10 @@ class Admission:
             return True
         now = self.clock()
         left = deadline - now
-        if est <= self.headroom.share(now) * left:
+        # the answer is done when the loop has resumed it: the hand-back the search's own deadline
+        # keeps (reserve_s) is not the search's time, so it must fit too
+        fit = self.headroom.share(now) * (left - self.reserve_s(whole_s if whole_s is not None else left))
+        if est <= fit:
             return False
         b = k_bucket(k)
         for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
@@ -390,6 +433,23 @@ class Admission:
             f"overloaded: this request would finish in ~{est * 1e3:.0f} ms, its deadline leaves "
             f"{max(0.0, left) * 1e3:.0f} ms; retry later",
         )
+
+    def admit_ticket(
+        self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None, whole_s: float | None = None,
+    ) -> Ticket:
+        """:meth:`admit`, and hold the admitted work as queued from now on (a :class:`Ticket`).
+
+        The route hands the ticket to :meth:`run` (which takes a unit over as it submits it) and
+        releases it when the request ends; between the two, the requests admitted after this one see
+        its work ahead of them.
+        """
+        probe = self.admit(k, deadline, units=units, budget_s=budget_s, whole_s=whole_s)
+        cost = self.times.estimate(k) or 0.0
+        n = max(1, units)
+        with self._lock:
+            self.held += n
+            self.held_s += n * cost
+        return Ticket(self, n, cost, probe)
 
     def edge_refuse(self, budget_s: float) -> Overloaded | None:
         """At the edge, before the body is parsed: the refusal for a request that cannot finish in time.
@@ -409,7 +469,7 @@ class Admission:
             return None
         est = self.standing_s() + wait + s
         now = self.clock()
-        if est <= self.headroom.share(now) * budget_s:
+        if est <= self.headroom.share(now) * (budget_s - self.reserve_s(budget_s)):
             return None
         if now - self._route_at >= self.probe_interval_s:
             self._route_at = now  # the route decides this one (one per interval), and refreshes the estimates
@@ -421,7 +481,7 @@ class Admission:
 
     async def run(
         self, executor: Executor, fn: Callable[[], T], *, k: int, deadline: float, probe: bool = False,
-        timing: dict[str, float] | None = None,
+        timing: dict[str, float] | None = None, ticket: Ticket | None = None,
     ) -> T:
         """Run ``fn`` (one search of size ``k``) in ``executor``; refused in the thread if it starts too late.
 
@@ -433,11 +493,14 @@ class Admission:
         estimate left, one that found a thread free its mean (measured: the upper estimate for every
         search refused most of what the route had just admitted on the mean, at 5 x, and the partial
         answers were the queued ones anyway). A size with no search finished for ``probe_interval_s``
-        runs anyway, so a refusal here can never freeze its estimate.
+        runs anyway, so a refusal here can never freeze its estimate. ``ticket``: the unit was held
+        since admission (:meth:`admit_ticket`); it moves from held to submitted work here.
         """
         cost = self.times.estimate(k) or 0.0
         if timing is not None:
             timing["submitted"] = self.clock()
+        if ticket is not None:
+            ticket.take()
         with self._lock:
             queued = self.pending >= self.threads
             self.pending += 1
@@ -508,6 +571,8 @@ class Admission:
             "threads": self.threads,
             "pending": self.pending,
             "pending_ms": round(self.pending_s * 1e3, 3),
+            "held": self.held,
+            "held_ms": round(self.held_s * 1e3, 3),
             "service_ms_by_k": by_k,
             f"service_ms_p{self.times.upper_q * 100:g}_by_k": upper_by_k,
             "standing_delay_ms": round(self.standing_s() * 1e3, 3),

@@ -654,3 +654,85 @@ def test_partial_answers_feed_the_headroom_and_probes_do_not(bundle_dir: Path, d
 
     seen = asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, deadline_ms=10000), body))
     assert seen == [False]
+
+
+# ---- work held from admission to submission; the hand-back inside the decision (2026-12-03, s6) ------
+def test_admitted_work_counts_as_queued_before_it_is_submitted() -> None:
+    """Requests admitted while the ones before them still read their features see that work ahead:
+    before tickets, every one of them saw the same free threads and was let in on "no queue"."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    a = adm.admit_ticket(10, clock.t + 0.035)
+    b = adm.admit_ticket(10, clock.t + 0.035)  # the second thread: still no wait
+    assert adm.held == 2 and adm.held_s == pytest.approx(0.040) and adm.pending == 0
+    assert adm.wait_s() == pytest.approx(0.020)  # 40 ms held over 2 threads
+    with pytest.raises(Overloaded):
+        adm.admit_ticket(10, clock.t + 0.035)  # 20 ms wait + 20 ms search > 35 ms
+    assert adm.held == 2  # a refusal holds nothing
+    a.release()
+    a.release()  # idempotent
+    assert adm.held == 1 and adm.wait_s() == 0.0
+    c = adm.admit_ticket(10, clock.t + 0.035)
+    b.release()
+    c.release()
+    assert adm.held == 0 and adm.held_s == 0.0
+
+
+def test_run_takes_the_held_unit_over_and_releases_it_when_done() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=1, clock=clock)
+    adm.seed(10, 0.020)
+    ticket = adm.admit_ticket(10, clock.t + 1.0, units=2)
+    assert adm.held == 2
+    seen: list[tuple[int, int]] = []
+
+    def work() -> None:
+        seen.append((adm.held, adm.pending))  # in the thread: one unit moved from held to submitted
+
+    asyncio.run(adm.run(InlineExecutor(), work, k=10, deadline=clock.t + 1.0, ticket=ticket))
+    assert seen == [(1, 1)] and adm.held == 1 and adm.pending == 0
+    ticket.release()  # the batch's second entry never ran (the request ended): nothing stays held
+    assert adm.held == 0 and adm.held_s == 0.0 and ticket.units == 0
+    assert ticket.take() == 0.0  # nothing left to take over
+
+
+def test_admission_keeps_the_hand_back_reserve_out_of_the_search_budget() -> None:
+    """The search's own deadline ends reserve_s before the request's: admission must plan the search
+    inside that shorter budget, or it admits searches the start check then refuses or cuts."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # no probe due
+    assert adm.admit(10, clock.t + 0.030, whole_s=0.100) is False  # no hand-back measured: 20 <= 30 ms
+    for _ in range(10):
+        adm.observe_handoff(0.015)
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.030, whole_s=0.100)  # 20 ms search > 30 - 15 ms
+    assert adm.admit(10, clock.t + 0.040, whole_s=0.100) is False  # 20 <= 40 - 15
+    adm.observe_sojourn(0.0, k=10)
+    assert adm.edge_refuse(0.024) is not None  # the edge too: 20 ms > 24 - min(15, 0.2 x 24) ms
+    assert adm.edge_refuse(0.030) is None  # 20 <= 30 - 6 ms
+
+
+def test_a_request_ends_with_nothing_held(bundle_dir: Path, dataset_dir: Path) -> None:
+    """Answered, refused in the thread, or failed in the features read: the route releases its ticket."""
+
+    async def body(app, client: httpx.AsyncClient):
+        adm = app.state.unimatch.admission
+        ok = await client.post("/match", json=REQ)
+        batch = await client.post("/match/batch", json={"requests": [REQ, REQ, REQ]})
+        state = app.state.unimatch
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("features store down")
+
+        state.store.get = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await client.post("/match", json=REQ)
+        return ok, batch, adm.held, adm.held_s, adm.pending
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2, deadline_ms=10000)
+    ok, batch, held, held_s, pending = asyncio.run(_with_app(settings, body))
+    assert ok.status_code == 200 and batch.status_code == 200
+    assert held == 0 and held_s == 0.0 and pending == 0
