@@ -459,12 +459,15 @@ class Admission:
         answering 503 here costs the event loop (and the GIL that the searches need) a fraction of
         parsing, validating and refusing it in the route. None: let it in. The standing delay alone
         can decide, with every thread idle: measured, a loop saturated by refusing requests in the
-        route kept them ~0.6 s before admission while the pool had nothing to do.
+        route kept them ~0.6 s before admission while the pool had nothing to do. The search is
+        estimated as the route does: its mean with a thread free, its upper estimate behind a queue
+        (measured with the mean alone, 2026-12-03: at 5 x the edge refused 304 requests and the route,
+        after parsing each one, 4,108: the loop's time the admitted searches then waited for).
         """
         if self._last_k is None:
             return None
         wait = self.wait_s()
-        s = self.times.estimate(self._last_k)
+        s = self.times.estimate(self._last_k, upper=wait > 0.0)
         if s is None:
             return None
         est = self.standing_s() + wait + s

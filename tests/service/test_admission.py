@@ -736,3 +736,19 @@ def test_a_request_ends_with_nothing_held(bundle_dir: Path, dataset_dir: Path) -
     ok, batch, held, held_s, pending = asyncio.run(_with_app(settings, body))
     assert ok.status_code == 200 and batch.status_code == 200
     assert held == 0 and held_s == 0.0 and pending == 0
+
+
+def test_the_edge_uses_the_upper_estimate_behind_a_queue_as_the_route_does() -> None:
+    """With both threads busy the route plans a search at its upper estimate: the edge must too, or it
+    lets through (to be parsed, validated and refused in the route) what the route will refuse."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    for x in (0.010, 0.030) * 10:  # mean 20 ms, 95th percentile 30 ms
+        adm.times.observe(10, x, now=clock.t)
+    adm.observe_sojourn(0.0, k=10)
+    assert adm.edge_refuse(0.045) is None  # a thread free: 20 ms (the mean) fits
+    adm.pending, adm.pending_s = 2, 0.020  # both busy: 10 ms wait
+    assert adm.edge_refuse(0.038) is not None  # 10 + 30 ms (upper) > 38; on the mean 10 + 20 would pass
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.038)  # the route refuses the same request
+    assert adm.edge_refuse(0.040) is None  # 10 + 30 <= 40
