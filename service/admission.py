@@ -211,6 +211,8 @@ class Headroom:
     floor: float = 0.4
     relax_per_s: float = 0.02
     cooldown: int = 5
+    # the most the share may be (and where it starts): below 1.0, a margin before any feedback
+    ceiling: float = 1.0
     _share: float = 1.0
     _at: float | None = None
     outcomes: deque[bool] = field(default_factory=deque)
@@ -219,6 +221,10 @@ class Headroom:
     decreases: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        self._share = min(self._share, self.ceiling)
+        self.floor = min(self.floor, self.ceiling)
+
     def share(self, now: float) -> float:
         """The current share at time ``now`` (relaxed by the time since the last reading)."""
         with self._lock:
@@ -226,7 +232,7 @@ class Headroom:
 
     def _relax(self, now: float) -> float:
         if self._at is not None:
-            self._share = min(1.0, self._share + self.relax_per_s * max(0.0, now - self._at))
+            self._share = min(self.ceiling, self._share + self.relax_per_s * max(0.0, now - self._at))
         self._at = now
         return self._share
 

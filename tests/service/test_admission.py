@@ -752,3 +752,30 @@ def test_the_edge_uses_the_upper_estimate_behind_a_queue_as_the_route_does() -> 
     with pytest.raises(Overloaded):
         adm.admit(10, clock.t + 0.038)  # the route refuses the same request
     assert adm.edge_refuse(0.040) is None  # 10 + 30 <= 40
+
+
+def test_the_headroom_ceiling_is_its_start_and_its_bound() -> None:
+    from service.admission import Headroom
+
+    h = Headroom(target=0.01, window=100, decrease=0.5, floor=0.4, relax_per_s=0.1, ceiling=0.8)
+    assert h.share(0.0) == pytest.approx(0.8)  # before any answer: the margin is kept
+    for _ in range(2):
+        for _ in range(5):
+            h.observe(False, 0.0)
+        h.observe(True, 0.0)
+    assert h.share(0.0) == pytest.approx(0.4)  # 0.8 x 0.5, at the floor
+    assert h.share(100.0) == pytest.approx(0.8)  # relaxes back to the ceiling, not to 1.0
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock, headroom=Headroom(ceiling=0.8))
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.024, whole_s=0.1)  # 20 ms > 0.8 x 24
+    assert adm.admit(10, clock.t + 0.026, whole_s=0.1) is False  # 20 <= 0.8 x 26
+
+
+def test_the_ceiling_is_a_setting(bundle_dir: Path, dataset_dir: Path) -> None:
+    async def body(app, client: httpx.AsyncClient):
+        return app.state.unimatch.admission.headroom.ceiling
+
+    assert asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, admission_ceiling=0.7), body)) == 0.7
