@@ -424,13 +424,17 @@ class Admission:
             return True
         now = self.clock()
         left = deadline - now
+        share = self.headroom.share(now)
         # the answer is done when the loop has resumed it: the hand-back the search's own deadline
         # keeps (reserve_s) is not the search's time, so it must fit too
-        fit = self.headroom.share(now) * (left - self.reserve_s(whole_s if whole_s is not None else left))
-        if est <= fit:
+        reserve = self.reserve_s(whole_s if whole_s is not None else left)
+        if est <= share * (left - reserve):
             return False
         b = k_bucket(k)
-        for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
+        # would not fit even in the plan of a request with its whole budget left: refused for its size,
+        # so probed (measured: with "above the whole budget" here, a cold k=10 seed between the plan
+        # and the budget was never probed and k=10 was refused for good, 0 answers in 3 s)
+        for_size = whole_s is None or est > share * (whole_s - reserve)
         if wait == 0.0 and for_size and now - self.times.seen_at[b] >= self.probe_interval_s:
             self.times.seen_at[b] = now  # one probe per interval and bucket
             return True

@@ -779,3 +779,26 @@ def test_the_ceiling_is_a_setting(bundle_dir: Path, dataset_dir: Path) -> None:
         return app.state.unimatch.admission.headroom.ceiling
 
     assert asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, admission_ceiling=0.7), body)) == 0.7
+
+
+def test_a_size_that_fits_the_whole_budget_only_without_the_margin_is_probed() -> None:
+    """A warm-up seed between what admission plans with (share x (budget - hand-back reserve)) and the
+    whole budget: refused for its size, but not "above the whole budget", so it was never probed and
+    never measured again: every k=10 request refused for good (measured: 0 answers at k=10 in 3 s, in
+    3 of 5 fresh services, 2026-12-03 s6). The probe is for a size that cannot fit any request's plan."""
+    from service.admission import Headroom
+
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.090)  # a cold warm-up search: 90 ms
+    for _ in range(10):
+        adm.observe_handoff(0.015)  # reserve 15 ms: the plan has 85 ms of a 100 ms budget
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True  # probed
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100, whole_s=0.100)  # one probe per interval
+    clock.t += 1.0
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True
+    # the same with the margin of a ceiling and no reserve
+    adm = Admission(threads=2, clock=clock, headroom=Headroom(ceiling=0.8))
+    adm.seed(10, 0.085)
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True
