@@ -537,6 +537,44 @@ def tail_split(phase: Phase, share: float = 0.01) -> dict[str, float]:
     return out
 
 
+def wilson(successes: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval of a binomial share (95% for z = 1.96): honest at shares near 1 and
+    small n, where the normal interval passes 100%. (0, 1) for n = 0.
+
+    At 5 x capacity a burst answers a few hundred requests: 99% complete then means one or two cut
+    answers, and the interval says whether a run can tell 99% from 97% at all.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * ((p * (1 - p) / n + z * z / (4 * n * n)) ** 0.5) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def complete_share(phase: Phase) -> tuple[int, int]:
+    """(complete answers, 200s) of a phase: complete = not partial and k items."""
+    return phase.count(lambda a: a.status == 200 and not a.partial and not a.short), phase.answered
+
+
+def pooled_overload(rows: list[Row]) -> str | None:
+    """One line over every overload burst of the run: complete share with its Wilson interval, the
+    accepted p99 over all of them, failed. None with fewer than two bursts."""
+    over = [r for r in rows if r.scenario.startswith("overload-5x") and r.phase.answers]
+    if len(over) < 2:
+        return None
+    done = sum(complete_share(r.phase)[0] for r in over)
+    n = sum(r.phase.answered for r in over)
+    lo, hi = wilson(done, n)
+    server = [a.server_s for r in over for a in r.phase.answers if a.status == 200]
+    p99 = float(np.percentile(server, 99)) * 1e3 if server else float("nan")
+    failed = sum(r.phase.failed for r in over)
+    return (f"Overload, the {len(over)} bursts pooled: {done:,} of {n:,} answers complete = {done / max(1, n):.2%} "
+            f"(95% Wilson interval {lo:.2%}-{hi:.2%}); accepted p99 (server) over all of them {p99:.0f} ms; "
+            f"{sum(r.phase.shed for r in over):,} answered 503; {failed} failed.")
+
+
 def _secs(value: float | None) -> str:
     return "not within the phase" if value is None else f"{value:.1f} s"
 
@@ -664,7 +702,8 @@ async def run_chaos(args: argparse.Namespace, curves: list[dict[str, Any]] | Non
                                seed=100 + run)
             over = Phase([a for a in whole.answers if a.sent < T], dropped=whole.dropped)
             after = [a for a in whole.answers if a.sent >= T]
-            complete = over.count(lambda a: a.status == 200 and not a.partial and not a.short)
+            complete, answered = complete_share(over)
+            lo, hi = wilson(complete, answered)
             rec = recovery(after, T, base_server, base_p99, baseline=base_phase.answers)
             tail = tail_split(over)
             curves.append({"run": run + 1, "burst_s": T, "rate": 5 * mu_k, "k": ko, "baseline_server_p99_ms": base_server,
@@ -672,7 +711,7 @@ async def run_chaos(args: argparse.Namespace, curves: list[dict[str, Any]] | Non
             add(Row(
                 "overload-5x" + (f" (run {run + 1})" if getattr(args, "overload_runs", 1) > 1 else ""),
                 f"{5 * mu_k:.0f}/s at k={ko} (5 x capacity {mu_k:.0f}/s), then {rate:.0f}/s", "offered 5 x capacity", over,
-                f"{complete / max(1, over.answered):.1%} of answers complete; server p99 <= {rec['threshold_ms']:.0f} ms "
+                f"{complete / max(1, answered):.1%} of answers complete (95% interval {lo:.1%}-{hi:.1%}); server p99 <= {rec['threshold_ms']:.0f} ms "
                 f"(baseline) again {_secs(rec['server_s'])} after the burst, later windows above it "
                 f"{rec['server_later_above']:.0f}/{rec['server_later']:.0f} (baseline phase: {rec['server_base_above']:.0f}/"
                 f"{rec['server_base']:.0f}); client p99 {_secs(rec['client_s'])}; "
@@ -756,12 +795,17 @@ def render(rows: list[Row], args: argparse.Namespace) -> str:
         "|" + "---|" * len(head),
     ]
     lines += ["| " + " | ".join(r.cells()) + " |" for r in rows]
+    pooled = pooled_overload(rows)
+    if pooled is not None:
+        lines += ["", pooled]
     cmd = (f"python -m loadtests.chaos --bundle {args.bundle} --data {args.data} --seconds {args.seconds:g} "
            f"--overload-k {args.overload_k} --overload-runs {getattr(args, 'overload_runs', 1)}")
     for flag, cpus in (("--server-cpus", getattr(args, "server_cpus", None)), ("--client-cpus", getattr(args, "client_cpus", None))):
         if cpus:
             cmd += f" {flag} {','.join(map(str, sorted(cpus)))}"
-    return "\n".join(lines) + f"\n\nCommand: `{cmd}` (deadline {args.deadline_ms:g} ms).\n"
+    loads = getattr(args, "load_averages", None)
+    where = f"; load average (1 min) {loads[0]:.2f} at the start, {loads[1]:.2f} at the end" if loads else ""
+    return "\n".join(lines) + f"\n\nCommand: `{cmd}` (deadline {args.deadline_ms:g} ms{where}).\n"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -809,7 +853,9 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _terminate)
     curves: list[dict[str, Any]] = []
+    start_load = os.getloadavg()[0]
     rows = asyncio.run(run_chaos(args, curves))
+    args.load_averages = (start_load, os.getloadavg()[0])
     table = render(rows, args)
     print(table)
     if args.out is not None:

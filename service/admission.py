@@ -211,6 +211,8 @@ class Headroom:
     floor: float = 0.4
     relax_per_s: float = 0.02
     cooldown: int = 5
+    # the most the share may be (and where it starts): below 1.0, a margin before any feedback
+    ceiling: float = 1.0
     _share: float = 1.0
     _at: float | None = None
     outcomes: deque[bool] = field(default_factory=deque)
@@ -219,6 +221,10 @@ class Headroom:
     decreases: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def __post_init__(self) -> None:
+        self._share = min(self._share, self.ceiling)
+        self.floor = min(self.floor, self.ceiling)
+
     def share(self, now: float) -> float:
         """The current share at time ``now`` (relaxed by the time since the last reading)."""
         with self._lock:
@@ -226,7 +232,7 @@ class Headroom:
 
     def _relax(self, now: float) -> float:
         if self._at is not None:
-            self._share = min(1.0, self._share + self.relax_per_s * max(0.0, now - self._at))
+            self._share = min(self.ceiling, self._share + self.relax_per_s * max(0.0, now - self._at))
         self._at = now
         return self._share
 
@@ -247,6 +253,43 @@ class Headroom:
 
 
 @dataclass
+class Ticket:
+    """Work admission let in and the route has not submitted yet (its Redis read is in between).
+
+    Counted in :meth:`Admission.wait_s` from the moment it is admitted: measured before this
+    (2026-12-03), a unit only became pending work when it was submitted to the pool, after the
+    request's feature read, so every request admitted during that read saw the same free threads and
+    was let in on the same "no queue" estimate; the later ones then queued behind each other and
+    were refused in the thread or answered cut short. ``units`` searches of ``cost_s`` each (the mean
+    at admission); :meth:`Admission.run` takes one unit over as it submits it, :meth:`release` gives
+    back what is left (idempotent: the route calls it when the request ends, however it ends).
+    """
+
+    admission: Admission
+    units: int
+    cost_s: float
+    probe: bool = False
+
+    def take(self) -> float:
+        """One unit handed over to the pool (its cost is then counted as submitted work); 0 when none left."""
+        with self.admission._lock:
+            if self.units <= 0:
+                return 0.0
+            self.units -= 1
+            self.admission.held -= 1
+            self.admission.held_s = max(0.0, self.admission.held_s - self.cost_s)
+            return self.cost_s
+
+    def release(self) -> None:
+        with self.admission._lock:
+            if self.units <= 0:
+                return
+            self.admission.held -= self.units
+            self.admission.held_s = max(0.0, self.admission.held_s - self.units * self.cost_s)
+            self.units = 0
+
+
+@dataclass
 class Admission:
     """Deadline-aware admission in front of the scoring pool of ``threads`` threads (one per worker process).
 
@@ -262,8 +305,10 @@ class Admission:
     probe_interval_s: float = 1.0
     clock: Clock = time.monotonic
     times: ServiceTimes = field(default_factory=ServiceTimes)
-    pending: int = 0
+    pending: int = 0  # units submitted to the pool and not finished (queued or running)
     pending_s: float = 0.0
+    held: int = 0  # units admitted and not yet submitted (:class:`Ticket`): they will queue first
+    held_s: float = 0.0
     # The hand-back from a pool thread to the event loop (a searched request waits for the loop to
     # resume it) is part of the answer's time: the search's own deadline is moved earlier by this
     # quantile of the recent hand-backs, at most ``max_reserve_share`` of the request's budget.
@@ -295,9 +340,10 @@ class Admission:
 
     # ---- estimates -------------------------------------------------------------------------------
     def wait_s(self) -> float:
-        """Expected queue wait of a unit submitted now: zero while a thread is free."""
+        """Expected queue wait of a unit submitted now: zero while a thread is free. The work admitted
+        and not yet submitted (tickets) counts: it reaches the pool before anything admitted now."""
         with self._lock:
-            pending, pending_s = self.pending, self.pending_s
+            pending, pending_s = self.pending + self.held, self.pending_s + self.held_s
         if pending < self.threads:
             return 0.0
         return pending_s / self.threads
@@ -378,10 +424,17 @@ class Admission:
             return True
         now = self.clock()
         left = deadline - now
-        if est <= self.headroom.share(now) * left:
+        share = self.headroom.share(now)
+        # the answer is done when the loop has resumed it: the hand-back the search's own deadline
+        # keeps (reserve_s) is not the search's time, so it must fit too
+        reserve = self.reserve_s(whole_s if whole_s is not None else left)
+        if est <= share * (left - reserve):
             return False
         b = k_bucket(k)
-        for_size = whole_s is None or est > whole_s  # would not fit even with the whole budget
+        # would not fit even in the plan of a request with its whole budget left: refused for its size,
+        # so probed (measured: with "above the whole budget" here, a cold k=10 seed between the plan
+        # and the budget was never probed and k=10 was refused for good, 0 answers in 3 s)
+        for_size = whole_s is None or est > share * (whole_s - reserve)
         if wait == 0.0 and for_size and now - self.times.seen_at[b] >= self.probe_interval_s:
             self.times.seen_at[b] = now  # one probe per interval and bucket
             return True
@@ -391,6 +444,23 @@ class Admission:
             f"{max(0.0, left) * 1e3:.0f} ms; retry later",
         )
 
+    def admit_ticket(
+        self, k: int, deadline: float, *, units: int = 1, budget_s: float | None = None, whole_s: float | None = None,
+    ) -> Ticket:
+        """:meth:`admit`, and hold the admitted work as queued from now on (a :class:`Ticket`).
+
+        The route hands the ticket to :meth:`run` (which takes a unit over as it submits it) and
+        releases it when the request ends; between the two, the requests admitted after this one see
+        its work ahead of them.
+        """
+        probe = self.admit(k, deadline, units=units, budget_s=budget_s, whole_s=whole_s)
+        cost = self.times.estimate(k) or 0.0
+        n = max(1, units)
+        with self._lock:
+            self.held += n
+            self.held_s += n * cost
+        return Ticket(self, n, cost, probe)
+
     def edge_refuse(self, budget_s: float) -> Overloaded | None:
         """At the edge, before the body is parsed: the refusal for a request that cannot finish in time.
 
@@ -399,17 +469,20 @@ class Admission:
         answering 503 here costs the event loop (and the GIL that the searches need) a fraction of
         parsing, validating and refusing it in the route. None: let it in. The standing delay alone
         can decide, with every thread idle: measured, a loop saturated by refusing requests in the
-        route kept them ~0.6 s before admission while the pool had nothing to do.
+        route kept them ~0.6 s before admission while the pool had nothing to do. The search is
+        estimated as the route does: its mean with a thread free, its upper estimate behind a queue
+        (measured with the mean alone, 2026-12-03: at 5 x the edge refused 304 requests and the route,
+        after parsing each one, 4,108: the loop's time the admitted searches then waited for).
         """
         if self._last_k is None:
             return None
         wait = self.wait_s()
-        s = self.times.estimate(self._last_k)
+        s = self.times.estimate(self._last_k, upper=wait > 0.0)
         if s is None:
             return None
         est = self.standing_s() + wait + s
         now = self.clock()
-        if est <= self.headroom.share(now) * budget_s:
+        if est <= self.headroom.share(now) * (budget_s - self.reserve_s(budget_s)):
             return None
         if now - self._route_at >= self.probe_interval_s:
             self._route_at = now  # the route decides this one (one per interval), and refreshes the estimates
@@ -421,7 +494,7 @@ class Admission:
 
     async def run(
         self, executor: Executor, fn: Callable[[], T], *, k: int, deadline: float, probe: bool = False,
-        timing: dict[str, float] | None = None,
+        timing: dict[str, float] | None = None, ticket: Ticket | None = None,
     ) -> T:
         """Run ``fn`` (one search of size ``k``) in ``executor``; refused in the thread if it starts too late.
 
@@ -433,11 +506,14 @@ class Admission:
         estimate left, one that found a thread free its mean (measured: the upper estimate for every
         search refused most of what the route had just admitted on the mean, at 5 x, and the partial
         answers were the queued ones anyway). A size with no search finished for ``probe_interval_s``
-        runs anyway, so a refusal here can never freeze its estimate.
+        runs anyway, so a refusal here can never freeze its estimate. ``ticket``: the unit was held
+        since admission (:meth:`admit_ticket`); it moves from held to submitted work here.
         """
         cost = self.times.estimate(k) or 0.0
         if timing is not None:
             timing["submitted"] = self.clock()
+        if ticket is not None:
+            ticket.take()
         with self._lock:
             queued = self.pending >= self.threads
             self.pending += 1
@@ -508,6 +584,8 @@ class Admission:
             "threads": self.threads,
             "pending": self.pending,
             "pending_ms": round(self.pending_s * 1e3, 3),
+            "held": self.held,
+            "held_ms": round(self.held_s * 1e3, 3),
             "service_ms_by_k": by_k,
             f"service_ms_p{self.times.upper_q * 100:g}_by_k": upper_by_k,
             "standing_delay_ms": round(self.standing_s() * 1e3, 3),

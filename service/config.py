@@ -90,6 +90,9 @@ class Settings(BaseSettings):
     # Feedback from the answers (service/admission.py, Headroom): above this share of partial answers
     # among the recent ones, admission lets in less work. 1.0 = off.
     admission_partial_target: float = Field(default=0.005, gt=0, le=1.0)
+    # The largest share of a request's remaining budget its planned work may fill (the headroom's
+    # ceiling, and its start): the margin kept before any partial answer has taught the feedback.
+    admission_ceiling: float = Field(default=1.0, gt=0.1, le=1.0)
     # ---- threads: workers x scoring_threads x intra_op_threads <= cores ----------------------------
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")

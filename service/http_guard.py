@@ -8,10 +8,13 @@ when it fires. Connections beyond ``max_connections`` are closed as soon as they
 the worker never runs out of file descriptors. The body is bounded in ``service.errors.EdgeMiddleware``.
 
 Under overload (admission's edge decision, ``service.admission.Admission.edge_refuse``) a
-``POST /match`` is answered 503 as soon as its headers are parsed, on a two-message ASGI app: none of
-Starlette's stack, no body parsing, no validation. At five times capacity most arrivals are refused,
-and refusing them through the whole stack kept the event loop so busy that the admitted requests
-waited for it (to be resumed after their search) longer than their searches took.
+``POST /match`` is answered 503 as soon as its headers are parsed, with the answer's bytes written
+straight to the transport: no ASGI task, no app, no body parsing, no validation (the body is dropped
+as the parser reads it). At five times capacity most arrivals are refused, and refusing them through
+the whole stack kept the event loop so busy that the admitted requests waited for it (to be resumed
+after their search) longer than their searches took; a refusal through uvicorn's ASGI cycle (a task,
+two send messages, a header rebuild) still cost the loop a task per refused request. A request
+pipelined behind one still being answered is refused through that cycle instead (uvicorn queues it).
 
 The limits come from the process's settings (``UNIMATCH_HEADER_TIMEOUT_S``,
 ``UNIMATCH_MAX_CONNECTIONS``): uvicorn builds one protocol object per connection and, with several
@@ -21,6 +24,8 @@ workers, in each worker process, so the class reads them rather than carrying th
 from __future__ import annotations
 
 import asyncio
+import types
+from http import HTTPStatus
 from typing import Any
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -77,8 +82,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.scope[EDGE_CHECKED_KEY] = True  # type: ignore[literal-required]  # decided here, not again in the middleware
             super().on_headers_complete()
             return
-        # Shed before any of the ASGI stack runs: uvicorn starts this one request on a two-message app
-        # (as it does for its own limit_concurrency 503) and drops the body as it arrives.
+        if self.cycle is None or self.cycle.response_complete:
+            self._refuse_at_transport(refusal)
+            return
+        # Pipelined behind an answer in progress: uvicorn queues this one; a two-message app answers it
+        # in turn (as uvicorn does for its own limit_concurrency 503) and the body is dropped as it arrives.
         app = self.app
         self.app = _shed_app(refusal)
         try:
@@ -87,6 +95,20 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self.app = app
 
     # ---- shedding at the protocol ----------------------------------------------------------------
+    def _refuse_at_transport(self, refusal: Any) -> None:
+        """Write the 503 and finish the request here; the parser's body callbacks then see an answered
+        cycle and drop the body (uvicorn's ``on_body`` / ``on_message_complete`` check it)."""
+        keep_alive = (self.parser.get_http_version() != "1.0" and self.parser.should_keep_alive()
+                      and not self.expect_100_continue)  # a client waiting to send its body: close instead
+        self.cycle = _Answered(keep_alive)  # type: ignore[assignment]
+        metrics.ERRORS.labels(kind=refusal.kind).inc()
+        metrics.HTTP_REQUESTS.labels(route=self.url.split(b"?", 1)[0].decode("latin-1"), status=str(refusal.status)).inc()
+        self.transport.write(_refusal_bytes(refusal, self.server_state.default_headers, keep_alive))
+        if not keep_alive:
+            self.transport.close()
+            return
+        self.on_response_complete()  # counts the request, resumes reading, arms the keep-alive timer
+
     def _edge_refusal(self) -> Any:
         """Admission's edge decision for a ``POST /match`` or ``/match/batch`` (None: let it through)."""
         if self.parser.get_method() != b"POST" or self.url.split(b"?", 1)[0] not in _SHED_PATHS:
@@ -114,6 +136,34 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
 
 _SHED_PATHS = frozenset({b"/match", b"/match/batch"})
+
+
+class _Answered:
+    """The finished stand-in for uvicorn's ``RequestResponseCycle`` of a request refused at the transport:
+    what the protocol reads of a cycle (body callbacks, the next request, connection loss, shutdown)."""
+
+    __slots__ = ("keep_alive", "disconnected")
+    response_complete = True
+    message_event = types.SimpleNamespace(set=lambda: None)
+
+    def __init__(self, keep_alive: bool) -> None:
+        self.keep_alive = keep_alive
+        self.disconnected = False
+
+
+def _refusal_bytes(refusal: Any, default_headers: list[tuple[bytes, bytes]], keep_alive: bool) -> bytes:
+    """The whole HTTP/1.1 503 of ``refusal`` (an Overloaded): the same JSON as the edge middleware's."""
+    import json
+
+    body = json.dumps({"error": {"kind": refusal.kind, "message": refusal.message}}).encode()
+    out = [b"HTTP/1.1 %d %s\r\n" % (refusal.status, HTTPStatus(refusal.status).phrase.encode())]
+    out += [name + b": " + value + b"\r\n" for name, value in default_headers]  # date, server
+    out.append(b"content-type: application/json\r\ncontent-length: %d\r\n" % len(body))
+    out += [k.lower().encode("latin-1") + b": " + v.encode("latin-1") + b"\r\n" for k, v in refusal.headers.items()]
+    if not keep_alive:
+        out.append(b"connection: close\r\n")
+    out += [b"\r\n", body]
+    return b"".join(out)
 
 
 def _shed_app(refusal: Any) -> Any:

@@ -96,7 +96,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         limiter=ConcurrencyLimiter(settings.max_concurrency, settings.retry_after_s, batch_share=settings.batch_share),
         admission=Admission(threads=settings.effective_scoring_threads, retry_after_s=settings.retry_after_s,
                             times=ServiceTimes(upper_q=settings.admission_quantile),
-                            headroom=Headroom(target=settings.admission_partial_target)),
+                            headroom=Headroom(target=settings.admission_partial_target,
+                                              ceiling=settings.admission_ceiling)),
         shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
                              cpu_share=settings.shadow_cpu_share, yield_to_requests=settings.shadow_yield)
         if settings.shadow_rate > 0 else None,

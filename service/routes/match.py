@@ -24,6 +24,7 @@ from fastapi import APIRouter, Request
 from contracts.features import UserFeatures
 from service import metrics
 from service.deps import ServingDep, StateDep
+from service.admission import Ticket
 from service.errors import ARRIVED_KEY, InvalidRequest
 from service.features import Lookup
 from service.loading import Serving
@@ -102,7 +103,9 @@ def prepare(body: MatchRequest, serving: Serving, state: ServiceState, arrived: 
     )
 
 
-async def run_match(state: ServiceState, serving: Serving, prep: Prepared, lookup: Lookup, arrived: float) -> MatchResponse:
+async def run_match(
+    state: ServiceState, serving: Serving, prep: Prepared, lookup: Lookup, arrived: float, ticket: Ticket | None = None,
+) -> MatchResponse:
     """Features with overrides -> validated query -> search in the scoring pool -> the HTTP answer."""
     engine = serving.engine
     stored = lookup.features if lookup.features is not None else UserFeatures.cold_start(serving.schema)
@@ -116,7 +119,7 @@ async def run_match(state: ServiceState, serving: Serving, prep: Prepared, looku
     # wait for a thread left less of the deadline than a search takes (service/admission.py)
     timing: dict[str, float] = {}
     result = await state.admission.run(state.executor, lambda: engine.run(query), k=prep.k, deadline=search_deadline,
-                                       probe=prep.probe, timing=timing)
+                                       probe=prep.probe, timing=timing, ticket=ticket)
     resumed = time.monotonic()
     state.admission.observe_handoff(resumed - timing["ended"])
     if not prep.own_deadline and not prep.probe and "probe" not in timing:
@@ -207,10 +210,14 @@ async def match(request: Request, body: MatchRequest, state: StateDep, serving: 
         # 503 now rather than a cut-short answer later
         state.admission.observe_sojourn(time.monotonic() - arrived, prep.k)
         own = own_budget(body, state, prep, arrived)
-        probe = state.admission.admit(prep.k, prep.deadline, budget_s=own, whole_s=prep.deadline - arrived)
-        prep = dataclasses.replace(prep, probe=probe, admitted=time.monotonic(), own_deadline=own is not None)
-        lookup = await state.store.get(body.user_id, serving.schema)
-        return await run_match(state, serving, prep, lookup, arrived)
+        # the admitted search counts as queued work from here, through its feature read (service/admission.py)
+        ticket = state.admission.admit_ticket(prep.k, prep.deadline, budget_s=own, whole_s=prep.deadline - arrived)
+        try:
+            prep = dataclasses.replace(prep, probe=ticket.probe, admitted=time.monotonic(), own_deadline=own is not None)
+            lookup = await state.store.get(body.user_id, serving.schema)
+            return await run_match(state, serving, prep, lookup, arrived, ticket)
+        finally:
+            ticket.release()
 
 
 @router.post("/match/batch", response_model=BatchResponse, responses=_ERRORS, summary="Top-k for several users")
@@ -237,16 +244,20 @@ async def match_batch(request: Request, body: BatchRequest, state: StateDep, ser
         first = min(preps, key=lambda p: p.deadline)
         state.admission.observe_sojourn(time.monotonic() - arrived, max(p.k for p in preps))
         own = own_budget(first.body, state, first, arrived)
-        probe = state.admission.admit(max(p.k for p in preps), first.deadline, budget_s=own, whole_s=first.deadline - arrived)
-        preps = [dataclasses.replace(p, probe=probe, own_deadline=own is not None) for p in preps]
-        lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
-        gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
+        ticket = state.admission.admit_ticket(max(p.k for p in preps), first.deadline, units=n, budget_s=own,
+                                              whole_s=first.deadline - arrived)
+        try:
+            preps = [dataclasses.replace(p, probe=ticket.probe, own_deadline=own is not None) for p in preps]
+            lookups = await state.store.get_many([p.body.user_id for p in preps], serving.schema)
+            gate = asyncio.Semaphore(max(1, min(n, state.admission.threads // 2)))
 
-        async def one(prep: Prepared, lookup: Lookup) -> MatchResponse:
-            async with gate:
-                started = time.monotonic()
-                own = dataclasses.replace(prep, deadline=started + (prep.deadline - arrived))
-                return await run_match(state, serving, own, lookup, started)
+            async def one(prep: Prepared, lookup: Lookup) -> MatchResponse:
+                async with gate:
+                    started = time.monotonic()
+                    own = dataclasses.replace(prep, deadline=started + (prep.deadline - arrived))
+                    return await run_match(state, serving, own, lookup, started, ticket)
 
-        results = await asyncio.gather(*(one(p, lk) for p, lk in zip(preps, lookups, strict=True)))
-        return BatchResponse(results=list(results))
+            results = await asyncio.gather(*(one(p, lk) for p, lk in zip(preps, lookups, strict=True)))
+            return BatchResponse(results=list(results))
+        finally:
+            ticket.release()

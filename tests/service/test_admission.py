@@ -654,3 +654,151 @@ def test_partial_answers_feed_the_headroom_and_probes_do_not(bundle_dir: Path, d
 
     seen = asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, deadline_ms=10000), body))
     assert seen == [False]
+
+
+# ---- work held from admission to submission; the hand-back inside the decision (2026-12-03, s6) ------
+def test_admitted_work_counts_as_queued_before_it_is_submitted() -> None:
+    """Requests admitted while the ones before them still read their features see that work ahead:
+    before tickets, every one of them saw the same free threads and was let in on "no queue"."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    a = adm.admit_ticket(10, clock.t + 0.035)
+    b = adm.admit_ticket(10, clock.t + 0.035)  # the second thread: still no wait
+    assert adm.held == 2 and adm.held_s == pytest.approx(0.040) and adm.pending == 0
+    assert adm.wait_s() == pytest.approx(0.020)  # 40 ms held over 2 threads
+    with pytest.raises(Overloaded):
+        adm.admit_ticket(10, clock.t + 0.035)  # 20 ms wait + 20 ms search > 35 ms
+    assert adm.held == 2  # a refusal holds nothing
+    a.release()
+    a.release()  # idempotent
+    assert adm.held == 1 and adm.wait_s() == 0.0
+    c = adm.admit_ticket(10, clock.t + 0.035)
+    b.release()
+    c.release()
+    assert adm.held == 0 and adm.held_s == 0.0
+
+
+def test_run_takes_the_held_unit_over_and_releases_it_when_done() -> None:
+    clock = FakeClock()
+    adm = Admission(threads=1, clock=clock)
+    adm.seed(10, 0.020)
+    ticket = adm.admit_ticket(10, clock.t + 1.0, units=2)
+    assert adm.held == 2
+    seen: list[tuple[int, int]] = []
+
+    def work() -> None:
+        seen.append((adm.held, adm.pending))  # in the thread: one unit moved from held to submitted
+
+    asyncio.run(adm.run(InlineExecutor(), work, k=10, deadline=clock.t + 1.0, ticket=ticket))
+    assert seen == [(1, 1)] and adm.held == 1 and adm.pending == 0
+    ticket.release()  # the batch's second entry never ran (the request ended): nothing stays held
+    assert adm.held == 0 and adm.held_s == 0.0 and ticket.units == 0
+    assert ticket.take() == 0.0  # nothing left to take over
+
+
+def test_admission_keeps_the_hand_back_reserve_out_of_the_search_budget() -> None:
+    """The search's own deadline ends reserve_s before the request's: admission must plan the search
+    inside that shorter budget, or it admits searches the start check then refuses or cuts."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t  # no probe due
+    assert adm.admit(10, clock.t + 0.030, whole_s=0.100) is False  # no hand-back measured: 20 <= 30 ms
+    for _ in range(10):
+        adm.observe_handoff(0.015)
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.030, whole_s=0.100)  # 20 ms search > 30 - 15 ms
+    assert adm.admit(10, clock.t + 0.040, whole_s=0.100) is False  # 20 <= 40 - 15
+    adm.observe_sojourn(0.0, k=10)
+    assert adm.edge_refuse(0.024) is not None  # the edge too: 20 ms > 24 - min(15, 0.2 x 24) ms
+    assert adm.edge_refuse(0.030) is None  # 20 <= 30 - 6 ms
+
+
+def test_a_request_ends_with_nothing_held(bundle_dir: Path, dataset_dir: Path) -> None:
+    """Answered, refused in the thread, or failed in the features read: the route releases its ticket."""
+
+    async def body(app, client: httpx.AsyncClient):
+        adm = app.state.unimatch.admission
+        ok = await client.post("/match", json=REQ)
+        batch = await client.post("/match/batch", json={"requests": [REQ, REQ, REQ]})
+        state = app.state.unimatch
+
+        async def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("features store down")
+
+        state.store.get = broken  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError):
+            await client.post("/match", json=REQ)
+        return ok, batch, adm.held, adm.held_s, adm.pending
+
+    settings = Settings(bundle=bundle_dir, data=dataset_dir, scoring_threads=2, deadline_ms=10000)
+    ok, batch, held, held_s, pending = asyncio.run(_with_app(settings, body))
+    assert ok.status_code == 200 and batch.status_code == 200
+    assert held == 0 and held_s == 0.0 and pending == 0
+
+
+def test_the_edge_uses_the_upper_estimate_behind_a_queue_as_the_route_does() -> None:
+    """With both threads busy the route plans a search at its upper estimate: the edge must too, or it
+    lets through (to be parsed, validated and refused in the route) what the route will refuse."""
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    for x in (0.010, 0.030) * 10:  # mean 20 ms, 95th percentile 30 ms
+        adm.times.observe(10, x, now=clock.t)
+    adm.observe_sojourn(0.0, k=10)
+    assert adm.edge_refuse(0.045) is None  # a thread free: 20 ms (the mean) fits
+    adm.pending, adm.pending_s = 2, 0.020  # both busy: 10 ms wait
+    assert adm.edge_refuse(0.038) is not None  # 10 + 30 ms (upper) > 38; on the mean 10 + 20 would pass
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.038)  # the route refuses the same request
+    assert adm.edge_refuse(0.040) is None  # 10 + 30 <= 40
+
+
+def test_the_headroom_ceiling_is_its_start_and_its_bound() -> None:
+    from service.admission import Headroom
+
+    h = Headroom(target=0.01, window=100, decrease=0.5, floor=0.4, relax_per_s=0.1, ceiling=0.8)
+    assert h.share(0.0) == pytest.approx(0.8)  # before any answer: the margin is kept
+    for _ in range(2):
+        for _ in range(5):
+            h.observe(False, 0.0)
+        h.observe(True, 0.0)
+    assert h.share(0.0) == pytest.approx(0.4)  # 0.8 x 0.5, at the floor
+    assert h.share(100.0) == pytest.approx(0.8)  # relaxes back to the ceiling, not to 1.0
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock, headroom=Headroom(ceiling=0.8))
+    adm.seed(10, 0.020)
+    adm.times.seen_at[0] = clock.t
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.024, whole_s=0.1)  # 20 ms > 0.8 x 24
+    assert adm.admit(10, clock.t + 0.026, whole_s=0.1) is False  # 20 <= 0.8 x 26
+
+
+def test_the_ceiling_is_a_setting(bundle_dir: Path, dataset_dir: Path) -> None:
+    async def body(app, client: httpx.AsyncClient):
+        return app.state.unimatch.admission.headroom.ceiling
+
+    assert asyncio.run(_with_app(Settings(bundle=bundle_dir, data=dataset_dir, admission_ceiling=0.7), body)) == 0.7
+
+
+def test_a_size_that_fits_the_whole_budget_only_without_the_margin_is_probed() -> None:
+    """A warm-up seed between what admission plans with (share x (budget - hand-back reserve)) and the
+    whole budget: refused for its size, but not "above the whole budget", so it was never probed and
+    never measured again: every k=10 request refused for good (measured: 0 answers at k=10 in 3 s, in
+    3 of 5 fresh services, 2026-12-03 s6). The probe is for a size that cannot fit any request's plan."""
+    from service.admission import Headroom
+
+    clock = FakeClock()
+    adm = Admission(threads=2, clock=clock)
+    adm.seed(10, 0.090)  # a cold warm-up search: 90 ms
+    for _ in range(10):
+        adm.observe_handoff(0.015)  # reserve 15 ms: the plan has 85 ms of a 100 ms budget
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True  # probed
+    with pytest.raises(Overloaded):
+        adm.admit(10, clock.t + 0.100, whole_s=0.100)  # one probe per interval
+    clock.t += 1.0
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True
+    # the same with the margin of a ceiling and no reserve
+    adm = Admission(threads=2, clock=clock, headroom=Headroom(ceiling=0.8))
+    adm.seed(10, 0.085)
+    assert adm.admit(10, clock.t + 0.100, whole_s=0.100) is True

@@ -304,3 +304,86 @@ def test_the_protocol_decides_the_edge_once_and_the_middleware_not_again() -> No
         get_settings.cache_clear()
     assert first.startswith(b"HTTP/1.1 200"), first
     assert decisions == [0.1]  # once, at the protocol
+
+
+def test_a_refusal_at_the_protocol_starts_no_asgi_task(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The 503 of the edge rule is written to the transport: no task per refused request (at 5 x
+    capacity those tasks were the loop's work), the kept-alive connection serves the next request, a
+    `Connection: close` request is answered and closed, and two refused requests in one write both
+    get their answer in order."""
+    import types
+
+    import uvicorn
+
+    from service.errors import Overloaded
+    from service.http_guard import GuardedHttpToolsProtocol
+
+    refuse = {"on": True}
+    tasks: list[str] = []
+    real = GuardedHttpToolsProtocol._start_asgi_task
+
+    def counted(self, cycle, app) -> None:  # type: ignore[no-untyped-def]
+        tasks.append(cycle.scope["path"])
+        real(self, cycle, app)
+
+    monkeypatch.setattr(GuardedHttpToolsProtocol, "_start_asgi_task", counted)
+
+    class FakeAdmission:
+        def edge_refuse(self, budget_s: float) -> Overloaded | None:
+            return Overloaded("overloaded: test", headers={"Retry-After": "2"}) if refuse["on"] else None
+
+    app = FastAPI()
+
+    @app.post("/match")
+    async def match(request: Request) -> dict:
+        await request.body()
+        return {"ok": True}
+
+    app.state.unimatch = types.SimpleNamespace(settings=types.SimpleNamespace(edge_shed=True, deadline_ms=100.0),
+                                               admission=FakeAdmission())
+    get_settings.cache_clear()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=GuardedHttpToolsProtocol,
+                                           log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(500):
+        if server.started:
+            break
+        time.sleep(0.01)
+    req = b"POST /match HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n{}"
+
+    def read_answers(sock: socket.socket, n: int) -> bytes:
+        out = b""
+        while out.count(b"HTTP/1.1 ") < n or not out.endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(req + req)  # two refused in one write
+            both = read_answers(sock, 2)
+            refuse["on"] = False
+            sock.sendall(req)
+            served = read_answers(sock, 1)
+        refuse["on"] = True
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.settimeout(5)
+            sock.sendall(b"POST /match HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}")
+            closing = read_answers(sock, 1)
+            closed = sock.recv(1024) == b""
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        get_settings.cache_clear()
+    assert both.count(b"HTTP/1.1 503 Service Unavailable") == 2 and both.lower().count(b"retry-after: 2") == 2
+    assert both.count(b'"overloaded"') == 2
+    assert served.startswith(b"HTTP/1.1 200"), served
+    assert closing.startswith(b"HTTP/1.1 503") and b"connection: close" in closing.lower() and closed
+    assert tasks == ["/match"]  # only the request that was served ran the app
