@@ -147,6 +147,7 @@ class SearchStats:
     total_ms: float
     layers: tuple[LayerStats, ...] = ()  # graph mode: per layer, top first
     batch: int = 1  # requests searched together (``match_many``'s lockstep); 1 for ``run``
+    widened: bool = False  # a calibrated beam narrower than k saw too few rows and searched again at k
 
 
 @dataclass
@@ -458,6 +459,7 @@ class MatchEngine:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
         ctx = self.scorer.encode(user.cat, user.num, user.seq, domain)
         t_enc = time.perf_counter()
+        widened = False
         scorer = _TimedScore(self.scorer, ctx)
         layers: tuple[LayerStats, ...] = ()
         if mode == "graph" and graph is not None:
@@ -476,6 +478,7 @@ class MatchEngine:
                 # A calibrated beam narrower than k saw fewer than k returnable rows (a request filtering
                 # most of its domain away): search again as wide as k, as an uncalibrated search would.
                 out = graph_search(replace(p, bottom_ef_floor=True).for_k(k))
+                widened = True
             rows, scores, partial, steps = out.rows, out.scores, out.partial, out.steps
             layers = tuple(out.layers)
         else:
@@ -493,6 +496,7 @@ class MatchEngine:
             gather_ms=scorer.gather_seconds * 1e3,
             total_ms=(t_end - t_start) * 1e3,
             layers=layers,
+            widened=widened,
         )
         return MatchResult(rows=rows, scores=scores, mode=mode, partial=partial, stats=stats)
 

@@ -23,8 +23,8 @@ from fastapi import APIRouter, Request
 
 from contracts.features import UserFeatures
 from service import metrics
-from service.deps import ServingDep, StateDep
 from service.admission import Ticket
+from service.deps import ServingDep, StateDep
 from service.errors import ARRIVED_KEY, InvalidRequest
 from service.features import Lookup
 from service.loading import Serving

@@ -183,8 +183,25 @@ def test_a_narrow_beam_that_sees_fewer_than_k_rows_searches_again_as_wide_as_k(c
     assert got.rows.size == floor.rows.size == k  # a one-wide beam alone sees a few dozen rows
     np.testing.assert_array_equal(got.rows, floor.rows)
     assert got.stats.pair_evaluations > floor.stats.pair_evaluations  # the narrow search ran first, then the wide
+    assert got.stats.widened and not floor.stats.widened
     many = engine.match_many([EngineRequest(user, 0, k, params=narrow, mode="graph")] * 2)
     np.testing.assert_array_equal(many[0].rows, floor.rows)
+
+
+def test_a_narrow_rung_that_had_to_widen_does_not_count_as_meeting_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[int] = []
+    table = {3: (1.0, 500, 0.3), 5: (1.0, 520, 0.1), 8: (0.95, 90, 0.0), 15: (0.995, 150, 0.0), 10: (0.992, 100, 0.0)}
+
+    def fake(engine, q, idx, k, ref, params: SearchParams) -> PointResult:
+        ef = params.for_k(k).ef[-1]
+        asked.append(ef)
+        cov, pairs, widened = table.get(ef, (1.0, 1e9, 0.0))
+        return PointResult(params.for_k(k), cov, 0.001, pairs, 1.0, 1.0, widened)
+
+    monkeypatch.setattr(cal_mod, "evaluate_point", fake)
+    pt = calibrate_domain(_Engine(), None, np.arange(5), [], 10, ex_pairs=2000, ex_p50=10.0,
+                          cfg=CalibrateConfig(target=0.99, **FAST))
+    assert asked == [3, 5, 8, 15, 10] and pt.ef[-1] == 10 and pt.pairs == 100  # 3 and 5 paid a second search
 
 
 def test_exhaustive_when_the_graph_is_not_cheaper(monkeypatch: pytest.MonkeyPatch) -> None:
