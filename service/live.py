@@ -137,8 +137,12 @@ def parse_entity(schema: FeatureSchema, item: dict[str, Any]) -> EntityRecord:
     return EntityRecord(eid, lay.types.index(etype), mask, np.array(cat, dtype=np.int64), num)
 
 
-def check_change(schema: FeatureSchema, change: dict[str, Any]) -> None:
-    """Validate a change before it is logged, so that the log only holds changes every worker can apply."""
+def check_change(schema: FeatureSchema, change: dict[str, Any]) -> list[EntityRecord] | None:
+    """Validate a change before it is logged, so that the log only holds changes every worker can apply.
+
+    Returns an upsert's parsed entities (None for the other ops): the acknowledging worker applies its
+    own change from them (``LiveCatalogue.apply(..., records=)``) instead of parsing the entry again.
+    """
     op = change.get("op")
     if op not in OPS:
         raise LiveError(f"op must be one of {OPS}, got {op!r}")
@@ -146,16 +150,18 @@ def check_change(schema: FeatureSchema, change: dict[str, Any]) -> None:
         items = change.get("entities")
         if not isinstance(items, list) or not items:
             raise LiveError("an upsert needs a non-empty list of entities")
-        seen: set[str] = set()
-        for item in items:
-            rec = parse_entity(schema, item)
-            if rec.entity_id in seen:
-                raise LiveError(f"{rec.entity_id}: listed twice in one upsert")
-            seen.add(rec.entity_id)
-    else:
-        ids = change.get("ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-            raise LiveError(f"{op} needs a non-empty list of entity ids")
+        records = [parse_entity(schema, item) for item in items]
+        if len({r.entity_id for r in records}) != len(records):
+            seen: set[str] = set()
+            for rec in records:
+                if rec.entity_id in seen:
+                    raise LiveError(f"{rec.entity_id}: listed twice in one upsert")
+                seen.add(rec.entity_id)
+        return records
+    ids = change.get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise LiveError(f"{op} needs a non-empty list of entity ids")
+    return None
 
 
 class EntityEncoder:
@@ -314,14 +320,20 @@ class LiveCatalogue:
         if on:
             self.live[row] = True  # last: everything else about the row is in place
 
-    def apply(self, position: str, change: dict[str, Any]) -> ApplyResult:
-        """Apply one log entry (entries must come in log order; an entry at or before ``position`` is skipped)."""
+    def apply(self, position: str, change: dict[str, Any], records: list[EntityRecord] | None = None) -> ApplyResult:
+        """Apply one log entry (entries must come in log order; an entry at or before ``position`` is skipped).
+
+        ``records``: the upsert's entities as ``check_change`` parsed them from this same change (the
+        acknowledging worker's own entry); otherwise they are parsed here. Either way the same records.
+        """
         with self.lock:
             if position_key(position) <= position_key(self.position):
                 return ApplyResult(position=position, op=str(change.get("op")), skipped=-1)
             op = str(change.get("op"))
             if op == "upsert":
-                res = self._upsert([parse_entity(self.schema, item) for item in change["entities"]])
+                if records is None:
+                    records = [parse_entity(self.schema, item) for item in change["entities"]]
+                res = self._upsert(records)
             elif op in ("pause", "resume", "delete"):
                 res = self._switch(op, [str(i) for i in change["ids"]])
             else:
