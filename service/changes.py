@@ -298,7 +298,7 @@ class ChangeFollower:
             self._thread.start()
 
     def _run(self) -> None:
-        self.priority_applied = set_thread_priority(self.priority)
+        self.priority_applied = self.live.applier_priority = set_thread_priority(self.priority)
         log.info("change applier for %s at priority %s", self.log.key, self.priority_applied)
         while not self._stop.is_set():
             try:

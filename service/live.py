@@ -238,6 +238,7 @@ class LiveCatalogue:
         self.position = str(live_meta.get("position", "0-0"))  # last log entry applied
         self.applied = 0
         self.last_lag_s = 0.0
+        self.applier_priority: str | None = None  # OS priority the applier thread got (service.changes); None: no thread
         self.encode_s = 0.0  # wall seconds in the entity encoder (a benchmark's split of the writer's time)
         self.lock = threading.Lock()  # the writer's; readers never take it
         graph = bundle.graph
@@ -303,6 +304,7 @@ class LiveCatalogue:
             "paused": len(self.paused),
             "deleted": sum(1 for r in self._row.values() if r < 0),
             "last_lag_s": round(self.last_lag_s, 4),
+            "applier_priority": self.applier_priority,
         }
 
     # ---- the writer -----------------------------------------------------------------------------------
