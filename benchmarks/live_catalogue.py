@@ -305,7 +305,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     a = MatchEngine(bundle, providers=["CPUExecutionProvider"], live_capacity=cap, live_ef_construction=args.ef_construction[0],
                     search_loop=args.search_loop)
     b = MatchEngine(bundle, providers=["CPUExecutionProvider"], live_capacity=cap, live_ef_construction=args.ef_construction[0],
-                    search_loop=args.search_loop)
+                    search_loop=args.search_loop) if args.follower == "thread" else a  # no second worker: not built
     a.warmup()
     assert a.live is not None and b.live is not None
     for eng in (a, b):
