@@ -339,6 +339,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             fb.start()
             if args.writer_nice and fb._thread is not None and fb._thread.native_id is not None:
                 lower_priority(args.writer_nice, fb._thread.native_id)
+        for eng in {id(a): a, id(b): b}.values():
+            eng.yield_live_changes(args.apply_yield_s)
         if args.applier == "thread":
             fa.start()  # the acknowledging worker's applier thread (at --apply-priority)
         writer = Writer(fa, bundle.schema, args.applier)
@@ -376,7 +378,8 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                    writer_cpu_us_per_upsert=(writer.cpu_s + applier_cpu) / max(writer.items, 1) * 1e6,
                    request_cpu_us_per_upsert=writer.cpu_s / max(writer.items, 1) * 1e6,
                    applier_cpu_us_per_upsert=applier_cpu / max(writer.items, 1) * 1e6,
-                   own_fast=fa.own_fast, applier_priority=fa.priority_applied,
+                   own_fast=fa.own_fast, applier_priority=fa.priority_applied, apply_yield_s=args.apply_yield_s,
+                   yield_waited_s=a.activity.waited_s,
                    insert_us_per_upsert=(ov.insert_s - ins0) / max(writer.items, 1) * 1e6 if ov is not None else 0.0,
                    encode_us_per_upsert=(a.live.encode_s - enc0) / max(writer.items, 1) * 1e6,
                    overlay_rows=a.live.count, overridden_lists=ov.overrides if ov is not None else 0,
@@ -551,6 +554,9 @@ def main() -> None:
     p.add_argument("--applier", choices=("thread", "inline", "inline-replay"), default="thread",
                    help="who applies the acknowledging worker's change: the applier thread (the service), the "
                         "writer's thread from its parsed change, or the writer's thread from the stream (the path before)")
+    p.add_argument("--apply-yield-s", type=float, default=0.0,
+                   help="the applier inserts 4 entities at a time, each after waiting (at most this long) for no "
+                        "request in flight (UNIMATCH_LIVE_APPLY_YIELD_S; 0 = off)")
     p.add_argument("--apply-priority", choices=("idle", "nice", "normal"), default="idle",
                    help="OS priority of the applier threads (UNIMATCH_LIVE_APPLY_PRIORITY; load section)")
     p.add_argument("--follower", choices=("thread", "none"), default="thread",

@@ -16,8 +16,9 @@ import functools
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields, replace
+from typing import Concatenate, ParamSpec, TypeVar
 
 import numpy as np
 
@@ -25,6 +26,7 @@ from contracts.bundle import Bundle
 from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
+from service.activity import Activity
 from service.live import LiveCatalogue
 from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
@@ -188,6 +190,21 @@ class _TimedScore:
         return out
 
 
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
+
+
+def _counted(fn: Callable[Concatenate[MatchEngine, _P], _R]) -> Callable[Concatenate[MatchEngine, _P], _R]:
+    """Count the call as a request in flight (``Activity``: the live applier waits for none)."""
+
+    @functools.wraps(fn)
+    def wrapper(self: MatchEngine, *args: _P.args, **kwargs: _P.kwargs) -> _R:
+        with self.activity:
+            return fn(self, *args, **kwargs)
+
+    return wrapper
+
+
 class MatchEngine:
     """Top-k matching over one bundle; build once per process, call ``match`` from many threads."""
 
@@ -206,6 +223,7 @@ class MatchEngine:
         live_ef_construction: int = 100,
     ) -> None:
         self.bundle = bundle
+        self.activity = Activity()  # requests in flight (the live applier can wait for none: service.activity)
         # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
         if search_loop not in ("compiled", "numpy"):
             raise SearchError(f"search_loop must be 'compiled' or 'numpy', got {search_loop!r}")
@@ -314,6 +332,20 @@ class MatchEngine:
         return pool[:n]
 
     # ---- the request -------------------------------------------------------------------------------
+    def yield_live_changes(self, max_s: float, chunk: int = 4) -> None:
+        """Make the live applier insert ``chunk`` entities at a time, each after waiting (at most ``max_s``)
+        for a moment with no request in flight in this engine; ``max_s`` 0 turns it off."""
+        if self.live is None:
+            return
+        if max_s > 0:
+            activity = self.activity
+            self.live.yield_to = lambda: activity.wait_quiet(max_s)
+            self.live.insert_chunk = max(1, int(chunk))
+        else:
+            self.live.yield_to = None
+            self.live.insert_chunk = 0
+
+    @_counted
     def query(
         self,
         user: UserFeatures,
@@ -384,6 +416,7 @@ class MatchEngine:
 
         return keep
 
+    @_counted
     def match(
         self,
         user: UserFeatures,
@@ -401,6 +434,7 @@ class MatchEngine:
         q = self.query(user, domain, k, exclude_rows=exclude_rows, entity_types=entity_types, deadline=deadline)
         return self.run(q, mode=mode, params=params)
 
+    @_counted
     def run(self, q: MatchQuery, *, mode: str | None = None, params: SearchParams | None = None) -> MatchResult:
         """Answer a validated query. ``mode`` forces "graph" or "exhaustive" (benchmarks); by default the
         bundle's calibration chooses mode and operating point, else ``params.exhaustive_threshold``."""
@@ -467,6 +501,7 @@ class MatchEngine:
             raise SearchError("graph search requested but the bundle has no graph (run `unimatch index build`)")
         return mode, p
 
+    @_counted
     def match_many(self, requests: Sequence[EngineRequest], *, merged: bool | None = None) -> list[MatchResult]:
         """Answer several requests at once: their graph searches run in lockstep (``service.lockstep``),
         one scorer call per step for all of them; the answer of each is ``match``'s.

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -238,6 +239,10 @@ class LiveCatalogue:
         self.position = str(live_meta.get("position", "0-0"))  # last log entry applied
         self.applied = 0
         self.last_lag_s = 0.0
+        # Called before each ``insert_chunk`` entities of a change are inserted (0: the whole change at
+        # once, no call): the applier's wait for a moment without requests (service.activity).
+        self.yield_to: Callable[[], object] | None = None
+        self.insert_chunk = 0
         self.applier_priority: str | None = None  # OS priority the applier thread got (service.changes); None: no thread
         self.encode_s = 0.0  # wall seconds in the entity encoder (a benchmark's split of the writer's time)
         self.lock = threading.Lock()  # the writer's; readers never take it
@@ -405,9 +410,13 @@ class LiveCatalogue:
         self.entity_type[row0 : row0 + n] = entity_types
         self.domain_mask[row0 : row0 + n] = domain_masks
         if self.overlay is not None:
-            got = self.overlay.insert_many(vectors)
-            if int(got[0]) != row0:
-                raise RuntimeError(f"overlay row {int(got[0])} != catalogue row {row0}")  # one writer: cannot happen
+            step = self.insert_chunk if self.insert_chunk > 0 else n
+            for s in range(0, n, step):  # in chunks or not, the same graph (tests/service/test_overlay.py)
+                if self.yield_to is not None and self.insert_chunk > 0:
+                    self.yield_to()
+                got = self.overlay.insert_many(vectors[s : s + step])
+                if int(got[0]) != row0 + s:
+                    raise RuntimeError(f"overlay row {int(got[0])} != catalogue row {row0 + s}")  # one writer: cannot happen
         rows = list(range(row0, row0 + n))
         for eid, row in zip(entity_ids, rows, strict=True):
             prev = self.row_of(eid)

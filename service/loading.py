@@ -101,6 +101,8 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         live_ef_construction=settings.live_ef_construction,
     )
     changes = follow_changes(engine, settings) if settings.live_changes else None
+    if settings.live_changes:
+        engine.yield_live_changes(settings.live_apply_yield_s)  # after the replay: nothing to yield to before
     log_calibration(engine)
     t_warm = time.perf_counter()
     engine.warmup()

@@ -211,3 +211,55 @@ def test_an_applier_that_does_not_get_there_in_time_is_not_an_acknowledgement(bu
         assert res is None and log.entries[-1][0] == pos
     finally:
         f.stop()
+
+
+# ---- yielding to requests in flight ----------------------------------------------------------------------
+def test_activity_counts_requests_and_wait_quiet_waits_for_none() -> None:
+    from service.activity import Activity
+
+    act = Activity()
+    assert act.wait_quiet(0.01)
+    with act:
+        with act:
+            assert act.in_flight == 2
+        assert not act.wait_quiet(0.05)  # one still in flight: it gives up after max_s
+    got: list[bool] = []
+    act.__enter__()
+    w = threading.Thread(target=lambda: got.append(act.wait_quiet(5.0)))
+    w.start()
+    time.sleep(0.1)
+    assert not got  # still waiting
+    act.__exit__(None, None, None)
+    w.join(2.0)
+    assert got == [True]
+
+
+def test_inserting_in_chunks_between_requests_gives_the_same_state(bundle: Bundle) -> None:  # noqa: F811
+    a, b = engine_of(bundle), engine_of(bundle)
+    b.yield_live_changes(0.5, chunk=2)
+    calls: list[int] = []
+    hook = b.live.yield_to  # type: ignore[union-attr]
+    b.live.yield_to = lambda: calls.append(b.activity.in_flight) or hook()  # type: ignore[union-attr, func-returns-value]
+    for i, ch in enumerate(_changes(8)):
+        a.live.apply(f"1-{i + 1}", ch)  # type: ignore[union-attr]
+        b.live.apply(f"1-{i + 1}", ch)  # type: ignore[union-attr]
+    assert calls and set(calls) == {0}  # each chunk went in with no request in flight
+    assert _full_state(a) == _full_state(b)
+    b.yield_live_changes(0)
+    assert b.live.yield_to is None and b.live.insert_chunk == 0  # type: ignore[union-attr]
+
+
+def test_the_engine_counts_its_requests(bundle: Bundle) -> None:  # noqa: F811
+    from tests.service.test_live import users
+
+    eng = engine_of(bundle)
+    seen: list[int] = []
+    real = eng.run
+
+    def spy(q, **kw):  # type: ignore[no-untyped-def]
+        seen.append(eng.activity.in_flight)
+        return real(q, **kw)
+
+    eng.run = spy  # type: ignore[method-assign]
+    eng.match(users(1)[0], 0, 5)
+    assert seen == [1] and eng.activity.in_flight == 0
