@@ -340,7 +340,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             if args.writer_nice and fb._thread is not None and fb._thread.native_id is not None:
                 lower_priority(args.writer_nice, fb._thread.native_id)
         for eng in {id(a): a, id(b): b}.values():
-            eng.yield_live_changes(args.apply_yield_s)
+            eng.yield_live_changes(args.apply_yield_s, chunk=args.apply_chunk)
         if args.applier == "thread":
             fa.start()  # the acknowledging worker's applier thread (at --apply-priority)
         writer = Writer(fa, bundle.schema, args.applier)
@@ -378,7 +378,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
                    writer_cpu_us_per_upsert=(writer.cpu_s + applier_cpu) / max(writer.items, 1) * 1e6,
                    request_cpu_us_per_upsert=writer.cpu_s / max(writer.items, 1) * 1e6,
                    applier_cpu_us_per_upsert=applier_cpu / max(writer.items, 1) * 1e6,
-                   own_fast=fa.own_fast, applier_priority=fa.priority_applied, apply_yield_s=args.apply_yield_s,
+                   own_fast=fa.own_fast, applier_priority=fa.priority_applied, apply_yield_s=args.apply_yield_s, apply_chunk=args.apply_chunk,
                    yield_waited_s=a.activity.waited_s,
                    insert_us_per_upsert=(ov.insert_s - ins0) / max(writer.items, 1) * 1e6 if ov is not None else 0.0,
                    encode_us_per_upsert=(a.live.encode_s - enc0) / max(writer.items, 1) * 1e6,
@@ -557,6 +557,7 @@ def main() -> None:
     p.add_argument("--apply-yield-s", type=float, default=0.0,
                    help="the applier inserts 4 entities at a time, each after waiting (at most this long) for no "
                         "request in flight (UNIMATCH_LIVE_APPLY_YIELD_S; 0 = off)")
+    p.add_argument("--apply-chunk", type=int, default=4, help="entities per insertion between waits (--apply-yield-s)")
     p.add_argument("--apply-priority", choices=("idle", "nice", "normal"), default="idle",
                    help="OS priority of the applier threads (UNIMATCH_LIVE_APPLY_PRIORITY; load section)")
     p.add_argument("--follower", choices=("thread", "none"), default="thread",
