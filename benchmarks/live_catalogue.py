@@ -259,23 +259,32 @@ def new_entities(data: Path, n: int, seed: int, schema: Any) -> list[dict[str, A
 
 
 class Writer:
-    """Logs and applies changes as the acknowledging worker does (validate, XADD, catch up), on a thread."""
+    """Logs and applies changes as the acknowledging worker does, on a thread of its own.
 
-    def __init__(self, follower: Any, schema: Any) -> None:
-        self.follower, self.schema = follower, schema
+    ``mode``: ``thread`` = the service's path (validate, ``ChangeFollower.acknowledge``: XADD, hand the
+    parsed change to the applier thread, wait for it); ``inline`` = the same, applied in this thread
+    (no applier thread running); ``inline-replay`` = the path before the applier: validate, XADD, then
+    catch up from the stream in this thread, decoding and parsing its own entry again.
+    """
+
+    def __init__(self, follower: Any, schema: Any, mode: str = "thread") -> None:
+        self.follower, self.schema, self.mode = follower, schema, mode
         self.ack_s: list[float] = []
         self.items = 0
         self.changes = 0
-        self.cpu_s = 0.0  # this thread's CPU time in submit (the acknowledging worker's whole path)
+        self.cpu_s = 0.0  # this thread's CPU time in submit (validate, JSON, XADD, and the apply when inline)
 
     def submit(self, change: dict[str, Any]) -> None:
         from service.live import check_change
 
         t0 = time.perf_counter()
         c0 = time.thread_time()
-        check_change(self.schema, change)
-        pos = self.follower.log.append(change)
-        res = self.follower.catch_up(pos)
+        records = check_change(self.schema, change)
+        if self.mode == "inline-replay":
+            pos = self.follower.log.append(change)
+            res = self.follower.catch_up(pos)
+        else:
+            pos, res = self.follower.acknowledge(change, records)
         if res is None:
             raise RuntimeError(f"change {pos} not applied")
         self.cpu_s += time.thread_time() - c0
@@ -296,7 +305,7 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
     a = MatchEngine(bundle, providers=["CPUExecutionProvider"], live_capacity=cap, live_ef_construction=args.ef_construction[0],
                     search_loop=args.search_loop)
     b = MatchEngine(bundle, providers=["CPUExecutionProvider"], live_capacity=cap, live_ef_construction=args.ef_construction[0],
-                    search_loop=args.search_loop)
+                    search_loop=args.search_loop) if args.follower == "thread" else a  # no second worker: not built
     a.warmup()
     assert a.live is not None and b.live is not None
     for eng in (a, b):
@@ -307,13 +316,14 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         warm.run()
     log_a = ChangeLog.from_url(args.redis_url, stream_key(prefix, a.live.lineage))
     log_b = ChangeLog.from_url(args.redis_url, stream_key(prefix, b.live.lineage))
-    fa = ChangeFollower(log_a, a.live)
-    fb = ChangeFollower(log_b, b.live, poll_s=args.poll_s)
+    prio = args.apply_priority
+    fa = ChangeFollower(log_a, a.live, poll_s=args.poll_s, priority=prio)
+    fb = ChangeFollower(log_b, b.live, poll_s=args.poll_s, priority=prio)
     out: dict[str, Any] = {"catalogue": bundle.num_entities, "threads": args.threads, "k": args.k, "batch": args.batch,
                            "upsert_rate_offered": args.upsert_rate,
                            "ef_construction": args.ef_construction[0], "poll_s": args.poll_s,
                            "insert": args.insert, "search_loop": args.search_loop, "follower": args.follower,
-                           "writer_nice": args.writer_nice,
+                           "writer_nice": args.writer_nice, "applier": args.applier, "apply_priority": prio,
                            "cpus": os.cpu_count(), "loadavg_start": os.getloadavg()}
     try:
         ld = Load(a, users, domains, args.k, args.threads)
@@ -329,7 +339,11 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
             fb.start()
             if args.writer_nice and fb._thread is not None and fb._thread.native_id is not None:
                 lower_priority(args.writer_nice, fb._thread.native_id)
-        writer = Writer(fa, bundle.schema)
+        for eng in {id(a): a, id(b): b}.values():
+            eng.yield_live_changes(args.apply_yield_s, chunk=args.apply_chunk)
+        if args.applier == "thread":
+            fa.start()  # the acknowledging worker's applier thread (at --apply-priority)
+        writer = Writer(fa, bundle.schema, args.applier)
         stop = threading.Event()
         items = new_entities(args.data, min(cap, args.batch * 100000), 7, bundle.schema)
 
@@ -348,18 +362,24 @@ def load(args: argparse.Namespace) -> dict[str, Any]:
         wt = threading.Thread(target=write)
         ins0 = a.live.overlay.insert_s if a.live.overlay is not None else 0.0
         enc0 = a.live.encode_s
+        acpu0 = fa.apply_cpu_s
         t0 = time.perf_counter()
         wt.start()
         res = ld.run(rate, args.seconds, seed=1)
         stop.set()
         wt.join()
         wall = time.perf_counter() - t0
+        applier_cpu = fa.apply_cpu_s - acpu0 if args.applier == "thread" else 0.0
         ov = a.live.overlay
         res.update(upserts=writer.items, upserts_per_s=writer.items / wall, changes=writer.changes,
                    ack_p50_ms=pct(writer.ack_s, 50) * 1e3, ack_p99_ms=pct(writer.ack_s, 99) * 1e3,
                    p99_ratio=res["p99_ms"] / out["baseline"]["p99_ms"],
                    p50_ratio=res["p50_ms"] / out["baseline"]["p50_ms"],
-                   writer_cpu_us_per_upsert=writer.cpu_s / max(writer.items, 1) * 1e6,
+                   writer_cpu_us_per_upsert=(writer.cpu_s + applier_cpu) / max(writer.items, 1) * 1e6,
+                   request_cpu_us_per_upsert=writer.cpu_s / max(writer.items, 1) * 1e6,
+                   applier_cpu_us_per_upsert=applier_cpu / max(writer.items, 1) * 1e6,
+                   own_fast=fa.own_fast, applier_priority=fa.priority_applied, apply_yield_s=args.apply_yield_s, apply_chunk=args.apply_chunk,
+                   yield_waited_s=a.activity.waited_s,
                    insert_us_per_upsert=(ov.insert_s - ins0) / max(writer.items, 1) * 1e6 if ov is not None else 0.0,
                    encode_us_per_upsert=(a.live.encode_s - enc0) / max(writer.items, 1) * 1e6,
                    overlay_rows=a.live.count, overridden_lists=ov.overrides if ov is not None else 0,
@@ -531,6 +551,15 @@ def main() -> None:
                    help="the serving search loop (numpy: the loop a live graph used before the compiled step walked the overlay)")
     p.add_argument("--writer-nice", type=int, default=0,
                    help="raise the writer's and the follower thread's nice value by this much (load section)")
+    p.add_argument("--applier", choices=("thread", "inline", "inline-replay"), default="thread",
+                   help="who applies the acknowledging worker's change: the applier thread (the service), the "
+                        "writer's thread from its parsed change, or the writer's thread from the stream (the path before)")
+    p.add_argument("--apply-yield-s", type=float, default=0.0,
+                   help="the applier inserts 4 entities at a time, each after waiting (at most this long) for no "
+                        "request in flight (UNIMATCH_LIVE_APPLY_YIELD_S; 0 = off)")
+    p.add_argument("--apply-chunk", type=int, default=4, help="entities per insertion between waits (--apply-yield-s)")
+    p.add_argument("--apply-priority", choices=("idle", "nice", "normal"), default="idle",
+                   help="OS priority of the applier threads (UNIMATCH_LIVE_APPLY_PRIORITY; load section)")
     p.add_argument("--follower", choices=("thread", "none"), default="thread",
                    help="run the second worker (following the log) in this process, or not (load section)")
     p.add_argument("--json", type=Path, default=None)

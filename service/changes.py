@@ -13,7 +13,12 @@ log itself is never trimmed here (compaction makes its prefix unnecessary; trimm
 operator's call once no replica serves an older bundle).
 
 Sync redis-py on threads of its own: applying a change is CPU work (encoding, graph insertion), kept
-off the event loop like scoring is.
+off the event loop like scoring is, and off the serving threads' way: one *applier* thread per process
+(``ChangeFollower.start``) applies every entry, its own worker's and the others', at the lowest OS
+priority (``UNIMATCH_LIVE_APPLY_PRIORITY``, service/thread_priority.py), so that it runs on the CPU the
+scoring threads leave. An acknowledging request logs its change (``XADD``), hands the change it already
+parsed to the applier and waits (an event, no polling) until the applier has applied every entry up to
+and including it: the answer still comes only after ``XADD`` and the apply.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
+from dataclasses import dataclass, field
 from typing import Any
 
 from service import metrics
-from service.live import ApplyResult, LiveCatalogue, LiveError, position_key, stream_ms
+from service.live import ApplyResult, EntityRecord, LiveCatalogue, LiveError, position_key, stream_ms
+from service.thread_priority import Priority, set_thread_priority
 
 log = logging.getLogger("unimatch.changes")
 
@@ -58,15 +65,23 @@ class ChangeLog:
 
     def range_after(self, after: str, until: str = "+", count: int = 1000) -> list[tuple[str, dict[str, Any]]]:
         """Entries strictly after ``after`` up to ``until`` (inclusive), oldest first."""
+        return [(p, decode_change(p, raw)) for p, raw in self.range_after_raw(after, until, count)]
+
+    def range_after_raw(self, after: str, until: str = "+", count: int = 1000) -> list[tuple[str, bytes]]:
+        """``range_after`` with each change still JSON (decoded only where it is not already known)."""
         got = self.client.xrange(self.key, min=f"({after}" if after != "0-0" else "-", max=until, count=count)
-        return [self._decode(i, f) for i, f in got]
+        return [self._raw(i, f) for i, f in got]
 
     def read(self, after: str, *, count: int = 1000, block_ms: int = 100) -> list[tuple[str, dict[str, Any]]]:
         """Wait up to ``block_ms`` for entries after ``after`` (``XREAD BLOCK``)."""
+        return [(p, decode_change(p, raw)) for p, raw in self.read_raw(after, count=count, block_ms=block_ms)]
+
+    def read_raw(self, after: str, *, count: int = 1000, block_ms: int = 100) -> list[tuple[str, bytes]]:
+        """``read`` with each change still JSON."""
         got = self.client.xread({self.key: after}, count=count, block=block_ms)
-        out: list[tuple[str, dict[str, Any]]] = []
+        out: list[tuple[str, bytes]] = []
         for _, entries in got or []:
-            out += [self._decode(i, f) for i, f in entries]
+            out += [self._raw(i, f) for i, f in entries]
         return out
 
     def last_position(self) -> str:
@@ -80,44 +95,157 @@ class ChangeLog:
         return int(self.client.xlen(self.key))
 
     @staticmethod
-    def _decode(pos: Any, fields: dict[Any, Any]) -> tuple[str, dict[str, Any]]:
+    def _raw(pos: Any, fields: dict[Any, Any]) -> tuple[str, bytes]:
         p = pos.decode() if isinstance(pos, bytes) else str(pos)
         raw = fields.get(FIELD) or fields.get(FIELD.decode())
         if raw is None:
             raise ValueError(f"change log entry {p} has no {FIELD.decode()!r} field")
-        return p, json.loads(raw)
+        return p, raw if isinstance(raw, bytes) else str(raw).encode()
+
+
+def decode_change(position: str, raw: bytes) -> dict[str, Any]:
+    change = json.loads(raw)
+    if not isinstance(change, dict):
+        raise ValueError(f"change log entry {position} is not a JSON object")
+    return change
+
+
+@dataclass
+class _Own:
+    """A change this process logged and is waiting to acknowledge: applied from its parsed form."""
+
+    change: dict[str, Any]
+    records: list[EntityRecord] | None
+    done: threading.Event = field(default_factory=threading.Event)
+    result: ApplyResult | None = None
 
 
 class ChangeFollower:
-    """Applies a change log to one ``LiveCatalogue``: replay at start, then follow (thread), or catch up now.
+    """Applies a change log to one ``LiveCatalogue``: replay at start, then follow (the applier thread).
 
-    ``catch_up(until)`` is what an acknowledging request calls: everything up to its own entry is applied
-    in this process before it answers. The follower thread applies what other workers logged within
-    about ``poll_s`` of its ``XADD``.
+    ``acknowledge(change, records)`` is what an acknowledging request calls: it logs the change and
+    returns once everything up to its own entry is applied in this process (by the applier thread when
+    it runs, else in the caller's thread). Its own entry is applied from the change and records the
+    request already holds (``check_change``), without decoding and parsing the entry again; every other
+    entry is decoded from the log. Both give the same records, so the same state.
     """
 
-    def __init__(self, changes: ChangeLog, live: LiveCatalogue, *, poll_s: float = 0.1, batch: int = 512) -> None:
+    def __init__(self, changes: ChangeLog, live: LiveCatalogue, *, poll_s: float = 0.1, batch: int = 512,
+                 priority: Priority = "normal", ack_timeout_s: float = 30.0) -> None:
         self.log = changes
         self.live = live
         self.poll_s = poll_s
         self.batch = batch
+        self.priority = priority
+        self.ack_timeout_s = ack_timeout_s
+        self.priority_applied: str | None = None  # what the applier thread got (set_thread_priority)
+        self.apply_cpu_s = 0.0  # the applier thread's CPU time in reads and applies (benchmarks)
+        self.own_fast = 0  # own entries applied from their parsed form (tests, benchmarks)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._apply_lock = threading.Lock()  # orders the follower thread and catch-up calls
+        self._apply_lock = threading.Lock()  # orders the applier thread and catch-up calls
+        # Own changes logged and not yet applied, by position, and own XADDs whose reply is still on its
+        # way: the applier may read an entry before its request has registered it (see _own_for).
+        self._cond = threading.Condition()
+        self._pending: dict[str, _Own] = {}
+        self._xadds = 0
         self.errors = 0
         # Results of the last entries applied, by position: an acknowledging request reports its own entry's
-        # result even when the follower thread applied it first.
+        # result even when another path applied it first.
         self.recent: OrderedDict[str, ApplyResult] = OrderedDict()
+        self.failed: OrderedDict[str, None] = OrderedDict()  # the last entries that failed to apply
         self.lags: deque[float] = deque(maxlen=100_000)  # seconds from XADD to applied, last entries (benchmarks)
 
-    def _apply(self, entries: list[tuple[str, dict[str, Any]]]) -> list[ApplyResult]:
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # ---- the acknowledging request --------------------------------------------------------------------
+    def acknowledge(self, change: dict[str, Any], records: list[EntityRecord] | None = None) -> tuple[str, ApplyResult | None]:
+        """Log ``change`` and wait until this process has applied it; (position, its result or None).
+
+        Raises on a Redis error of the ``XADD`` (nothing logged, nothing to acknowledge). None: logged but
+        not applied here (it failed to apply, or the applier did not reach it within ``ack_timeout_s``).
+        """
+        own = _Own(change, records)
+        with self._cond:
+            self._xadds += 1
+        try:
+            position = self.log.append(change)
+        except BaseException:
+            with self._cond:
+                self._xadds -= 1
+                self._cond.notify_all()
+            raise
+        with self._cond:
+            self._xadds -= 1
+            if position in self.recent or position in self.failed:  # settled already (the applier did not wait for us)
+                own.result = self.recent.get(position)
+                own.done.set()
+            else:
+                self._pending[position] = own
+            self._cond.notify_all()
+        if not own.done.is_set():
+            if self.running:
+                own.done.wait(self.ack_timeout_s)  # the applier sets it; a blocking wait, not a poll
+            else:
+                self.catch_up(position)
+        with self._cond:
+            self._pending.pop(position, None)
+        return position, own.result if own.done.is_set() else None
+
+    def _own_for(self, position: str) -> _Own | None:
+        """This process's own change at ``position`` if it is one (waits briefly for an XADD reply in flight)."""
+        with self._cond:
+            deadline = time.monotonic() + 1.0
+            while position not in self._pending and self._xadds > 0:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            return self._pending.get(position)
+
+    def _settle(self, position: str, res: ApplyResult | None) -> None:
+        with self._cond:
+            if res is not None:
+                self.recent[position] = res
+                while len(self.recent) > 4096:
+                    self.recent.popitem(last=False)
+            else:
+                self.failed[position] = None
+                while len(self.failed) > 4096:
+                    self.failed.popitem(last=False)
+            own = self._pending.pop(position, None)
+            if own is not None:
+                own.result = res
+                own.done.set()
+
+    def _release(self, position: str) -> None:
+        """A request waiting on an entry that an earlier pass settled: give it that outcome."""
+        with self._cond:
+            own = self._pending.pop(position, None)
+            if own is not None:
+                own.result = self.recent.get(position)
+                own.done.set()
+
+    # ---- applying -------------------------------------------------------------------------------------
+    def _apply(self, entries: list[tuple[str, bytes]]) -> list[ApplyResult]:
         out = []
-        for pos, change in entries:
+        for pos, raw in entries:
             if position_key(pos) <= position_key(self.live.position):
-                continue  # applied already (by a catch-up or the other path)
+                self._release(pos)  # applied already (by a catch-up or the other path)
+                continue
             t0 = time.perf_counter()
+            own = self._own_for(pos)
+            change: dict[str, Any] = {}
             try:
-                res = self.live.apply(pos, change)
+                if own is not None:
+                    change = own.change
+                    res = self.live.apply(pos, change, own.records)
+                    self.own_fast += 1
+                else:
+                    change = decode_change(pos, raw)
+                    res = self.live.apply(pos, change)
             except (LiveError, KeyError, TypeError, ValueError) as exc:
                 # e.g. overlay full, or an entry someone wrote around the API: skipped here as on every other
                 # worker (the same entry fails the same way everywhere), so the workers stay identical
@@ -126,6 +254,7 @@ class ChangeFollower:
                 metrics.CHANGES_APPLIED.labels(op=str(change.get("op")), outcome="failed").inc()
                 with self.live.lock:
                     self.live.position = pos
+                self._settle(pos, None)
                 continue
             metrics.CHANGES_APPLIED.labels(op=res.op, outcome="applied").inc()
             metrics.CHANGE_APPLY_DURATION.observe(time.perf_counter() - t0)
@@ -134,9 +263,7 @@ class ChangeFollower:
                 metrics.CHANGE_LAG.observe(lag)
                 self.lags.append(lag)
             out.append(res)
-            self.recent[pos] = res
-            while len(self.recent) > 4096:
-                self.recent.popitem(last=False)
+            self._settle(pos, res)
         metrics.set_live(self.live)
         return out
 
@@ -145,7 +272,7 @@ class ChangeFollower:
         n = 0
         with self._apply_lock:
             while True:
-                entries = self.log.range_after(self.live.position, count=self.batch)
+                entries = self.log.range_after_raw(self.live.position, count=self.batch)
                 if not entries:
                     return n
                 n += len(self._apply(entries))
@@ -157,24 +284,30 @@ class ChangeFollower:
         """
         with self._apply_lock:
             while position_key(self.live.position) < position_key(until):
-                entries = self.log.range_after(self.live.position, until=until, count=self.batch)
+                entries = self.log.range_after_raw(self.live.position, until=until, count=self.batch)
                 if not entries:
                     break
                 self._apply(entries)
             return self.recent.get(until)
 
+    # ---- the applier thread ---------------------------------------------------------------------------
     def start(self) -> None:
         if self._thread is None:
+            self._stop.clear()
             self._thread = threading.Thread(target=self._run, name="unimatch-changes", daemon=True)
             self._thread.start()
 
     def _run(self) -> None:
+        self.priority_applied = self.live.applier_priority = set_thread_priority(self.priority)
+        log.info("change applier for %s at priority %s", self.log.key, self.priority_applied)
         while not self._stop.is_set():
             try:
-                entries = self.log.read(self.live.position, count=self.batch, block_ms=max(1, int(self.poll_s * 1e3)))
+                c0 = time.thread_time()
+                entries = self.log.read_raw(self.live.position, count=self.batch, block_ms=max(1, int(self.poll_s * 1e3)))
                 if entries:
                     with self._apply_lock:
                         self._apply(entries)
+                self.apply_cpu_s += time.thread_time() - c0
             except Exception as exc:  # Redis down: keep serving what is applied, retry
                 self.errors += 1
                 log.warning("change log %s: %s", self.log.key, exc)
@@ -185,3 +318,7 @@ class ChangeFollower:
         if self._thread is not None:
             self._thread.join(timeout=5.0)
             self._thread = None
+        with self._cond:  # nobody applies them now: their requests answer "not applied here"
+            for own in self._pending.values():
+                own.done.set()
+            self._pending.clear()

@@ -139,6 +139,16 @@ class Settings(BaseSettings):
     # Candidate list of an online insertion (the HNSW paper's ef_construction); the offline build's 200
     # costs twice the time per upsert (docs/live-catalogue.md).
     live_ef_construction: int = Field(default=100, ge=8, le=2000)
+    # OS priority of the applier thread that applies every change (this worker's own and the others'):
+    # idle = SCHED_IDLE (runs only on CPU the scoring threads leave), nice = nice 19 (also the fallback
+    # where SCHED_IDLE is refused), normal = as the scoring threads (docs/live-catalogue.md).
+    live_apply_priority: Literal["idle", "nice", "normal"] = "idle"
+    # > 0: the applier inserts a change's entities 4 at a time, each after waiting (at most this long)
+    # for a moment with no /match in flight in its worker, so it does not share the machine with one
+    # (service/activity.py); 0 = off: the OS priority alone decides.
+    live_apply_yield_s: float = Field(default=0.0, ge=0, le=10)
+    # How long an acknowledging request waits for the applier before it answers 503 (logged, not applied).
+    live_ack_timeout_s: float = Field(default=30.0, gt=0, le=600)
     # ---- bundle rollout (service/bundle_watch.py) --------------------------------------------------
     # Follow UNIMATCH_BUNDLE when it is a symlink (/bundles/current): reload when it moves.
     bundle_watch: bool = Field(default=False, description="watch the bundle pointer and reload when it moves")

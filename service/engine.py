@@ -25,6 +25,7 @@ from contracts.bundle import Bundle
 from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
+from service.activity import Activity
 from service.live import LiveCatalogue
 from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
@@ -206,6 +207,8 @@ class _TimedScore:
         return out
 
 
+
+
 class MatchEngine:
     """Top-k matching over one bundle; build once per process, call ``match`` from many threads."""
 
@@ -224,6 +227,7 @@ class MatchEngine:
         live_ef_construction: int = 100,
     ) -> None:
         self.bundle = bundle
+        self.activity = Activity()  # requests in flight (the live applier can wait for none: service.activity)
         # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
         if search_loop not in ("compiled", "numpy"):
             raise SearchError(f"search_loop must be 'compiled' or 'numpy', got {search_loop!r}")
@@ -251,9 +255,7 @@ class MatchEngine:
         self.background_chunk = (
             min(self.scorer.max_batch, BACKGROUND_CHUNK_CPU) if self.provider == CPU_PROVIDER else self.scorer.max_batch
         )
-        # Requests being answered now (``run`` without ``between_chunks``): background work yields to them.
-        self._active = 0
-        self._active_lock = threading.Lock()
+
         graph = bundle.graph
         if graph is not None and graph.num_layers != len(self.params.ef):
             raise SearchError(f"search params are for {len(self.params.ef)} layers, the graph has {graph.num_layers}")
@@ -338,6 +340,19 @@ class MatchEngine:
         return pool[:n]
 
     # ---- the request -------------------------------------------------------------------------------
+    def yield_live_changes(self, max_s: float, chunk: int = 4) -> None:
+        """Make the live applier insert ``chunk`` entities at a time, each after waiting (at most ``max_s``)
+        for a moment with no request in flight in this engine; ``max_s`` 0 turns it off."""
+        if self.live is None:
+            return
+        if max_s > 0:
+            activity = self.activity
+            self.live.yield_to = lambda: activity.wait_quiet(max_s)
+            self.live.insert_chunk = max(1, int(chunk))
+        else:
+            self.live.yield_to = None
+            self.live.insert_chunk = 0
+
     def query(
         self,
         user: UserFeatures,
@@ -427,8 +442,9 @@ class MatchEngine:
 
     @property
     def active_searches(self) -> int:
-        """Requests in ``run`` now, background scans not counted (read without the lock: a hint)."""
-        return self._active
+        """Requests being searched now (``run``, ``match_many``'s lockstep: one each), background scans
+        not counted; read without the lock: a hint."""
+        return self.activity.in_flight
 
     def run(self, q: MatchQuery, *, mode: str | None = None, params: SearchParams | None = None,
             between_chunks: Callable[[], None] | None = None) -> MatchResult:
@@ -441,13 +457,8 @@ class MatchEngine:
         """
         if between_chunks is not None:
             return self._run(q, mode, params, between_chunks)
-        with self._active_lock:
-            self._active += 1
-        try:
+        with self.activity:
             return self._run(q, mode, params, None)
-        finally:
-            with self._active_lock:
-                self._active -= 1
 
     def _run(self, q: MatchQuery, mode: str | None, params: SearchParams | None,
              between_chunks: Callable[[], None] | None) -> MatchResult:
@@ -579,13 +590,8 @@ class MatchEngine:
                 return out
 
             t_search = time.perf_counter()
-            with self._active_lock:  # one thread's work: one CPU taken, whatever the batch's size
-                self._active += 1
-            try:
+            with self.activity:  # one thread's work: one CPU taken, whatever the batch's size
                 outs = search_many(beams, score_many)
-            finally:
-                with self._active_lock:
-                    self._active -= 1
             t_end = time.perf_counter()
             for n, (i, out) in enumerate(zip(lock, outs, strict=True)):
                 stats = SearchStats(

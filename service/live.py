@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -137,8 +138,12 @@ def parse_entity(schema: FeatureSchema, item: dict[str, Any]) -> EntityRecord:
     return EntityRecord(eid, lay.types.index(etype), mask, np.array(cat, dtype=np.int64), num)
 
 
-def check_change(schema: FeatureSchema, change: dict[str, Any]) -> None:
-    """Validate a change before it is logged, so that the log only holds changes every worker can apply."""
+def check_change(schema: FeatureSchema, change: dict[str, Any]) -> list[EntityRecord] | None:
+    """Validate a change before it is logged, so that the log only holds changes every worker can apply.
+
+    Returns an upsert's parsed entities (None for the other ops): the acknowledging worker applies its
+    own change from them (``LiveCatalogue.apply(..., records=)``) instead of parsing the entry again.
+    """
     op = change.get("op")
     if op not in OPS:
         raise LiveError(f"op must be one of {OPS}, got {op!r}")
@@ -146,16 +151,18 @@ def check_change(schema: FeatureSchema, change: dict[str, Any]) -> None:
         items = change.get("entities")
         if not isinstance(items, list) or not items:
             raise LiveError("an upsert needs a non-empty list of entities")
-        seen: set[str] = set()
-        for item in items:
-            rec = parse_entity(schema, item)
-            if rec.entity_id in seen:
-                raise LiveError(f"{rec.entity_id}: listed twice in one upsert")
-            seen.add(rec.entity_id)
-    else:
-        ids = change.get("ids")
-        if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
-            raise LiveError(f"{op} needs a non-empty list of entity ids")
+        records = [parse_entity(schema, item) for item in items]
+        if len({r.entity_id for r in records}) != len(records):
+            seen: set[str] = set()
+            for rec in records:
+                if rec.entity_id in seen:
+                    raise LiveError(f"{rec.entity_id}: listed twice in one upsert")
+                seen.add(rec.entity_id)
+        return records
+    ids = change.get("ids")
+    if not isinstance(ids, list) or not ids or not all(isinstance(i, str) and i for i in ids):
+        raise LiveError(f"{op} needs a non-empty list of entity ids")
+    return None
 
 
 class EntityEncoder:
@@ -232,6 +239,11 @@ class LiveCatalogue:
         self.position = str(live_meta.get("position", "0-0"))  # last log entry applied
         self.applied = 0
         self.last_lag_s = 0.0
+        # Called before each ``insert_chunk`` entities of a change are inserted (0: the whole change at
+        # once, no call): the applier's wait for a moment without requests (service.activity).
+        self.yield_to: Callable[[], object] | None = None
+        self.insert_chunk = 0
+        self.applier_priority: str | None = None  # OS priority the applier thread got (service.changes); None: no thread
         self.encode_s = 0.0  # wall seconds in the entity encoder (a benchmark's split of the writer's time)
         self.lock = threading.Lock()  # the writer's; readers never take it
         graph = bundle.graph
@@ -297,6 +309,7 @@ class LiveCatalogue:
             "paused": len(self.paused),
             "deleted": sum(1 for r in self._row.values() if r < 0),
             "last_lag_s": round(self.last_lag_s, 4),
+            "applier_priority": self.applier_priority,
         }
 
     # ---- the writer -----------------------------------------------------------------------------------
@@ -314,14 +327,20 @@ class LiveCatalogue:
         if on:
             self.live[row] = True  # last: everything else about the row is in place
 
-    def apply(self, position: str, change: dict[str, Any]) -> ApplyResult:
-        """Apply one log entry (entries must come in log order; an entry at or before ``position`` is skipped)."""
+    def apply(self, position: str, change: dict[str, Any], records: list[EntityRecord] | None = None) -> ApplyResult:
+        """Apply one log entry (entries must come in log order; an entry at or before ``position`` is skipped).
+
+        ``records``: the upsert's entities as ``check_change`` parsed them from this same change (the
+        acknowledging worker's own entry); otherwise they are parsed here. Either way the same records.
+        """
         with self.lock:
             if position_key(position) <= position_key(self.position):
                 return ApplyResult(position=position, op=str(change.get("op")), skipped=-1)
             op = str(change.get("op"))
             if op == "upsert":
-                res = self._upsert([parse_entity(self.schema, item) for item in change["entities"]])
+                if records is None:
+                    records = [parse_entity(self.schema, item) for item in change["entities"]]
+                res = self._upsert(records)
             elif op in ("pause", "resume", "delete"):
                 res = self._switch(op, [str(i) for i in change["ids"]])
             else:
@@ -391,9 +410,13 @@ class LiveCatalogue:
         self.entity_type[row0 : row0 + n] = entity_types
         self.domain_mask[row0 : row0 + n] = domain_masks
         if self.overlay is not None:
-            got = self.overlay.insert_many(vectors)
-            if int(got[0]) != row0:
-                raise RuntimeError(f"overlay row {int(got[0])} != catalogue row {row0}")  # one writer: cannot happen
+            step = self.insert_chunk if self.insert_chunk > 0 else n
+            for s in range(0, n, step):  # in chunks or not, the same graph (tests/service/test_overlay.py)
+                if self.yield_to is not None and self.insert_chunk > 0:
+                    self.yield_to()
+                got = self.overlay.insert_many(vectors[s : s + step])
+                if int(got[0]) != row0 + s:
+                    raise RuntimeError(f"overlay row {int(got[0])} != catalogue row {row0 + s}")  # one writer: cannot happen
         rows = list(range(row0, row0 + n))
         for eid, row in zip(entity_ids, rows, strict=True):
             prev = self.row_of(eid)

@@ -101,6 +101,8 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         live_ef_construction=settings.live_ef_construction,
     )
     changes = follow_changes(engine, settings) if settings.live_changes else None
+    if settings.live_changes:
+        engine.yield_live_changes(settings.live_apply_yield_s)  # after the replay: nothing to yield to before
     log_calibration(engine)
     t_warm = time.perf_counter()
     engine.warmup()
@@ -128,7 +130,8 @@ def follow_changes(engine: MatchEngine, settings: Settings) -> ChangeFollower:
     if live is None or not settings.redis_url:
         raise RuntimeError("live changes need the live catalogue and a Redis URL")
     changes = ChangeLog.from_url(settings.redis_url, stream_key(settings.redis_key_prefix + ":", live.lineage))
-    follower = ChangeFollower(changes, live, poll_s=settings.live_poll_s)
+    follower = ChangeFollower(changes, live, poll_s=settings.live_poll_s, priority=settings.live_apply_priority,
+                              ack_timeout_s=settings.live_ack_timeout_s)
     t0, start = time.perf_counter(), live.position
     n = follower.replay()  # a (re)started worker serves only once it holds every acknowledged change
     log.info("live changes: log %s replayed after %s up to %s: %d entries in %.2f s, %d overlay rows",

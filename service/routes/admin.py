@@ -73,17 +73,17 @@ async def _log_change(state: StateDep, serving: Serving, change: dict[str, Any])
     if follower is None or live is None:
         raise HTTPException(status_code=404, detail="live changes are off (UNIMATCH_LIVE_CHANGES)")
     try:
-        check_change(serving.schema, change)  # only changes every worker can apply enter the log
+        records = check_change(serving.schema, change)  # only changes every worker can apply enter the log
     except LiveError as exc:
         raise InvalidRequest(str(exc)) from None
     if change["op"] == "upsert" and live.count + len(change["entities"]) > live.capacity:
         raise InvalidRequest(f"the live overlay is full ({live.count} of {live.capacity} rows): compact the log "
                              "into a new bundle (`unimatch index compact`)")
     try:
-        position = await asyncio.to_thread(follower.log.append, change)
+        # XADD, then wait (in a worker thread, blocking) until the applier has applied it from `records`
+        position, mine = await asyncio.to_thread(follower.acknowledge, change, records)
     except Exception as exc:  # not in the log: not acknowledged
         raise NotReady(f"change log unavailable: {exc}") from None
-    mine = await asyncio.to_thread(follower.catch_up, position)
     if mine is None:  # logged (other workers will apply it) but not applied here: say so, do not acknowledge
         raise NotReady(f"change logged at {position} but not applied by this worker (at {live.position}); see its log")
     return ChangeAck(

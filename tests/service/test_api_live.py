@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -54,6 +55,7 @@ def test_changes_over_http_and_a_second_worker(bundle_dir: Path, dataset_dir: Pa
                 break
             time.sleep(0.05)
         info = w2.get("/v1/info").json()["search"]["live"]
+        assert info["applier_priority"] == ("idle" if hasattr(os, "SCHED_IDLE") else "nice 19")  # the default
         assert info["position"] == pos and info["overlay_rows"] == 20 and info["paused"] == len(served)
         for u in users:
             for domain in ("domain_0", "domain_1"):
@@ -68,6 +70,19 @@ def test_changes_over_http_and_a_second_worker(bundle_dir: Path, dataset_dir: Pa
     with TestClient(create_app(_settings(bundle_dir, redis_prefix))) as w3:
         info3 = w3.get("/v1/info").json()["search"]["live"]
         assert info3["position"] == skip["position"] and info3["overlay_rows"] == 20 and info3["paused"] == len(served)
+
+
+@pytest.mark.redis
+def test_the_applier_thread_takes_the_configured_priority(bundle_dir: Path, redis_prefix: str) -> None:
+    with TestClient(create_app(_settings(bundle_dir, redis_prefix, live_apply_priority="nice"))) as w:
+        for _ in range(100):  # the applier thread sets it as it starts
+            info = w.get("/v1/info").json()["search"]["live"]
+            if info["applier_priority"] is not None:
+                break
+            time.sleep(0.02)
+        assert info["applier_priority"] == "nice 19"
+        ack = w.post("/admin/entities", json={"entities": [_entity("p-1")]}, headers=AUTH)
+        assert ack.status_code == 200 and ack.json()["applied"] == 1
 
 
 def test_live_changes_need_redis(bundle_dir: Path) -> None:

@@ -131,22 +131,23 @@ def test_the_monitor_scores_only_while_a_cpu_is_free_and_drops_a_starved_job(set
     def sleep(s: float) -> None:  # three polls with every CPU taken, then the request ends
         polls.append(s)
         if len(polls) == 3:
-            engine._active -= 1
+            engine.activity.__exit__(None, None, None)
 
     engine.scorer.score_timed = score
     try:
         monitor = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
-        engine._active += 1  # a request in flight on the only CPU
+        engine.activity.__enter__()  # a request in flight on the only CPU
         cov = monitor.run_job(_job(engine, 0, 10, u, res))
         assert cov is not None and polls == [0.001] * 3 and calls_while_busy and not any(calls_while_busy)
         starved = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=lambda s: None, poll_s=0.01, max_wait_s=0.05)
-        engine._active += 1  # and this one never ends: the job gives up, counted, no coverage recorded
+        engine.activity.__enter__()  # and this one never ends: the job gives up, counted, no coverage recorded
         before = REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") or 0.0
         assert starved.run_job(_job(engine, 0, 10, u, res)) is None
         assert starved.starved == starved.dropped == 1 and starved.done == 0
         assert REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") == before + 1
     finally:
-        engine._active = 0
+        while engine.active_searches:
+            engine.activity.__exit__(None, None, None)
         del engine.scorer.score_timed
 
 
