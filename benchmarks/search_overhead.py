@@ -6,15 +6,16 @@ after an exhaustive pass over every query (seconds per query at 1M); this script
 searches alone, as served (the bundle's calibrated point per domain and k, else the engine defaults),
 so the split can be re-measured in a minute after a change to the search code. No coverage numbers.
 
-With ``--loops numpy,compiled`` it measures the search loops side by side in one run: every query runs
-once per loop, interleaved, on engines that differ only in the loop (``search(loop=...)``: the numpy
-step loop it replaced, and the compiled one), and counts the queries whose rows and scores are
-identical to the first loop's.
+With ``--loops compiled,fused`` (any of numpy, compiled, fused) it measures the search loops side by
+side in one run: every query runs once per loop, interleaved, on engines that differ only in the loop
+(``search(loop=...)``: the numpy reference, the per-step compiled ``RequestBeam``, and the fused loop,
+one compiled call per model call, the engine's default), and counts the queries whose rows and scores
+are identical to the first loop's.
 
 Usage::
 
     .venv/bin/python benchmarks/search_overhead.py --bundle B --data D --users 120 --k 50,200,1000 \\
-        [--loops numpy,compiled] [--json out.json]
+        [--loops compiled,fused] [--json out.json]
 """
 
 from __future__ import annotations

@@ -14,9 +14,12 @@ the top-k ones with the highest scores". The search is NANN's (Chen et al., CIKM
         score all of N with the model in ONE batch
         W <- top-ef of (W u N);  C <- W n N
 
-Two implementations of one search. ``RequestBeam`` (the default, ``search(loop="compiled")``) is a
-per-request state machine whose per-step bookkeeping is one compiled call
-(``service.search_kernels``); it is also what the batched lockstep search (``service.lockstep``)
+Three implementations of one search. ``fused_search`` (the default, ``search(loop="fused")``) keeps a
+request's whole state in preallocated arrays and makes ONE compiled call per model call
+(``search_kernels.fused_step``: beam update, expansion, and at a layer's end its top-n and the next
+layer's entry), so that the Python left per step is the model call itself. ``RequestBeam``
+(``loop="compiled"``) is the per-request state machine it replaced, one compiled call per step plus
+Python per step and per layer; it is also what the batched lockstep search (``service.lockstep``)
 drives for many requests at once. The numpy reference (``loop="numpy"``) is split like datasketch's
 pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per layer -> ``merge``. Names
 follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's number of expansion steps. Both work over a graph
@@ -640,10 +643,13 @@ def search(
     far (``partial``). ``filter_beam`` ranks ``keep``'s rows first in the bottom layer's beam
     (``search_layer(prefer=...)``); the upper layers navigate on score alone.
 
-    ``loop``: "compiled" (``RequestBeam``, the per-step bookkeeping in ``service.search_kernels``) or
-    "numpy" (``search_layer``, the reference it replaced, kept for the benchmark's before/after and the
-    tests). They return the same rows and scores, except where tied keys straddle a beam's ef-th place:
-    the compiled beam keeps the smaller row, numpy's argpartition keeps either.
+    ``loop``: "fused" (``fused_search``: one compiled call per model call; needs ``keep`` None or a
+    ``KeepRows``, else it runs the compiled loop), "compiled" (``RequestBeam``, the per-step bookkeeping
+    in ``service.search_kernels``) or "numpy" (``search_layer``, the reference, kept for the benchmark's
+    before/after and the tests). Fused and compiled hand the scorer the same batches in the same order
+    and return the same answer bit for bit; numpy returns the same rows and scores, except where tied
+    keys straddle a beam's ef-th place: the compiled beam keeps the smaller row, numpy's argpartition
+    keeps either.
     """
     # The compiled step walks the CSR arrays and, on a live graph, the overlay's rows and edited lists.
     if loop == "fused" and (keep is None or isinstance(keep, KeepRows)):

@@ -329,30 +329,55 @@ def advance(
 
 
 @_compiled
+def order_keys(rows: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """"Best first" as one uint64 per row, ascending = score descending, then row ascending: the score's
+    bits mapped to an unsigned order (-0.0 counted as 0.0, as a float comparison does) in the high half,
+    the row (< 2**32) in the low half. One sort of these replaces a stable sort by row, then by score."""
+    sc = scores.copy()
+    for i in range(sc.size):
+        if sc[i] == 0:
+            sc[i] = 0.0
+    bits = sc.view(np.uint32)
+    out = np.empty(rows.size, dtype=np.uint64)
+    sign = np.uint64(0x80000000)
+    low = np.uint64(0xFFFFFFFF)
+    for i in range(rows.size):
+        b = np.uint64(bits[i])
+        b = (~b & low) if b & sign else (b | sign)  # ascending unsigned = ascending float
+        out[i] = ((low - b) << np.uint64(32)) | np.uint64(rows[i])
+    return out
+
+
+@_compiled
 def best_first_kernel(rows: np.ndarray, scores: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
     """``service.search.best_first`` compiled: the ``n`` best of (rows, scores), score descending, ties by
-    the smaller row. O(len) selection, then a sort of the ``n`` kept."""
+    the smaller row. O(len) selection, then one sort of the ``n`` kept."""
     keep = top_by_key(rows, scores.astype(np.float64), n)
     r, s = rows[keep], scores[keep]
-    by_row = np.argsort(r, kind="mergesort")
-    r, s = r[by_row], s[by_row]
-    by_score = np.argsort(-s, kind="mergesort")  # stable: equal scores stay in row order
-    return r[by_score], s[by_score]
+    order = np.argsort(order_keys(r, s))
+    return r[order], s[order]
 
 
 @_compiled
 def merge_kernel(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """``service.search.merge`` over the concatenated per-layer lists: a row appears once (a request
-    scores a node once, so its score is the same in every layer), then the top-``k`` best first."""
-    order = np.argsort(rows, kind="mergesort")
-    keep = np.empty(rows.size, dtype=np.int64)
+    scores a node once, so its score is the same in every layer: its repeats sort next to each other),
+    then the top-``k`` best first."""
+    keys = order_keys(rows, scores)
+    order = np.argsort(keys)
+    out_r = np.empty(min(k, rows.size), dtype=np.int64)
+    out_s = np.empty(min(k, rows.size), dtype=np.float32)
     m = 0
     for i in range(order.size):
-        if i == 0 or rows[order[i]] != rows[order[i - 1]]:
-            keep[m] = order[i]
-            m += 1
-    keep = keep[:m]
-    return best_first_kernel(rows[keep], scores[keep], k)
+        if m == out_r.size:
+            break
+        j = order[i]
+        if i > 0 and keys[j] == keys[order[i - 1]]:
+            continue
+        out_r[m] = rows[j]
+        out_s[m] = scores[j]
+        m += 1
+    return out_r[:m], out_s[:m]
 
 
 @_compiled
@@ -446,6 +471,69 @@ def _hand_out(
 
 
 @_compiled
+def _expand_hand_out(
+    st: np.ndarray, frontier: np.ndarray, offsets: np.ndarray, neighbors: np.ndarray, max_degree: int,
+    seen: np.ndarray, stamp: np.uint32, slot: np.ndarray, adj: np.ndarray, ib: tuple, bb: tuple, scored: np.ndarray,
+    mask: np.ndarray, bit: np.uint64, etype: np.ndarray, type_ok: np.ndarray, excluded: np.ndarray, live: np.ndarray,
+) -> int:
+    """``_hand_out(expand_unseen(...))`` in one pass, straight into the pending and fresh buffers: the same
+    rows in the same order (frontier, then adjacency order), each checked against S and then against the
+    request's scored set while its line is in cache. Returns how many need a score (pending: ``st[ST_NP]``)."""
+    pending, fresh, ok = ib[1], ib[2], bb[0]
+    cap = pending.size
+    has_slots = slot.size > 0
+    num_base = offsets.size - 1
+    width = adj.shape[1]
+    n_slots = adj.shape[0]
+    req = np.uint32(st[ST_REQ])
+    n = 0
+    m = 0
+    for i in range(frontier.size):
+        f = frontier[i]
+        s = slot[f] if has_slots else -1
+        if s >= 0 and s < n_slots:
+            cnt = width
+            if max_degree > 0 and cnt > max_degree:
+                cnt = max_degree
+            for j in range(cnt):
+                r = np.int64(adj[s, j])
+                if r >= 0 and seen[r] != stamp:
+                    seen[r] = stamp
+                    if n == cap:
+                        raise ValueError("fused search: pending buffer too small")
+                    pending[n] = r
+                    n += 1
+                    if scored[r] != req:
+                        scored[r] = req
+                        fresh[m] = r
+                        m += 1
+            continue
+        if f >= num_base:
+            continue
+        start = offsets[f]
+        cnt = offsets[f + 1] - start
+        if max_degree > 0 and cnt > max_degree:
+            cnt = max_degree
+        for j in range(start, start + cnt):
+            r = np.int64(neighbors[j])
+            if seen[r] != stamp:
+                seen[r] = stamp
+                if n == cap:
+                    raise ValueError("fused search: pending buffer too small")
+                pending[n] = r
+                n += 1
+                if scored[r] != req:
+                    scored[r] = req
+                    fresh[m] = r
+                    m += 1
+    if st[ST_PREFER] and n:
+        keep_into(pending[:n], ok, mask, bit, etype, type_ok, excluded, live)
+    st[ST_NP] = n
+    st[ST_NF] = m
+    return m
+
+
+@_compiled
 def _start_layer(
     st: np.ndarray, lay: np.ndarray, ep: np.ndarray, seeds: np.ndarray, ib: tuple, bb: tuple, seen: np.ndarray,
     scored: np.ndarray, mask: np.ndarray, bit: np.uint64, etype: np.ndarray, type_ok: np.ndarray,
@@ -521,8 +609,24 @@ def fused_step(
     pending = pending_b[:npend]
     fresh = fresh_b[: st[ST_NF]]
     ok = ok_b[:npend]
-    scores = store_lookup(pending, fresh, fresh_scores, cache)
-    keys = rank_keys(scores, ok, prefer)
+    ns = st[ST_NS]
+    if ns + npend > s_rows_b.size:
+        raise ValueError("fused search: seen buffer too small")
+    for j in range(fresh.size):  # the score cache, then the pending rows' scores straight into S
+        cache[fresh[j]] = fresh_scores[j]
+    scores = s_scores_b[ns : ns + npend]
+    keys = np.empty(npend, dtype=np.float64)
+    for j in range(npend):
+        sc = cache[pending[j]]
+        scores[j] = sc
+        keys[j] = np.float64(sc)
+        if prefer and not ok[j]:
+            keys[j] -= NOT_PREFERRED_OFFSET
+    s_rows_b[ns : ns + npend] = pending
+    if prefer:
+        s_ok_b[ns : ns + npend] = ok
+    ns += npend
+    st[ST_NS] = ns
     nw = st[ST_NW]
     w_rows, w_scores, w_keys_new, frontier = beam_update(
         w_rows_b[:nw], w_scores_b[:nw], w_keys[:nw], pending, scores, keys, lay[LAY_EF, i]
@@ -532,14 +636,6 @@ def fused_step(
     w_scores_b[:nw] = w_scores
     w_keys[:nw] = w_keys_new
     st[ST_NW] = nw
-    ns = st[ST_NS]
-    if npend:  # S grows by the rows just scored (the layer's top-n is taken from S)
-        s_rows_b[ns : ns + npend] = pending
-        s_scores_b[ns : ns + npend] = scores
-        if prefer:
-            s_ok_b[ns : ns + npend] = ok
-        ns += npend
-        st[ST_NS] = ns
     t = st[ST_T]
     expand = t < lay[LAY_STEPS, i] and not past
     if frontier.size > 0:
@@ -549,11 +645,12 @@ def fused_step(
         else:
             st[ST_T] = t + 1
             lay[LAY_OUT_STEPS, i] += 1
-            nxt = expand_unseen(
-                offsets, neighbors, frontier, lay[LAY_DEGREE, i], seen, np.uint32(st[ST_STAMP] + i), slot, adj
+            m = _expand_hand_out(
+                st, frontier, offsets, neighbors, lay[LAY_DEGREE, i], seen, np.uint32(st[ST_STAMP] + i), slot, adj,
+                ib, bb, scored, mask, bit, etype, type_ok, excluded, live,
             )
-            if nxt.size:
-                return _hand_out(st, nxt, ib, bb, scored, mask, bit, etype, type_ok, excluded, live)
+            if st[ST_NP]:
+                return m
     # The layer is done: its top-n of the returnable nodes it saw join the results; W enters the next.
     lay[LAY_OUT_SEEN, i] = ns
     s_rows = s_rows_b[:ns]
