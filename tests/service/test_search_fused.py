@@ -172,3 +172,19 @@ def test_engines_with_the_fused_and_compiled_loops_answer_alike(bundle) -> None:
         assert (a.stats.pair_evaluations, a.stats.steps, a.stats.scorer_calls) == (
             b.stats.pair_evaluations, b.stats.steps, b.stats.scorer_calls)
         assert [(s.layer, s.steps, s.seen) for s in a.stats.layers] == [(s.layer, s.steps, s.seen) for s in b.stats.layers]
+
+
+def test_a_reused_visited_set_gives_what_a_fresh_one_gives(bundle) -> None:
+    """90 requests (360 layers) on one visited set, as a worker thread runs them: the answers a fresh
+    visited set gives, in all three loops (the fused loop reserves its layer stamps four at a time)."""
+    vec = np.asarray(bundle.vectors)
+    rng = np.random.default_rng(8)
+    kw = {"k": 20, "ef": (16, 16, 32, 64), "steps": (1, 1, 2, 4), "top_n": (0, 0, 20, 40)}
+    shared = {loop: VisitedSet(E) for loop in ("fused", "compiled", "numpy")}
+    for _ in range(90):
+        q = rng.normal(size=vec.shape[1]).astype(np.float32)
+        want = search(bundle.graph, Recorder(vec, q), visited=VisitedSet(E), loop="fused", **kw)
+        for loop, visited in shared.items():
+            got = search(bundle.graph, Recorder(vec, q), visited=visited, loop=loop, **kw)
+            np.testing.assert_array_equal(got.rows, want.rows)
+            assert [s.seen for s in got.layers] == [s.seen for s in want.layers]
