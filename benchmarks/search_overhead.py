@@ -6,15 +6,16 @@ after an exhaustive pass over every query (seconds per query at 1M); this script
 searches alone, as served (the bundle's calibrated point per domain and k, else the engine defaults),
 so the split can be re-measured in a minute after a change to the search code. No coverage numbers.
 
-With ``--loops numpy,compiled`` it measures the search loops side by side in one run: every query runs
-once per loop, interleaved, on engines that differ only in the loop (``search(loop=...)``: the numpy
-step loop it replaced, and the compiled one), and counts the queries whose rows and scores are
-identical to the first loop's.
+With ``--loops compiled,fused`` (any of numpy, compiled, fused) it measures the search loops side by
+side in one run: every query runs once per loop, interleaved, on engines that differ only in the loop
+(``search(loop=...)``: the numpy reference, the per-step compiled ``RequestBeam``, and the fused loop,
+one compiled call per model call, the engine's default), and counts the queries whose rows and scores
+are identical to the first loop's.
 
 Usage::
 
     .venv/bin/python benchmarks/search_overhead.py --bundle B --data D --users 120 --k 50,200,1000 \\
-        [--loops numpy,compiled] [--json out.json]
+        [--loops compiled,fused] [--json out.json]
 """
 
 from __future__ import annotations
@@ -126,12 +127,12 @@ def main() -> None:
     p.add_argument("--users", type=int, default=120, help="held-out (user, domain) queries")
     p.add_argument("--k", default="50,200,1000", help="comma-separated k values")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per query after one warm-up pass")
-    p.add_argument("--loops", default="compiled", help="search loops to compare, comma list of numpy, compiled")
+    p.add_argument("--loops", default="fused", help="search loops to compare, comma list of numpy, compiled, fused")
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
     args = p.parse_args()
     loops = [x.strip() for x in args.loops.split(",") if x.strip()]
-    if not loops or any(x not in ("numpy", "compiled") for x in loops):
-        p.error(f"--loops takes numpy and/or compiled, got {args.loops!r}")
+    if not loops or any(x not in ("numpy", "compiled", "fused") for x in loops):
+        p.error(f"--loops takes numpy, compiled and/or fused, got {args.loops!r}")
     bundle = load_bundle(args.bundle)
     engines = {x: MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1, search_loop=x) for x in loops}
     q = held_out_queries(args.data, bundle, args.users, 0)

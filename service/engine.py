@@ -31,8 +31,7 @@ from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
 from service.scoring.host import CPU as CPU_PROVIDER
 from service.scoring.host import HostGatherScorer, UserContext
-from service.search import LayerStats, LiveGraph, RequestBeam, SearchOutcome, VisitedSet, best_first, search
-from service.search_kernels import keep_rows
+from service.search import KeepRows, LayerStats, LiveGraph, RequestBeam, SearchOutcome, VisitedSet, best_first, search
 
 log = logging.getLogger("unimatch.engine")
 
@@ -42,6 +41,7 @@ EXHAUSTIVE_CHUNK_CPU = 2048  # rows per onnxruntime call in exhaustive mode on C
 # requests between calls, so a call's length (~1.5 ms here at ~3 us per pair) is what a request that
 # arrives meanwhile can wait for a core.
 BACKGROUND_CHUNK_CPU = 512
+_ALL_LIVE = np.zeros(0, dtype=np.bool_)  # KeepRows.live of a bundle without live changes: every row
 
 
 class SearchError(ValueError):
@@ -222,15 +222,16 @@ class MatchEngine:
         fp16_tables: bool = False,
         batch_requests: bool | None = None,
         use_calibration: bool | None = None,
-        search_loop: str = "compiled",
+        search_loop: str = "fused",
         live_capacity: int = 0,
         live_ef_construction: int = 100,
     ) -> None:
         self.bundle = bundle
         self.activity = Activity()  # requests in flight (the live applier can wait for none: service.activity)
-        # "compiled" (service.search_kernels) or "numpy" (the reference loop): benchmarks compare the two.
-        if search_loop not in ("compiled", "numpy"):
-            raise SearchError(f"search_loop must be 'compiled' or 'numpy', got {search_loop!r}")
+        # "fused" (one compiled call per model call, ``service.search.fused_search``), "compiled" (the
+        # per-step ``RequestBeam`` it replaced) or "numpy" (the reference loop): benchmarks compare them.
+        if search_loop not in ("fused", "compiled", "numpy"):
+            raise SearchError(f"search_loop must be 'fused', 'compiled' or 'numpy', got {search_loop!r}")
         self.search_loop = search_loop
         self.params = params or SearchParams()
         # The bundle's calibration decides mode and operating point per (domain, k) unless parameters
@@ -402,26 +403,17 @@ class MatchEngine:
         return MatchQuery(user=user, domain=int(domain), k=int(k), entity_types=types, exclude_rows=excl,
                           eligible=eligible, deadline=deadline)
 
-    def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None):
-        """The request's returnable rows (domain, entity types, exclusions), one compiled call per batch of rows."""
-        bit = np.uint64(1 << domain)
-        mask, etype = self._mask, self._etype
+    def _keep_fn(self, domain: int, types: np.ndarray | None, excl: np.ndarray | None) -> KeepRows:
+        """The request's returnable rows (domain, entity types, exclusions, the live catalogue's flags) as
+        data: one compiled call per batch of rows, or inside the fused loop's compiled step."""
         type_ok = np.zeros(0, dtype=np.bool_)
         if types is not None:
             type_ok = np.zeros(self._num_types, dtype=np.bool_)
             type_ok[types] = True
         excluded = np.zeros(0, dtype=np.int64) if excl is None else np.ascontiguousarray(excl, dtype=np.int64)  # sorted
-
-        live = self.live.live if self.live is not None else None
-
-        def keep(rows: np.ndarray) -> np.ndarray:
-            rows = np.asarray(rows, dtype=np.int64)
-            ok = keep_rows(rows, mask, bit, etype, type_ok, excluded)
-            if live is not None:  # paused, deleted, superseded: never returned
-                ok &= live[rows]
-            return ok
-
-        return keep
+        live = self.live.live if self.live is not None else _ALL_LIVE  # paused, deleted, superseded: never returned
+        return KeepRows(mask=self._mask, bit=np.uint64(1 << domain), etype=self._etype, type_ok=type_ok,
+                        excluded=excluded, live=live)
 
     def match(
         self,

@@ -14,9 +14,12 @@ the top-k ones with the highest scores". The search is NANN's (Chen et al., CIKM
         score all of N with the model in ONE batch
         W <- top-ef of (W u N);  C <- W n N
 
-Two implementations of one search. ``RequestBeam`` (the default, ``search(loop="compiled")``) is a
-per-request state machine whose per-step bookkeeping is one compiled call
-(``service.search_kernels``); it is also what the batched lockstep search (``service.lockstep``)
+Three implementations of one search. ``fused_search`` (the default, ``search(loop="fused")``) keeps a
+request's whole state in preallocated arrays and makes ONE compiled call per model call
+(``search_kernels.fused_step``: beam update, expansion, and at a layer's end its top-n and the next
+layer's entry), so that the Python left per step is the model call itself. ``RequestBeam``
+(``loop="compiled"``) is the per-request state machine it replaced, one compiled call per step plus
+Python per step and per layer; it is also what the batched lockstep search (``service.lockstep``)
 drives for many requests at once. The numpy reference (``loop="numpy"``) is split like datasketch's
 pure-Python HNSW: ``entry`` -> ``search_layer`` (which calls ``expand``) per layer -> ``merge``. Names
 follow the HNSW paper (``M``, ``ef``); ``T`` is NANN's number of expansion steps. Both work over a graph
@@ -76,6 +79,7 @@ class VisitedSet:
         self._cache = np.zeros(num_nodes, dtype=np.float32)
         self._req = 0
         self._layer = 0
+        self.fused: Any = None  # FusedBuffers of ``fused_search``, made on first use
 
     def __len__(self) -> int:
         return int(self._scored.shape[0])
@@ -92,6 +96,15 @@ class VisitedSet:
         if self._layer >= _STAMP_MAX:
             self._seen[:] = 0
             self._layer = 1
+
+    def reserve_layers(self, n: int) -> int:
+        """``n`` fresh layer stamps at once (for ``fused_search``): layer i uses the returned stamp + i."""
+        if self._layer + n >= _STAMP_MAX:
+            self._seen[:] = 0
+            self._layer = 0
+        first = self._layer + 1
+        self._layer += n
+        return first
 
     def unseen(self, rows: np.ndarray) -> np.ndarray:
         """Rows not yet seen in this layer, de-duplicated (first occurrence order kept), now marked seen."""
@@ -429,6 +442,161 @@ class RequestBeam:
         return SearchOutcome(rows=rows, scores=scores.astype(np.float32), partial=self.partial, layers=self.layers)
 
 
+@dataclass(frozen=True)
+class KeepRows:
+    """A request's returnable rows as data (``search_kernels.keep_rows``'s arrays): callable like any
+    ``KeepFn``, and what lets the fused loop filter inside its compiled step."""
+
+    mask: np.ndarray  # (N,) uint64 domain bits per row
+    bit: np.uint64  # the request's domain bit
+    etype: np.ndarray  # (N,) int64 entity type per row
+    type_ok: np.ndarray  # (num types,) bool, or empty: any type
+    excluded: np.ndarray  # sorted int64 rows never returned, or empty
+    live: np.ndarray  # (N,) bool the live catalogue's returnable flags, or empty: all
+
+    def __call__(self, rows: np.ndarray) -> np.ndarray:
+        rows = np.asarray(rows, dtype=np.int64)
+        ok = kern.keep_rows(rows, self.mask, self.bit, self.etype, self.type_ok, self.excluded)
+        if self.live.size:  # paused, deleted, superseded: never returned
+            ok &= self.live[rows]
+        return ok
+
+
+_NO_KEEP = KeepRows(
+    mask=np.zeros(0, np.uint64), bit=np.uint64(0), etype=np.zeros(0, np.int64), type_ok=np.zeros(0, np.bool_),
+    excluded=np.zeros(0, np.int64), live=np.zeros(0, np.bool_),
+)
+
+
+class FusedBuffers:
+    """One thread's preallocated arrays for ``fused_search`` (grown on demand, never shrunk)."""
+
+    def __init__(self) -> None:
+        self.st = np.zeros(kern.ST_SIZE, dtype=np.int64)
+        self.cap_w = self.cap_p = self.cap_s = self.cap_r = -1
+        self.ensure(1, 1, 1, 1)
+
+    def ensure(self, cap_w: int, cap_p: int, cap_s: int, cap_r: int) -> None:
+        if cap_w <= self.cap_w and cap_p <= self.cap_p and cap_s <= self.cap_s and cap_r <= self.cap_r:
+            return
+        self.cap_w, self.cap_p = max(cap_w, self.cap_w), max(cap_p, self.cap_p)
+        self.cap_s, self.cap_r = max(cap_s, self.cap_s), max(cap_r, self.cap_r)
+        i64, f32 = np.int64, np.float32
+        self.ib = (np.empty(self.cap_w, i64), np.empty(self.cap_p, i64), np.empty(self.cap_p, i64),
+                   np.empty(self.cap_s, i64), np.empty(self.cap_r, i64))
+        self.fb = (np.empty(self.cap_w, f32), np.empty(self.cap_s, f32), np.empty(self.cap_r, f32))
+        self.w_keys = np.empty(self.cap_w, np.float64)
+        self.bb = (np.zeros(self.cap_p, np.bool_), np.zeros(self.cap_s, np.bool_))
+
+
+_DEGREES: dict[int, tuple[Any, tuple[int, ...]]] = {}
+
+
+def _list_lengths(graph: Graph) -> tuple[int, ...]:
+    """Per layer, the longest CSR neighbour list (cached per graph: one O(E) pass each)."""
+    key = id(graph.offsets[0])
+    hit = _DEGREES.get(key)
+    if hit is not None and hit[0] is graph.offsets[0]:
+        return hit[1]
+    lengths = tuple(int(np.diff(np.asarray(off)).max(initial=0)) for off in graph.offsets)
+    _DEGREES[key] = (graph.offsets[0], lengths)
+    return lengths
+
+
+def fused_search(
+    graph: Graph,
+    score: ScoreFn,
+    *,
+    k: int,
+    ef: tuple[int, ...],
+    steps: tuple[int, ...],
+    top_n: tuple[int, ...],
+    visited: VisitedSet,
+    keep: KeepRows | None = None,
+    deadline: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+    max_degree: tuple[int, ...] = (),
+    whole_top_layer_up_to: int | None = None,
+    seeds: np.ndarray | None = None,
+    filter_beam: bool = False,
+) -> SearchOutcome:
+    """``RequestBeam``'s search with one compiled call per model call (``search_kernels.fused_step``):
+    the same rows handed to ``score`` in the same order, the same answer, steps and seen counts; no
+    per-step Python beyond the call and ``score`` itself. ``score`` gets a view of a reused buffer:
+    it must not keep the array it is given."""
+    num_layers = graph.num_layers
+    if not (len(ef) == len(steps) == len(top_n) == num_layers):
+        raise ValueError(f"ef, steps and top_n need one value per layer ({num_layers})")
+    if max_degree and len(max_degree) != num_layers:
+        raise ValueError(f"max_degree needs one value per layer ({num_layers}) or none")
+    degree = max_degree or (0,) * num_layers
+    overlay = overlay_of(graph)
+    seeds = _EMPTY_ROWS if seeds is None or not np.size(seeds) else np.asarray(seeds, dtype=np.int64)
+    ep = np.asarray(entry(graph, whole_top_layer_up_to=ef[0] if whole_top_layer_up_to is None else whole_top_layer_up_to),
+                    dtype=np.int64)
+    # Worst cases, so that no step outgrows its buffers: a step hands out at most |C| <= ef lists of at
+    # most the layer's longest list; a layer entry at most the beam above (+ seeds); S at most all rows.
+    lengths = _list_lengths(graph)
+    width = max(overlay.layer_arrays(layer)[1].shape[1] for layer in range(num_layers)) if overlay is not None else 0
+    n_rows = len(visited)
+    cap_p = max(ep.size, max(ef) + seeds.size)
+    cap_s = 0
+    for i in range(num_layers):
+        d = max(lengths[num_layers - 1 - i], width)
+        if degree[i] > 0:
+            d = min(d, int(degree[i]))
+        cap_p = max(cap_p, int(ef[i]) * d)
+        cap_s = max(cap_s, max(ep.size, max(ef) + seeds.size) + int(steps[i]) * int(ef[i]) * d)
+    cap_p, cap_s = min(cap_p, n_rows), min(cap_s, n_rows)
+    buf: FusedBuffers | None = getattr(visited, "fused", None)
+    if buf is None:
+        buf = visited.fused = FusedBuffers()
+    buf.ensure(max(ef), cap_p, cap_s, sum(int(n) for n in top_n))
+    lay = np.zeros((6, num_layers), dtype=np.int64)
+    lay[kern.LAY_EF], lay[kern.LAY_STEPS], lay[kern.LAY_TOP_N], lay[kern.LAY_DEGREE] = ef, steps, top_n, degree
+    visited.new_request()
+    st = buf.st
+    st[kern.ST_STAMP] = visited.reserve_layers(num_layers)
+    st[kern.ST_REQ] = visited._req
+    use_keep = keep is not None
+    st[kern.ST_USE_KEEP], st[kern.ST_FILTER_BEAM] = use_keep, filter_beam
+    kp = keep if keep is not None else _NO_KEEP
+    mask, bit, etype, type_ok, excluded, live = kp.mask, kp.bit, kp.etype, kp.type_ok, kp.excluded, kp.live
+    offs = tuple(_plain(graph.offsets[num_layers - 1 - i]) for i in range(num_layers))
+    nbs = tuple(_plain(graph.neighbors[num_layers - 1 - i]) for i in range(num_layers))
+    seen, scored, cache = visited._seen, visited._scored, visited._cache
+    ib, fb, bb, w_keys = buf.ib, buf.fb, buf.bb, buf.w_keys
+    fresh = ib[2]
+    slot, adj = kern.NO_OVERLAY_SLOTS, kern.NO_OVERLAY_ADJ
+    t0 = clock()
+    n = kern.fused_begin(st, lay, ep, seeds, ib, bb, seen, scored, mask, bit, etype, type_ok, excluded, live)
+    layer, marks = 0, [t0]
+    while n >= 0:
+        out = score(fresh[:n]) if n else _EMPTY_SCORES
+        if out.shape != (n,):
+            raise ValueError(f"expected {n} scores, got {np.shape(out)}")
+        past = deadline is not None and clock() >= deadline
+        if overlay is not None:  # fetched each step: the writer may have grown the adjacency since the last one
+            slot, adj = overlay.layer_arrays(num_layers - 1 - layer)
+        n = kern.fused_step(st, lay, out, past, seeds, ib, fb, w_keys, bb, seen, scored, cache, offs[layer], nbs[layer],
+                            slot, adj, mask, bit, etype, type_ok, excluded, live)
+        if st[0] != layer:  # ST_LAYER: a layer ended inside the call
+            marks.append(clock())
+            layer = int(st[0])
+    marks.append(clock())
+    layers = [
+        LayerStats(layer=num_layers - 1 - i, steps=int(lay[kern.LAY_OUT_STEPS, i]), seen=int(lay[kern.LAY_OUT_SEEN, i]),
+                   ms=(marks[i + 1] - marks[i]) * 1e3)
+        for i in range(layer + 1)
+    ]
+    nr = int(st[kern.ST_NR])
+    if nr:
+        rows, scores = kern.merge_kernel(ib[4][:nr], fb[2][:nr], int(k))
+    else:
+        rows, scores = _EMPTY_ROWS, _EMPTY_SCORES
+    return SearchOutcome(rows=rows, scores=scores, partial=bool(st[kern.ST_PARTIAL]), layers=layers)
+
+
 _NO_PREFERENCE = np.zeros(0, dtype=np.bool_)
 _EMPTY_ROWS = np.empty(0, dtype=np.int64)
 _EMPTY_SCORES = np.empty(0, dtype=np.float32)
@@ -475,13 +643,21 @@ def search(
     far (``partial``). ``filter_beam`` ranks ``keep``'s rows first in the bottom layer's beam
     (``search_layer(prefer=...)``); the upper layers navigate on score alone.
 
-    ``loop``: "compiled" (``RequestBeam``, the per-step bookkeeping in ``service.search_kernels``) or
-    "numpy" (``search_layer``, the reference it replaced, kept for the benchmark's before/after and the
-    tests). They return the same rows and scores, except where tied keys straddle a beam's ef-th place:
-    the compiled beam keeps the smaller row, numpy's argpartition keeps either.
+    ``loop``: "fused" (``fused_search``: one compiled call per model call; needs ``keep`` None or a
+    ``KeepRows``, else it runs the compiled loop), "compiled" (``RequestBeam``, the per-step bookkeeping
+    in ``service.search_kernels``) or "numpy" (``search_layer``, the reference, kept for the benchmark's
+    before/after and the tests). Fused and compiled hand the scorer the same batches in the same order
+    and return the same answer bit for bit; numpy returns the same rows and scores, except where tied
+    keys straddle a beam's ef-th place: the compiled beam keeps the smaller row, numpy's argpartition
+    keeps either.
     """
     # The compiled step walks the CSR arrays and, on a live graph, the overlay's rows and edited lists.
-    if loop == "compiled":
+    if loop == "fused" and (keep is None or isinstance(keep, KeepRows)):
+        return fused_search(
+            graph, score, k=k, ef=ef, steps=steps, top_n=top_n, visited=visited, keep=keep, deadline=deadline, clock=clock,
+            max_degree=max_degree, whole_top_layer_up_to=whole_top_layer_up_to, seeds=seeds, filter_beam=filter_beam,
+        )
+    if loop in ("compiled", "fused"):  # fused with a keep callable it cannot compile: the compiled loop
         beam = RequestBeam(
             graph, k=k, ef=ef, steps=steps, top_n=top_n, visited=visited, keep=keep, deadline=deadline, clock=clock,
             max_degree=max_degree, whole_top_layer_up_to=whole_top_layer_up_to, seeds=seeds, filter_beam=filter_beam,
@@ -492,8 +668,8 @@ def search(
                 rows = beam.advance(_scored(score, rows))
             beam.end_layer()
         return beam.outcome()
-    if loop not in ("compiled", "numpy"):
-        raise ValueError(f"loop must be 'compiled' or 'numpy', got {loop!r}")
+    if loop != "numpy":
+        raise ValueError(f"loop must be 'fused', 'compiled' or 'numpy', got {loop!r}")
     if not (len(ef) == len(steps) == len(top_n) == graph.num_layers):
         raise ValueError(f"ef, steps and top_n need one value per layer ({graph.num_layers})")
     if max_degree and len(max_degree) != graph.num_layers:

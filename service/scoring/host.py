@@ -155,7 +155,9 @@ class HostGatherScorer:
                 feeds[name] = live.gather(name, table, rows)
         else:
             for name, table in self.tables.items():
-                feeds[name] = np.take(table, rows, axis=0)  # np.take: faster than fancy indexing for row gathers
+                # ndarray.take: faster than fancy indexing for row gathers, and than np.take (a Python
+                # wrapper around it: ~1 us a call, 2% of a 100k query's samples at ~20 calls a query)
+                feeds[name] = table.take(rows, axis=0)
         t1 = time.perf_counter()
         (out,) = self.pair_session.run(["score"], feeds)
         t2 = time.perf_counter()
