@@ -403,3 +403,17 @@ def test_lockstep_batch_serves_each_request_its_calibrated_point(calibrated) -> 
         assert got.mode == want.mode
         np.testing.assert_array_equal(got.rows, want.rows)
         np.testing.assert_array_equal(got.scores, want.scores)
+
+
+def test_a_narrow_beam_gives_the_same_answer_in_every_search_loop(calibrated) -> None:
+    from contracts.features import UserFeatures
+
+    bundle = load_bundle(calibrated[0])
+    user = UserFeatures.cold_start(bundle.schema)
+    narrow = SearchParams(ef=(4, 2, 2, 20), steps=(1, 1, 1, 10), top_n=(8, 8, 8, 50), bottom_ef_floor=False)
+    got = {loop: MatchEngine(bundle, providers=["CPUExecutionProvider"], search_loop=loop).match(
+        user, 0, 50, params=narrow, mode="graph") for loop in ("fused", "compiled", "numpy")}
+    assert not got["fused"].stats.widened and got["fused"].rows.size == 50
+    for loop in ("compiled", "numpy"):
+        np.testing.assert_array_equal(got[loop].rows, got["fused"].rows)
+        assert got[loop].stats.pair_evaluations == got["fused"].stats.pair_evaluations
