@@ -4,7 +4,9 @@ The applier (service/changes.py) runs at the lowest OS priority, but that only k
 scoring thread wants; on the core next to a request it still shares the caches and the memory bus, and
 on a 2-core machine that slows the request it runs beside (docs/live-catalogue.md, "Measured"). With
 ``UNIMATCH_LIVE_APPLY_YIELD_S`` > 0 it inserts a change's entities a few at a time and, before each
-few, waits until no request is in flight (at most that long, so a saturated worker still applies).
+few, waits until no request is in flight (at most that long, so a saturated worker still applies). The
+shadow monitor (service/shadow.py) reads the same count (``MatchEngine.active_searches``) to score only
+while a CPU is free. ``MatchEngine.run`` and ``match_many``'s lockstep count once per request.
 """
 
 from __future__ import annotations
