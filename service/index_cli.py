@@ -107,7 +107,8 @@ def _run_calibration(args: argparse.Namespace, console: Any) -> int:
 
     with progress_of("calibrating", console=console) as update:
         cal = calibrate_bundle(args.bundle, args.data, cfg, log=lambda m: console.print(m),
-                               progress=lambda stage, done, total: update(done, total or None, stage=stage))
+                               # total 0 (a stage of unknown length): no total, not the last stage's
+                               progress=lambda stage, done, total: update(done, total, stage=stage))
     print_calibration(cal, console)
     if args.calibration_json is not None:
         atomic_write_json(args.calibration_json, cal.to_json())

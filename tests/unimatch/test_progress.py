@@ -48,6 +48,15 @@ def test_a_new_stage_prints_at_once() -> None:
         "index build: inserting vectors 10/100", "index build: health check 1/5"]
 
 
+def test_a_stage_of_unknown_length_shows_no_total_of_the_stage_before() -> None:
+    out, clock = io.StringIO(), Clock()
+    lines = LineProgress("calibrating", stream=out, clock=clock, interval_s=60.0)
+    lines(500, 500, stage="exhaustive reference")
+    lines(3, 0, stage="phone k=200: search point 3")  # what `unimatch index calibrate` passes: total 0
+    last = out.getvalue().splitlines()[-1]
+    assert last.startswith("calibrating: phone k=200: search point 3 3 (") and "/500" not in last and "left" not in last
+
+
 def test_progress_off_a_terminal_is_lines_and_disabled_is_silent() -> None:
     out = io.StringIO()
     with progress("features load", 3, stream=out) as update:
