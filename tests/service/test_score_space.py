@@ -100,6 +100,8 @@ def test_choose_space_weighs_each_point_alike_and_a_tie_keeps_vectors() -> None:
     assert c.chosen == "scores" and c.ratio == pytest.approx((0.25 * 1.2 * 0.5) ** (1 / 3))
     assert len(c.points) == 3
     assert choose_space(vectors, vectors).chosen == "vectors"  # tie: the space that takes live changes
+    near = _cal({("a", 10): 95, ("a", 1000): 9_500, ("b", 10): 95})  # 0.95x: within the calibrations' noise
+    assert choose_space(vectors, near).chosen == "vectors" and choose_space(vectors, near).ratio == pytest.approx(0.95)
     assert choose_space(vectors, _cal({("a", 10): 400, ("b", 10): 100})).chosen == "vectors"  # common points only
     with pytest.raises(ValueError, match="no \\(domain, k\\) point"):
         choose_space(vectors, _cal({("c", 10): 1}))
