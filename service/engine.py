@@ -596,7 +596,8 @@ class MatchEngine:
                 p, want = plans[i][1], queries[i].k
                 short = out.rows.size < want <= queries[i].eligible and not out.partial
                 if short and p.ef[-1] < want:  # as in run(): a narrow beam that saw too few returnable rows
-                    results[i] = self.run(queries[i], mode="graph", params=replace(p, bottom_ef_floor=True))
+                    again = self.run(queries[i], mode="graph", params=replace(p, bottom_ef_floor=True))
+                    results[i] = replace(again, stats=replace(again.stats, widened=True))
         return [r for r in results if r is not None]
 
     def calibrated(self, domain: int, k: int) -> tuple[str, SearchParams] | None:

@@ -186,6 +186,7 @@ def test_a_narrow_beam_that_sees_fewer_than_k_rows_searches_again_as_wide_as_k(c
     assert got.stats.widened and not floor.stats.widened
     many = engine.match_many([EngineRequest(user, 0, k, params=narrow, mode="graph")] * 2)
     np.testing.assert_array_equal(many[0].rows, floor.rows)
+    assert many[0].stats.widened and many[1].stats.widened
 
 
 def test_a_narrow_rung_that_had_to_widen_does_not_count_as_meeting_the_target(monkeypatch: pytest.MonkeyPatch) -> None:
