@@ -547,8 +547,9 @@ def main() -> None:
     p.add_argument("--redis-url", default="redis://127.0.0.1:6379/14")
     p.add_argument("--insert", choices=("compiled", "numpy"), default="compiled",
                    help="graph insertion: the compiled kernels, or the numpy reference (before/after)")
-    p.add_argument("--search-loop", choices=("compiled", "numpy"), default="compiled",
-                   help="the serving search loop (numpy: the loop a live graph used before the compiled step walked the overlay)")
+    p.add_argument("--search-loop", choices=("fused", "compiled", "numpy"), default="fused",
+                   help="the serving search loop: fused (the engine's default), compiled (the per-step loop), numpy (the loop "
+                        "a live graph used before the compiled step walked the overlay)")
     p.add_argument("--writer-nice", type=int, default=0,
                    help="raise the writer's and the follower thread's nice value by this much (load section)")
     p.add_argument("--applier", choices=("thread", "inline", "inline-replay"), default="thread",

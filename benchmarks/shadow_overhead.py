@@ -7,7 +7,9 @@ Two drivers, both open loop (Poisson arrivals at ``--rps``, about 70% of capacit
   its arrival (queue wait included). The monitor is switched on and off in alternating windows
   (``--window-s``, order ABBA...) inside ONE run, so machine drift falls on both arms alike; per arm the
   pooled p50/p99 over every window, and a bootstrap interval of the p99 ratio (windows resampled
-  within each arm). This is the measurement the target is about: the monitor's thread competes with
+  within each arm). Each group of adjacent windows (one per arm) replays the same Poisson arrivals and
+  queries (common random numbers; ``--no-paired`` draws afresh), and the per-group p99 ratios give a
+  paired estimate (geometric mean, bootstrap interval over groups) that one stalled window moves less. This is the measurement the target is about: the monitor's thread competes with
   the request threads for CPU and the GIL, nothing else differs. ``--rps`` defaults to 70% of the
   closed-loop capacity it measures first.
 * ``--driver http``: ``unimatch serve`` started twice per round (rate 0, then R), one open-loop Locust
@@ -196,7 +198,13 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
             _window(engine, queries, args.k, pool, rps, args.warmup_s, None, rng, 7)
         for w, arm in enumerate(_arm_order(names, args.windows)):
             monitor = None if arm == OFF else _CountingMonitor(rate=args.rate, seed=w, yield_to_requests=arm == ON)
-            lat = _window(engine, queries, args.k, pool, rps, args.window_s, monitor, rng, w * 100_003)
+            # Common random numbers: the windows of one group (one window per arm, adjacent in time) get
+            # the same arrival times and the same queries, so their p99s differ by the monitor and the
+            # machine, not by one group's burstier Poisson draw (at 70% load the draw alone moves p99 a lot).
+            group = w // len(names)
+            wrng = np.random.default_rng(10_000 + group) if args.paired else rng
+            offset = (group if args.paired else w) * 100_003
+            lat = _window(engine, queries, args.k, pool, rps, args.window_s, monitor, wrng, offset)
             if monitor is not None:
                 monitor.close()
                 c = counts[arm]
@@ -205,7 +213,7 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
                 c["starved"] += monitor.starved
                 c["coverage_sum"] += monitor.coverage_sum
             arms[arm].append(lat)
-            windows.append({"window": w, "arm": arm, "rate": 0.0 if arm == OFF else args.rate, "requests": int(lat.size),
+            windows.append({"window": w, "group": group, "arm": arm, "rate": 0.0 if arm == OFF else args.rate, "requests": int(lat.size),
                             "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                             "shadow_done": monitor.done if monitor is not None else 0,
                             "loadavg": os.getloadavg()[0]})
@@ -224,8 +232,10 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
             boot.append(q[a] / q[OFF])
         lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
         c = counts[a]
+        paired = _paired_ratio(windows, a, brng) if args.paired else None
         ratios[a] = {"p99_ratio": p99[a] / p99[OFF], "p99_ratio_ci95": [lo, hi],
                      "median_window_p99_ratio": float(np.median(per_window[a]) / np.median(per_window[OFF])),
+                     "paired": paired,
                      "shadow_samples": c["samples"], "shadow_dropped": c["dropped"], "shadow_starved": c["starved"],
                      "shadow_mean_coverage": c["coverage_sum"] / c["samples"] if c["samples"] else None}
     return {"driver": "engine", "bundle": str(args.bundle), "k": args.k, "threads": threads, "capacity": cap,
@@ -235,6 +245,25 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
                          "mean_ms": float(v.mean()), "median_window_p99_ms": float(np.median(per_window[a]))}
                      for a, v in pooled.items()},
             "ratios": ratios}
+
+
+def _paired_ratio(windows: list[dict[str, Any]], arm: str, rng: np.random.Generator) -> dict[str, Any] | None:
+    """p99 of ``arm`` over p99 of off within each group (same arrivals, adjacent in time): the geometric
+    mean and median of those ratios, and a bootstrap interval of the geometric mean over groups.
+
+    A host stall lands in one window of one group and moves that group's ratio only, where it moves a
+    pooled p99 for the whole arm; slow drift cancels inside a group. What it does not see: a monitor
+    that itself caused rare stalls would show in the pooled ratio, which is why both are reported."""
+    by: dict[int, dict[str, float]] = {}
+    for w in windows:
+        by.setdefault(int(w["group"]), {})[w["arm"]] = float(w["p99_ms"])
+    logs = np.array([np.log(g[arm] / g[OFF]) for g in by.values() if arm in g and OFF in g and g[OFF] > 0])
+    if logs.size == 0:
+        return None
+    boot = [float(np.exp(logs[rng.integers(0, logs.size, logs.size)].mean())) for _ in range(2000)]
+    lo, hi = (float(x) for x in np.percentile(boot, [2.5, 97.5]))
+    return {"groups": int(logs.size), "geomean": float(np.exp(logs.mean())), "median": float(np.exp(np.median(logs))),
+            "ci95": [lo, hi], "above_one": int((logs > 0).sum())}
 
 
 def engine_table(r: dict[str, Any]) -> str:
@@ -258,6 +287,12 @@ def engine_table(r: dict[str, Any]) -> str:
                      f"{x['shadow_samples']} re-scorings, {x['shadow_dropped']} dropped ({x['shadow_starved']} finding no "
                      f"free CPU for 10 s, the rest on a full queue), mean coverage@{r['k']} "
                      f"{cov if cov is not None else float('nan'):.4f}.")
+        pr = x.get("paired")
+        if pr:
+            plo, phi = pr["ci95"]
+            lines.append(f"- monitor {a} / off, paired (same arrivals, adjacent windows): p99 ratio geometric mean "
+                         f"**{pr['geomean']:.3f}** (95% bootstrap interval over {pr['groups']} groups {plo:.3f}-{phi:.3f}), "
+                         f"median {pr['median']:.3f}, above 1 in {pr['above_one']} of {pr['groups']} groups.")
     return "\n".join(lines) + "\n"
 
 
@@ -303,6 +338,8 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="alternating windows, ABBA order (engine driver)")
     ap.add_argument("--window-s", type=float, default=20.0, help="length of each window (engine driver)")
     ap.add_argument("--warmup-s", type=float, default=20.0, help="an uncounted window first (engine driver)")
+    ap.add_argument("--no-paired", dest="paired", action="store_false",
+                    help="draw every window's arrivals afresh (default: one draw per group of adjacent windows, one per arm)")
     ap.add_argument("--no-yield-arm", action="store_true",
                     help="a third arm: the monitor on without yielding to requests (UNIMATCH_SHADOW_YIELD=false)")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each measured step (http driver)")
