@@ -159,7 +159,7 @@ def _window(engine: Any, queries: list, k: int, pool: Any, rps: float, seconds: 
 
 # Arms of the engine driver: the monitor off, on (as served: it yields to requests), and optionally on
 # without yielding (the monitor before the sixth session: only its OS priority kept it out of the way).
-OFF, ON, NO_YIELD = "off", "on", "on, no yield"
+OFF, ON, NO_YIELD, ANY_FREE = "off", "on", "on, no yield", "on, any free CPU"
 
 
 def _arm_order(arms: list[str], windows: int) -> list[str]:
@@ -189,7 +189,7 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
     print(f"capacity {cap:.1f} answers/s with {threads} threads (closed loop, {args.capacity_s:.0f} s); offered {rps:.1f} req/s",
           flush=True)
     rng = np.random.default_rng(0)
-    names = [OFF, ON] + ([NO_YIELD] if args.no_yield_arm else [])
+    names = [OFF, ON] + ([NO_YIELD] if args.no_yield_arm else []) + ([ANY_FREE] if args.any_free_arm else [])
     arms: dict[str, list[np.ndarray]] = {a: [] for a in names}
     counts = {a: {"samples": 0, "dropped": 0, "starved": 0, "coverage_sum": 0.0} for a in names[1:]}
     windows = []
@@ -197,7 +197,9 @@ def engine_ab(args: argparse.Namespace) -> dict[str, Any]:
         if args.warmup_s > 0:  # first windows ran hot or cold in both arms in earlier runs: one not counted
             _window(engine, queries, args.k, pool, rps, args.warmup_s, None, rng, 7)
         for w, arm in enumerate(_arm_order(names, args.windows)):
-            monitor = None if arm == OFF else _CountingMonitor(rate=args.rate, seed=w, yield_to_requests=arm == ON)
+            monitor = None if arm == OFF else _CountingMonitor(
+                rate=args.rate, seed=w, yield_to_requests=arm != NO_YIELD,
+                spare_cpus=0 if arm == ANY_FREE else args.spare_cpus)
             # Common random numbers: the windows of one group (one window per arm, adjacent in time) get
             # the same arrival times and the same queries, so their p99s differ by the monitor and the
             # machine, not by one group's burstier Poisson draw (at 70% load the draw alone moves p99 a lot).
@@ -340,6 +342,10 @@ def main() -> None:
     ap.add_argument("--warmup-s", type=float, default=20.0, help="an uncounted window first (engine driver)")
     ap.add_argument("--no-paired", dest="paired", action="store_false",
                     help="draw every window's arrivals afresh (default: one draw per group of adjacent windows, one per arm)")
+    ap.add_argument("--spare-cpus", type=int, default=1,
+                    help="the monitor's UNIMATCH_SHADOW_SPARE_CPUS in the 'on' arm (default: the service's, 1)")
+    ap.add_argument("--any-free-arm", action="store_true",
+                    help="a third (or fourth) arm: the monitor yielding under the sixth session's rule, any free CPU (spare 0)")
     ap.add_argument("--no-yield-arm", action="store_true",
                     help="a third arm: the monitor on without yielding to requests (UNIMATCH_SHADOW_YIELD=false)")
     ap.add_argument("--seconds", type=float, default=60.0, help="length of each measured step (http driver)")

@@ -122,6 +122,9 @@ class Settings(BaseSettings):
     # The monitor's exhaustive scan waits, between small onnxruntime calls, while every CPU serves a
     # request (service.shadow); false scans like a request does, with only a low OS priority.
     shadow_yield: bool = True
+    # While yielding, a chunk starts only when 1 + this many CPUs serve no request (the spare ones are for
+    # requests arriving during the chunk); 0 = any free CPU (the sixth session's rule).
+    shadow_spare_cpus: int = Field(default=1, ge=0, le=1024)
     # ---- admin -----------------------------------------------------------------------------------
     admin_token: SecretStr | None = Field(default=None, description="bearer token of /admin/*; unset = disabled")
     # Directory through which /admin/reload reaches every worker process (set by `unimatch serve`).

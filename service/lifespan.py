@@ -99,7 +99,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
                             headroom=Headroom(target=settings.admission_partial_target,
                                               ceiling=settings.admission_ceiling)),
         shadow=ShadowMonitor(rate=settings.shadow_rate, queue_size=settings.shadow_queue,
-                             cpu_share=settings.shadow_cpu_share, yield_to_requests=settings.shadow_yield)
+                             cpu_share=settings.shadow_cpu_share, yield_to_requests=settings.shadow_yield,
+                             spare_cpus=settings.shadow_spare_cpus)
         if settings.shadow_rate > 0 else None,
     )
     # A worker (re)started after a reload must serve what the others serve, not the bundle it was launched with.

@@ -11,17 +11,19 @@ records coverage@k = |served top-k ∩ exhaustive top-k| / |exhaustive top-k| pe
 Never on the request path: ``offer`` is a random draw and a ``put_nowait`` on a bounded queue (a full
 queue drops the sample and counts it); the worker runs at the lowest scheduling priority and sleeps
 after each job so that it uses at most ``cpu_share`` of one core. And it yields: the scan is scored in
-small calls (``MatchEngine.background_chunk``), and before each one it waits while every CPU is taken
-by a request being answered (``MatchEngine.active_searches``). An OS priority alone did not keep it
+small calls (``MatchEngine.background_chunk``), and before each one it waits until a CPU is free of
+requests *and* ``spare_cpus`` more are (``MatchEngine.active_searches``), so that a request arriving
+during the call finds a free CPU rather than the one the scan holds. An OS priority alone did not keep it
 out of the way: at rate 0.01 and 70% load its scans raised the requests' p99 by ~20-25% (amazon,
 docs/search-benchmark.md, sixth session), as a request arriving while the scan held a core waited for
-the scheduler. A job that finds no free CPU for ``max_wait_s`` in all is dropped (counted).
+the scheduler; waiting for one free CPU still measured ~1.1-1.2x in paired windows (seventh session),
+hence the spare CPU and ``SCHED_IDLE``. A job that finds no such moment for ``max_wait_s`` in all is
+dropped (counted).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import queue
 import random
 import threading
@@ -33,6 +35,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from service import metrics
+from service.thread_priority import set_thread_priority
 
 if TYPE_CHECKING:
     from contracts.features import UserFeatures
@@ -79,12 +82,21 @@ class ShadowMonitor:
 
     def __init__(self, *, rate: float, queue_size: int = 8, cpu_share: float = 0.1, seed: int | None = None,
                  sleep: Callable[[float], None] = time.sleep, start: bool = True, cpus: int | None = None,
-                 max_wait_s: float = 10.0, poll_s: float = 0.001, yield_to_requests: bool = True) -> None:
+                 max_wait_s: float = 10.0, poll_s: float = 0.001, yield_to_requests: bool = True,
+                 spare_cpus: int = 1) -> None:
         from service.cpus import cpu_budget
 
         self.rate = float(rate)
         self.cpu_share = float(cpu_share)
         self.cpus = int(cpus) if cpus is not None else cpu_budget().cpus  # what the request threads run on
+        # A chunk is scored only while at least 1 + spare_cpus CPUs serve no request: one for the chunk,
+        # the spare ones for requests that arrive during it, so that they find a CPU free instead of one
+        # the scan holds (0 = the sixth session's rule, any free CPU; on 2 CPUs, 1 = no request in flight).
+        if spare_cpus < 0:
+            raise ValueError(f"spare_cpus must be >= 0, got {spare_cpus}")
+        self.spare_cpus = int(spare_cpus)
+        self.busy_limit = max(self.cpus - 1 - self.spare_cpus, 0)  # most requests in flight a chunk starts beside
+        self.priority_applied: str | None = None  # the OS priority the worker got (service.thread_priority)
         self.max_wait_s, self.poll_s = float(max_wait_s), float(poll_s)
         self.starved = 0  # jobs dropped because no CPU was free for max_wait_s
         # False: the scan runs like a request (large calls, no waiting), as before the sixth session; kept
@@ -142,11 +154,12 @@ class ShadowMonitor:
         return cov
 
     def _yield_to_requests(self, engine: MatchEngine) -> Callable[[], None]:
-        """The scan's between-calls hook: wait while every CPU serves a request; give up after max_wait_s."""
+        """The scan's between-calls hook: wait while fewer than 1 + spare_cpus CPUs are free of requests;
+        give up after max_wait_s."""
         waited = [0.0]
 
         def wait_for_a_free_cpu() -> None:
-            while engine.active_searches >= self.cpus:
+            while engine.active_searches > self.busy_limit:
                 if waited[0] >= self.max_wait_s or self._stop.is_set():
                     raise _Starved
                 self._sleep(self.poll_s)
@@ -155,10 +168,9 @@ class ShadowMonitor:
         return wait_for_a_free_cpu
 
     def _run(self) -> None:
-        try:  # Linux: a thread's own nice value; the request threads keep theirs
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        except (AttributeError, OSError):  # pragma: no cover - other platforms
-            pass
+        # SCHED_IDLE (else nice 19): a request thread that wakes on this CPU preempts the scan at once;
+        # under nice 19 alone it could wait for the scan's time slice. Only this thread is changed.
+        self.priority_applied = set_thread_priority("idle")
         while not self._stop.is_set():
             job = self._queue.get()
             if job is None:

@@ -151,6 +151,60 @@ def test_the_monitor_scores_only_while_a_cpu_is_free_and_drops_a_starved_job(set
         del engine.scorer.score_timed
 
 
+def test_the_monitor_keeps_a_spare_cpu_for_arriving_requests(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    in_flight_at_call: list[int] = []
+    real = engine.scorer.score_timed
+
+    def score(ctx, rows):
+        in_flight_at_call.append(engine.active_searches)
+        return real(ctx, rows)
+
+    polls: list[float] = []
+
+    def sleep(s: float) -> None:  # two polls with one of the two CPUs serving a request, then it ends
+        polls.append(s)
+        if len(polls) == 2:
+            engine.activity.__exit__(None, None, None)
+
+    engine.scorer.score_timed = score
+    try:
+        # default (1 spare): on 2 CPUs, one request in flight is enough to wait
+        monitor = ShadowMonitor(rate=1.0, start=False, cpus=2, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
+        assert monitor.busy_limit == 0
+        engine.activity.__enter__()
+        assert monitor.run_job(_job(engine, 0, 10, u, res)) is not None
+        assert polls == [0.001] * 2 and in_flight_at_call and set(in_flight_at_call) == {0}
+        # spare 0 (the sixth session's rule): a chunk starts beside the one request, no wait
+        in_flight_at_call.clear()
+        polls.clear()
+        anyfree = ShadowMonitor(rate=1.0, start=False, cpus=2, sleep=sleep, poll_s=0.001, max_wait_s=1.0, spare_cpus=0)
+        engine.activity.__enter__()
+        assert anyfree.run_job(_job(engine, 0, 10, u, res)) is not None
+        assert polls == [] and set(in_flight_at_call) == {1}
+        assert ShadowMonitor(rate=0.0, start=False, cpus=16).busy_limit == 14
+        with pytest.raises(ValueError, match="spare_cpus"):
+            ShadowMonitor(rate=0.0, start=False, spare_cpus=-1)
+    finally:
+        while engine.active_searches:
+            engine.activity.__exit__(None, None, None)
+        del engine.scorer.score_timed
+
+
+def test_the_monitor_thread_runs_at_the_idle_priority(setup) -> None:
+    monitor = ShadowMonitor(rate=1.0)
+    try:
+        for _ in range(200):
+            if monitor.priority_applied is not None:
+                break
+            time.sleep(0.01)
+        assert monitor.priority_applied in ("idle", "nice 19")  # idle on Linux; nice where SCHED_IDLE is refused
+    finally:
+        monitor.close()
+
+
 def test_helpers() -> None:
     assert coverage(np.array([1, 2, 3]), np.array([2, 3, 4, 5])) == 0.5
     assert coverage(np.array([1]), np.array([], dtype=np.int64)) == 1.0
