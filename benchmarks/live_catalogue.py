@@ -532,7 +532,7 @@ def main() -> None:
     p.add_argument("--users", type=int, default=200)
     p.add_argument("--k", type=int, default=200)
     p.add_argument("--held-out", type=float, default=0.1, help="share of the catalogue inserted online")
-    p.add_argument("--ef-construction", type=lambda s: [int(x) for x in s.split(",")], default=[100],
+    p.add_argument("--ef-construction", type=lambda s: [int(x) for x in s.split(",")], default=[64],
                    help="online insertion ef_construction values to compare (quality); the first is used under load")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--load", type=float, default=0.5, help="offered load as a share of measured capacity")

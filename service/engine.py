@@ -224,7 +224,7 @@ class MatchEngine:
         use_calibration: bool | None = None,
         search_loop: str = "fused",
         live_capacity: int = 0,
-        live_ef_construction: int = 100,
+        live_ef_construction: int = 64,
     ) -> None:
         self.bundle = bundle
         self.activity = Activity()  # requests in flight (the live applier can wait for none: service.activity)

@@ -210,7 +210,7 @@ def position_key(position: str) -> tuple[int, int]:
 class LiveCatalogue:
     """Mutable rows, live mask and graph overlay above one bundle; one writer, many lock-free readers."""
 
-    def __init__(self, bundle: Bundle, *, capacity: int, type_counts: np.ndarray, ef_construction: int = 100) -> None:
+    def __init__(self, bundle: Bundle, *, capacity: int, type_counts: np.ndarray, ef_construction: int = 64) -> None:
         if capacity <= 0:
             raise LiveError(f"capacity must be positive, got {capacity}")
         self.bundle = bundle
