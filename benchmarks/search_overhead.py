@@ -6,7 +6,8 @@ after an exhaustive pass over every query (seconds per query at 1M); this script
 searches alone, as served (the bundle's calibrated point per domain and k, else the engine defaults),
 so the split can be re-measured in a minute after a change to the search code. No coverage numbers.
 
-With ``--loops compiled,fused`` (any of numpy, compiled, fused) it measures the search loops side by
+With ``--loops compiled,fused`` (any of numpy, compiled, fused;
+``LOOP@huge`` runs a loop on an engine with its per-row arrays in huge pages, ``service.hugepages``) it measures the search loops side by
 side in one run: every query runs once per loop, interleaved, on engines that differ only in the loop
 (``search(loop=...)``: the numpy reference, the per-step compiled ``RequestBeam``, and the fused loop,
 one compiled call per model call, the engine's default), and counts the queries whose rows and scores
@@ -29,8 +30,11 @@ from typing import Any
 import numpy as np
 
 from contracts.bundle import load_bundle
+from service import search_kernels as kern
 from service.bench.search_bench import held_out_queries
 from service.engine import MatchEngine, SearchStats
+
+LOOPS = ("fused", "compiled", "numpy")  # ``search(loop=...)``: the engine's default first
 
 
 class CpuTimedSession:
@@ -54,6 +58,28 @@ class CpuTimedSession:
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.session, name)
+
+
+class StepTimer:
+    """Thread CPU time inside the fused loop's compiled calls (``search_kernels.fused_begin`` /
+    ``fused_step``), by wrapping them where ``service.search`` looks them up: what the step itself
+    costs, apart from the gathers and the Python around it (``--step-time``; ~1 us a call of its own)."""
+
+    def __init__(self) -> None:
+        self.cpu_s = 0.0
+        self._orig = {name: getattr(kern, name) for name in ("fused_begin", "fused_step")}
+        for name, fn in self._orig.items():
+            setattr(kern, name, self._wrap(fn))
+
+    def _wrap(self, fn: Any) -> Any:
+        def timed(*args: Any) -> Any:
+            t = time.thread_time()
+            try:
+                return fn(*args)
+            finally:
+                self.cpu_s += time.thread_time() - t
+
+        return timed
 
 
 def cpu_timed(engine: MatchEngine) -> tuple[CpuTimedSession, CpuTimedSession]:
@@ -80,7 +106,9 @@ def summarise(stats: list[SearchStats]) -> dict[str, float]:
     return out
 
 
-def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int) -> dict[str, dict[str, float]]:
+def measure(
+    engines: dict[str, MatchEngine], queries: list, k: int, repeats: int, steps: StepTimer | None = None
+) -> dict[str, dict[str, float]]:
     """Per loop: summary over ``repeats`` passes (each query warmed once first), interleaved query by query."""
     stats: dict[str, list[SearchStats]] = {name: [] for name in engines}
     identical = dict.fromkeys(engines, 0)
@@ -90,6 +118,7 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
     timed = {name: cpu_timed(engine) for name, engine in engines.items()}
     cpu_total = dict.fromkeys(engines, 0.0)  # thread CPU seconds of the timed passes
     cpu_inside = dict.fromkeys(engines, 0.0)  # of which inside onnxruntime (pair scorer + user encoder)
+    cpu_step = dict.fromkeys(engines, 0.0)  # of which inside the fused loop's compiled calls (``steps``)
     for u, d in queries:
         for engine in engines.values():
             engine.match(u, int(d), k, mode="graph")  # warm: page in this query's graph region and tables
@@ -98,10 +127,12 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
             for name, engine in engines.items():
                 pair, user = timed[name]
                 inside0 = pair.cpu_s + user.cpu_s
+                step0 = steps.cpu_s if steps is not None else 0.0
                 t = time.thread_time()
                 got[name] = r = engine.match(u, int(d), k, mode="graph")
                 cpu_total[name] += time.thread_time() - t
                 cpu_inside[name] += pair.cpu_s + user.cpu_s - inside0
+                cpu_step[name] += (steps.cpu_s if steps is not None else 0.0) - step0
                 stats[name].append(r.stats)
             for name in engines:
                 rows_eq = bool(np.array_equal(got[name].rows, got[first].rows))
@@ -117,6 +148,9 @@ def measure(engines: dict[str, MatchEngine], queries: list, k: int, repeats: int
         out[name]["max_score_diff_same_rows"] = worst[name]
         out[name]["cpu_ms"] = cpu_total[name] / len(stats[name]) * 1e3
         out[name]["cpu_outside_ort_share"] = 1.0 - cpu_inside[name] / cpu_total[name] if cpu_total[name] > 0 else float("nan")
+        if steps is not None:
+            out[name]["cpu_step_ms"] = cpu_step[name] / len(stats[name]) * 1e3
+            out[name]["cpu_step_share"] = cpu_step[name] / cpu_total[name] if cpu_total[name] > 0 else float("nan")
     return out
 
 
@@ -127,18 +161,23 @@ def main() -> None:
     p.add_argument("--users", type=int, default=120, help="held-out (user, domain) queries")
     p.add_argument("--k", default="50,200,1000", help="comma-separated k values")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per query after one warm-up pass")
-    p.add_argument("--loops", default="fused", help="search loops to compare, comma list of numpy, compiled, fused")
+    p.add_argument("--loops", default="fused", help="search loops to compare, comma list of " + ", ".join(LOOPS))
     p.add_argument("--json", type=Path, default=None, help="also write the table as JSON here")
+    p.add_argument("--step-time", action="store_true",
+                   help="also time the fused loops' compiled calls alone (thread CPU; adds ~1 us a call)")
     args = p.parse_args()
     loops = [x.strip() for x in args.loops.split(",") if x.strip()]
-    if not loops or any(x not in ("numpy", "compiled", "fused") for x in loops):
-        p.error(f"--loops takes numpy, compiled and/or fused, got {args.loops!r}")
+    # LOOP@huge: that loop on an engine with its per-row arrays in huge pages (MatchEngine(huge_pages=True)).
+    if not loops or any(x.partition("@")[0] not in LOOPS or x.partition("@")[2] not in ("", "huge") for x in loops):
+        p.error(f"--loops takes {', '.join(LOOPS)}, each optionally @huge, got {args.loops!r}")
     bundle = load_bundle(args.bundle)
-    engines = {x: MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1, search_loop=x) for x in loops}
+    engines = {x: MatchEngine(bundle, providers=["CPUExecutionProvider"], intra_op_threads=1, search_loop=x.partition("@")[0],
+                              huge_pages=x.endswith("@huge")) for x in loops}
     q = held_out_queries(args.data, bundle, args.users, 0)
     queries = list(zip(q.features, q.domains, strict=True))
     for engine in engines.values():
         engine.warmup()
+    steps = StepTimer() if args.step_time else None
     rows: dict[str, dict[str, dict[str, float]]] = {}
     print(f"{len(queries)} queries x {args.repeats} passes, loops interleaved query by query")
     print("| k | loop | pairs/query | steps | mean ms | p50 ms | p99 ms | pair scorer | user encoder | "
@@ -147,14 +186,15 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for k in (int(x) for x in args.k.split(",")):
         t0 = time.perf_counter()
-        res = measure(engines, queries, k, args.repeats)
+        res = measure(engines, queries, k, args.repeats, steps)
         rows[str(k)] = res
         for name, r in res.items():
             print(f"| {k} | {name} | {r['pair_evaluations']:.0f} | {r['steps']:.1f} | {r['total_ms']:.2f} | "
                   f"{r['p50_ms']:.2f} | {r['p99_ms']:.2f} | {r['scorer_share']:.1%} | {r['user_encode_share']:.1%} | "
                   f"{r['outside_ort_share']:.1%} | {r['gather_share']:.1%} | {r['cpu_ms']:.2f} | "
                   f"{r['cpu_outside_ort_share']:.1%} | {r['same_rows_as_' + loops[0]]:.1%} | "
-                  f"{r['identical_to_' + loops[0]]:.1%} | {r['max_score_diff_same_rows']:.1e} |")
+                  f"{r['identical_to_' + loops[0]]:.1%} | {r['max_score_diff_same_rows']:.1e} |"
+                  + (f" step CPU {r['cpu_step_ms']:.2f} ms ({r['cpu_step_share']:.1%})" if steps is not None else ""))
         print(f"(k={k}: {time.perf_counter() - t0:.0f} s)")
     if args.json is not None:
         args.json.write_text(json.dumps({"bundle": str(args.bundle), "queries": len(queries), "repeats": args.repeats,

@@ -97,6 +97,11 @@ class Settings(BaseSettings):
     workers: int = Field(default=1, ge=1, le=256, description="uvicorn worker processes (set by `unimatch serve`)")
     scoring_threads: int | None = Field(default=None, ge=1, le=256, description="thread pool per worker; default cores // workers")
     intra_op_threads: int = Field(default=1, ge=1, le=256, description="onnxruntime intra-op threads per session run")
+    # The search's randomly read per-row arrays (graph lists, entity tables, domain mask, visited sets) in
+    # transparent huge pages (service/hugepages.py): ~1 point less time outside onnxruntime on synth 1M
+    # (docs/search-benchmark.md "Seventh session"), for private copies instead of the memory maps' shared
+    # page cache (~420 MB per worker process at 1M rows): off by default.
+    huge_pages: bool = False
     # auto: CUDA when onnxruntime has it (onnxruntime-gpu on a GPU host), else CPU with a log line saying so.
     providers: Literal["cpu", "cuda", "auto"] = Field(default="auto", description="onnxruntime execution provider")
     # Merge concurrent requests' scorer calls (pair_scorer_batched.onnx). None = on with CUDA, off on CPU,

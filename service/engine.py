@@ -26,6 +26,7 @@ from contracts.calibration import CalibratedPoint
 from contracts.dataset import PAD
 from contracts.features import UserFeatures
 from service.activity import Activity
+from service.hugepages import huge_copy
 from service.live import LiveCatalogue
 from service.scoring import make_scorer
 from service.scoring.batching import BatchingScorer
@@ -225,8 +226,13 @@ class MatchEngine:
         search_loop: str = "fused",
         live_capacity: int = 0,
         live_ef_construction: int = 64,
+        huge_pages: bool = False,
     ) -> None:
         self.bundle = bundle
+        # The randomly read per-row arrays (graph lists, entity tables, domain mask, entity types, each
+        # thread's visited set) copied into transparent huge pages (``service.hugepages``), at the cost of
+        # private copies instead of the memory maps' shared page cache: measured, not the default.
+        self.huge_pages = huge_pages
         self.activity = Activity()  # requests in flight (the live applier can wait for none: service.activity)
         # "fused" (one compiled call per model call, ``service.search.fused_search``), "compiled" (the
         # per-step ``RequestBeam`` it replaced) or "numpy" (the reference loop): benchmarks compare them.
@@ -258,6 +264,11 @@ class MatchEngine:
         )
 
         graph = bundle.graph
+        if huge_pages and graph is not None:
+            graph = replace(graph, offsets=tuple(huge_copy(np.asarray(o)) for o in graph.offsets),
+                            neighbors=tuple(huge_copy(np.asarray(n)) for n in graph.neighbors))
+        if huge_pages and type(self.scorer) is HostGatherScorer:  # the device scorers keep theirs on the device
+            self.scorer.tables = {name: huge_copy(t) for name, t in self.scorer.tables.items()}
         if graph is not None and graph.num_layers != len(self.params.ef):
             raise SearchError(f"search params are for {len(self.params.ef)} layers, the graph has {graph.num_layers}")
         if graph is None:
@@ -267,6 +278,8 @@ class MatchEngine:
         self._num_types = bundle.schema.num_entity_types
         etype = np.asarray(bundle.entity_type, dtype=np.int64)
         mask = np.asarray(bundle.domain_mask)
+        if huge_pages:
+            etype, mask = huge_copy(etype), huge_copy(mask)
         self._etype: np.ndarray = etype
         self._mask: np.ndarray = mask
         # Per domain: eligible rows (for exhaustive mode) and counts per entity type (mode choice, k check).
@@ -309,7 +322,7 @@ class MatchEngine:
     def _visited(self) -> VisitedSet:
         v = getattr(self._local, "visited", None)
         if v is None:
-            v = VisitedSet(self.num_rows)
+            v = VisitedSet(self.num_rows, huge_pages=self.huge_pages)
             self._local.visited = v
         return v
 
@@ -337,7 +350,7 @@ class MatchEngine:
             pool = []
             self._local.pool = pool
         while len(pool) < n:
-            pool.append(VisitedSet(self.num_rows))
+            pool.append(VisitedSet(self.num_rows, huge_pages=self.huge_pages))
         return pool[:n]
 
     # ---- the request -------------------------------------------------------------------------------

@@ -99,6 +99,7 @@ def build_serving(path: Path, settings: Settings) -> Serving:
         use_calibration=settings.search_calibration and params is None,
         live_capacity=settings.live_capacity if settings.live_changes else 0,
         live_ef_construction=settings.live_ef_construction,
+        huge_pages=settings.huge_pages,
     )
     changes = follow_changes(engine, settings) if settings.live_changes else None
     if settings.live_changes:

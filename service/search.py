@@ -40,6 +40,7 @@ import numpy as np
 
 from contracts.graph import Graph
 from service import search_kernels as kern
+from service.hugepages import huge_zeros
 
 ScoreFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) float32 scores, one model call
 KeepFn = Callable[[np.ndarray], np.ndarray]  # (n,) int64 rows -> (n,) bool: may this row be returned?
@@ -72,11 +73,14 @@ class VisitedSet:
     Not thread-safe: keep one per worker thread.
     """
 
-    def __init__(self, num_nodes: int) -> None:
-        self._scored = np.zeros(num_nodes, dtype=np.uint32)
-        self._seen = np.zeros(num_nodes, dtype=np.uint32)
-        self._slot = np.zeros(num_nodes, dtype=np.int32)  # scratch for O(n) de-duplication
-        self._cache = np.zeros(num_nodes, dtype=np.float32)
+    def __init__(self, num_nodes: int, *, huge_pages: bool = False) -> None:
+        # ``huge_pages``: the arrays in transparent huge pages (``service.hugepages``: a random row's read
+        # then rarely misses the TLB too; an engine option, ``MatchEngine(huge_pages=True)``).
+        zeros = huge_zeros if huge_pages else np.zeros
+        self._scored = zeros((num_nodes,), np.uint32)
+        self._seen = zeros((num_nodes,), np.uint32)
+        self._slot = zeros((num_nodes,), np.int32)  # scratch for O(n) de-duplication
+        self._cache = zeros((num_nodes,), np.float32)
         self._req = 0
         self._layer = 0
         self.fused: Any = None  # FusedBuffers of ``fused_search``, made on first use
