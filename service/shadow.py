@@ -16,7 +16,7 @@ requests *and* ``spare_cpus`` more are (``MatchEngine.active_searches``), so tha
 during the call finds a free CPU rather than the one the scan holds. An OS priority alone did not keep it
 out of the way: at rate 0.01 and 70% load its scans raised the requests' p99 by ~20-25% (amazon,
 docs/search-benchmark.md, sixth session), as a request arriving while the scan held a core waited for
-the scheduler; waiting for one free CPU still measured ~1.1-1.2x in paired windows (seventh session),
+the scheduler; waiting for one free CPU still measured 1.23x and 1.45x in paired windows (seventh session),
 hence the spare CPU and ``SCHED_IDLE``. A job that finds no such moment for ``max_wait_s`` in all is
 dropped (counted).
 """
