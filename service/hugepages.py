@@ -5,8 +5,9 @@ seen / scored stamps and score cache, the CSR lists, the domain mask, the entity
 pages nearly every such read also misses the TLB, and the page walk is itself a chain of dependent
 loads; 2 MiB pages cover a 128 MB table with 64 TLB entries. Measured on this host (AMD EPYC, 2 cores,
 ``benchmarks/gather_tlb.py``, docs/search-benchmark.md "Seventh session"): a random
-128-byte row gather from a 1M-row table after the caches are evicted costs 126 ns from the bundle's
-memory map, 118 ns from anonymous 4 KiB pages and 84 ns from huge pages.
+128-byte row gather from a 1M-row table after the caches are evicted costs 107-110 ns from the bundle's
+memory map, 76-79 ns from anonymous 4 KiB pages and 71-72 ns from huge pages (an earlier version of the
+script: 126, 118 and 84 ns), so the private copy is most of the gain.
 
 Linux backs a file's memory map with small pages (the page cache), and anonymous memory with huge
 pages only where ``madvise(MADV_HUGEPAGE)`` asks for them (``transparent_hugepage/enabled`` =

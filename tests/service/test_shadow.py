@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -115,62 +117,56 @@ def test_a_background_scan_yields_before_each_call_and_gives_the_same_answer(set
     assert seen and set(seen) == {1} and engine.active_searches == 0  # a request is, while it runs
 
 
-def test_the_monitor_scores_only_while_a_cpu_is_free_and_drops_a_starved_job(setup) -> None:
-    engine, _ = setup
-    u = UserFeatures.cold_start(engine.bundle.schema)
-    res = engine.match(u, 0, 10, mode="graph")
-    calls_while_busy: list[int] = []
-    real = engine.scorer.score_timed
-
-    def score(ctx, rows):
-        calls_while_busy.append(engine.active_searches >= 1)
-        return real(ctx, rows)
-
-    polls: list[float] = []
-
-    def sleep(s: float) -> None:  # three polls with every CPU taken, then the request ends
-        polls.append(s)
-        if len(polls) == 3:
-            engine.activity.__exit__(None, None, None)
-
-    engine.scorer.score_timed = score
-    try:
-        monitor = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
-        engine.activity.__enter__()  # a request in flight on the only CPU
-        cov = monitor.run_job(_job(engine, 0, 10, u, res))
-        assert cov is not None and polls == [0.001] * 3 and calls_while_busy and not any(calls_while_busy)
-        starved = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=lambda s: None, poll_s=0.01, max_wait_s=0.05)
-        engine.activity.__enter__()  # and this one never ends: the job gives up, counted, no coverage recorded
-        before = REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") or 0.0
-        assert starved.run_job(_job(engine, 0, 10, u, res)) is None
-        assert starved.starved == starved.dropped == 1 and starved.done == 0
-        assert REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") == before + 1
-    finally:
-        while engine.active_searches:
-            engine.activity.__exit__(None, None, None)
-        del engine.scorer.score_timed
-
-
-def test_the_monitor_keeps_a_spare_cpu_for_arriving_requests(setup) -> None:
-    engine, _ = setup
-    u = UserFeatures.cold_start(engine.bundle.schema)
-    res = engine.match(u, 0, 10, mode="graph")
+@contextmanager
+def _requests_in_flight(engine: MatchEngine, end_after_polls: int) -> Iterator[tuple[list[int], list[float], Callable]]:
+    """Records the requests in flight at every scorer call, and gives a ``sleep`` for the monitor that
+    ends one request in flight after ``end_after_polls`` polls; every request still open is ended after."""
     in_flight_at_call: list[int] = []
+    polls: list[float] = []
     real = engine.scorer.score_timed
 
     def score(ctx, rows):
         in_flight_at_call.append(engine.active_searches)
         return real(ctx, rows)
 
-    polls: list[float] = []
-
-    def sleep(s: float) -> None:  # two polls with one of the two CPUs serving a request, then it ends
+    def sleep(s: float) -> None:
         polls.append(s)
-        if len(polls) == 2:
+        if len(polls) == end_after_polls:
             engine.activity.__exit__(None, None, None)
 
     engine.scorer.score_timed = score
     try:
+        yield in_flight_at_call, polls, sleep
+    finally:
+        while engine.active_searches:
+            engine.activity.__exit__(None, None, None)
+        del engine.scorer.score_timed
+
+
+def test_the_monitor_scores_only_while_a_cpu_is_free_and_drops_a_starved_job(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    # three polls with every CPU taken, then the request ends
+    with _requests_in_flight(engine, end_after_polls=3) as (in_flight_at_call, polls, sleep):
+        monitor = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
+        engine.activity.__enter__()  # a request in flight on the only CPU
+        cov = monitor.run_job(_job(engine, 0, 10, u, res))
+        assert cov is not None and polls == [0.001] * 3 and in_flight_at_call and set(in_flight_at_call) == {0}
+        starved = ShadowMonitor(rate=1.0, start=False, cpus=1, sleep=lambda s: None, poll_s=0.01, max_wait_s=0.05)
+        engine.activity.__enter__()  # and this one never ends: the job gives up, counted, no coverage recorded
+        before = REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") or 0.0
+        assert starved.run_job(_job(engine, 0, 10, u, res)) is None
+        assert starved.starved == starved.dropped == 1 and starved.done == 0
+        assert REGISTRY.get_sample_value("unimatch_search_shadow_dropped_total") == before + 1
+
+
+def test_the_monitor_keeps_a_spare_cpu_for_arriving_requests(setup) -> None:
+    engine, _ = setup
+    u = UserFeatures.cold_start(engine.bundle.schema)
+    res = engine.match(u, 0, 10, mode="graph")
+    # two polls with one of the two CPUs serving a request, then it ends
+    with _requests_in_flight(engine, end_after_polls=2) as (in_flight_at_call, polls, sleep):
         # default (1 spare): on 2 CPUs, one request in flight is enough to wait
         monitor = ShadowMonitor(rate=1.0, start=False, cpus=2, sleep=sleep, poll_s=0.001, max_wait_s=1.0)
         assert monitor.busy_limit == 0
@@ -184,13 +180,9 @@ def test_the_monitor_keeps_a_spare_cpu_for_arriving_requests(setup) -> None:
         engine.activity.__enter__()
         assert anyfree.run_job(_job(engine, 0, 10, u, res)) is not None
         assert polls == [] and set(in_flight_at_call) == {1}
-        assert ShadowMonitor(rate=0.0, start=False, cpus=16).busy_limit == 14
-        with pytest.raises(ValueError, match="spare_cpus"):
-            ShadowMonitor(rate=0.0, start=False, spare_cpus=-1)
-    finally:
-        while engine.active_searches:
-            engine.activity.__exit__(None, None, None)
-        del engine.scorer.score_timed
+    assert ShadowMonitor(rate=0.0, start=False, cpus=16).busy_limit == 14
+    with pytest.raises(ValueError, match="spare_cpus"):
+        ShadowMonitor(rate=0.0, start=False, spare_cpus=-1)
 
 
 def test_the_monitor_thread_runs_at_the_idle_priority(setup) -> None:
